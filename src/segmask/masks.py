@@ -1,0 +1,232 @@
+"""The MAS attention mask: one rule, several representations.
+
+Every token ``t`` has a segment id ``s(t)`` (``>= 0``: a bidirectional prompt segment, ``-1``: a causal
+token), an optional document id ``d(t)`` for packed rows, and a padding flag. The whole mask is::
+
+    token i may attend to token j  iff  j is not padding,  d(i) = d(j),  and ( j <= i  or  s(i) = s(j) >= 0 )
+
+For ``segment_ids = [0, 0, 1, 1, -1, -1]`` (system, user, answer) the mask is::
+
+         kv 0 1 2 3 4 5
+    q 0     ■ ■ ⬚ ⬚ ⬚ ⬚      system: sees itself in full
+      1     ■ ■ ⬚ ⬚ ⬚ ⬚
+      2     ■ ■ ■ ■ ⬚ ⬚      user: sees the system segment and itself in full
+      3     ■ ■ ■ ■ ⬚ ⬚
+      4     ■ ■ ■ ■ ■ ⬚      answer: causal, never sees a later token
+      5     ■ ■ ■ ■ ■ ■
+
+:func:`mask_function` is the only place the rule is written. Everything else (the dense boolean mask,
+the additive float mask for eager attention, FlexAttention's ``BlockMask``, the masks handed to
+transformers models) evaluates that function; nothing re-derives the rule.
+
+Shapes: ``segment_ids``, ``document_ids`` and ``attention_mask`` are ``[B, K]`` over all key positions.
+Queries are the last ``Q`` of those ``K`` positions (``Q == K`` for a full forward, ``Q < K`` when a
+prefill continues against a KV cache).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal, get_args
+
+import torch
+
+MaskPolicy = Literal["causal", "mas", "prefix"]
+POLICIES: tuple[str, ...] = get_args(MaskPolicy)
+
+MaskFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def check_policy(policy: str) -> MaskPolicy:
+    """Return ``policy`` if it names a mask policy, else raise a ``ValueError`` listing the valid ones."""
+    if policy not in POLICIES:
+        raise ValueError(f"unknown mask policy {policy!r}; expected one of {', '.join(POLICIES)}")
+    return policy  # type: ignore[return-value]
+
+
+def validate_layout(
+    segment_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    document_ids: torch.Tensor | None = None,
+) -> None:
+    """Raise a ``ValueError`` naming the problem if the token-level ids cannot describe a mask."""
+    if not isinstance(segment_ids, torch.Tensor):
+        raise ValueError(f"segment_ids must be a torch.Tensor, got {type(segment_ids).__name__}")
+    if segment_ids.ndim != 2:
+        raise ValueError(f"segment_ids must have shape [batch, seq_len], got {tuple(segment_ids.shape)}")
+    if segment_ids.dtype.is_floating_point or segment_ids.dtype == torch.bool:
+        raise ValueError(f"segment_ids must be an integer tensor, got {segment_ids.dtype}")
+    if segment_ids.numel() and int(segment_ids.min()) < -1:
+        raise ValueError("segment_ids must be >= 0 (bidirectional segment) or -1 (causal token)")
+    for name, ids in (("attention_mask", attention_mask), ("document_ids", document_ids)):
+        if ids is None:
+            continue
+        if not isinstance(ids, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
+        if ids.shape != segment_ids.shape:
+            raise ValueError(
+                f"{name} has shape {tuple(ids.shape)} but segment_ids has shape {tuple(segment_ids.shape)}"
+            )
+
+
+def mask_function(
+    segment_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    document_ids: torch.Tensor | None = None,
+) -> MaskFunction:
+    """The MAS rule as an index function ``(b, h, q_idx, kv_idx) -> bool``.
+
+    ``q_idx`` and ``kv_idx`` are absolute positions in ``[0, K)``. The function only indexes and compares
+    tensors, so it works element-wise, with broadcast index tensors, under ``torch.vmap``, inside
+    transformers' ``masking_utils`` and as a FlexAttention ``mask_mod``.
+    """
+    validate_layout(segment_ids, attention_mask, document_ids)
+    padding = None if attention_mask is None else attention_mask.bool()
+
+    def mas(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        s_q = segment_ids[b, q_idx]
+        allowed = (kv_idx <= q_idx) | ((s_q == segment_ids[b, kv_idx]) & (s_q >= 0))
+        if document_ids is not None:
+            allowed = allowed & (document_ids[b, q_idx] == document_ids[b, kv_idx])
+        if padding is not None:
+            allowed = allowed & padding[b, kv_idx]
+        return allowed
+
+    return mas
+
+
+def window_function(sliding_window: int) -> MaskFunction:
+    """A sliding window of ``sliding_window`` positions on each side: ``|q_idx - kv_idx| < sliding_window``.
+
+    For causal tokens this is exactly transformers' ``sliding_window_overlay``; for bidirectional segment
+    tokens it keeps the same reach towards later keys.
+    """
+    if sliding_window <= 0:
+        raise ValueError(f"sliding_window must be positive, got {sliding_window}")
+
+    def window(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        return (q_idx - kv_idx < sliding_window) & (kv_idx - q_idx < sliding_window)
+
+    return window
+
+
+def and_functions(*functions: MaskFunction) -> MaskFunction:
+    """The intersection of several mask functions."""
+
+    def both(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        allowed = functions[0](b, h, q_idx, kv_idx)
+        for fn in functions[1:]:
+            allowed = allowed & fn(b, h, q_idx, kv_idx)
+        return allowed
+
+    return both
+
+
+def offset_queries(function: MaskFunction, q_offset: int) -> MaskFunction:
+    """Shift query indices by ``q_offset`` (queries are the last ``Q`` of ``K`` positions)."""
+    if q_offset == 0:
+        return function
+
+    def shifted(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        return function(b, h, q_idx + q_offset, kv_idx)
+
+    return shifted
+
+
+def evaluate(function: MaskFunction, batch_size: int, q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
+    """Evaluate a mask function on the grid of the last ``q_len`` of ``kv_len`` positions: ``[B, 1, Q, K]`` bool."""
+    b = torch.arange(batch_size, device=device)[:, None, None, None]
+    h = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device)
+    q = torch.arange(kv_len - q_len, kv_len, device=device)[None, None, :, None]
+    kv = torch.arange(kv_len, device=device)[None, None, None, :]
+    return function(b, h, q, kv).expand(batch_size, 1, q_len, kv_len)
+
+
+def dense_mask(
+    segment_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    document_ids: torch.Tensor | None = None,
+    q_len: int | None = None,
+) -> torch.Tensor:
+    """The MAS mask as a boolean tensor ``[B, 1, Q, K]``, True where attention is allowed.
+
+    ``segment_ids``, ``attention_mask`` (1 real, 0 padding) and ``document_ids`` are ``[B, K]``; the
+    queries are the last ``q_len`` positions (default: all ``K``). This is the exact rule: a padded query
+    row may be all False. Use :func:`attention_bias` or :func:`sdpa_mask` to feed an attention kernel.
+    """
+    batch_size, kv_len = segment_ids.shape
+    q_len = kv_len if q_len is None else q_len
+    if not 0 < q_len <= kv_len:
+        raise ValueError(f"q_len must be in [1, {kv_len}], got {q_len}")
+    fn = mask_function(segment_ids, attention_mask, document_ids)
+    return evaluate(fn, batch_size, q_len, kv_len, segment_ids.device).contiguous()
+
+
+def never_empty(mask: torch.Tensor) -> torch.Tensor:
+    """Let each query row with no allowed key attend to its own position, so no kernel returns NaN.
+
+    Such rows only occur for padded queries, whose outputs are ignored. ``mask`` is ``[B, 1, Q, K]`` bool
+    with queries at the last ``Q`` positions.
+    """
+    q_len, kv_len = mask.shape[-2:]
+    empty = ~mask.any(dim=-1, keepdim=True)
+    if not bool(empty.any()):
+        return mask
+    diagonal = torch.zeros(q_len, kv_len, dtype=torch.bool, device=mask.device)
+    diagonal[torch.arange(q_len), torch.arange(kv_len - q_len, kv_len)] = True
+    return mask | (empty & diagonal)
+
+
+def sdpa_mask(
+    segment_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    document_ids: torch.Tensor | None = None,
+    q_len: int | None = None,
+) -> torch.Tensor:
+    """Boolean ``[B, 1, Q, K]`` mask for ``scaled_dot_product_attention``: :func:`dense_mask` without empty rows."""
+    return never_empty(dense_mask(segment_ids, attention_mask, document_ids, q_len))
+
+
+def to_additive(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Boolean mask to additive bias: 0 where allowed, the dtype's minimum where not (empty rows made safe)."""
+    mask = never_empty(mask)
+    zero = torch.zeros((), dtype=dtype, device=mask.device)
+    return torch.where(mask, zero, torch.finfo(dtype).min)
+
+
+def attention_bias(
+    segment_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    document_ids: torch.Tensor | None = None,
+    q_len: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Additive float mask ``[B, 1, Q, K]`` for eager attention (a boolean mask added there masks nothing)."""
+    return to_additive(dense_mask(segment_ids, attention_mask, document_ids, q_len), dtype)
+
+
+def block_mask(
+    segment_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    document_ids: torch.Tensor | None = None,
+    q_len: int | None = None,
+    sliding_window: int | None = None,
+    block_size: int = 128,
+):
+    """FlexAttention ``BlockMask`` for the rule (optionally within a sliding window), never materialising L x L."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    batch_size, kv_len = segment_ids.shape
+    q_len = kv_len if q_len is None else q_len
+    fn = mask_function(segment_ids, attention_mask, document_ids)
+    if sliding_window is not None:
+        fn = and_functions(fn, window_function(sliding_window))
+    return create_block_mask(
+        offset_queries(fn, kv_len - q_len),
+        B=batch_size,
+        H=None,
+        Q_LEN=q_len,
+        KV_LEN=kv_len,
+        device=segment_ids.device,
+        BLOCK_SIZE=block_size,
+    )

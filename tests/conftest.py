@@ -1,0 +1,39 @@
+"""Shared fixtures: paths to ../shared, tiny random models, and the rule for missing shared data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+STORIES = SHARED / "models" / "stories260K"
+COMMONSENSE = SHARED / "data" / "commonsense"
+BABI = SHARED / "data" / "babi"
+
+
+def require_shared(path: Path) -> Path:
+    """Return ``path`` if it exists; otherwise skip, or fail when SEGMASK_REQUIRE_SHARED=1 (as in CI)."""
+    if path.exists():
+        return path
+    message = f"shared data missing: {path}"
+    if os.environ.get("SEGMASK_REQUIRE_SHARED") == "1":
+        pytest.fail(message + " (SEGMASK_REQUIRE_SHARED=1)")
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def stories_path() -> Path:
+    return require_shared(STORIES)
+
+
+@pytest.fixture(scope="session")
+def commonsense_dir() -> Path:
+    return require_shared(COMMONSENSE)
+
+
+@pytest.fixture(scope="session")
+def babi_dir() -> Path:
+    return require_shared(BABI)

@@ -3,16 +3,50 @@
     >>> import torch, segmask
     >>> segmask.dense_mask(torch.tensor([[0, 0, -1]]))[0, 0].int().tolist()
     [[1, 1, 0], [1, 1, 0], [1, 1, 1]]
+
+Public names are imported lazily, so ``import segmask`` stays cheap (no transformers import until used).
 """
 
-from segmask.masks import POLICIES, MaskPolicy, attention_bias, block_mask, dense_mask, mask_function
+from __future__ import annotations
 
-__all__ = [
-    "POLICIES",
-    "MaskPolicy",
-    "attention_bias",
-    "block_mask",
-    "dense_mask",
-    "mask_function",
-]
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "POLICIES": "masks",
+    "MaskPolicy": "masks",
+    "attention_bias": "masks",
+    "block_mask": "masks",
+    "dense_mask": "masks",
+    "mask_function": "masks",
+    "enable": "attention",
+    "disable": "attention",
+    "Encoded": "segments",
+    "encode_chat": "segments",
+    "encode_instruction": "segments",
+    "Collator": "collate",
+    "load_model": "loading",
+    "generate": "generation",
+    "ChatSession": "generation",
+    "stream": "generation",
+    "TrainConfig": "training",
+    "train": "training",
+    "evaluate_tasks": "evaluation",
+    "compare_runs": "compare",
+    "serve": "serving",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"segmask.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'segmask' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -133,7 +133,9 @@ def offset_queries(function: MaskFunction, q_offset: int) -> MaskFunction:
     return shifted
 
 
-def evaluate(function: MaskFunction, batch_size: int, q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
+def evaluate(
+    function: MaskFunction, batch_size: int, q_len: int, kv_len: int, device: torch.device
+) -> torch.Tensor:
     """Evaluate a mask function on the grid of the last ``q_len`` of ``kv_len`` positions: ``[B, 1, Q, K]`` bool."""
     b = torch.arange(batch_size, device=device)[:, None, None, None]
     h = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device)
@@ -154,6 +156,7 @@ def dense_mask(
     queries are the last ``q_len`` positions (default: all ``K``). This is the exact rule: a padded query
     row may be all False. Use :func:`attention_bias` or :func:`sdpa_mask` to feed an attention kernel.
     """
+    validate_layout(segment_ids, attention_mask, document_ids)
     batch_size, kv_len = segment_ids.shape
     q_len = kv_len if q_len is None else q_len
     if not 0 < q_len <= kv_len:
@@ -216,6 +219,7 @@ def block_mask(
     """FlexAttention ``BlockMask`` for the rule (optionally within a sliding window), never materialising L x L."""
     from torch.nn.attention.flex_attention import create_block_mask
 
+    validate_layout(segment_ids, attention_mask, document_ids)
     batch_size, kv_len = segment_ids.shape
     q_len = kv_len if q_len is None else q_len
     fn = mask_function(segment_ids, attention_mask, document_ids)

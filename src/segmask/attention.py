@@ -1,0 +1,279 @@
+"""Run any transformers causal LM under the MAS mask: ``segmask.enable(model)``.
+
+After ``enable``, the model's forward accepts ``segment_ids`` (and ``document_ids``) next to its usual
+arguments; Trainer, peft, accelerate and ``generate`` keep working on the same object, and without those
+arguments the model behaves exactly as before::
+
+    model = segmask.enable(AutoModelForCausalLM.from_pretrained(path))
+    out = model(input_ids, segment_ids=segment_ids)          # [B, L] each
+
+How: a forward pre-hook on the decoder stack (``model.get_decoder()``, which every ``*ForCausalLM`` calls
+with its kwargs) turns the ids into the mask representation the model's attention backend needs, and
+hands it over as a prepared 4-D ``attention_mask``, which transformers' ``masking_utils`` passes through
+untouched (a dict ``{layer_type: mask}`` for models that mix full and sliding-window layers):
+
+    eager            additive float mask (a boolean mask there would be added as 0/1 and mask nothing)
+    sdpa             boolean mask, empty (padded) query rows made safe
+    flex_attention   a ``BlockMask`` (a dense tensor there crashes)
+    segmask          no mask at all: the exact segment-blocked kernel of :mod:`segmask.fast_attention`
+    flash_attention_* refused: transformers' flash path drops custom masks silently
+
+Sliding-window layers keep their window: MAS is intersected with ``|i - j| < window``.
+Packed rows must pass ``document_ids`` (and per-document ``position_ids``): the mask is built from
+``document_ids`` explicitly rather than inferred from ``position_ids``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from segmask import masks
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED = ("eager", "sdpa", "flex_attention", "segmask")
+_HANDLE = "_segmask_hook"
+
+
+@dataclass(frozen=True)
+class LayerMask:
+    """How one layer type attends: full attention, or a sliding window of ``window`` positions."""
+
+    layer_type: str
+    window: int | None
+
+
+def enable(model: nn.Module) -> nn.Module:
+    """Make ``model`` accept ``segment_ids`` / ``document_ids`` in its forward. Idempotent; returns ``model``.
+
+    ``segment_ids``: LongTensor ``[B, Q]`` for the current input tokens (tokens already in the KV cache are
+    then causal, which is exact since no segment continues across calls) or ``[B, K]`` covering cached and
+    current tokens. ``document_ids``: same shapes, for packed rows.
+    """
+    decoder = _decoder(model)
+    if getattr(decoder, _HANDLE, None) is None:
+        handle = decoder.register_forward_pre_hook(_pre_hook, with_kwargs=True)
+        setattr(decoder, _HANDLE, handle)
+    check_implementation(model)
+    return model
+
+
+def disable(model: nn.Module) -> nn.Module:
+    """Undo :func:`enable`."""
+    decoder = _decoder(model)
+    handle = getattr(decoder, _HANDLE, None)
+    if handle is not None:
+        handle.remove()
+        setattr(decoder, _HANDLE, None)
+    return model
+
+
+def is_enabled(model: nn.Module) -> bool:
+    return getattr(_decoder(model), _HANDLE, None) is not None
+
+
+def check_implementation(model: nn.Module) -> str:
+    """Return the model's attention implementation, or raise if MAS cannot run on it exactly."""
+    config = _decoder(model).config
+    implementation = config._attn_implementation or "eager"
+    if implementation.startswith("flash_attention") or implementation.startswith("paged"):
+        raise ValueError(
+            f"attention implementation {implementation!r} drops custom masks in transformers, so MAS would "
+            f"silently run as causal; load the model with attn_implementation='segmask' (fast, exact), "
+            f"'sdpa', 'eager' or 'flex_attention'"
+        )
+    if implementation not in SUPPORTED:
+        raise ValueError(
+            f"attention implementation {implementation!r} is not supported by segmask; use one of {SUPPORTED}"
+        )
+    return implementation
+
+
+def layer_masks(config) -> list[LayerMask]:
+    """The distinct attention layer types of a model config, each with its sliding window (or None)."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if not types:
+        # Mistral / Phi-3 style: one window for every layer when set (and not switched off)
+        uses_window = window is not None and getattr(config, "use_sliding_window", True)
+        types = ["sliding_attention" if uses_window else "full_attention"]
+    result = []
+    for layer_type in dict.fromkeys(types):
+        if layer_type == "full_attention":
+            result.append(LayerMask(layer_type, None))
+        elif layer_type == "sliding_attention":
+            if not window:
+                raise ValueError("config has sliding_attention layers but no sliding_window")
+            result.append(LayerMask(layer_type, int(window)))
+        else:
+            raise ValueError(
+                f"segmask does not support layer type {layer_type!r} (only full and sliding attention)"
+            )
+    return result
+
+
+def _decoder(model: nn.Module) -> nn.Module:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    if not hasattr(base, "get_decoder"):
+        raise ValueError(f"{type(base).__name__} is not a transformers model (no get_decoder())")
+    return base.get_decoder()
+
+
+def _pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    if "segment_ids" not in kwargs and "document_ids" not in kwargs:
+        return args, kwargs
+    kwargs = dict(inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments)
+    extra = kwargs.pop("kwargs", None)  # the **kwargs bucket of the signature
+    if extra:
+        kwargs.update(extra)
+    segment_ids = kwargs.pop("segment_ids", None)
+    document_ids = kwargs.pop("document_ids", None)
+    if segment_ids is None and document_ids is None:
+        return (), kwargs
+    kwargs["attention_mask"] = prepare_mask(module, kwargs, segment_ids, document_ids)
+    if isinstance(kwargs["attention_mask"], _FastMask):
+        fast = kwargs.pop("attention_mask")
+        kwargs["attention_mask"] = fast.placeholder
+        kwargs["segmask_layout"] = fast.layout
+    return (), kwargs
+
+
+@dataclass(frozen=True)
+class _FastMask:
+    placeholder: torch.Tensor
+    layout: object
+
+
+def prepare_mask(
+    decoder: nn.Module,
+    kwargs: dict,
+    segment_ids: torch.Tensor | None,
+    document_ids: torch.Tensor | None,
+):
+    """Build the backend's mask(s) for one forward call of ``decoder`` from token-level ids."""
+    inputs = kwargs.get("input_ids")
+    if inputs is None:
+        inputs = kwargs.get("inputs_embeds")
+    if inputs is None:
+        raise ValueError("segment_ids given but neither input_ids nor inputs_embeds")
+    batch_size, q_len = inputs.shape[:2]
+    device = inputs.device
+    cache = kwargs.get("past_key_values")
+    past = int(cache.get_seq_length()) if cache is not None else 0
+    kv_len = past + q_len
+
+    attention_mask = kwargs.get("attention_mask")
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.ndim != 2:
+            raise ValueError(
+                "segment_ids need a 2-D padding attention_mask [batch, seq_len] (or none), not a prepared mask"
+            )
+        if attention_mask.shape != (batch_size, kv_len):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(batch_size, kv_len)} "
+                f"({past} cached + {q_len} new tokens)"
+            )
+        attention_mask = attention_mask.to(device)
+    segment_ids = _full_length(segment_ids, "segment_ids", batch_size, q_len, past, device, fill=-1)
+    if document_ids is not None:
+        if past and document_ids.shape[-1] == q_len:
+            raise ValueError(
+                "with a KV cache, document_ids must cover cached and new tokens: [batch, cached + new]"
+            )
+        document_ids = _full_length(document_ids, "document_ids", batch_size, q_len, past, device, fill=0)
+    masks.validate_layout(segment_ids, attention_mask, document_ids)
+
+    implementation = check_implementation(decoder)
+    layers = layer_masks(decoder.config)
+
+    if implementation == "segmask":
+        from segmask.fast_attention import Layout
+
+        placeholder = torch.ones((), dtype=torch.bool, device=device).expand(batch_size, 1, q_len, kv_len)
+        layout = Layout(segment_ids=segment_ids, attention_mask=attention_mask, document_ids=document_ids)
+        fast = _FastMask(placeholder, layout)
+        return fast if len(layers) == 1 else {layer.layer_type: fast for layer in layers}
+
+    built = {}
+    for layer in layers:
+        kv_offset, layer_kv_len = 0, kv_len
+        if cache is not None and layer.window is not None:
+            layer_idx = (
+                decoder.config.layer_types.index(layer.layer_type)
+                if getattr(decoder.config, "layer_types", None)
+                else 0
+            )
+            layer_kv_len, kv_offset = cache.get_mask_sizes(q_len, layer_idx)
+        built[layer.layer_type] = _represent(
+            implementation,
+            segment_ids,
+            attention_mask,
+            document_ids,
+            q_len,
+            layer.window,
+            kv_offset,
+            layer_kv_len,
+            _dtype(decoder, kwargs),
+        )
+    if len(built) == 1:
+        return next(iter(built.values()))
+    return built
+
+
+def _represent(
+    implementation: str,
+    segment_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    document_ids: torch.Tensor | None,
+    q_len: int,
+    window: int | None,
+    kv_offset: int,
+    kv_len: int,
+    dtype: torch.dtype,
+):
+    if implementation == "flex_attention":
+        if kv_offset or kv_len != segment_ids.shape[-1]:
+            raise ValueError(
+                "flex_attention with a sliding-window KV cache is not supported; use sdpa or eager"
+            )
+        return masks.block_mask(segment_ids, attention_mask, document_ids, q_len=q_len, sliding_window=window)
+    function = masks.mask_function(segment_ids, attention_mask, document_ids)
+    if window is not None:
+        function = masks.and_functions(function, masks.window_function(window))
+    full_len = segment_ids.shape[-1]
+    dense = masks.evaluate(function, segment_ids.shape[0], q_len, full_len, segment_ids.device)
+    dense = dense[..., kv_offset : kv_offset + kv_len]
+    if implementation == "eager":
+        return masks.to_additive(dense, dtype)
+    return masks.never_empty(dense)
+
+
+def _full_length(
+    ids: torch.Tensor, name: str, batch_size: int, q_len: int, past: int, device: torch.device, fill: int
+) -> torch.Tensor:
+    """Ids over all key positions ``[B, past + Q]``; ids given for the new tokens only get ``fill`` for the past."""
+    if not isinstance(ids, torch.Tensor):
+        ids = torch.as_tensor(ids)
+    ids = ids.to(device=device, dtype=torch.long)
+    if ids.ndim == 1:
+        ids = ids.unsqueeze(0)
+    if ids.shape[0] != batch_size or ids.shape[-1] not in (q_len, past + q_len):
+        raise ValueError(
+            f"{name} has shape {tuple(ids.shape)}; expected [{batch_size}, {q_len}] (new tokens) "
+            f"or [{batch_size}, {past + q_len}] (cached + new tokens)"
+        )
+    if ids.shape[-1] == q_len and past:
+        ids = torch.cat([torch.full((batch_size, past), fill, dtype=torch.long, device=device), ids], dim=-1)
+    return ids
+
+
+def _dtype(decoder: nn.Module, kwargs: dict) -> torch.dtype:
+    embeds = kwargs.get("inputs_embeds")
+    if embeds is not None:
+        return embeds.dtype
+    return decoder.get_input_embeddings().weight.dtype

@@ -1,0 +1,213 @@
+"""The mask rule: literal masks per policy, property tests, and every representation against the dense one."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from segmask import masks
+
+# system(2) user(2) answer(2) for each policy
+LAYOUTS = {
+    "causal": [-1, -1, -1, -1, -1, -1],
+    "mas": [0, 0, 1, 1, -1, -1],
+    "prefix": [0, 0, 0, 0, -1, -1],
+}
+EXPECTED = {
+    "causal": [
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 1, 0],
+        [1, 1, 1, 1, 1, 1],
+    ],
+    "mas": [
+        [1, 1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 1, 0],
+        [1, 1, 1, 1, 1, 1],
+    ],
+    "prefix": [
+        [1, 1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 1, 0],
+        [1, 1, 1, 1, 1, 1],
+    ],
+}
+
+
+def dense(segments, attention_mask=None, document_ids=None, q_len=None) -> list[list[int]]:
+    def t(x):
+        return None if x is None else torch.tensor([x])
+
+    return masks.dense_mask(t(segments), t(attention_mask), t(document_ids), q_len)[0, 0].int().tolist()
+
+
+def test_literal_masks_per_policy():
+    for policy, segments in LAYOUTS.items():
+        assert dense(segments) == EXPECTED[policy], policy
+
+
+def test_literal_mas_with_left_padding():
+    # two pad tokens, then system(1) user(2) answer(1)
+    got = dense([-1, -1, 0, 1, 1, -1], attention_mask=[0, 0, 1, 1, 1, 1])
+    assert got == [
+        [0, 0, 0, 0, 0, 0],  # padded query rows: nothing real before them
+        [0, 0, 0, 0, 0, 0],
+        [0, 0, 1, 0, 0, 0],
+        [0, 0, 1, 1, 1, 0],
+        [0, 0, 1, 1, 1, 0],
+        [0, 0, 1, 1, 1, 1],
+    ]
+
+
+def test_literal_mas_with_two_packed_documents():
+    # doc 0: seg 0 (2 tokens) + answer (1); doc 1: seg 0 (2 tokens) + answer (1); segment ids restart per document
+    got = dense([0, 0, -1, 0, 0, -1], document_ids=[0, 0, 0, 1, 1, 1])
+    assert got == [
+        [1, 1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0],
+        [0, 0, 0, 1, 1, 0],
+        [0, 0, 0, 1, 1, 0],
+        [0, 0, 0, 1, 1, 1],
+    ]
+
+
+def test_queries_can_be_the_last_rows():
+    segments = LAYOUTS["mas"]
+    assert dense(segments, q_len=2) == EXPECTED["mas"][-2:]
+
+
+def test_never_empty_makes_sdpa_finite_for_padded_rows():
+    segment_ids = torch.tensor([[-1, -1, 0, 0, -1]])
+    attention_mask = torch.tensor([[0, 0, 1, 1, 1]])
+    q = torch.randn(1, 2, 5, 8)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, q, q, attn_mask=masks.sdpa_mask(segment_ids, attention_mask)
+    )
+    assert torch.isfinite(out).all()
+    bias = masks.attention_bias(segment_ids, attention_mask)
+    weights = torch.softmax(q @ q.transpose(-1, -2) + bias, dim=-1)
+    assert torch.isfinite(weights).all()
+    # real rows are untouched by the safety diagonal
+    assert torch.equal(
+        masks.sdpa_mask(segment_ids, attention_mask)[..., 2:, :],
+        masks.dense_mask(segment_ids, attention_mask)[..., 2:, :],
+    )
+
+
+def test_block_mask_covers_exactly_the_dense_blocks():
+    segment_ids = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1, -1, -1, -1, -1]])
+    block = masks.block_mask(segment_ids, block_size=4)
+    blocks = block.to_dense()[0, 0].int().tolist()
+    # system block sees itself; user block sees system + itself; answer sees everything up to the diagonal
+    assert blocks == [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
+
+
+def test_window_limits_both_directions():
+    segment_ids = torch.tensor([[0, 0, 0, 0, -1, -1]])
+    fn = masks.and_functions(masks.mask_function(segment_ids), masks.window_function(2))
+    got = masks.evaluate(fn, 1, 6, 6, torch.device("cpu"))[0, 0].int().tolist()
+    assert got == [
+        [1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0],
+        [0, 1, 1, 1, 0, 0],
+        [0, 0, 1, 1, 0, 0],
+        [0, 0, 0, 1, 1, 0],
+        [0, 0, 0, 0, 1, 1],
+    ]
+
+
+def test_bad_layouts_raise_clear_errors():
+    import pytest
+
+    with pytest.raises(ValueError, match="shape \\[batch, seq_len\\]"):
+        masks.dense_mask(torch.tensor([0, 0, -1]))
+    with pytest.raises(ValueError, match=">= 0"):
+        masks.dense_mask(torch.tensor([[0, -2]]))
+    with pytest.raises(ValueError, match="integer"):
+        masks.dense_mask(torch.tensor([[0.0, 1.0]]))
+    with pytest.raises(ValueError, match="attention_mask has shape"):
+        masks.dense_mask(torch.tensor([[0, 0]]), torch.tensor([[1, 1, 1]]))
+    with pytest.raises(ValueError, match="unknown mask policy"):
+        masks.check_policy("bidirectional")
+
+
+# ---------------------------------------------------------------- property tests over random layouts
+
+
+@st.composite
+def layouts(draw):
+    """Random rows: padding on either side, 1-3 packed documents, each a few segments then causal tokens."""
+    batch = draw(st.integers(1, 3))
+    rows_seg, rows_doc, rows_pad = [], [], []
+    length = draw(st.integers(2, 24))
+    for _ in range(batch):
+        seg, doc = [], []
+        for d in range(draw(st.integers(1, 3))):
+            for s in range(draw(st.integers(0, 3))):
+                seg += [s] * draw(st.integers(1, 4))
+            seg += [-1] * draw(st.integers(0, 4))
+            doc += [d] * (len(seg) - len(doc))
+        seg, doc = seg[:length], doc[:length]
+        n_pad = length - len(seg)
+        left = draw(st.booleans())
+        pad = [0] * n_pad
+        if left:
+            seg, doc, mask = [-1] * n_pad + seg, [0] * n_pad + doc, pad + [1] * (length - n_pad)
+        else:
+            seg, doc, mask = (
+                seg + [-1] * n_pad,
+                doc + [doc[-1] if doc else 0] * n_pad,
+                [1] * (length - n_pad) + pad,
+            )
+        rows_seg.append(seg)
+        rows_doc.append(doc)
+        rows_pad.append(mask)
+    return torch.tensor(rows_seg), torch.tensor(rows_doc), torch.tensor(rows_pad)
+
+
+def causal(length: int) -> torch.Tensor:
+    return torch.ones(length, length, dtype=torch.bool).tril()
+
+
+@settings(max_examples=150, deadline=None)
+@given(layouts())
+def test_properties(layout):
+    segment_ids, document_ids, attention_mask = layout
+    batch, length = segment_ids.shape
+    mas = masks.dense_mask(segment_ids)[:, 0]
+    full = masks.dense_mask(segment_ids, attention_mask, document_ids)[:, 0]
+
+    # MAS contains causal
+    assert (mas | causal(length)).equal(mas)
+    # all -1 equals causal
+    assert masks.dense_mask(torch.full_like(segment_ids, -1))[:, 0].equal(
+        causal(length).expand(batch, -1, -1)
+    )
+    # nothing crosses documents
+    same_doc = document_ids[:, :, None] == document_ids[:, None, :]
+    assert not (full & ~same_doc).any()
+    # nothing attends to padding
+    assert not (full & ~attention_mask.bool()[:, None, :]).any()
+    # no causal token attends to a later position
+    later = ~causal(length)
+    causal_rows = (segment_ids == -1)[:, :, None]
+    assert not (full & later & causal_rows).any()
+    # a bidirectional token sees later tokens only inside its own segment
+    same_seg = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, :, None] >= 0)
+    assert not (full & later & ~same_seg).any()
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, 12))
+def test_segments_of_length_one_equal_causal(length):
+    segment_ids = torch.arange(length)[None]
+    assert masks.dense_mask(segment_ids)[0, 0].equal(causal(length))

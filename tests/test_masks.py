@@ -211,3 +211,7 @@ def test_properties(layout):
 def test_segments_of_length_one_equal_causal(length):
     segment_ids = torch.arange(length)[None]
     assert masks.dense_mask(segment_ids)[0, 0].equal(causal(length))
+
+
+def test_draw():
+    assert masks.draw(masks.dense_mask(torch.tensor([[0, 0, -1]]))[0, 0]) == "■ ■ ⬚\n■ ■ ⬚\n■ ■ ■"

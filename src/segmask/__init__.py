@@ -21,6 +21,7 @@ _EXPORTS = {
     "attention_bias": "masks",
     "block_mask": "masks",
     "dense_mask": "masks",
+    "draw": "masks",
     "mask_function": "masks",
     "enable": "attention",
     "disable": "attention",

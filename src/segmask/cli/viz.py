@@ -1,0 +1,30 @@
+"""``segmask viz``: mask and attention-map PNGs of a chat prompt, causal and MAS side by side."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="model folder, .gguf file or segmask run folder (needs a chat template)",
+    )
+    parser.add_argument("--messages", required=True, help='JSON file: [{"role": ..., "content": ...}, ...]')
+    parser.add_argument("--layer", type=int, default=-1, help="layer to draw (default: the last)")
+    parser.add_argument("--head", type=int, default=None, help="head to draw (default: mean over heads)")
+    parser.add_argument("--policies", default="causal,mas", help="comma-separated policies, one panel each")
+    parser.add_argument("--out", required=True, help="output folder")
+
+
+def run(args: argparse.Namespace) -> int:
+    from segmask.loading import load_model
+    from segmask.viz import read_messages, visualize
+
+    messages = read_messages(args.messages)
+    model, tokenizer, _ = load_model(args.model)
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    for path in visualize(model, tokenizer, messages, args.out, args.layer, args.head, policies):
+        print(path)
+    return 0

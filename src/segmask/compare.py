@@ -1,0 +1,231 @@
+"""Compare evaluation runs: a markdown table, a grouped bar chart, and paired McNemar tests.
+
+    segmask compare runs/causal.json runs/mas.json --out-md runs/compare.md --out-png runs/compare.png
+
+Rows are tasks (the unweighted average last), columns are runs, each cell the accuracy with its 95% Wilson
+interval. Every run after the first is tested against the first, per task, with McNemar's exact test on the
+records both runs scored (matched by record index, with equal gold labels): under the null hypothesis the
+discordant records (right in one run, wrong in the other) split 50/50, so the p-value is a two-sided
+binomial test on them. A small p-value says the difference is unlikely to be noise.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from scipy.stats import binomtest
+
+SIGNIFICANCE = 0.05
+
+
+@dataclass(frozen=True)
+class Run:
+    """A results JSON and, when its predictions file exists, per-record correctness ``{task: {index: (gold, ok)}}``."""
+
+    name: str
+    path: Path
+    results: dict
+    records: dict[str, dict[int, tuple[str, bool]]] | None
+
+
+@dataclass(frozen=True)
+class McNemar:
+    """Paired comparison of run B against run A on ``n`` shared records.
+
+    ``only_a``: records A got right and B wrong; ``only_b``: the reverse. ``p_value``: exact two-sided.
+    """
+
+    n: int
+    only_a: int
+    only_b: int
+    p_value: float
+
+
+def load_run(path: str | Path) -> Run:
+    """Read a results JSON written by :func:`segmask.evaluation.evaluate_tasks` and its predictions JSONL."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no results file {path}")
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(results, dict) or not isinstance(results.get("tasks"), dict) or not results["tasks"]:
+        raise ValueError(f"{path}: not a segmask results file (no 'tasks')")
+    for task, score in results["tasks"].items():
+        missing = [key for key in ("accuracy", "ci_low", "ci_high", "n") if key not in score]
+        if missing:
+            raise ValueError(f"{path}: task {task!r} lacks {missing}")
+    # evaluate_tasks records the predictions file's name; older files follow its naming rule
+    jsonl = path.parent / (results.get("predictions") or f"{path.stem}.predictions.jsonl")
+    return Run(path.stem, path, results, _read_records(jsonl) if jsonl.is_file() else None)
+
+
+def _read_records(path: Path) -> dict[str, dict[int, tuple[str, bool]]]:
+    records: dict[str, dict[int, tuple[str, bool]]] = {}
+    with path.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                records.setdefault(row["task"], {})[int(row["index"])] = (
+                    row["gold"],
+                    row["prediction"] == row["gold"],
+                )
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+                raise ValueError(f"{path}: line {line_number}: not a prediction record ({error!r})") from None
+    return records
+
+
+def mcnemar(a: Sequence[bool], b: Sequence[bool]) -> McNemar:
+    """McNemar's exact test on paired outcomes ``a[i]``, ``b[i]`` (True: record ``i`` answered correctly)."""
+    if len(a) != len(b):
+        raise ValueError(f"paired outcomes need equal lengths, got {len(a)} and {len(b)}")
+    only_a = sum(x and not y for x, y in zip(a, b))
+    only_b = sum(y and not x for x, y in zip(a, b))
+    discordant = only_a + only_b
+    p_value = 1.0 if discordant == 0 else float(binomtest(only_b, discordant, 0.5).pvalue)
+    return McNemar(len(a), only_a, only_b, p_value)
+
+
+def shared_outcomes(base: Run, other: Run, task: str) -> tuple[list[bool], list[bool]] | None:
+    """Paired correctness on the records of ``task`` both runs scored; ``None`` without predictions for both."""
+    if base.records is None or other.records is None:
+        return None
+    a, b = base.records.get(task, {}), other.records.get(task, {})
+    shared = sorted(set(a) & set(b))
+    for index in shared:
+        if a[index][0] != b[index][0]:
+            raise ValueError(
+                f"task {task!r} record {index}: gold {a[index][0]!r} in {base.path} but {b[index][0]!r} in "
+                f"{other.path}; the runs did not use the same data"
+            )
+    return [a[i][1] for i in shared], [b[i][1] for i in shared]
+
+
+def paired_test(base: Run, other: Run, tasks: Sequence[str]) -> McNemar | None:
+    """McNemar on the records of ``tasks`` (pooled) both runs scored, or ``None`` without predictions."""
+    a: list[bool] = []
+    b: list[bool] = []
+    for task in tasks:
+        outcomes = shared_outcomes(base, other, task)
+        if outcomes is None:
+            return None
+        a += outcomes[0]
+        b += outcomes[1]
+    return mcnemar(a, b)
+
+
+def _cell(score: dict | None) -> str:
+    if score is None:
+        return "–"
+    return f"{100 * score['accuracy']:.1f} [{100 * score['ci_low']:.1f}, {100 * score['ci_high']:.1f}]"
+
+
+def _test_cell(base: dict | None, other: dict | None, test: McNemar | None) -> str:
+    if base is None or other is None:
+        return "–"
+    delta = 100 * (other["accuracy"] - base["accuracy"])
+    if test is None:
+        return f"{delta:+.1f} (no predictions)"
+    star = "*" if test.p_value < SIGNIFICANCE else ""
+    return f"{delta:+.1f}, p={test.p_value:.3g}{star} ({test.only_b}/{test.only_a} of {test.n})"
+
+
+def table(runs: Sequence[Run]) -> str:
+    """The markdown comparison table (see the module docstring)."""
+    tasks = list(dict.fromkeys(task for run in runs for task in run.results["tasks"]))
+    base = runs[0]
+    header = ["task", *(run.name for run in runs), *(f"{run.name} vs {base.name}" for run in runs[1:])]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for task in tasks:
+        scores = [run.results["tasks"].get(task) for run in runs]
+        sizes = sorted({score["n"] for score in scores if score is not None})
+        cells = [f"{task} (n={'/'.join(map(str, sizes))})", *(_cell(score) for score in scores)]
+        for run, score in zip(runs[1:], scores[1:]):
+            test = paired_test(base, run, [task]) if scores[0] is not None and score is not None else None
+            cells.append(_test_cell(scores[0], score, test))
+        lines.append("| " + " | ".join(cells) + " |")
+    averages = [{"accuracy": run.results["average"]} if "average" in run.results else None for run in runs]
+    cells = ["**average**", *(f"**{100 * a['accuracy']:.1f}**" if a else "–" for a in averages)]
+    for run, average in zip(runs[1:], averages[1:]):
+        common = [task for task in tasks if task in base.results["tasks"] and task in run.results["tasks"]]
+        cells.append(_test_cell(averages[0], average, paired_test(base, run, common)) + " pooled")
+    lines.append("| " + " | ".join(cells) + " |")
+    if len(runs) > 1:
+        lines.append("")
+        lines.append(
+            f"Accuracy in % [95% Wilson interval]. Last columns: difference against {base.name}, McNemar exact "
+            f"p-value on the shared records (* p < {SIGNIFICANCE}), records right only in that run / only in "
+            f"{base.name}, of the shared ones. Average: unweighted mean over tasks; its test pools the shared "
+            f"records of the tasks both runs have."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(runs: Sequence[Run], out: str | Path) -> Path:
+    """A grouped bar chart PNG: tasks on the x axis, one bar per run, 95% intervals as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    tasks = list(dict.fromkeys(task for run in runs for task in run.results["tasks"]))
+    groups = [*tasks, "average"]
+    width = 0.8 / len(runs)
+    x = np.arange(len(groups))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(groups) + 2), 4.0), layout="constrained")
+    for offset, run in enumerate(runs):
+        values, low, high = [], [], []
+        for task in tasks:
+            score = run.results["tasks"].get(task)
+            accuracy = score["accuracy"] if score else np.nan
+            values.append(accuracy)
+            low.append(accuracy - score["ci_low"] if score else 0.0)
+            high.append(score["ci_high"] - accuracy if score else 0.0)
+        values.append(run.results.get("average", np.nan))
+        positions = x - 0.4 + width * (offset + 0.5)
+        ax.bar(positions, 100 * np.array(values), width, label=run.name)
+        ax.errorbar(
+            positions[:-1],
+            100 * np.array(values[:-1]),
+            yerr=100 * np.array([low, high]),
+            fmt="none",
+            ecolor="black",
+            capsize=2,
+        )
+    ax.set_xticks(x, groups, rotation=30, ha="right")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.axvline(len(tasks) - 0.5, color="grey", linewidth=0.8, linestyle=":")
+    ax.legend(fontsize="small")
+    ax.set_title("accuracy with 95% Wilson intervals")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def compare_runs(
+    paths: Sequence[str | Path], out_md: str | Path | None = None, out_png: str | Path | None = None
+) -> str:
+    """Load the runs at ``paths`` and return the markdown table; also write it and the bar chart when asked."""
+    if not paths:
+        raise ValueError("compare needs at least one results file")
+    runs = [load_run(path) for path in paths]
+    names = [run.name for run in runs]
+    if len(set(names)) < len(names):  # same stem in different folders: name runs by their paths
+        runs = [Run(str(run.path), run.path, run.results, run.records) for run in runs]
+    markdown = table(runs)
+    if out_md is not None:
+        Path(out_md).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_md).write_text(markdown, encoding="utf-8")
+    if out_png is not None:
+        bar_chart(runs, out_png)
+    return markdown

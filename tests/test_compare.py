@@ -1,0 +1,112 @@
+"""segmask.compare: McNemar tests, the markdown table, the bar chart, and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import matplotlib.image
+import pytest
+
+from segmask.cli import main
+from segmask.compare import compare_runs, load_run, mcnemar
+from segmask.evaluation import Prediction, average_accuracy, score_predictions, write_results
+
+
+def _write_run(path, outcomes: dict[str, list[bool]], golds: dict[str, list[str]] | None = None):
+    """A results file whose record i of each task is right iff outcomes[task][i]."""
+    predictions = []
+    for task, flags in outcomes.items():
+        for index, ok in enumerate(flags):
+            gold = golds[task][index] if golds else "answer1"
+            predictions.append(Prediction(task, index, "p", "o", gold if ok else "answer9", gold))
+    scores = score_predictions(predictions)
+    results = {
+        "model": "m",
+        "policy": "mas",
+        "scoring": "loglik",
+        "limit": None,
+        "commit": None,
+        "tasks": {task: vars(score) for task, score in scores.items()},
+        "average": average_accuracy(scores),
+    }
+    write_results(results, predictions, path)
+    return path
+
+
+def test_mcnemar_exact_p_values():
+    # 10 discordant records, all in favour of b: two-sided p = 2 * 0.5**10
+    a = [False] * 10 + [True] * 5
+    b = [True] * 10 + [True] * 5
+    test = mcnemar(a, b)
+    assert (test.n, test.only_a, test.only_b) == (15, 0, 10)
+    assert test.p_value == pytest.approx(2 * 0.5**10)
+    # 1 vs 2 discordant: P(X <= 1) + P(X >= 2) for Binomial(3, 1/2) covers everything
+    assert mcnemar([True, False, False, True], [False, True, True, True]).p_value == pytest.approx(1.0)
+    # no discordant pair: nothing to see
+    assert mcnemar([True, False], [True, False]).p_value == 1.0
+    with pytest.raises(ValueError, match="equal lengths"):
+        mcnemar([True], [True, False])
+
+
+def test_table_rows_columns_and_paired_tests(tmp_path):
+    base = _write_run(tmp_path / "causal.json", {"boolq": [False] * 12 + [True] * 8, "piqa": [True, False]})
+    other = _write_run(tmp_path / "mas.json", {"boolq": [True] * 12 + [True] * 8, "piqa": [True, True]})
+    md_path, png_path = tmp_path / "out" / "cmp.md", tmp_path / "out" / "cmp.png"
+    markdown = compare_runs([base, other], out_md=md_path, out_png=png_path)
+
+    lines = markdown.splitlines()
+    assert lines[0] == "| task | causal | mas | mas vs causal |"
+    assert lines[2].startswith("| boolq (n=20) | 40.0 [")
+    assert lines[3].startswith("| piqa (n=2) | 50.0 [")
+    # boolq: 12 records right only under mas, none only under causal
+    assert f"+60.0, p={2 * 0.5**12:.3g}* (12/0 of 20)" in lines[2]
+    assert "+50.0, p=1 (1/0 of 2)" in lines[3]
+    # average last, unweighted: (0.4 + 0.5) / 2 and (1 + 1) / 2
+    assert (
+        lines[4]
+        == f"| **average** | **45.0** | **100.0** | +55.0, p={2 * 0.5**13:.3g}* (13/0 of 22) pooled |"
+    )
+    assert md_path.read_text() == markdown
+
+    image = matplotlib.image.imread(png_path)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_only_shared_records_are_paired(tmp_path):
+    base = _write_run(tmp_path / "a.json", {"boolq": [False, False, True, True]})
+    other = _write_run(tmp_path / "b.json", {"boolq": [True, True]})  # e.g. a smaller --limit
+    assert "(2/0 of 2)" in compare_runs([base, other])
+
+
+def test_different_gold_labels_are_refused(tmp_path):
+    base = _write_run(tmp_path / "a.json", {"boolq": [True, True]}, {"boolq": ["true", "false"]})
+    other = _write_run(tmp_path / "b.json", {"boolq": [True, True]}, {"boolq": ["true", "true"]})
+    with pytest.raises(ValueError, match="record 1: gold 'false'"):
+        compare_runs([base, other])
+
+
+def test_run_without_predictions_still_tabulates(tmp_path):
+    base = _write_run(tmp_path / "a.json", {"boolq": [True, False]})
+    other = _write_run(tmp_path / "b.json", {"boolq": [True, True]})
+    (tmp_path / "b.predictions.jsonl").unlink()
+    assert load_run(other).records is None
+    assert "+50.0 (no predictions)" in compare_runs([base, other])
+
+
+def test_bad_results_file_is_named(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"model": "m"}))
+    with pytest.raises(ValueError, match="bad.json: not a segmask results file"):
+        load_run(bad)
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        load_run(tmp_path / "missing.json")
+
+
+def test_cli(tmp_path, capsys):
+    base = _write_run(tmp_path / "a.json", {"boolq": [True, False]})
+    other = _write_run(tmp_path / "b.json", {"boolq": [True, True]})
+    png = tmp_path / "c.png"
+    assert main(["compare", str(base), str(other), "--out-png", str(png)]) == 0
+    assert "| boolq (n=2) |" in capsys.readouterr().out
+    assert png.stat().st_size > 0
+    assert main(["compare", str(tmp_path / "nope.json")]) == 2

@@ -1,0 +1,341 @@
+"""segmask.evaluation: answer extraction, accuracy and intervals, loglik scoring, and `segmask eval` runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from scipy.stats import binomtest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from segmask.cli import main
+from segmask.evaluation import (
+    ANSWER_PREFIX,
+    Prediction,
+    Task,
+    answer_continuation,
+    available_tasks,
+    average_accuracy,
+    continuation_logprobs,
+    evaluate_tasks,
+    extract_answer,
+    load_task,
+    loglik_predictions,
+    score_predictions,
+    wilson_interval,
+)
+from segmask.generation import generate
+from segmask.loading import load_model
+from segmask.segments import encode_instruction
+
+ANSWERS = ("answer1", "answer2", "answer3", "answer4", "answer5")
+
+
+# ---------------------------------------------------------------------------------- answer extraction
+
+
+@pytest.mark.parametrize(
+    "text, labels, expected",
+    [
+        ("the correct answer is answer2.", ANSWERS, "answer2"),  # trailing punctuation
+        ("The correct answer is Answer3!", ANSWERS, "answer3"),  # capitals
+        ("TRUE", ("true", "false"), "true"),
+        ("False, because ...", ("true", "false"), "false"),
+        ("answer4 or maybe answer1", ANSWERS, "answer4"),  # two candidates: the first one written
+        ("not answer1 but answer2", ANSWERS, "answer1"),  # the protocol reads the first match, nothing more
+        ("solution2: the second one", ("solution1", "solution2"), "solution2"),
+        ("(option1)", ("option1", "option2"), "option1"),
+        ("ending4\nending1", ("ending1", "ending2", "ending3", "ending4"), "ending4"),
+        ("Once upon a time there was a girl", ANSWERS, None),  # none
+        ("", ("true", "false"), None),
+        ("that is untrue", ("true", "false"), None),  # no match inside a word
+        ("answer12", ANSWERS, None),
+        ("answer 1", ANSWERS, None),
+    ],
+)
+def test_extract_answer(text, labels, expected):
+    assert extract_answer(text, labels) == expected
+
+
+# ------------------------------------------------------------------------------------------------ stats
+
+
+def test_wilson_interval_matches_scipy():
+    for correct, n in [(0, 5), (3, 4), (12, 20), (20, 20), (731, 1172)]:
+        expected = binomtest(correct, n).proportion_ci(confidence_level=0.95, method="wilson")
+        low, high = wilson_interval(correct, n)
+        assert low == pytest.approx(expected.low, abs=1e-12)
+        assert high == pytest.approx(expected.high, abs=1e-12)
+    with pytest.raises(ValueError, match="at least one trial"):
+        wilson_interval(0, 0)
+
+
+def test_accuracy_unparseable_and_unweighted_average():
+    def p(task, index, prediction, gold):
+        return Prediction(task, index, "prompt", "output", prediction, gold)
+
+    predictions = [
+        p("boolq", 0, "true", "true"),
+        p("boolq", 1, "false", "true"),
+        p("boolq", 2, None, "false"),  # unparseable counts as wrong
+        p("boolq", 3, "false", "false"),
+        p("piqa", 0, "solution1", "solution1"),
+        p("piqa", 1, None, "solution2"),
+    ]
+    scores = score_predictions(predictions)
+    assert list(scores) == ["boolq", "piqa"]
+    boolq, piqa = scores["boolq"], scores["piqa"]
+    assert (boolq.n, boolq.correct, boolq.unparseable, boolq.accuracy) == (4, 2, 1, 0.5)
+    assert (piqa.n, piqa.correct, piqa.unparseable, piqa.accuracy) == (2, 1, 1, 0.5)
+    assert (boolq.ci_low, boolq.ci_high) == wilson_interval(2, 4)
+    assert boolq.ci_low < boolq.accuracy < boolq.ci_high
+    # unweighted: each task counts once; pooled over records it would be 3/6 here too, so change one
+    scores = score_predictions(predictions[:4] + [p("piqa", 0, "solution1", "solution1")])
+    assert average_accuracy(scores) == pytest.approx((0.5 + 1.0) / 2)
+
+
+# ------------------------------------------------------------------------------------------------ tasks
+
+
+def _write(path: Path, records) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(records))
+    return path
+
+
+def _record(answer="answer1", options=3):
+    labels = "/".join(f"answer{i}" for i in range(1, options + 1))
+    return {
+        "instruction": f"Pick one.\n\nAnswer format: {labels}",
+        "input": "",
+        "output": f"the correct answer is {answer}",
+        "answer": answer,
+    }
+
+
+def test_task_files_and_candidates(tmp_path):
+    _write(tmp_path / "ARC-Easy_test.json", [_record("answer3", 3), _record("answer5", 5)])
+    _write(
+        tmp_path / "mytask" / "test.json", [{"instruction": "q", "input": "", "output": "", "answer": "yes"}]
+    )
+    _write(tmp_path / "boolq_train.json", [])  # not a test file
+    assert available_tasks(tmp_path) == ["ARC-Easy", "mytask"]
+    task = load_task(tmp_path, "ARC-Easy")
+    assert task.candidates == (("answer1", "answer2", "answer3"), ANSWERS)
+    assert [r["answer"] for r in load_task(tmp_path, "ARC-Easy", limit=1).records] == ["answer3"]
+    assert load_task(tmp_path, "mytask").labels == ("yes",)  # outside the suite: labels from the file
+
+
+def test_bad_task_files_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="boolq_test.json.*available: none"):
+        load_task(tmp_path, "boolq")
+    path = _write(tmp_path / "openbookqa_test.json", [_record(), {"input": "", "answer": "answer1"}])
+    with pytest.raises(
+        ValueError, match=r"openbookqa_test.json: record 1: missing or empty string field 'instruction'"
+    ):
+        load_task(tmp_path, "openbookqa")
+    _write(path, [_record(), _record(), _record("answer7", 3)])
+    with pytest.raises(ValueError, match=r"openbookqa_test.json: record 2: answer 'answer7' is not one of"):
+        load_task(tmp_path, "openbookqa")
+    _write(path, [_record("answer4", 3)])  # the gold label is not among the offered options
+    with pytest.raises(
+        ValueError, match=r"record 0: answer 'answer4' is not one of \['answer1', 'answer2', 'answer3'\]"
+    ):
+        load_task(tmp_path, "openbookqa")
+    _write(tmp_path / "boolq_test.json", [{**_record(), "instruction": "Yes or no?", "answer": "maybe"}])
+    with pytest.raises(
+        ValueError, match=r"boolq_test.json: record 0: answer 'maybe' is not one of \['true', 'false'\]"
+    ):
+        load_task(tmp_path, "boolq")
+    (tmp_path / "piqa_test.json").write_text("{not json")
+    with pytest.raises(ValueError, match="piqa_test.json: not valid JSON"):
+        load_task(tmp_path, "piqa")
+
+
+# ----------------------------------------------------------------------------------------------- loglik
+
+
+@pytest.fixture(scope="module")
+def stories(stories_path):
+    model, tokenizer, _ = load_model(stories_path)
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def boolq_task(commonsense_dir):
+    return load_task(commonsense_dir, "boolq", limit=3)
+
+
+def _plain_logprob(model, ids: list[int], start: int) -> float:
+    """Sum of log p(ids[t] | ids[:t]) for t >= start from one plain forward pass."""
+    logits = model(torch.tensor([ids])).logits[0].float()
+    logprobs = logits[:-1].log_softmax(-1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+    return float(logprobs[start - 1 :].sum())
+
+
+@torch.inference_mode()
+def test_loglik_under_causal_equals_plain_transformers(stories, stories_path, boolq_task):
+    model, tokenizer = stories
+    plain = AutoModelForCausalLM.from_pretrained(stories_path)  # never enabled, no segment ids
+    tokenizer = AutoTokenizer.from_pretrained(stories_path)
+    for record, labels in zip(boolq_task.records, boolq_task.candidates):
+        prompt = encode_instruction(tokenizer, record, policy="causal", include_answer=False)
+        assert set(prompt.segment_ids) == {-1}
+        continuations = [answer_continuation(tokenizer, record, label, "causal", prompt) for label in labels]
+        scores = continuation_logprobs(model, prompt.input_ids, prompt.segment_ids, continuations)
+        for continuation, score in zip(continuations, scores):
+            expected = _plain_logprob(plain, prompt.input_ids + continuation, len(prompt.input_ids))
+            assert score.logprob == pytest.approx(expected, abs=1e-4)
+
+
+@torch.inference_mode()
+def test_loglik_under_mas_equals_one_uncached_forward(stories, boolq_task):
+    """Prefill once + cached candidates == one forward over prompt + answer with the full segment ids."""
+    model, tokenizer = stories
+    record, labels = boolq_task.records[0], boolq_task.candidates[0]
+    prompt = encode_instruction(tokenizer, record, policy="mas", include_answer=False)
+    assert {0, 1} <= set(prompt.segment_ids)  # system and instruction segments
+    continuations = [answer_continuation(tokenizer, record, label, "mas", prompt) for label in labels]
+    scores = continuation_logprobs(model, prompt.input_ids, prompt.segment_ids, continuations)
+    causal = continuation_logprobs(model, prompt.input_ids, [-1] * len(prompt.input_ids), continuations)
+    for continuation, score, causal_score in zip(continuations, scores, causal):
+        ids = prompt.input_ids + continuation
+        segments = prompt.segment_ids + [-1] * len(continuation)
+        logits = model(torch.tensor([ids]), segment_ids=torch.tensor([segments])).logits[0].float()
+        token_logprobs = logits[:-1].log_softmax(-1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+        start = len(prompt.input_ids) - 1
+        assert score.logprob == pytest.approx(float(token_logprobs[start:].sum()), abs=1e-4)
+        greedy = logits[start:-1].argmax(-1).tolist() == continuation
+        assert score.is_greedy == greedy
+        assert abs(score.logprob - causal_score.logprob) > 1e-3  # the mask changes the scores
+
+
+def test_loglik_prefills_each_prompt_once(stories, boolq_task):
+    model, tokenizer = stories
+    calls = []
+    handle = model.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(kwargs), with_kwargs=True
+    )
+    try:
+        predictions = loglik_predictions(model, tokenizer, boolq_task, "mas", progress=False)
+    finally:
+        handle.remove()
+    # per record: one prefill of the prompt under its segments, one batch of both candidates against its cache
+    assert len(calls) == 2 * len(boolq_task.records)
+    assert all("segment_ids" in c for c in calls[0::2]) and not any("segment_ids" in c for c in calls[1::2])
+    assert [c["input_ids"].shape[0] for c in calls[1::2]] == [2] * len(boolq_task.records)
+    for prediction in predictions:
+        assert set(prediction.scores) == {"true", "false"}
+        assert prediction.prediction == max(prediction.scores, key=prediction.scores.get)
+        assert prediction.output == ANSWER_PREFIX + prediction.prediction
+
+
+def test_evaluate_rejects_bad_settings(stories, commonsense_dir):
+    model, tokenizer = stories
+    with pytest.raises(ValueError, match="unknown scoring 'vote'"):
+        evaluate_tasks(model, tokenizer, commonsense_dir, "boolq", "mas", scoring="vote")
+    with pytest.raises(ValueError, match="unknown mask policy 'full'"):
+        evaluate_tasks(model, tokenizer, commonsense_dir, "boolq", "full", scoring="loglik")
+    with pytest.raises(FileNotFoundError, match="no test file for task 'hellaswag'"):
+        evaluate_tasks(model, tokenizer, commonsense_dir, "boolq,hellaswag", "mas", scoring="loglik", limit=1)
+
+
+# -------------------------------------------------------------------------------------- end-to-end runs
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_eval_cli_loglik_every_shared_task(stories_path, commonsense_dir, tmp_path, capsys):
+    tasks = available_tasks(commonsense_dir)
+    assert {"boolq", "ARC-Easy", "ARC-Challenge", "openbookqa", "social_i_qa"} <= set(tasks)
+    out = tmp_path / "run" / "mas.json"
+    argv = [
+        "eval",
+        "--model",
+        str(stories_path),
+        "--data-dir",
+        str(commonsense_dir),
+        "--tasks",
+        ",".join(tasks),
+    ]
+    argv += ["--limit", "20", "--scoring", "loglik", "--mask", "mas", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| **average** |" in printed
+
+    results = json.loads(out.read_text())
+    assert (results["policy"], results["scoring"], results["limit"]) == ("mas", "loglik", 20)
+    assert results["model"] == str(stories_path) and "commit" in results
+    assert list(results["tasks"]) == tasks
+    rows = _read_jsonl(out.parent / results["predictions"])
+    assert len(rows) == 20 * len(tasks)
+    for task in tasks:
+        gold = [r["answer"] for r in json.loads(Path(results["tasks"][task]["file"]).read_text())[:20]]
+        mine = [r for r in rows if r["task"] == task]
+        assert [r["index"] for r in mine] == list(range(20)) and [r["gold"] for r in mine] == gold
+        for row in mine:
+            assert row["prediction"] == max(row["scores"], key=row["scores"].get)
+            assert row["correct"] == (row["prediction"] == row["gold"])
+        score = results["tasks"][task]
+        correct = sum(r["correct"] for r in mine)
+        assert (score["n"], score["correct"], score["unparseable"]) == (20, correct, 0)
+        assert score["accuracy"] == correct / 20
+        assert (score["ci_low"], score["ci_high"]) == pytest.approx(wilson_interval(correct, 20))
+    average = sum(s["accuracy"] for s in results["tasks"].values()) / len(tasks)
+    assert results["average"] == pytest.approx(average)
+
+
+def test_eval_cli_generate(stories, stories_path, commonsense_dir, tmp_path):
+    out = tmp_path / "gen.json"
+    argv = [
+        "eval",
+        "--model",
+        str(stories_path),
+        "--data-dir",
+        str(commonsense_dir),
+        "--tasks",
+        "boolq,ARC-Easy",
+    ]
+    argv += [
+        "--limit",
+        "2",
+        "--scoring",
+        "generate",
+        "--max-new-tokens",
+        "12",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    results = json.loads(out.read_text())
+    assert results["generation"] == {"num_beams": 4, "max_new_tokens": 12}
+    rows = _read_jsonl(tmp_path / "gen.predictions.jsonl")
+    assert len(rows) == 4
+    model, tokenizer = stories
+    task = load_task(commonsense_dir, "boolq", limit=2)
+    expected = generate(
+        model, tokenizer, list(task.records), "mas", num_beams=4, do_sample=False, max_new_tokens=12
+    )
+    assert [r["output"] for r in rows[:2]] == [c.text for c in expected]
+    for row in rows:
+        labels = ("true", "false") if row["task"] == "boolq" else ANSWERS
+        assert row["prediction"] == extract_answer(row["output"], labels)
+    for name, score in results["tasks"].items():
+        assert score["unparseable"] == sum(r["prediction"] is None for r in rows if r["task"] == name)
+
+
+def test_task_dataclass_checks(tmp_path):
+    with pytest.raises(ValueError, match="has no records"):
+        Task("t", tmp_path / "t.json", (), ("a",), ())
+
+
+def test_eval_cli_names_a_missing_task(stories_path, commonsense_dir, tmp_path, capsys):
+    argv = ["eval", "--model", str(stories_path), "--data-dir", str(commonsense_dir), "--tasks", "boolq,piqa"]
+    assert main([*argv, "--scoring", "loglik", "--out", str(tmp_path / "r.json")]) == 2
+    assert "no test file for task 'piqa'" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()

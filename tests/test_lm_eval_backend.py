@@ -1,0 +1,190 @@
+"""segmask.lm_eval_backend: the "segmask" lm-evaluation-harness model, offline on local task YAMLs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lm_eval.api.instance import Instance
+from lm_eval.api.registry import get_model
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from transformers import AutoModelForCausalLM
+
+from segmask.generation import generate
+from segmask.lm_eval_backend import SegmaskLM, _cut
+from segmask.segments import encode_chat
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
+TASKS = ("segmask_boolq_mc", "segmask_boolq_gen", "segmask_boolq_rolling")
+CONTEXT = "Please answer the following question with true or false, question: is the sky blue?\n\nAnswer:"
+
+
+@pytest.fixture(scope="module")
+def task_dir(commonsense_dir, tmp_path_factory) -> Path:
+    """The fixture YAMLs with the absolute path of ../shared/data/commonsense filled in."""
+    folder = tmp_path_factory.mktemp("lm_eval_tasks")
+    for template in (FIXTURES / "lm_eval").glob("*.yaml"):
+        text = template.read_text().replace("@COMMONSENSE@", str(commonsense_dir.resolve()))
+        (folder / template.name).write_text(text)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def lm(stories_path) -> SegmaskLM:
+    return SegmaskLM(pretrained=str(stories_path), mask="mas", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def plain(stories_path):
+    return AutoModelForCausalLM.from_pretrained(stories_path)
+
+
+def _requests(kind: str, args: list[tuple]) -> list[Instance]:
+    return [Instance(kind, {}, arguments, index) for index, arguments in enumerate(args)]
+
+
+@torch.inference_mode()
+def _logprob(model, ids: list[int], start: int, **kwargs) -> float:
+    """Sum of log p(ids[t] | ids[:t]) for t >= start, from one forward pass without a cache."""
+    logits = model(torch.tensor([ids]), **kwargs).logits[0].float()
+    logprobs = logits[:-1].log_softmax(-1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+    return float(logprobs[start - 1 :].sum())
+
+
+def test_registered_under_segmask():
+    assert get_model("segmask") is SegmaskLM
+
+
+def test_loglikelihood_context_is_one_prompt_segment(lm, stories_path):
+    continuations = [" true", " false"]
+    results = lm.loglikelihood(
+        _requests("loglikelihood", [(CONTEXT, c) for c in continuations]), disable_tqdm=True
+    )
+    causal = SegmaskLM(pretrained=str(stories_path), mask="causal", device="cpu")
+    causal_results = causal.loglikelihood(
+        _requests("loglikelihood", [(CONTEXT, c) for c in continuations]), True
+    )
+    bos = lm.tokenizer.bos_token_id
+    for continuation, (logprob, _), (causal_logprob, _) in zip(continuations, results, causal_results):
+        context_ids, continuation_ids = lm._encode_pair(CONTEXT, continuation)
+        ids = [bos, *context_ids, *continuation_ids]
+        prompt = len(context_ids) + 1
+        segments = torch.tensor([[0] * prompt + [-1] * len(continuation_ids)])
+        # BOS and context: one bidirectional segment; the continuation: causal
+        assert logprob == pytest.approx(_logprob(lm.model, ids, prompt, segment_ids=segments), abs=1e-4)
+        # mask=causal is the plain model
+        assert causal_logprob == pytest.approx(_logprob(lm.model, ids, prompt), abs=1e-4)
+        assert abs(logprob - causal_logprob) > 1e-3
+
+
+def test_each_context_is_prefilled_once(lm):
+    args = [(CONTEXT, " true"), (CONTEXT, " false"), ("Is water wet?", " yes"), ("Is water wet?", " no")]
+    calls = []
+    handle = lm.model.register_forward_pre_hook(
+        lambda module, a, kwargs: calls.append(kwargs), with_kwargs=True
+    )
+    try:
+        lm.loglikelihood(_requests("loglikelihood", args), disable_tqdm=True)
+    finally:
+        handle.remove()
+    # each context: one prefill under its segment, then its continuations in one batch (longer than one token)
+    prefills = [c for c in calls if "segment_ids" in c]
+    assert len(prefills) == 2
+    assert all(c["input_ids"].shape[0] == 1 for c in prefills)
+
+
+def test_chat_context_uses_turn_segments(lm):
+    template = (FIXTURES / "chat_templates" / "chatml_smollm2.jinja").read_text()
+    previous = lm.tokenizer.chat_template
+    lm.tokenizer.chat_template = template
+    try:
+        messages = [
+            {"role": "system", "content": "Answer true or false."},
+            {"role": "user", "content": "Is ice cold?"},
+        ]
+        rendered = lm.apply_chat_template(messages, add_generation_prompt=True)
+        [(logprob, _)] = lm.loglikelihood(_requests("loglikelihood", [(rendered, "true")]), disable_tqdm=True)
+        prompt = encode_chat(lm.tokenizer, messages, policy="mas", add_generation_prompt=True)
+        assert {0, 1, -1} <= set(prompt.segment_ids)  # system, user, the assistant header
+        _, continuation_ids = lm._encode_pair(rendered, "true")
+        ids = prompt.input_ids + continuation_ids
+        segments = torch.tensor([prompt.segment_ids + [-1] * len(continuation_ids)])
+        assert logprob == pytest.approx(
+            _logprob(lm.model, ids, len(prompt.input_ids), segment_ids=segments), abs=1e-4
+        )
+    finally:
+        lm.tokenizer.chat_template = previous
+
+
+def test_loglikelihood_rolling_is_causal(lm, plain):
+    text = "Once upon a time, there was a little girl named Lily. She loved to play outside."
+    [logprob] = lm.loglikelihood_rolling(_requests("loglikelihood_rolling", [(text,)]), disable_tqdm=True)
+    ids = [lm.prefix_token_id, *lm.tok_encode(text)]
+    assert logprob == pytest.approx(_logprob(plain, ids, 1), abs=1e-4)
+    # longer than the context: disjoint windows, each scored by the plain model
+    lm._max_length = 16
+    try:
+        [windowed] = lm.loglikelihood_rolling(
+            _requests("loglikelihood_rolling", [(text,)]), disable_tqdm=True
+        )
+    finally:
+        lm._max_length = 512
+    windows = get_rolling_token_windows(lm.tok_encode(text), lm.prefix_token_id, 16, 1)
+    expected = sum(_logprob(plain, c + p, len(c)) for c, p in map(make_disjoint_window, windows))
+    assert windowed == pytest.approx(expected, abs=1e-4)
+
+
+def test_generate_until_prefills_the_context(lm):
+    settings = {"until": ["\n"], "max_gen_toks": 10, "do_sample": False}
+    outputs = lm.generate_until(
+        _requests("generate_until", [(CONTEXT, settings), ("Once upon", settings)]), True
+    )
+    for context, output in zip([CONTEXT, "Once upon"], outputs):
+        [expected] = generate(lm.model, lm.tokenizer, context, "mas", max_new_tokens=10, do_sample=False)
+        assert output == _cut(expected.text, ["\n"])
+        assert "\n" not in output
+    assert _cut("true.\nfalse", ["\n", "."]) == "true"
+
+
+def test_simple_evaluate_on_local_tasks(lm, task_dir):
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    results = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=list(TASKS),
+        task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
+        limit=3,
+        log_samples=True,
+    )
+    metrics = results["results"]
+    assert 0.0 <= metrics["segmask_boolq_mc"]["acc,none"] <= 1.0
+    assert 0.0 <= metrics["segmask_boolq_gen"]["exact_match,none"] <= 1.0
+    assert metrics["segmask_boolq_rolling"]["word_perplexity,none"] > 1.0
+    # the harness's numbers are this backend's answers to the same requests
+    for sample in results["samples"]["segmask_boolq_mc"]:
+        assert [continuation for _, continuation in sample["arguments"]] == [" true", " false"]
+        direct = lm.loglikelihood(
+            _requests("loglikelihood", [tuple(a) for a in sample["arguments"]]), disable_tqdm=True
+        )
+        assert [float(r[0][0]) for r in sample["resps"]] == pytest.approx([d[0] for d in direct], abs=1e-5)
+
+
+def test_command_line(stories_path, task_dir, tmp_path):
+    """`python -m segmask.lm_eval_backend` is `lm_eval` with --model segmask available."""
+    command = [sys.executable, "-m", "segmask.lm_eval_backend", "--model", "segmask"]
+    command += ["--model_args", f"pretrained={stories_path},mask=mas", "--tasks", ",".join(TASKS)]
+    command += ["--include_path", str(task_dir), "--limit", "2", "--output_path", str(tmp_path / "out")]
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [written] = list((tmp_path / "out").rglob("results_*.json"))
+    results = json.loads(written.read_text())
+    assert set(results["results"]) == set(TASKS)
+    assert results["config"]["model"] == "segmask"

@@ -1,0 +1,549 @@
+"""Generation with MAS prefill: the prompt is prefilled under its segment mask, decoding is causal.
+
+    model, tokenizer, policy = segmask.load_model("path/to/model")
+    [completion] = segmask.generate(model, tokenizer, [[{"role": "user", "content": "Hi!"}]], max_new_tokens=20)
+    print(completion.text)
+
+Two named steps. :func:`prefill` runs prompt tokens through the model under the MAS mask into a KV cache.
+:func:`decode` hands that cache to transformers' own ``generate``, so greedy, sampling, beam search,
+stopping criteria, ``max_new_tokens`` and EOS handling are all transformers'. Generated tokens are causal
+(segment ``-1``): they see the whole prompt and never a later token, so the usual causal mask is exact for
+them.
+
+The hand-over works around two traps of ``generate``: it refuses a 4-D attention mask (so it can never
+be given the MAS mask itself), and when the cache already holds the whole prompt it feeds the prompt again.
+So the cache handed over holds all prompt tokens *but the last*, and ``generate`` runs the last token
+itself. Its row of the MAS mask is the causal row (it is the last token, so ``j <= i`` for every key), so
+this is exact provided the cached tokens already saw it where the mask says so:
+
+- last token causal (``-1``, e.g. the assistant header): no earlier token attends to it; prefill all but
+  the last token;
+- last token in a bidirectional segment: the earlier tokens of that segment attend to it; prefill the
+  whole prompt, then drop the last token from the cache (``cache.crop(-1)``): the entries left were
+  computed with it, and ``generate`` recomputes its own entry exactly.
+
+:class:`ChatSession` keeps the cache across turns: a new turn is prefilled alone, as new segments against
+the cache. That is exact because no segment continues across the boundary (a token sees the cached past
+causally, and no cached token may see a new one), and :func:`reusable_prefix` reuses only caches for which
+this holds, re-prefilling the rest.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from segmask.masks import MaskPolicy, check_policy
+from segmask.segments import Encoded, encode_chat, encode_instruction
+
+Conversation = list[dict[str, str]]
+# a raw text (no chat template), a conversation (list of messages) or an instruction record
+Prompt = str | Conversation | dict[str, str]
+
+DEFAULT_CHAT_TOKENS = 256
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One generated continuation: its text (special tokens removed) and new token ids (through EOS)."""
+
+    text: str
+    token_ids: list[int]
+
+
+# --------------------------------------------------------------------------------------------- encoding
+
+
+def encode_prompt(tokenizer, prompt: Prompt, policy: MaskPolicy) -> Encoded:
+    """Tokens and segment ids of one prompt, ready for generation.
+
+    A conversation gets the chat template and the generation prompt (the assistant header, causal); an
+    instruction record gets the instruction template without its answer; a raw string is tokenized as is
+    and forms one prompt segment (all causal under ``causal``).
+    """
+    check_policy(policy)
+    if isinstance(prompt, str):
+        ids = tokenizer(prompt)["input_ids"]
+        if not ids:
+            raise ValueError("empty prompt: the text tokenizes to no tokens")
+        segment = -1 if policy == "causal" else 0
+        return Encoded(input_ids=list(ids), segment_ids=[segment] * len(ids), labels=[-100] * len(ids))
+    if isinstance(prompt, dict):
+        return encode_instruction(tokenizer, prompt, policy=policy, include_answer=False)
+    if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+        return encode_chat(tokenizer, prompt, policy=policy, add_generation_prompt=True)
+    raise ValueError(
+        "a prompt must be a string, a conversation (a non-empty list of {'role', 'content'} messages) "
+        f"or an instruction record (a dict); got {type(prompt).__name__}"
+    )
+
+
+def as_prompt_list(inputs: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    """``inputs`` as a list of prompts: one prompt (string, conversation, record) or a sequence of them."""
+    if isinstance(inputs, (str, dict)):
+        return [inputs]
+    if isinstance(inputs, list) and inputs and all(isinstance(m, dict) and "role" in m for m in inputs):
+        return [inputs]  # one conversation
+    if isinstance(inputs, (list, tuple)) and inputs:
+        return list(inputs)
+    raise ValueError("inputs must be a prompt or a non-empty list of prompts")
+
+
+def left_pad(encoded: Sequence[Encoded], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Batch prompts with left padding: ``input_ids``, ``segment_ids``, ``attention_mask``, each ``[B, L]``."""
+    from segmask.collate import Collator
+
+    batch = Collator(pad_token_id=pad_token_id, padding_side="left")(list(encoded))
+    return {key: batch[key] for key in ("input_ids", "segment_ids", "attention_mask")}
+
+
+# --------------------------------------------------------------------------------------------- prefill
+
+
+def position_ids(attention_mask: torch.Tensor | None, past: int, q_len: int, batch_size: int) -> torch.Tensor:
+    """Positions ``[B, Q]`` of the ``Q`` new tokens after ``past`` cached ones, as ``generate`` numbers them.
+
+    With a padding mask ``[B, past + Q]`` a position counts the real tokens before it (padding gets 0).
+    """
+    if attention_mask is None:
+        return torch.arange(past, past + q_len).unsqueeze(0).expand(batch_size, q_len)
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 0)[:, -q_len:]
+
+
+def new_cache(model: torch.nn.Module):
+    """An empty dynamic KV cache for ``model``."""
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+@torch.no_grad()
+def prefill(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    segment_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    cache=None,
+) -> tuple[torch.Tensor, Any]:
+    """Run prompt tokens through ``model`` under the MAS mask, appending their keys and values to ``cache``.
+
+    ``input_ids`` and ``segment_ids`` are ``[B, Q]`` (the new tokens; tokens already in ``cache`` count
+    as causal, so no segment may continue from the cache into them). ``attention_mask`` is ``[B, K]``
+    over cached and new tokens (1 real, 0 padding), or None without padding. Returns the logits
+    ``[B, Q, V]`` and the cache, now holding ``K`` tokens.
+    """
+    if input_ids.shape != segment_ids.shape:
+        raise ValueError(
+            f"input_ids {tuple(input_ids.shape)} and segment_ids {tuple(segment_ids.shape)} differ"
+        )
+    cache = new_cache(model) if cache is None else cache
+    batch_size, q_len = input_ids.shape
+    device = model.device
+    positions = position_ids(attention_mask, cache.get_seq_length(), q_len, batch_size)
+    outputs = model(
+        input_ids=input_ids.to(device),
+        segment_ids=segment_ids.to(device),
+        attention_mask=None if attention_mask is None else attention_mask.to(device),
+        position_ids=positions.to(device),
+        past_key_values=cache,
+        use_cache=True,
+    )
+    return outputs.logits, outputs.past_key_values
+
+
+def prefill_for_decoding(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    segment_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    cache=None,
+):
+    """Prefill a prompt so that ``generate`` continues it exactly: the cache gets all tokens but the last.
+
+    Shapes as in :func:`prefill`. If the last token is causal in every row, the earlier tokens are
+    prefilled alone; otherwise the whole prompt is prefilled and its last token dropped from the cache
+    (see the module docstring for why both are exact). Returns the cache.
+    """
+    cache = new_cache(model) if cache is None else cache
+    if bool((segment_ids[:, -1] < 0).all()):
+        if input_ids.shape[1] > 1:
+            mask = None if attention_mask is None else attention_mask[:, :-1]
+            _, cache = prefill(model, input_ids[:, :-1], segment_ids[:, :-1], mask, cache)
+        return cache
+    if hasattr(cache, "activate_past_recording"):
+        cache.activate_past_recording()  # lets sliding-window layers past their window be cropped back
+    _, cache = prefill(model, input_ids, segment_ids, attention_mask, cache)
+    cache.crop(-1)
+    return cache
+
+
+# --------------------------------------------------------------------------------------------- decode
+
+
+def expand_size(model: torch.nn.Module, generation_kwargs: dict) -> int:
+    """How many rows ``generate`` makes of each prompt: ``max(num_beams, num_return_sequences)``."""
+    config = generation_kwargs.get("generation_config") or model.generation_config
+    beams = generation_kwargs.get("num_beams", config.num_beams) or 1
+    returns = generation_kwargs.get("num_return_sequences", config.num_return_sequences) or 1
+    return max(int(beams), int(returns))
+
+
+@torch.no_grad()
+def decode(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache, **generation_kwargs
+):
+    """Continue a prefilled prompt causally with transformers' ``generate``.
+
+    ``input_ids`` and ``attention_mask`` are the whole prompt ``[B, L]`` (the 2-D padding mask, never the
+    MAS mask); ``cache`` holds its first ``L - 1`` tokens for ``B`` rows (see :func:`prefill_for_decoding`).
+    ``generate`` does not expand a cache it is given, so it is repeated here for beams and multiple
+    returned sequences. Returns what ``generate`` returns (sequences ``[B * R, L + N]`` by default).
+    """
+    if cache.get_seq_length() != input_ids.shape[1] - 1:
+        raise ValueError(
+            f"the cache holds {cache.get_seq_length()} tokens; decode needs all prompt tokens but the last "
+            f"({input_ids.shape[1] - 1})"
+        )
+    repeats = expand_size(model, generation_kwargs)
+    if repeats > 1:
+        cache.batch_repeat_interleave(repeats)
+    return model.generate(
+        input_ids=input_ids.to(model.device),
+        attention_mask=attention_mask.to(model.device),
+        past_key_values=cache,
+        **generation_kwargs,
+    )
+
+
+def generate_ids(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    segment_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    **generation_kwargs,
+):
+    """Prefill under the mask, then decode: the tensor-level core of :func:`generate`.
+
+    ``input_ids``, ``segment_ids`` and ``attention_mask`` are ``[B, L]``, left-padded. Returns what
+    ``generate`` returns: sequences ``[B * R, L + N]`` (prompt included) unless asked for a dict.
+    """
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if input_ids.ndim != 2 or input_ids.shape != segment_ids.shape or input_ids.shape != attention_mask.shape:
+        raise ValueError(
+            f"input_ids {tuple(input_ids.shape)}, segment_ids {tuple(segment_ids.shape)} and attention_mask "
+            f"{tuple(attention_mask.shape)} must all be [batch, seq_len]"
+        )
+    if bool((attention_mask[:, -1] == 0).any()):
+        raise ValueError("prompts must be left-padded for generation (a row ends in padding)")
+    cache = prefill_for_decoding(model, input_ids, segment_ids, attention_mask)
+    return decode(model, input_ids, attention_mask, cache, **generation_kwargs)
+
+
+def generate(
+    model: torch.nn.Module,
+    tokenizer,
+    inputs: Prompt | Sequence[Prompt],
+    policy: MaskPolicy = "mas",
+    **generation_kwargs,
+) -> list[Completion]:
+    """Generate for one prompt or a list of them with MAS prefill; returns one :class:`Completion` per row.
+
+    A prompt is a conversation (list of ``{"role", "content"}`` messages), an instruction record or a raw
+    string (see :func:`encode_prompt`). Prompts are batched with left padding. ``generation_kwargs`` go
+    to transformers' ``generate`` (``max_new_tokens``, ``do_sample``, ``num_beams``, ...); with
+    ``num_return_sequences=R`` the list holds ``R`` consecutive completions per prompt.
+    """
+    policy = check_policy(policy)
+    prompts = as_prompt_list(inputs)
+    pad_id = pad_token_id(tokenizer)
+    batch = left_pad([encode_prompt(tokenizer, p, policy) for p in prompts], pad_id)
+    generation_kwargs.setdefault("pad_token_id", pad_id)
+    output = generate_ids(
+        model, batch["input_ids"], batch["segment_ids"], batch["attention_mask"], **generation_kwargs
+    )
+    sequences = output if isinstance(output, torch.Tensor) else output.sequences
+    new_tokens = sequences[:, batch["input_ids"].shape[1] :]
+    stops = eos_token_ids(model, tokenizer)
+    return [completion(tokenizer, row.tolist(), stops) for row in new_tokens]
+
+
+def completion(tokenizer, token_ids: list[int], eos_ids: set[int]) -> Completion:
+    """Cut generated ids after the first EOS (dropping the padding ``generate`` adds) and decode them."""
+    for index, token in enumerate(token_ids):
+        if token in eos_ids:
+            token_ids = token_ids[: index + 1]
+            break
+    return Completion(text=tokenizer.decode(token_ids, skip_special_tokens=True), token_ids=token_ids)
+
+
+def pad_token_id(tokenizer) -> int:
+    """The tokenizer's padding id, else its EOS id (padding is masked, so any id does)."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def eos_token_ids(model: torch.nn.Module, tokenizer) -> set[int]:
+    """Every id that ends generation: the model's generation config and the tokenizer's EOS."""
+    eos = model.generation_config.eos_token_id
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids
+
+
+# --------------------------------------------------------------------------------------------- streaming
+
+
+def stream(
+    model: torch.nn.Module,
+    tokenizer,
+    prompt: Prompt,
+    policy: MaskPolicy = "mas",
+    **generation_kwargs,
+) -> Iterator[str]:
+    """Generate for one prompt, yielding text pieces as they are decoded."""
+    policy = check_policy(policy)
+    encoded = encode_prompt(tokenizer, prompt, policy)
+    input_ids = torch.tensor([encoded.input_ids])
+    segment_ids = torch.tensor([encoded.segment_ids])
+    generation_kwargs.setdefault("pad_token_id", pad_token_id(tokenizer))
+    yield from _streamed(
+        tokenizer,
+        lambda streamer: generate_ids(model, input_ids, segment_ids, streamer=streamer, **generation_kwargs),
+    )
+
+
+class StreamCancelled(Exception):
+    """Raised inside a generation thread whose stream the consumer stopped reading."""
+
+
+def _streamed(tokenizer, run, result: list | None = None) -> Iterator[str]:
+    """Run ``run(streamer)`` in a thread and yield the text it streams; its return value goes to ``result``.
+
+    If the consumer stops early (``close()``, an exception such as Ctrl-C), the generation is cancelled at
+    its next token and the thread joined, so nothing keeps running in the background.
+    """
+    from transformers import TextIteratorStreamer
+
+    class Streamer(TextIteratorStreamer):
+        cancelled = False
+
+        def put(self, value: torch.Tensor) -> None:
+            if self.cancelled:
+                raise StreamCancelled
+            super().put(value)
+
+    streamer = Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    failure: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            output = run(streamer)
+            if result is not None:
+                result.append(output)
+        except BaseException as error:  # re-raised in the caller's thread below
+            failure.append(error)
+            streamer.end()
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    try:
+        yield from streamer
+    finally:
+        streamer.cancelled = True
+        thread.join()
+    if failure:
+        raise failure[0]
+
+
+# --------------------------------------------------------------------------------------------- chat
+
+
+def reusable_prefix(
+    cached_ids: list[int], cached_segments: list[int], ids: list[int], segments: list[int]
+) -> int:
+    """How many leading cache entries stay exact when the cached sequence is replaced by ``ids``.
+
+    Entry ``i`` is exact if tokens and segment ids ``[0, i]`` agree and no bidirectional segment continues
+    across the cut, in the old or the new sequence (its cached tokens would have to see tokens beyond it).
+    """
+    length = 0
+    for old_id, old_segment, new_id, new_segment in zip(cached_ids, cached_segments, ids, segments):
+        if old_id != new_id or old_segment != new_segment:
+            break
+        length += 1
+    while length > 0:
+        later = {s for s in segments[length:] if s >= 0} | {s for s in cached_segments[length:] if s >= 0}
+        spanning = [i for i, s in enumerate(segments[:length]) if s in later]
+        if not spanning:
+            break
+        length = spanning[0]
+    return length
+
+
+@dataclass(frozen=True)
+class TurnStats:
+    """How a turn's prompt was prefilled: tokens reused from the cache and tokens computed anew."""
+
+    reused: int
+    prefilled: int
+
+
+class ChatSession:
+    """A conversation that keeps its KV cache across turns.
+
+        chat = ChatSession(model, tokenizer, policy="mas", system="You are terse.", max_new_tokens=64)
+        print(chat.send("Hi!"))
+        for piece in chat.stream("And then?"):
+            print(piece, end="")
+
+    Each turn renders the whole conversation with the chat template, reuses the cache for the longest
+    prefix that :func:`reusable_prefix` allows, and prefills only the rest (normally the new user turn),
+    so the result equals re-prefilling the whole conversation. Under ``prefix`` the whole prompt is one
+    segment, so every earlier token would have to see the new turn: the cache cannot be reused and each
+    turn re-prefills the conversation (exact, slower). ``policy``, ``system`` and the messages can be
+    changed between turns; the cache follows.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        policy: MaskPolicy = "mas",
+        system: str | None = None,
+        **generation_kwargs,
+    ) -> None:
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError("ChatSession needs a tokenizer with a chat template")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.policy: MaskPolicy = check_policy(policy)
+        self.system = system
+        generation_kwargs.setdefault("pad_token_id", pad_token_id(tokenizer))
+        if "max_new_tokens" not in generation_kwargs and "max_length" not in generation_kwargs:
+            generation_kwargs["max_new_tokens"] = DEFAULT_CHAT_TOKENS
+        self.generation_kwargs = generation_kwargs
+        self.turns: list[dict[str, str]] = []  # user and assistant messages, without the system message
+        self.last_turn: TurnStats | None = None
+        self._cache = None
+        self._cached_ids: list[int] = []
+        self._cached_segments: list[int] = []
+
+    @property
+    def messages(self) -> Conversation:
+        """The conversation so far, with the system message first if there is one."""
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return system + self.turns
+
+    @property
+    def cached_tokens(self) -> int:
+        """How many tokens the KV cache holds."""
+        return len(self._cached_ids)
+
+    def reset(self, system: str | None = None) -> None:
+        """Forget the conversation (and the cache); set a new system message if given, else keep it."""
+        self.turns = []
+        if system is not None:
+            self.system = system
+        self._drop_cache()
+
+    def set_policy(self, policy: MaskPolicy) -> None:
+        """Switch the mask policy; the next turn re-prefills what the new segmentation changes."""
+        self.policy = check_policy(policy)
+
+    def send(self, text: str) -> str:
+        """Add a user message and return the assistant's reply."""
+        input_ids, prompt_segments = self._prepare(text)
+        try:
+            output = decode(
+                self.model, input_ids, torch.ones_like(input_ids), self._cache, **self.generation_kwargs
+            )
+        except BaseException:
+            self._drop_cache()  # partly extended
+            raise
+        return self._finish(text, input_ids, prompt_segments, output)
+
+    def stream(self, text: str) -> Iterator[str]:
+        """Add a user message and yield the reply's text pieces as they are generated.
+
+        A reply not read to the end (the iterator closed, Ctrl-C) is cancelled and leaves no turn behind.
+        """
+        input_ids, prompt_segments = self._prepare(text)
+        result: list = []
+        mask = torch.ones_like(input_ids)
+        try:
+            yield from _streamed(
+                self.tokenizer,
+                lambda streamer: decode(
+                    self.model, input_ids, mask, self._cache, streamer=streamer, **self.generation_kwargs
+                ),
+                result,
+            )
+        finally:
+            if not result:
+                self._drop_cache()  # partly extended
+        self._finish(text, input_ids, prompt_segments, result[0])
+
+    def _prepare(self, text: str) -> tuple[torch.Tensor, list[int]]:
+        """Encode the conversation with the new user message and prefill what the cache lacks."""
+        encoded = encode_chat(
+            self.tokenizer,
+            self.messages + [{"role": "user", "content": text}],
+            policy=self.policy,
+            add_generation_prompt=True,
+        )
+        ids, segments = encoded.input_ids, encoded.segment_ids
+        # Keeping at most all tokens but the last is exact even inside the last token's segment: the cached
+        # entries were computed with it, and generate recomputes the last token itself.
+        reusable = min(reusable_prefix(self._cached_ids, self._cached_segments, ids, segments), len(ids) - 1)
+        reused = self._keep_cache(reusable)
+        try:
+            self._cache = prefill_for_decoding(
+                self.model, torch.tensor([ids[reused:]]), torch.tensor([segments[reused:]]), None, self._cache
+            )
+        except BaseException:
+            self._drop_cache()  # partly extended
+            raise
+        self.last_turn = TurnStats(reused=reused, prefilled=len(ids) - reused)
+        return torch.tensor([ids]), segments
+
+    def _keep_cache(self, length: int) -> int:
+        """Crop the cache to its first ``length`` tokens, or start afresh when it cannot be cropped (e.g. a
+        sliding-window layer past its window). Returns how many tokens it keeps."""
+        if self._cache is not None and length > 0:
+            try:
+                if length < self.cached_tokens:
+                    self._cache.crop(length - self.cached_tokens)
+                return length
+            except (RuntimeError, ValueError):
+                pass
+        self._cache = new_cache(self.model)
+        return 0
+
+    def _finish(self, text: str, input_ids: torch.Tensor, prompt_segments: list[int], output) -> str:
+        """Record the turn, and what the cache now holds (the prompt and all generated tokens but the last)."""
+        sequences = output if isinstance(output, torch.Tensor) else output.sequences
+        prompt_len = input_ids.shape[1]
+        reply = completion(
+            self.tokenizer, sequences[0, prompt_len:].tolist(), eos_token_ids(self.model, self.tokenizer)
+        )
+        self.turns += [{"role": "user", "content": text}, {"role": "assistant", "content": reply.text}]
+        cached = self._cache.get_seq_length()
+        if expand_size(self.model, self.generation_kwargs) > 1 or cached > sequences.shape[1]:
+            self._drop_cache()  # beams and multiple returns widen the cache: start afresh next turn
+        else:
+            self._cached_ids = sequences[0, :cached].tolist()
+            self._cached_segments = (prompt_segments + [-1] * cached)[:cached]
+        return reply.text
+
+    def _drop_cache(self) -> None:
+        self._cache = None
+        self._cached_ids, self._cached_segments = [], []

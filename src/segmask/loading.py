@@ -1,0 +1,239 @@
+"""Load a model for MAS inference, in one place for every command::
+
+    model, tokenizer, policy = segmask.load_model("runs/mas-lora")   # policy: the one it was trained with
+
+``path`` is one of
+
+- a transformers folder (``config.json`` + safetensors weights);
+- a ``.gguf`` file, converted once to a safetensors folder in the user cache (``$SEGMASK_CACHE``, else
+  ``$XDG_CACHE_HOME/segmask`` or ``~/.cache/segmask``), so later loads take a fraction of a second;
+- a segmask fine-tuned output folder holding ``segmask.json``
+  (``{"policy": ..., "base_model": ..., "template": ..., "adapter": true|false}``): a LoRA adapter over
+  ``base_model`` (merged on load) or a full model. Its saved policy becomes the default; overriding it warns,
+  because evaluating with a mask other than the one a model was trained with hurts.
+
+Only local files are read (never a hub), only safetensors weights, never remote code. The returned model
+is in eval mode with :func:`segmask.enable` applied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from segmask.masks import MaskPolicy, check_policy
+
+RUN_FILE = "segmask.json"
+CACHE_ENV = "SEGMASK_CACHE"
+DEFAULT_POLICY: MaskPolicy = "mas"
+# bump when the conversion output changes, so stale cache entries are not reused
+_GGUF_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """The ``segmask.json`` a fine-tuning run writes next to its weights."""
+
+    policy: MaskPolicy
+    base_model: str
+    adapter: bool
+    template: str | None = None
+
+    def __post_init__(self) -> None:
+        check_policy(self.policy)
+        if not isinstance(self.base_model, str) or not self.base_model:
+            raise ValueError(f"{RUN_FILE}: 'base_model' must be a non-empty path, got {self.base_model!r}")
+        if not isinstance(self.adapter, bool):
+            raise ValueError(f"{RUN_FILE}: 'adapter' must be true or false, got {self.adapter!r}")
+
+
+def read_run_info(folder: str | Path) -> RunInfo | None:
+    """The run description of a fine-tuned output folder, or None if ``folder`` has no ``segmask.json``."""
+    file = Path(folder) / RUN_FILE
+    if not file.is_file():
+        return None
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{file} is not valid JSON: {error}") from error
+    missing = [key for key in ("policy", "base_model") if key not in data]
+    if missing:
+        raise ValueError(f"{file} lacks {', '.join(missing)}")
+    return RunInfo(
+        policy=data["policy"],
+        base_model=data["base_model"],
+        adapter=data.get("adapter", False),
+        template=data.get("template"),
+    )
+
+
+def resolve_policy(saved: str | None, requested: str | None) -> MaskPolicy:
+    """The policy to run with: ``requested`` if given, else ``saved``, else ``"mas"``; warn on an override."""
+    if requested is not None:
+        check_policy(requested)
+        if saved is not None and requested != saved:
+            warnings.warn(
+                f"this model was trained with mask policy {saved!r}; running it with {requested!r} instead. "
+                f"Evaluating with a mask other than the one trained with hurts accuracy.",
+                UserWarning,
+                stacklevel=3,
+            )
+        return requested  # type: ignore[return-value]
+    return check_policy(saved) if saved is not None else DEFAULT_POLICY
+
+
+def cache_dir() -> Path:
+    """The user cache folder for converted models."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "segmask"
+
+
+def gguf_to_safetensors(gguf_file: str | Path, cache: str | Path | None = None) -> Path:
+    """Convert a GGUF file (weights dequantized, tokenizer included) to a safetensors folder, once.
+
+    The folder is keyed by the file's resolved path, size and modification time, and written atomically
+    (to a temporary folder, then renamed), so an interrupted or concurrent conversion never leaves a
+    half-written model behind. Returns the folder.
+    """
+    gguf_file = Path(gguf_file).resolve()
+    stat = gguf_file.stat()
+    key = f"{_GGUF_FORMAT}:{gguf_file}:{stat.st_size}:{stat.st_mtime_ns}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    root = Path(cache) if cache is not None else cache_dir()
+    target = root / "gguf" / f"{gguf_file.stem}-{digest}"
+    if (target / "config.json").is_file():
+        return target
+    root.joinpath("gguf").mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        _convert_gguf(gguf_file, staging)
+        staging.chmod(0o755)  # mkdtemp makes it private; the cache entry is an ordinary folder
+        try:
+            os.replace(staging, target)
+        except OSError:
+            if not (target / "config.json").is_file():  # not a concurrent conversion that won the race
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _convert_gguf(gguf_file: Path, out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    folder, name = gguf_file.parent, gguf_file.name
+    tokenizer = AutoTokenizer.from_pretrained(
+        folder, gguf_file=name, trust_remote_code=False, local_files_only=True
+    )
+    # dequantize explicitly: a model whose weights stay in GGUF blocks cannot be saved as safetensors
+    model = AutoModelForCausalLM.from_pretrained(
+        folder,
+        gguf_file=name,
+        dtype=torch.float32,
+        quantization_config=GgufConfig(dequantize=True),
+        trust_remote_code=False,
+        local_files_only=True,
+    )
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def load_model(
+    path: str | Path,
+    policy: MaskPolicy | None = None,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str | None = None,
+    device: str | torch.device | None = None,
+) -> tuple[torch.nn.Module, object, MaskPolicy]:
+    """Load ``(model, tokenizer, policy)`` from a transformers folder, a ``.gguf`` file or a segmask run folder.
+
+    ``policy`` defaults to the one saved in the run folder (else ``"mas"``); a different one warns.
+    ``attn_implementation`` is passed to transformers (default: its own choice, ``sdpa`` on most models;
+    ``"segmask"``: the exact fast kernel of :mod:`segmask.fast_attention`).
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"no model at {path}: expected a transformers folder (config.json), a .gguf file, "
+            f"or a segmask output folder ({RUN_FILE})"
+        )
+    if path.is_file() and path.suffix != ".gguf":
+        raise ValueError(f"{path} is a file but not a .gguf model; pass a model folder or a .gguf file")
+    run = read_run_info(path) if path.is_dir() else None
+    policy = resolve_policy(run.policy if run else None, policy)
+    if attn_implementation == "segmask":
+        from segmask.fast_attention import register
+
+        register()  # the exact fast kernel, as a transformers attention implementation
+    options = {"dtype": dtype, "attn_implementation": attn_implementation}
+    if run is not None and run.adapter:
+        model = _load_adapter(path, _base_path(path, run.base_model), options)
+        tokenizer = _load_tokenizer(
+            path if (path / "tokenizer_config.json").is_file() else _folder_of(path, run)
+        )
+    else:
+        folder = gguf_to_safetensors(path) if path.is_file() else path
+        model = _load_transformers(folder, options)
+        tokenizer = _load_tokenizer(folder)
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    from segmask.attention import enable
+
+    return enable(model), tokenizer, policy
+
+
+def _base_path(run_folder: Path, base_model: str) -> Path:
+    """``base_model`` as written in ``segmask.json``: absolute, relative to the run folder, or to the cwd."""
+    for candidate in (Path(base_model).expanduser(), run_folder / base_model):
+        if candidate.exists():
+            return candidate
+    raise FileNotFoundError(
+        f"{run_folder / RUN_FILE} names base_model {base_model!r}, which is not a local path "
+        f"(segmask never downloads weights)"
+    )
+
+
+def _folder_of(run_folder: Path, run: RunInfo) -> Path:
+    base = _base_path(run_folder, run.base_model)
+    return gguf_to_safetensors(base) if base.is_file() else base
+
+
+def _load_transformers(folder: Path, options: dict) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} has no config.json: not a transformers model folder")
+    if not any(folder.glob("*.safetensors")):
+        raise ValueError(
+            f"{folder} has no .safetensors weights; segmask only loads safetensors (no pickled .bin)"
+        )
+    return AutoModelForCausalLM.from_pretrained(
+        folder, use_safetensors=True, trust_remote_code=False, local_files_only=True, **options
+    )
+
+
+def _load_adapter(run_folder: Path, base: Path, options: dict) -> torch.nn.Module:
+    from peft import PeftModel
+
+    if not (run_folder / "adapter_model.safetensors").is_file():
+        raise ValueError(f"{run_folder} is marked as an adapter but has no adapter_model.safetensors")
+    base_model = _load_transformers(gguf_to_safetensors(base) if base.is_file() else base, options)
+    model = PeftModel.from_pretrained(base_model, run_folder, is_trainable=False, local_files_only=True)
+    return model.merge_and_unload()
+
+
+def _load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder, trust_remote_code=False, local_files_only=True)

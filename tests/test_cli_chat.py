@@ -1,0 +1,110 @@
+"""`segmask chat`: driven through a pseudo-terminal end to end (streamed replies equal the library's, the
+policy shows in the prompt line, /mask /system /reset /quit work), plus the command loop in-process."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from segmask.cli.chat import loop
+from segmask.generation import ChatSession
+from segmask.loading import load_model
+
+TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def stories_chat(stories_path, tmp_path_factory) -> Path:
+    """stories260K with a chat template added: a real model that `segmask chat` can converse with."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("stories_chat")
+    shutil.copytree(stories_path, folder, dirs_exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(stories_path)
+    tokenizer.chat_template = TEMPLATE
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_chat_through_a_pseudo_terminal(stories_chat):
+    pexpect = pytest.importorskip("pexpect")
+    model, tokenizer, _ = load_model(stories_chat)
+    expected = ChatSession(model, tokenizer, policy="mas", system="Tell stories.", max_new_tokens=8)
+    first, second = expected.send("A cat?"), expected.send("And then?")
+
+    argv = [
+        "-m",
+        "segmask",
+        "chat",
+        "--model",
+        str(stories_chat),
+        "--system",
+        "Tell stories.",
+        "--max-new-tokens",
+        "8",
+    ]
+    child = pexpect.spawn(sys.executable, argv, encoding="utf-8", timeout=120, echo=False)
+    try:
+        child.expect_exact("[mas] you> ")
+        for user, reply in (("A cat?", first), ("And then?", second)):
+            child.sendline(user)
+            child.expect_exact("assistant> ")
+            child.expect_exact("\r\n[mas] you> ")
+            assert child.before == reply.replace("\n", "\r\n")  # the terminal turns \n into \r\n
+        child.sendline("/mask causal")
+        child.expect_exact("(mask policy: causal)")
+        child.expect_exact("[causal] you> ")
+        child.sendline("/system Be brief.")
+        child.expect_exact("(system message: 'Be brief.')")
+        child.sendline("/reset")
+        child.expect_exact("(conversation cleared)")
+        child.expect_exact("[causal] you> ")
+        child.sendline("/quit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+
+
+def test_loop_commands_and_turns_in_process(stories_chat):
+    model, tokenizer, _ = load_model(stories_chat)
+    session = ChatSession(model, tokenizer, policy="mas", max_new_tokens=5)
+    reference = ChatSession(model, tokenizer, policy="prefix", system="Be kind.", max_new_tokens=5)
+    stdin = io.StringIO("\n/mask prefix\n/mask nonsense\n/system Be kind.\nHello\n/system\n/reset\n")
+    stdout = io.StringIO()
+    assert loop(session, stdin, stdout) == 0  # end of input leaves
+    out = stdout.getvalue()
+    assert out.startswith("[mas] you> [mas] you> (mask policy: prefix; the whole prompt is one segment")
+    assert "re-prefills the conversation)\n[prefix] you> " in out
+    assert "commands: /system TEXT, /reset, /mask {causal,mas,prefix}, /quit" in out
+    assert f"assistant> {reference.send('Hello')}\n" in out
+    assert "(system message removed)" in out and "(conversation cleared)" in out
+    assert session.policy == "prefix" and session.system is None and session.messages == []
+    assert loop(session, io.StringIO("/quit\nHello\n"), io.StringIO()) == 0 and session.messages == []
+
+
+def test_ctrl_c_drops_the_reply_or_leaves():
+    class Interrupted:
+        policy = "mas"
+
+        def stream(self, text):
+            yield "Once"
+            raise KeyboardInterrupt
+
+    class CtrlC(io.StringIO):
+        def readline(self, *args):
+            line = super().readline(*args)
+            if not line:
+                raise KeyboardInterrupt
+            return line
+
+    stdout = io.StringIO()
+    assert loop(Interrupted(), CtrlC("Hello\n"), stdout) == 0
+    assert stdout.getvalue() == "[mas] you> assistant> Once (interrupted; turn dropped)\n[mas] you> \n"

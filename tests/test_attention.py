@@ -32,7 +32,7 @@ FAMILIES = {
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=128
     ),
 }
-BACKENDS = ("eager", "sdpa", "flex_attention")
+BACKENDS = ("eager", "sdpa", "segmask", "flex_attention")  # segmask: the fast path enable() picks on sdpa
 NO_FLEX = {"gpt2": "transformers has no flex_attention path for GPT-2"}
 
 # a system segment, a user segment, then causal tokens; second row left-padded with a different layout
@@ -49,8 +49,11 @@ def tiny_model(family: str, backend: str) -> torch.nn.Module:
     if backend == "flex_attention" and family in NO_FLEX:
         pytest.skip(NO_FLEX[family])
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(FAMILIES[family](), attn_implementation=backend)
-    return segmask.enable(model.eval())
+    load_as = "sdpa" if backend == "segmask" else backend
+    model = AutoModelForCausalLM.from_config(FAMILIES[family](), attn_implementation=load_as)
+    model = segmask.enable(model.eval(), fast=backend == "segmask")
+    assert model.config._attn_implementation == backend
+    return model
 
 
 @pytest.fixture(autouse=True)

@@ -48,14 +48,24 @@ class LayerMask:
     window: int | None
 
 
-def enable(model: nn.Module) -> nn.Module:
+def enable(model: nn.Module, fast: bool = True) -> nn.Module:
     """Make ``model`` accept ``segment_ids`` / ``document_ids`` in its forward. Idempotent; returns ``model``.
 
     ``segment_ids``: LongTensor ``[B, Q]`` for the current input tokens (tokens already in the KV cache are
     then causal, which is exact since no segment continues across calls) or ``[B, K]`` covering cached and
     current tokens. ``document_ids``: same shapes, for packed rows.
+
+    With ``fast`` (the default), a model on ``sdpa`` moves to the ``segmask`` implementation: the same SDPA
+    kernels, but MAS calls run segment-blocked with no L x L mask (exact; see :mod:`segmask.fast_attention`).
+    Calls without segment ids are plain SDPA there.
     """
     decoder = _decoder(model)
+    if fast and (decoder.config._attn_implementation or "eager") == "sdpa":
+        from segmask.fast_attention import IMPLEMENTATION, register
+
+        register()
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base.set_attn_implementation(IMPLEMENTATION)
     if getattr(decoder, _HANDLE, None) is None:
         handle = decoder.register_forward_pre_hook(_pre_hook, with_kwargs=True)
         setattr(decoder, _HANDLE, handle)
@@ -135,11 +145,13 @@ def _pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict
     document_ids = kwargs.pop("document_ids", None)
     if segment_ids is None and document_ids is None:
         return (), kwargs
-    kwargs["attention_mask"] = prepare_mask(module, kwargs, segment_ids, document_ids)
-    if isinstance(kwargs["attention_mask"], _FastMask):
-        fast = kwargs.pop("attention_mask")
-        kwargs["attention_mask"] = fast.placeholder
-        kwargs["segmask_layout"] = fast.layout
+    mask = prepare_mask(module, kwargs, segment_ids, document_ids)
+    if isinstance(mask, _FastMask):
+        mask, kwargs["segmask_layout"] = mask.placeholder, mask.layout
+    elif isinstance(mask, dict) and any(isinstance(value, _FastMask) for value in mask.values()):
+        kwargs["segmask_layout"] = next(iter(mask.values())).layout
+        mask = {layer_type: value.placeholder for layer_type, value in mask.items()}
+    kwargs["attention_mask"] = mask
     return (), kwargs
 
 

@@ -349,7 +349,12 @@ def _cached_plan(
 ) -> tuple[RowGroup, ...] | None:
     """:func:`plan_layout`, remembered for the last ids seen: every layer of a forward call shares them."""
     tensors = (segment_ids, attention_mask, document_ids)
-    key = (tuple(None if t is None else t._version for t in tensors), q_len, PIECE)
+    # inference tensors have no version counter (and cannot change outside inference mode)
+    key = (
+        tuple(None if t is None else (-1 if t.is_inference() else t._version) for t in tensors),
+        q_len,
+        PIECE,
+    )
     hit = _last_plan.get("entry")
     if hit is not None and hit[1] == key and all(a is b for a, b in zip(hit[0], tensors)):
         return hit[2]
@@ -715,7 +720,18 @@ def mas_attention(
         )  # grouped-query attention: each key/value head serves `repeats` query heads
     scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
     size = _block_rows(key.shape[2], PIECE)
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))):
+        # no graph to record (inference mode, no_grad, frozen inputs): run the forward without autograd,
+        # which also keeps inference tensors out of save_for_backward
+        return _PlannedAttention.forward(_NoGraph(), query, key, value, groups, scale, size)
     return _PlannedAttention.apply(query, key, value, groups, scale, size)
+
+
+class _NoGraph:
+    """A stand-in autograd context for forward-only calls: saves nothing."""
+
+    def save_for_backward(self, *tensors: torch.Tensor) -> None:
+        pass
 
 
 def segmask_attention_forward(

@@ -1,0 +1,240 @@
+"""One attention call under MAS: what does it cost next to causal attention?
+
+    python benchmarks/attention.py --quick                       # 512-2048 tokens, a few minutes on 2 cores
+    python benchmarks/attention.py --json benchmarks/attention.json
+
+For each sequence length and segment layout, forward ("fwd") and forward + backward ("fwd+bwd") of
+    causal-sdpa   scaled_dot_product_attention(is_causal=True): the floor MAS is compared to
+    mas-dense     SDPA with the dense [B, 1, L, L] MAS mask (segmask.masks.sdpa_mask)
+    mas-fast      segmask.fast_attention.mas_attention (no L x L mask)
+    mas-flex      FlexAttention with segmask.masks.block_mask (compiled; forward only where backward fails)
+Times are medians over repeats in which the implementations take turns, so that load from other
+processes hits all of them alike: wall-clock ``ms`` and the process's CPU time ``cpu_ms`` (steadier when
+other processes share the cores); ``ratio_to_causal`` divides by causal-sdpa of the same run. Peak memory
+is that of tensors during one step: q, k, v and the mask plus the largest total of tensors allocated and
+not yet freed (torch profiler memory events: outputs, temporaries, saved tensors, gradients). Masks (and
+the fast path's plan, on its first call) are built once per layout and length, outside the timed steps,
+as a model builds them once per forward for all its layers. ``pair_ratio`` is the number of allowed query-key pairs over causal's, so
+``ratio_to_causal / pair_ratio`` is the cost per pair of work relative to causal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import flex_attention
+from torch.profiler import ProfilerActivity, profile
+
+from segmask import masks
+from segmask.fast_attention import mas_attention
+
+IMPLS = ("causal-sdpa", "mas-dense", "mas-fast", "mas-flex")
+LAYOUTS = ("prompt", "chat")
+
+
+def prompt_layout(seq_len: int) -> torch.Tensor:
+    """10% system segment, 60% user segment, 30% causal answer: ``[1, L]`` segment ids."""
+    system, user = seq_len // 10, seq_len * 6 // 10
+    ids = torch.full((1, seq_len), -1, dtype=torch.long)
+    ids[0, :system] = 0
+    ids[0, system : system + user] = 1
+    return ids
+
+
+def chat_layout(seq_len: int, seed: int = 0) -> torch.Tensor:
+    """A multi-turn chat: a short system segment, then user segments and causal answers of 16-128 tokens."""
+    rng = random.Random(seed)
+    ids = torch.full((1, seq_len), -1, dtype=torch.long)
+    position, segment = min(32, seq_len), 1
+    ids[0, :position] = 0
+    while position < seq_len:
+        user, answer = rng.randint(16, 128), rng.randint(16, 128)
+        ids[0, position : position + user] = segment
+        position += user + answer
+        segment += 1
+    return ids
+
+
+def pair_ratio(segment_ids: torch.Tensor) -> float:
+    """Allowed query-key pairs under MAS over those of causal attention."""
+    seq_len = segment_ids.shape[-1]
+    return float(masks.dense_mask(segment_ids).sum()) / (seq_len * (seq_len + 1) / 2)
+
+
+def implementations(segment_ids: torch.Tensor) -> dict[str, tuple[Callable, int]]:
+    """Each implementation as ``(f(q, k, v) -> out, bytes of its mask)``.
+
+    Masks are built once here, as a model builds them once per forward for all its layers (the fast path's
+    plan likewise, on its first call); their memory counts towards each step's peak.
+    """
+    dense_mask = masks.sdpa_mask(segment_ids)
+    flex_mask = masks.block_mask(segment_ids)
+    flex_bytes = sum(
+        t.numel() * t.element_size() for t in flex_mask.as_tuple() if isinstance(t, torch.Tensor)
+    )
+    compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return {
+        "causal-sdpa": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), 0),
+        "mas-dense": (
+            lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask),
+            dense_mask.numel() * dense_mask.element_size(),
+        ),
+        "mas-fast": (lambda q, k, v: mas_attention(q, k, v, segment_ids), 0),
+        "mas-flex": (lambda q, k, v: compiled_flex(q, k, v, block_mask=flex_mask), flex_bytes),
+    }
+
+
+def step(fn: Callable, inputs: tuple[torch.Tensor, ...], backward: bool) -> None:
+    if not backward:
+        with torch.no_grad():
+            fn(*inputs)
+        return
+    out = fn(*inputs)
+    out.backward(torch.ones_like(out))
+    for t in inputs:
+        t.grad = None
+
+
+def peak_mib(fn: Callable, inputs: tuple[torch.Tensor, ...], backward: bool, mask_bytes: int) -> float:
+    """Peak tensor memory of one step: inputs and mask plus the largest total of tensors allocated and not
+    yet freed during the step (outputs, temporaries, saved tensors, gradients), from profiler memory events."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step(fn, inputs, backward)
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return (peak + mask_bytes + sum(t.numel() * t.element_size() for t in inputs)) / 2**20
+
+
+def measure(args: argparse.Namespace, layout: str, seq_len: int, backward: bool) -> list[dict]:
+    segment_ids = prompt_layout(seq_len) if layout == "prompt" else chat_layout(seq_len)
+    ratio = pair_ratio(segment_ids)
+    torch.manual_seed(0)
+    shape = (args.batch, args.heads, seq_len, args.head_dim)
+    inputs = tuple(torch.randn(shape, dtype=args.dtype, requires_grad=backward) for _ in range(3))
+    built = {name: impl for name, impl in implementations(segment_ids).items() if name in args.impls}
+    fns = {name: fn for name, (fn, _) in built.items()}
+    # warm up (compiles flex) and drop what cannot run
+    for name in list(fns):
+        try:
+            step(fns[name], inputs, backward)
+        except Exception as error:  # noqa: BLE001 - report and skip, e.g. flex backward on CPU
+            print(
+                f"  {name} {layout} L={seq_len} {'fwd+bwd' if backward else 'fwd'}: skipped ({type(error).__name__})"
+            )
+            del fns[name]
+    wall: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(args.repeats):
+        for name, fn in fns.items():
+            start, start_cpu = time.perf_counter(), time.process_time()
+            step(fn, inputs, backward)
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+    medians = {name: statistics.median(ts) * 1000 for name, ts in wall.items()}
+    cpu_medians = {name: statistics.median(ts) * 1000 for name, ts in cpu.items()}
+    records = []
+    for name in fns:
+        records.append(
+            {
+                "impl": name,
+                "layout": layout,
+                "seq_len": seq_len,
+                "pass": "fwd+bwd" if backward else "fwd",
+                "ms": round(medians[name], 3),
+                "cpu_ms": round(cpu_medians[name], 3),
+                "peak_mib": round(peak_mib(fns[name], inputs, backward, built[name][1]), 2),
+                "ratio_to_causal": round(medians[name] / medians["causal-sdpa"], 3)
+                if "causal-sdpa" in medians
+                else None,
+                "cpu_ratio_to_causal": (
+                    round(cpu_medians[name] / cpu_medians["causal-sdpa"], 3)
+                    if "causal-sdpa" in cpu_medians
+                    else None
+                ),
+                "pair_ratio": round(ratio, 4),
+            }
+        )
+    for r in records:  # progress
+        print(f"  {layout} L={seq_len} {r['pass']:7} {r['impl']:12} {r['ms']:9.1f} ms", flush=True)
+    return records
+
+
+def machine() -> str:
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}"
+    )
+
+
+def print_table(records: list[dict]) -> None:
+    header = (
+        f"{'layout':7} {'L':>5} {'pass':8} {'impl':12} {'ms':>9} {'x causal':>9} {'pairs':>6} {'/pairs':>7} "
+        f"{'cpu ms':>9} {'x causal':>9} {'peak MiB':>9}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in records:
+        ratio, cpu_ratio = r["ratio_to_causal"], r["cpu_ratio_to_causal"]
+        per_pair = "" if ratio is None else f"{ratio / r['pair_ratio']:.2f}"
+        print(
+            f"{r['layout']:7} {r['seq_len']:>5} {r['pass']:8} {r['impl']:12} {r['ms']:>9.1f} "
+            f"{'' if ratio is None else f'{ratio:.2f}':>9} {r['pair_ratio']:>6.2f} {per_pair:>7} "
+            f"{r['cpu_ms']:>9.1f} {'' if cpu_ratio is None else f'{cpu_ratio:.2f}':>9} {r['peak_mib']:>9.1f}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
+    parser.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS))
+    parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
+    parser.add_argument("--passes", nargs="+", choices=("fwd", "fwd+bwd"), default=["fwd", "fwd+bwd"])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--quick", action="store_true", help="512-2048 tokens, 5 repeats")
+    parser.add_argument("--json", metavar="FILE", help="write the records as a JSON list")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.lengths, args.repeats = [512, 1024, 2048], 5
+    args.dtype = getattr(torch, args.dtype)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    torch._dynamo.config.cache_size_limit = 64
+
+    print(machine())
+    print(
+        f"batch {args.batch}, {args.heads} heads, head dim {args.head_dim}, {args.dtype}, "
+        f"median of {args.repeats} interleaved repeats"
+    )
+    records = []
+    for layout in args.layouts:
+        for seq_len in args.lengths:
+            for backward in (p == "fwd+bwd" for p in args.passes):
+                records.extend(measure(args, layout, seq_len, backward))
+    print_table(records)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

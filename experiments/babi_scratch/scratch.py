@@ -1,0 +1,157 @@
+"""Building blocks of the from-scratch bAbI experiment (see run.py): a word-level tokenizer with a chat
+template, a randomly initialised Llama, and chat-format scoring that writes segmask results files.
+
+The tokenizer splits on whitespace and punctuation and knows every word of the bAbI files it was built
+from; its chat template puts each turn between a role token and ``<|end|>``::
+
+    <|user|> Mary moved to the bathroom . John went to the hallway . <|end|>      story     segment 0 (mas)
+    <|user|> Where is Mary ? <|end|>                                                question  segment 1 (mas)
+    <|assistant|> bathroom <|end|>                                                  answer    causal, labelled
+
+Under ``prefix`` the story and the question are one segment; under ``causal`` everything is causal.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from segmask.evaluation import Prediction, continuation_logprobs, score_predictions, write_results
+from segmask.reading_task import Story, to_messages
+from segmask.segments import Encoded, encode_chat
+
+SPECIAL = ("[PAD]", "[UNK]", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>")
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|> ' + message['content'] + ' <|end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|> ' }}{% endif %}"
+)
+
+
+def build_tokenizer(texts: Sequence[str]):
+    """A word-level ``PreTrainedTokenizerFast`` over the words and punctuation of ``texts``, with the chat
+    template above (``<|end|>`` is EOS, ``[PAD]`` padding)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    pre = pre_tokenizers.Whitespace()
+    words = sorted({word for text in texts for word, _ in pre.pre_tokenize_str(text)})
+    vocab = {token: index for index, token in enumerate([*SPECIAL, *words])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre
+    backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        eos_token="<|end|>",
+        additional_special_tokens=["<|system|>", "<|user|>", "<|assistant|>"],
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """A small Llama: ``hidden`` width, ``layers``, ``heads``; the MLP is 4x wide."""
+
+    hidden: int = 128
+    layers: int = 4
+    heads: int = 4
+    max_positions: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden {self.hidden} is not divisible by heads {self.heads}")
+
+
+def init_model(tokenizer, size: ModelSize, seed: int, out: Path) -> Path:
+    """Save a randomly initialised ``LlamaForCausalLM`` (seeded) and ``tokenizer`` to ``out``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=size.hidden,
+        intermediate_size=4 * size.hidden,
+        num_hidden_layers=size.layers,
+        num_attention_heads=size.heads,
+        num_key_value_heads=size.heads,
+        max_position_embeddings=size.max_positions,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def parameter_count(folder: Path) -> int:
+    from transformers import AutoModelForCausalLM
+
+    return sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(folder).parameters())
+
+
+# ---- scoring chat records --------------------------------------------------------------------------
+
+
+def prompt_and_continuations(tokenizer, story: Story, policy: str) -> tuple[Encoded, list[list[int]]]:
+    """The question prompt (story and question, then the assistant header) and each choice's answer tokens,
+    exactly as training encodes them."""
+    prompt = encode_chat(
+        tokenizer, to_messages(story, include_answer=False), policy=policy, add_generation_prompt=True
+    )
+    continuations = []
+    for choice in story.choices:
+        full = encode_chat(
+            tokenizer, to_messages(Story(story.sentences, story.question, choice, story.choices)), policy
+        )
+        cut = len(prompt.input_ids)
+        if full.input_ids[:cut] != prompt.input_ids or any(s != -1 for s in full.segment_ids[cut:]):
+            raise ValueError("the prompt is not a prefix of prompt + answer, or the answer is not causal")
+        continuations.append(full.input_ids[cut:])
+    return prompt, continuations
+
+
+def score_stories(model, tokenizer, task: str, stories: Sequence[Story], policy: str) -> list[Prediction]:
+    """Predict each story's answer as the choice with the highest log-probability after a MAS prefill."""
+    predictions = []
+    for index, story in enumerate(stories):
+        prompt, continuations = prompt_and_continuations(tokenizer, story, policy)
+        scores = continuation_logprobs(model, prompt.input_ids, prompt.segment_ids, continuations)
+        by_choice = {choice: score.logprob for choice, score in zip(story.choices, scores)}
+        best = max(by_choice, key=by_choice.__getitem__)
+        predictions.append(Prediction(task, index, "", best, best, story.answer, by_choice))
+    return predictions
+
+
+def evaluate_stories(
+    model, tokenizer, tasks: dict[str, Sequence[Story]], policy: str, out: Path, model_name: str
+) -> dict:
+    """Score every task and write a results JSON (+ predictions JSONL) that ``segmask compare`` reads."""
+    from dataclasses import asdict
+
+    from segmask.evaluation import average_accuracy, git_commit
+
+    predictions = [
+        p for name, stories in tasks.items() for p in score_stories(model, tokenizer, name, stories, policy)
+    ]
+    scores = score_predictions(predictions)
+    results = {
+        "model": model_name,
+        "policy": policy,
+        "scoring": "loglik",
+        "limit": None,
+        "commit": git_commit(),
+        "tasks": {name: asdict(score) for name, score in scores.items()},
+        "average": average_accuracy(scores),
+    }
+    write_results(results, predictions, out)
+    return json.loads(out.read_text())

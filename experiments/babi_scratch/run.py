@@ -60,6 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=float, default=10.0)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
+    parser.add_argument("--lr-scheduler", default="cosine", help="a transformers scheduler name")
     parser.add_argument("--warmup-steps", type=int, default=100)
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--cutoff-len", type=int, default=256)
@@ -89,7 +90,7 @@ def train_run(
         batch_size=args.batch_size,
         gradient_accumulation_steps=1,
         learning_rate=args.learning_rate,
-        lr_scheduler="cosine",
+        lr_scheduler=args.lr_scheduler,
         warmup_steps=args.warmup_steps,
         weight_decay=args.weight_decay,
         lora_r=0,

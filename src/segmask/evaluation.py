@@ -25,7 +25,7 @@ import json
 import math
 import re
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -347,13 +347,31 @@ def answer_continuation(tokenizer, record: dict, label: str, policy: str, prompt
 
 
 def loglik_predictions(
-    model: nn.Module, tokenizer, task: Task, policy: str, progress: bool = True
+    model: nn.Module,
+    tokenizer,
+    task: Task,
+    policy: str,
+    progress: bool = True,
+    done: Mapping[int, Prediction] | None = None,
+    on_prediction: Callable[[Prediction], None] | None = None,
 ) -> list[Prediction]:
-    """Predict each record of ``task`` by the highest-scoring candidate answer (see the module docstring)."""
+    """Predict each record of ``task`` by the highest-scoring candidate answer (see the module docstring).
+
+    Records whose index is in ``done`` keep that prediction (a resumed run); ``on_prediction`` sees each new
+    one as soon as it is made.
+    """
+    done = done or {}
     predictions = []
     for index, (record, labels) in enumerate(
-        tqdm(list(zip(task.records, task.candidates)), desc=f"{task.name} (loglik)", disable=not progress)
+        tqdm(
+            list(zip(task.records, task.candidates)),
+            desc=f"{task.name} (loglik)",
+            disable=not progress,
+        )
     ):
+        if index in done:
+            predictions.append(done[index])
+            continue
         prompt = encode_instruction(tokenizer, record, policy=policy, include_answer=False)
         continuations = [answer_continuation(tokenizer, record, label, policy, prompt) for label in labels]
         scores = continuation_logprobs(model, prompt.input_ids, prompt.segment_ids, continuations)
@@ -370,6 +388,8 @@ def loglik_predictions(
                 scores=by_label,
             )
         )
+        if on_prediction is not None:
+            on_prediction(predictions[-1])
     return predictions
 
 
@@ -385,12 +405,23 @@ def generate_predictions(
     max_new_tokens: int = 32,
     batch_size: int = 8,
     progress: bool = True,
+    done: Mapping[int, Prediction] | None = None,
+    on_prediction: Callable[[Prediction], None] | None = None,
 ) -> list[Prediction]:
-    """The paper's protocol: MAS prefill, beam search, the first label found in the generated text."""
-    predictions = []
-    bar = tqdm(total=len(task.records), desc=f"{task.name} (generate)", disable=not progress)
-    for start in range(0, len(task.records), batch_size):
-        records = list(task.records[start : start + batch_size])
+    """The paper's protocol: MAS prefill, beam search, the first label found in the generated text.
+
+    ``done`` and ``on_prediction`` as in :func:`loglik_predictions`.
+    """
+    done = done or {}
+    by_index = dict(done)
+    todo = [index for index in range(len(task.records)) if index not in done]
+    bar = tqdm(
+        total=len(task.records), initial=len(task.records) - len(todo), desc=f"{task.name} (generate)",
+        disable=not progress,
+    )  # fmt: skip
+    for start in range(0, len(todo), batch_size):
+        indices = todo[start : start + batch_size]
+        records = [task.records[index] for index in indices]
         completions = generate(
             model,
             tokenizer,
@@ -400,21 +431,21 @@ def generate_predictions(
             do_sample=False,
             max_new_tokens=max_new_tokens,
         )
-        for index, record, completion in zip(range(start, start + len(records)), records, completions):
+        for index, record, completion in zip(indices, records, completions):
             prompt = encode_instruction(tokenizer, record, policy=policy, include_answer=False)
-            predictions.append(
-                Prediction(
-                    task=task.name,
-                    index=index,
-                    prompt=tokenizer.decode(prompt.input_ids),
-                    output=completion.text,
-                    prediction=extract_answer(completion.text, task.labels),
-                    gold=record["answer"],
-                )
+            by_index[index] = Prediction(
+                task=task.name,
+                index=index,
+                prompt=tokenizer.decode(prompt.input_ids),
+                output=completion.text,
+                prediction=extract_answer(completion.text, task.labels),
+                gold=record["answer"],
             )
+            if on_prediction is not None:
+                on_prediction(by_index[index])
         bar.update(len(records))
     bar.close()
-    return predictions
+    return [by_index[index] for index in range(len(task.records))]
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -457,6 +488,7 @@ def evaluate_tasks(
     batch_size: int = 8,
     model_name: str | None = None,
     progress: bool = True,
+    resume: bool = True,
 ) -> dict:
     """Evaluate ``model`` on ``tasks`` and return the results (written to ``out`` when given).
 
@@ -465,15 +497,28 @@ def evaluate_tasks(
     per-task ``accuracy``, ``ci_low``/``ci_high`` (95% Wilson), ``n``, ``correct``, ``unparseable``; the
     unweighted ``average``; ``model``, ``policy``, ``scoring``, ``limit`` and the git ``commit``. With
     ``out``, predictions go to ``<out stem>.predictions.jsonl`` next to it.
+
+    With ``out``, every prediction is also appended to ``<out stem>.partial.jsonl`` as soon as it is made,
+    and the file is removed when the run finishes; a stopped run started again with the same arguments
+    (``resume=True``) keeps those predictions and scores only the rest. A partial file written by other
+    arguments is an error, never mixed in; ``resume=False`` discards it.
     """
     config = EvalConfig(policy, scoring, limit, num_beams, max_new_tokens, batch_size)
-    loaded = [load_task(data_dir, name, config.limit) for name in parse_tasks(tasks)]
+    names = parse_tasks(tasks)
+    loaded = [load_task(data_dir, name, config.limit) for name in names]
+    name = model_name or str(getattr(model.config, "_name_or_path", "")) or type(model).__name__
+    journal = None
+    if out is not None:
+        header = {"model": name, "tasks": names, **asdict(config)}
+        journal = Journal(journal_path(out), header, resume)
     enable(model)
     model.eval()
     predictions: list[Prediction] = []
     for task in loaded:
+        done = journal.done_for(task.name) if journal else None
+        record = journal.add if journal else None
         if config.scoring == "loglik":
-            predictions += loglik_predictions(model, tokenizer, task, config.policy, progress)
+            predictions += loglik_predictions(model, tokenizer, task, config.policy, progress, done, record)
         else:
             predictions += generate_predictions(
                 model,
@@ -484,10 +529,12 @@ def evaluate_tasks(
                 config.max_new_tokens,
                 config.batch_size,
                 progress,
+                done,
+                record,
             )
     scores = score_predictions(predictions)
     results = {
-        "model": model_name or str(getattr(model.config, "_name_or_path", "")) or type(model).__name__,
+        "model": name,
         "policy": config.policy,
         "scoring": config.scoring,
         "limit": config.limit,
@@ -499,7 +546,65 @@ def evaluate_tasks(
         results["generation"] = {"num_beams": config.num_beams, "max_new_tokens": config.max_new_tokens}
     if out is not None:
         results["predictions"] = write_results(results, predictions, out).name
+        journal.finish()
     return results
+
+
+def journal_path(out: str | Path) -> Path:
+    """``runs/a.json`` -> ``runs/a.partial.jsonl``, the predictions of an unfinished run."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.partial.jsonl")
+
+
+class Journal:
+    """The predictions of an unfinished run, one JSON line each after a header line of the run's arguments.
+
+    Opening it with ``resume`` loads what an earlier, stopped run with the same header wrote (a last line cut
+    by the stop is dropped); without ``resume`` the file starts over.
+    """
+
+    def __init__(self, path: str | Path, header: dict, resume: bool = True) -> None:
+        self.path = Path(path)
+        self.header = json.loads(json.dumps(header))  # as it reads back from the file
+        self.done: dict[tuple[str, int], Prediction] = {}
+        lines = self.path.read_text(encoding="utf-8").splitlines() if resume and self.path.exists() else []
+        if lines:
+            try:
+                found = json.loads(lines[0])
+            except json.JSONDecodeError:
+                found = None
+            if found != self.header:
+                raise ValueError(
+                    f"{self.path} holds the predictions of a run with other arguments ({found}, now "
+                    f"{self.header}); delete it or start over with resume=False (segmask eval --no-resume)"
+                )
+            for line in lines[1:]:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    break  # the line the stop cut
+                row.pop("correct", None)
+                prediction = Prediction(**row)
+                self.done[(prediction.task, prediction.index)] = prediction
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        rows = [self.header, *(p.to_json() for p in self.done.values())]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+        tmp.replace(self.path)
+        self._handle = self.path.open("a", encoding="utf-8")
+
+    def done_for(self, task: str) -> dict[int, Prediction]:
+        """The loaded predictions of ``task`` by record index."""
+        return {index: p for (name, index), p in self.done.items() if name == task}
+
+    def add(self, prediction: Prediction) -> None:
+        self._handle.write(json.dumps(prediction.to_json(), ensure_ascii=False) + "\n")
+        self._handle.flush()
+
+    def finish(self) -> None:
+        """Close and remove the file (the run's results are written)."""
+        self._handle.close()
+        self.path.unlink(missing_ok=True)
 
 
 def predictions_path(out: str | Path) -> Path:

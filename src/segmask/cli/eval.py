@@ -31,6 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--resume",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep the predictions a stopped run with the same arguments left in <stem>.partial.jsonl",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         model_name=args.model,
         progress=not args.no_progress,
+        resume=args.resume,
     )
     print(compare_runs([args.out]), end="")
     print(f"results: {args.out}")

@@ -11,7 +11,7 @@ Three conditions on the same data, initialisation, data order, steps and hyperpa
 A word-level tokenizer is built from the bAbI training files; for each seed one random ``LlamaForCausalLM``
 is initialised and saved, and each condition trains a full copy of it with ``segmask.train`` (loss on the
 answer and its end-of-turn token only). Before its numbers are reported each trained model passes
-:func:`segmask.demo.leak_check` on test stories. Test accuracy per task is the share of questions whose
+:func:`segmask.leaks.leak_check` on test stories. Test accuracy per task is the share of questions whose
 answer has the highest log-probability among the task's answer vocabulary (the prompt prefilled under the
 condition's mask). Results go to ``--results`` (per-run JSON + predictions, ``summary.json``,
 ``table.md``, ``accuracy.png``); re-running skips finished runs and resumes interrupted ones.
@@ -35,7 +35,7 @@ from scratch import ModelSize, build_tokenizer, evaluate_stories, init_model, pa
 from summarize import plot_losses, summarize  # noqa: E402
 
 from segmask.babi import read_task  # noqa: E402
-from segmask.demo import leak_check  # noqa: E402
+from segmask.leaks import leak_check  # noqa: E402
 from segmask.reading_task import to_messages, write_jsonl  # noqa: E402
 from segmask.segments import encode_chat  # noqa: E402
 

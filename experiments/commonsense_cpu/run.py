@@ -14,7 +14,7 @@ Stages, each skipped when its output exists:
 1. train: ``segmask train configs/cpu_smollm2.yaml --mask {causal,mas}`` (the fixed-seed mixture of the
    ARC-Easy, ARC-Challenge, OpenBookQA, BoolQ and Social IQa train files that the config names; identical
    steps, seed and hyperparameters for both policies; checkpoints every ``save_steps``, resumed);
-2. leak check: :func:`segmask.demo.leak_check` on each fine-tuned model, before any number is reported;
+2. leak check: :func:`segmask.leaks.leak_check` on each fine-tuned model, before any number is reported;
 3. eval: ``segmask eval`` of base (causal), causal and MAS on the test files of the five tasks, one task
    at a time (a finished task is never redone);
 4. compare: per-model results merged; ``segmask compare`` of base, causal and MAS (``table.md``,
@@ -84,8 +84,8 @@ def train_configs(args: argparse.Namespace) -> dict:
 
 def leak_checks(args: argparse.Namespace, folder: Path, policy: str) -> float:
     """The perturbation test on one fine-tuned model, one test record of every task."""
-    from segmask.demo import leak_check
     from segmask.evaluation import load_task
+    from segmask.leaks import leak_check
     from segmask.loading import load_model
     from segmask.segments import encode_instruction
 

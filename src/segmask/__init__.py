@@ -37,6 +37,7 @@ _EXPORTS = {
     "train": "training",
     "evaluate_tasks": "evaluation",
     "compare_runs": "compare",
+    "leak_check": "leaks",
     "serve": "serving",
 }
 

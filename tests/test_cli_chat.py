@@ -4,33 +4,13 @@ policy shows in the prompt line, /mask /system /reset /quit work), plus the comm
 from __future__ import annotations
 
 import io
-import shutil
 import sys
-from pathlib import Path
 
 import pytest
 
 from segmask.cli.chat import loop
 from segmask.generation import ChatSession
 from segmask.loading import load_model
-
-TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
-
-
-@pytest.fixture(scope="module")
-def stories_chat(stories_path, tmp_path_factory) -> Path:
-    """stories260K with a chat template added: a real model that `segmask chat` can converse with."""
-    from transformers import AutoTokenizer
-
-    folder = tmp_path_factory.mktemp("stories_chat")
-    shutil.copytree(stories_path, folder, dirs_exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(stories_path)
-    tokenizer.chat_template = TEMPLATE
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def test_chat_through_a_pseudo_terminal(stories_chat):

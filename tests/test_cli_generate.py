@@ -4,8 +4,6 @@ real chat model (SmolLM2-135M-Instruct from its GGUF file) answering a question.
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,24 +14,7 @@ from segmask.cli import main
 from segmask.generation import encode_prompt, generate
 from segmask.loading import load_model
 
-TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
 STORY = "Once upon a time, there was a little dog named"
-
-
-@pytest.fixture(scope="module")
-def stories_chat(stories_path, tmp_path_factory) -> Path:
-    """stories260K with a chat template added: a real model that `segmask chat/generate` can converse with."""
-    from transformers import AutoTokenizer
-
-    folder = tmp_path_factory.mktemp("stories_chat")
-    shutil.copytree(stories_path, folder, dirs_exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(stories_path)
-    tokenizer.chat_template = TEMPLATE
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def run_json(capsys, *argv: str) -> dict:

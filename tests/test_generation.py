@@ -22,10 +22,6 @@ from segmask.generation import (
 )
 from segmask.segments import encode_chat
 
-TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
 CHAT = [
     {"role": "system", "content": "You tell short stories."},
     {"role": "user", "content": "Tell me about a cat."},
@@ -36,10 +32,8 @@ TINY = dict(vocab_size=512, bos_token_id=1, eos_token_id=2)
 
 
 @pytest.fixture(scope="module")
-def tokenizer(stories_path):
-    tokenizer = AutoTokenizer.from_pretrained(stories_path)
-    tokenizer.chat_template = TEMPLATE
-    return tokenizer
+def tokenizer(stories_tokenizer):
+    return stories_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -5,17 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 import segmask
 from segmask.generation import decode, generate, left_pad, prefill, prefill_for_decoding
 from segmask.prefix_cache import PrefixCache, cache_nbytes, stack_left_padded, whole_segments_length
 from segmask.segments import encode_chat
 
-TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
 SYSTEM = {"role": "system", "content": "You tell short stories."}
 CAT = [SYSTEM, {"role": "user", "content": "Tell me about a cat."}]
 DOG = [SYSTEM, {"role": "user", "content": "Tell me about a dog."}]
@@ -32,10 +28,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def tokenizer(stories_path):
-    tokenizer = AutoTokenizer.from_pretrained(stories_path)
-    tokenizer.chat_template = TEMPLATE
-    return tokenizer
+def tokenizer(stories_tokenizer):
+    return stories_tokenizer
 
 
 @pytest.fixture(scope="module")

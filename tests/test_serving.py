@@ -17,17 +17,13 @@ import openai
 import pytest
 import torch
 import uvicorn
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 import segmask
 from segmask.generation import generate
 from segmask.segments import encode_chat
 from segmask.serving import ServeConfig, create_app
 
-TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
 NAME = "stories"
 SYSTEM = {"role": "system", "content": "You tell short stories."}
 CAT = [SYSTEM, {"role": "user", "content": "Tell me about a cat."}]
@@ -91,10 +87,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def tokenizer(stories_path):
-    tokenizer = AutoTokenizer.from_pretrained(stories_path)
-    tokenizer.chat_template = TEMPLATE
-    return tokenizer
+def tokenizer(stories_tokenizer):
+    return stories_tokenizer
 
 
 @pytest.fixture(scope="module")

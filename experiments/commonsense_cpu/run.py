@@ -36,6 +36,7 @@ import torch
 
 TASKS = ("ARC-Easy", "ARC-Challenge", "openbookqa", "boolq", "social_i_qa")
 POLICIES = ("causal", "mas")
+MODELS = ("base", *POLICIES)
 CONFIG = "configs/cpu_smollm2.yaml"
 
 
@@ -49,6 +50,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--limit", type=int, default=None, help="first N test records per task (reduced run)")
     parser.add_argument("--scoring", default="loglik", choices=("loglik", "generate"))
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=list(MODELS),
+        choices=MODELS,
+        help="train/evaluate only these (e.g. evaluate base while the adapters train in other processes); "
+        "the tables are written once all three are evaluated",
+    )
     parser.add_argument(
         "--out", default="runs/commonsense_cpu", help="adapters and checkpoints (not committed)"
     )
@@ -156,10 +165,20 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     def save() -> None:
-        state_file.write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+        """Merge into what other processes of this experiment wrote meanwhile, then replace atomically."""
+        if state_file.exists():
+            written = json.loads(state_file.read_text())
+            for key in ("timings", "leak_check"):
+                state[key] = {**written.get(key, {}), **state[key]}
+            state["commands"] = list(dict.fromkeys([*written.get("commands", []), *state["commands"]]))
+        tmp = state_file.with_name(state_file.name + ".tmp")
+        tmp.write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+        tmp.replace(state_file)
 
     configs = train_configs(args)
     for policy, config in configs.items():
+        if policy not in args.models:
+            continue
         if not (Path(config.output) / "segmask.json").exists():
             started = time.perf_counter()
             train(config)
@@ -175,8 +194,13 @@ def main(argv: list[str] | None = None) -> int:
 
     models = {"base": (smollm2_gguf(), "causal"), **{p: (Path(c.output), p) for p, c in configs.items()}}
     for name, (source, policy) in models.items():
-        evaluate(args, name, source, policy, evals, state["timings"])
-        save()
+        if name in args.models:
+            evaluate(args, name, source, policy, evals, state["timings"])
+            save()
+    missing = [n for n in models for t in args.tasks if not (evals / n / f"{t}.json").exists()]
+    if missing:
+        print(f"[commonsense] not evaluated yet: {', '.join(sorted(set(missing)))}; tables come later")
+        return 0
 
     files = [merge(evals, name, args.tasks, results) for name in models]
     table = compare_runs(files, results / "table.md", results / "accuracy.png")

@@ -13,25 +13,14 @@ import argparse
 import sys
 from typing import TextIO
 
-from segmask.cli.generate import add_sampling_arguments, generation_kwargs
+from segmask.cli.options import add_model_arguments, add_sampling_arguments, generation_kwargs
 from segmask.masks import POLICIES
 
 HELP = "commands: /system TEXT, /reset, /mask {" + ",".join(POLICIES) + "}, /quit"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model",
-        required=True,
-        metavar="PATH",
-        help="transformers folder, .gguf file or segmask output folder",
-    )
-    parser.add_argument(
-        "--mask",
-        choices=POLICIES,
-        default=None,
-        help="mask policy (default: the one the model was trained with, else mas)",
-    )
+    add_model_arguments(parser)
     parser.add_argument("--system", default=None, metavar="TEXT", help="system message")
     add_sampling_arguments(parser, max_new_tokens=256)
 

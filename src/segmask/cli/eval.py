@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from segmask.masks import POLICIES
+from segmask.cli.options import add_model_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="model folder, .gguf file or segmask run folder")
+    add_model_arguments(parser)
     parser.add_argument(
         "--data-dir", required=True, help="folder of <task>_test.json or <task>/test.json files"
     )
@@ -19,9 +19,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("generate", "loglik"),
         default="generate",
         help="paper protocol or log-likelihood",
-    )
-    parser.add_argument(
-        "--mask", choices=POLICIES, default=None, help="mask policy (default: the model's own)"
     )
     parser.add_argument(
         "--out", required=True, help="results JSON; predictions go to <stem>.predictions.jsonl"

@@ -14,22 +14,11 @@ import argparse
 import json
 from pathlib import Path
 
-from segmask.masks import POLICIES
+from segmask.cli.options import add_model_arguments, add_sampling_arguments, generation_kwargs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model",
-        required=True,
-        metavar="PATH",
-        help="transformers folder, .gguf file or segmask output folder",
-    )
-    parser.add_argument(
-        "--mask",
-        choices=POLICIES,
-        default=None,
-        help="mask policy (default: the one the model was trained with, else mas)",
-    )
+    add_model_arguments(parser)
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument(
         "--prompt", metavar="TEXT", help="the user message (raw text if the model has no chat template)"
@@ -42,43 +31,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_sampling_arguments(parser)
     parser.add_argument("--json", action="store_true", help='print {"text": ..., "token_ids": [...]}')
-
-
-def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int = 128) -> None:
-    """``--max-new-tokens``, ``--greedy | --temperature T --top-p P`` and ``--attn``: shared with ``chat``."""
-    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N")
-    parser.add_argument(
-        "--greedy", action="store_true", help="greedy decoding (the default without sampling flags)"
-    )
-    parser.add_argument(
-        "--temperature", type=float, default=None, metavar="T", help="sample at this temperature"
-    )
-    parser.add_argument("--top-p", type=float, default=None, metavar="P", help="sample from this nucleus")
-    parser.add_argument(
-        "--attn",
-        default=None,
-        choices=("eager", "sdpa", "flex_attention", "segmask"),
-        help="attention implementation",
-    )
-
-
-def generation_kwargs(args: argparse.Namespace) -> dict:
-    """transformers ``generate`` arguments from the sampling flags."""
-    if args.max_new_tokens <= 0:
-        raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
-    sampling = args.temperature is not None or args.top_p is not None
-    if args.greedy and sampling:
-        raise ValueError("--greedy cannot be combined with --temperature or --top-p")
-    if not sampling:
-        return {"max_new_tokens": args.max_new_tokens, "do_sample": False}
-    if args.temperature is not None and args.temperature <= 0:
-        raise ValueError(f"--temperature must be positive, got {args.temperature}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
-    kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": True}
-    kwargs["temperature"] = args.temperature if args.temperature is not None else 1.0
-    kwargs["top_p"] = args.top_p if args.top_p is not None else 1.0
-    return kwargs
 
 
 def read_prompt(args: argparse.Namespace, tokenizer):

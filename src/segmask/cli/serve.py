@@ -13,18 +13,13 @@ from __future__ import annotations
 import argparse
 import os
 
-from segmask.masks import POLICIES
+from segmask.cli.options import add_model_arguments
 
 API_KEY_ENV = "SEGMASK_API_KEY"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model", required=True, help="transformers folder, .gguf file or segmask output folder"
-    )
-    parser.add_argument(
-        "--mask", choices=POLICIES, default=None, help="default mask policy (default: the model's, else mas)"
-    )
+    add_model_arguments(parser, mask_help="default mask policy of requests (default: the model's, else mas)")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument(

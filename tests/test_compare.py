@@ -8,7 +8,7 @@ import matplotlib.image
 import pytest
 
 from segmask.cli import main
-from segmask.compare import compare_runs, load_run, mcnemar
+from segmask.compare import compare_runs, load_run, mcnemar, paired_test
 from segmask.evaluation import Prediction, average_accuracy, score_predictions, write_results
 
 
@@ -110,3 +110,9 @@ def test_cli(tmp_path, capsys):
     assert "| boolq (n=2) |" in capsys.readouterr().out
     assert png.stat().st_size > 0
     assert main(["compare", str(tmp_path / "nope.json")]) == 2
+
+
+def test_paired_test_refuses_a_string_of_tasks(tmp_path):
+    run = load_run(_write_run(tmp_path / "a.json", {"boolq": [True, False]}))
+    with pytest.raises(TypeError, match="tasks must be a list of task names, got the string 'boolq'"):
+        paired_test(run, run, "boolq")

@@ -146,6 +146,18 @@ def test_matches_dense_reference(case, heads):
     )
 
 
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+@pytest.mark.parametrize("case", ["system-user-answer", "left padding", "packed and padded against a cache"])
+def test_forward_only_path_matches_dense(case, mode):
+    """Without autograd (generation, evaluation, serving) the kernel takes its graph-free path: same outputs."""
+    segment_ids, attention_mask, document_ids, q_len = CASES[case]
+    q, k, v, _ = random_qkv(segment_ids.shape[0], q_len or segment_ids.shape[1], segment_ids.shape[1])
+    dense = reference(q, k, v, segment_ids, attention_mask, document_ids)
+    with torch.no_grad() if mode == "no_grad" else torch.inference_mode():
+        fast = mas_attention(q, k, v, segment_ids, attention_mask, document_ids)
+    assert not fast.requires_grad and (fast - dense).abs().max() < TOLERANCE
+
+
 @pytest.mark.parametrize("piece", [3, 256])
 def test_long_and_short_segments(monkeypatch, piece):
     """A 40-token row with segments of 1-12 tokens: blocks for the long ones, reversed squares for the rest."""

@@ -109,6 +109,8 @@ def shared_outcomes(base: Run, other: Run, task: str) -> tuple[list[bool], list[
 
 def paired_test(base: Run, other: Run, tasks: Sequence[str]) -> McNemar | None:
     """McNemar on the records of ``tasks`` (pooled) both runs scored, or ``None`` without predictions."""
+    if isinstance(tasks, str):
+        raise TypeError(f"tasks must be a list of task names, got the string {tasks!r}")
     a: list[bool] = []
     b: list[bool] = []
     for task in tasks:

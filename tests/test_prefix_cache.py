@@ -18,15 +18,6 @@ DOG = [SYSTEM, {"role": "user", "content": "Tell me about a dog."}]
 CAT_AND_MORE = [SYSTEM, {"role": "user", "content": "Tell me about a cat. And a dog."}]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two shared cores: one intra-op thread per process is much faster than two contending ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tokenizer(stories_tokenizer):
     return stories_tokenizer

@@ -15,7 +15,6 @@ from contextlib import contextmanager
 import httpx
 import openai
 import pytest
-import torch
 import uvicorn
 from transformers import AutoModelForCausalLM
 
@@ -75,15 +74,6 @@ def wait_until(condition, timeout: float = 20.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not reached"
         time.sleep(0.02)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two shared cores: one intra-op thread per process is much faster than two contending ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -104,3 +104,26 @@ def test_bad_configuration_exits_2_with_its_message(recipe, tmp_path, capsys, ex
     error = capsys.readouterr().err
     assert error.startswith("segmask train: error:") and message in error
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_two_processes_train_as_one_data_parallel_job(recipe, tmp_path):
+    """`torchrun --nproc_per_node 2 -m segmask train` on CPU: one gloo DDP job, rank 0 alone writes the run.
+
+    The 9 records are split over the two processes (5 each, the sampler pads), 2 batches of 3 per process:
+    an epoch is 2 steps (one process alone: 3 steps), and two independent jobs would write each step twice."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    output = tmp_path / "ddp"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "segmask", "train"]
+    command += [str(recipe), "--mask", "mas", "--max-steps", "3", "--output", str(output)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("trained (mas)") == 1
+    steps = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    logged = [row for row in steps if "loss" in row]
+    assert [row["step"] for row in logged] == [1, 2, 3]  # one writer
+    assert [row["epoch"] for row in logged] == pytest.approx([0.5, 1.0, 1.5])
+    assert (output / "segmask.json").exists() and (output / "adapter_model.safetensors").exists()

@@ -58,6 +58,8 @@ def test_segmask_commands_parse_against_the_real_cli():
     parser = build_parser()
     seen = set()
     for command in shell_commands():
+        if " -m segmask " in command:  # accelerate launch / torchrun ... -m segmask COMMAND ...
+            command = "segmask " + command.split(" -m segmask ", 1)[1]
         if not command.startswith("segmask "):
             continue
         argv = shlex.split(command.replace("$SMOL", "model.gguf").replace('"$KEY"', "key"), comments=True)

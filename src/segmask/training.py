@@ -521,7 +521,14 @@ def training_arguments(config: TrainConfig, output: Path, has_eval: bool):
         disable_tqdm=True,  # ProgressBar below shows loss and tokens/s
         ddp_find_unused_parameters=False,
         dataloader_pin_memory=torch.cuda.is_available(),
+        # without an accelerator, say so: `torchrun`/`accelerate launch` processes then train as one
+        # data-parallel job over gloo, instead of as independent jobs racing on one output folder
+        use_cpu=not _has_accelerator(),
     )
+
+
+def _has_accelerator() -> bool:
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
 def _checkpointing_flags(arguments: type, enabled: bool) -> dict[str, Any]:

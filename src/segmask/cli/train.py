@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from typing import get_origin, get_type_hints
 
@@ -53,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
     except Interrupted as stop:
         print(f"segmask train: {stop}", file=sys.stderr)
         return 3
-    print(f"trained ({config.mask}) -> {output}")
+    if os.environ.get("RANK", "0") == "0":  # one line for a torchrun / accelerate job, not one per process
+        print(f"trained ({config.mask}) -> {output}")
     return 0
 
 

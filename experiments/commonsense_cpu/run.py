@@ -126,6 +126,27 @@ def evaluate(
         print(f"[commonsense] eval {name} {task}: {timings[f'eval {name} {task}']:.0f} s", flush=True)
 
 
+def training_record(folder: Path, results: Path, policy: str) -> dict:
+    """Steps, final losses and the wall time of each ``train()`` call (a resumed run has several) of a run;
+    its metrics and loss curve are copied to ``results`` as ``train_metrics_<policy>.jsonl`` and
+    ``train_loss_<policy>.png``."""
+    import shutil
+
+    shutil.copyfile(folder / "metrics.jsonl", results / f"train_metrics_{policy}.jsonl")
+    if (folder / "loss_curve.png").exists():
+        shutil.copyfile(folder / "loss_curve.png", results / f"train_loss_{policy}.png")
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    losses = [row for row in rows if "loss" in row]
+    evals = [row for row in rows if "eval_loss" in row]
+    return {
+        "steps": max(row["step"] for row in rows),
+        "train_runtime_s_per_call": [round(row["train_runtime"], 1) for row in rows if "train_loss" in row],
+        "last_logged_loss": losses[-1]["loss"] if losses else None,
+        "last_eval_loss": evals[-1]["eval_loss"] if evals else None,
+        "tokens_seen": max((row.get("num_input_tokens_seen", 0) for row in rows), default=0),
+    }
+
+
 def merge(evals: Path, name: str, tasks: list[str], out: Path) -> Path:
     """Per-task results of one model -> ``<out>/<name>.json`` and its predictions, for ``segmask compare``."""
     from segmask.evaluation import predictions_path
@@ -210,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     state |= {
         "label": label,
         "train_config": {p: c.to_dict() for p, c in configs.items()},
+        "train_runs": {p: training_record(Path(c.output), results, p) for p, c in configs.items()},
         "eval": {"tasks": args.tasks, "limit": args.limit, "scoring": args.scoring},
         "full_command": "python experiments/commonsense_cpu/run.py",
         "commit": git_commit(),

@@ -147,6 +147,29 @@ def training_record(folder: Path, results: Path, policy: str) -> dict:
     }
 
 
+def plot_training(folders: dict[str, Path], out: Path) -> Path:
+    """Training loss (every logged step) and held-out loss (every eval) of each policy, one figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for (policy, folder), color in zip(folders.items(), ("tab:blue", "tab:orange")):
+        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line]
+        train = [(row["step"], row["loss"]) for row in rows if "loss" in row]
+        held = [(row["step"], row["eval_loss"]) for row in rows if "eval_loss" in row]
+        axis.plot(*zip(*train), color=color, alpha=0.6, label=f"{policy}: training loss")
+        axis.plot(*zip(*held), "o-", color=color, label=f"{policy}: held-out loss (64 records)")
+    axis.set(xlabel="optimiser step (16 records)", ylabel="loss (answer tokens)", yscale="log")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(out, dpi=120)
+    plt.close(figure)
+    return out
+
+
 def merge(evals: Path, name: str, tasks: list[str], out: Path) -> Path:
     """Per-task results of one model -> ``<out>/<name>.json`` and its predictions, for ``segmask compare``."""
     from segmask.evaluation import predictions_path
@@ -213,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             save()
 
+    if all((Path(c.output) / "segmask.json").exists() for c in configs.values()):
+        plot_training({p: Path(c.output) for p, c in configs.items()}, results / "train_loss.png")
     models = {"base": (smollm2_gguf(), "causal"), **{p: (Path(c.output), p) for p, c in configs.items()}}
     for name, (source, policy) in models.items():
         if name in args.models:

@@ -1,7 +1,8 @@
 """The paper's experiment at CPU scale: LoRA on SmolLM2-135M-Instruct, causal against MAS, commonsense suite.
 
-Full run (about half a day on two CPU cores; every stage resumes where it stopped, so run it again after an
-interruption)::
+Full run (measured on a loaded 2-core VM: 1.8-2 h per training and about 2.1 h per model's evaluation, one
+thread each, so about 10 core-hours; every stage resumes where it stopped, so run it again after an
+interruption, or run stages side by side with ``--models``, see experiments/README.md)::
 
     python experiments/commonsense_cpu/run.py
 

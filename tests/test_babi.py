@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from segmask.babi import answer_choices, parse_babi, read_task, task_file, with_choices
+from segmask.babi import (
+    answer_choices,
+    group_by_story,
+    parse_babi,
+    read_story_questions,
+    read_task,
+    story_messages,
+    task_file,
+    with_choices,
+)
 
 TEXT = """1 Mary moved to the bathroom.
 2 John went to the hallway.
@@ -87,3 +96,49 @@ def test_shared_en10k_task3_has_no_train_split_but_has_choices(babi_dir):
     with pytest.raises(FileNotFoundError):
         read_task(folder, 3, "train")
     assert len(answer_choices(folder, 3)) == 6
+
+
+def test_questions_know_their_story():
+    assert [q.story for q in parse_babi(TEXT)] == [0, 0, 1]
+    stories = group_by_story(parse_babi(TEXT))
+    assert [[q.answer for q in story] for story in stories] == [["bathroom", "hallway"], ["office"]]
+
+
+def test_story_messages_literal():
+    first, _ = group_by_story(parse_babi(TEXT))
+    assert story_messages(first) == [
+        {"role": "user", "content": "Mary moved to the bathroom.\nJohn went to the hallway."},
+        {"role": "user", "content": "Where is Mary?"},
+        {"role": "assistant", "content": "bathroom"},
+        {"role": "user", "content": "Daniel went back to the hallway."},
+        {"role": "user", "content": "Where is Daniel?"},
+        {"role": "assistant", "content": "hallway"},
+    ]
+    assert story_messages(first, merge_turns=True, include_last_answer=False) == [
+        {"role": "user", "content": "Mary moved to the bathroom.\nJohn went to the hallway.\nWhere is Mary?"},
+        {"role": "assistant", "content": "bathroom"},
+        {"role": "user", "content": "Daniel went back to the hallway.\nWhere is Daniel?"},
+    ]
+
+
+def test_story_messages_without_new_statements_and_errors():
+    text = "1 Mary moved to the office.\n2 Where is Mary?\toffice\t1\n3 Where is Mary?\toffice\t1\n"
+    story = parse_babi(text)
+    assert [m["content"] for m in story_messages(story)] == [
+        "Mary moved to the office.",
+        "Where is Mary?",
+        "office",
+        "Where is Mary?",
+        "office",
+    ]
+    with pytest.raises(ValueError, match="more than one story"):
+        story_messages(parse_babi(TEXT))
+    with pytest.raises(ValueError, match="at least one"):
+        story_messages([])
+
+
+def test_read_story_questions_shared(babi_dir):
+    stories = read_story_questions(babi_dir / "en-10k", 1, "test")
+    assert len(stories) == 200 and all(len(story) == 5 for story in stories)
+    assert sum(len(story) for story in stories) == 1000
+    assert [len(s) for s in read_story_questions(babi_dir / "en-10k", 1, "train", limit=7)] == [5, 2]

@@ -8,6 +8,14 @@ Three conditions on the same data, initialisation, data order, steps and hyperpa
     mas      the story and the question are two bidirectional segments (chat turns), answer causal
     prefix   the story and the question are one bidirectional segment, answer causal
 
+Two layouts (``--layout``). ``question`` (default): one chat per question, the story so far and the question
+as two user turns. ``story``: one multi-turn chat per story holding all its questions, each a round of
+user turns (the statements since the previous question, the question) and the answer, so one sequence trains
+every answer of the story (:func:`segmask.babi.story_messages`); a test question is prompted by its story up
+to it, earlier questions with their gold answers. In the ``story`` layout ``prefix`` puts each round's
+statements and question in one user turn (one segment per round: ``mas`` over the merged turns), since the
+``prefix`` policy proper would make every earlier answer bidirectional.
+
 A word-level tokenizer is built from the bAbI training files; for each seed one random ``LlamaForCausalLM``
 is initialised and saved, and each condition trains a full copy of it with ``segmask.train`` (loss on the
 answer and its end-of-turn token only). Before its numbers are reported each trained model passes
@@ -31,15 +39,31 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from scratch import ModelSize, build_tokenizer, evaluate_stories, init_model, parameter_count  # noqa: E402
+from scratch import (  # noqa: E402
+    ModelSize,
+    build_tokenizer,
+    evaluate_stories,
+    init_model,
+    parameter_count,
+    question_prompts,
+    story_prompts,
+)
 from summarize import plot_losses, summarize  # noqa: E402
 
-from segmask.babi import read_task  # noqa: E402
+from segmask.babi import read_story_questions, read_task, story_messages  # noqa: E402
 from segmask.leaks import leak_check  # noqa: E402
 from segmask.reading_task import to_messages, write_jsonl  # noqa: E402
 from segmask.segments import encode_chat  # noqa: E402
 
 CONDITIONS = ("causal", "mas", "prefix")
+LAYOUTS = ("question", "story")
+
+
+def condition_setup(layout: str, condition: str) -> tuple[str, bool]:
+    """The mask policy a condition trains and scores with, and whether its rounds merge into one user turn."""
+    if layout == "story" and condition == "prefix":
+        return "mas", True
+    return condition, False
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,6 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tasks", type=int, nargs="+", default=[1])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--policies", nargs="+", default=list(CONDITIONS), choices=CONDITIONS)
+    parser.add_argument(
+        "--layout", default="question", choices=LAYOUTS, help="one chat per question, or per story"
+    )
     parser.add_argument(
         "--train-limit", type=int, default=None, help="training questions per task (default: all)"
     )
@@ -111,14 +138,35 @@ def main(argv: list[str] | None = None) -> int:
     out, results = Path(args.out), Path(args.results)
     (results / "runs").mkdir(parents=True, exist_ok=True)
     train_stories = {t: read_task(args.babi_dir, t, "train", args.train_limit) for t in args.tasks}
-    test_stories = {f"qa{t}": read_task(args.babi_dir, t, "test", args.test_limit) for t in args.tasks}
     texts = [
         f"{s.text} {s.question} {' '.join(s.choices)}" for stories in train_stories.values() for s in stories
     ]
     tokenizer = build_tokenizer(texts)
-    data = write_jsonl(
-        [to_messages(s) for stories in train_stories.values() for s in stories], out / "train.jsonl"
-    )
+    data: dict[bool, Path] = {}  # merged rounds or not -> training file
+    test_prompts: dict[bool, dict] = {}
+    for merge in (False,) if args.layout == "question" else (False, True):
+        if args.layout == "question":
+            conversations = [to_messages(s) for stories in train_stories.values() for s in stories]
+            test_prompts[merge] = {
+                f"qa{t}": question_prompts(read_task(args.babi_dir, t, "test", args.test_limit))
+                for t in args.tasks
+            }
+        else:
+            conversations = [
+                story_messages(questions, merge_turns=merge)
+                for t in args.tasks
+                for questions in read_story_questions(args.babi_dir, t, "train", args.train_limit)
+            ]
+            test_prompts[merge] = {
+                f"qa{t}": story_prompts(
+                    read_story_questions(args.babi_dir, t, "test", args.test_limit),
+                    train_stories[t][0].choices,
+                    merge,
+                )
+                for t in args.tasks
+            }
+        suffix = "" if args.layout == "question" else "-story-merged" if merge else "-story"
+        data[merge] = write_jsonl(conversations, out / f"train{suffix}.jsonl")
     size = ModelSize(args.hidden, args.layers, args.heads)
     log = results / "log.jsonl"
 
@@ -132,12 +180,13 @@ def main(argv: list[str] | None = None) -> int:
             if run_file.exists():
                 print(f"[babi] {name}: done, skipping", flush=True)
                 continue
+            mask, merge = condition_setup(args.layout, policy)
             seconds = (
-                train_run(args, base, data, policy, seed, run_dir)
+                train_run(args, base, data[merge], mask, seed, run_dir)
                 if not (run_dir / "segmask.json").exists()
                 else 0.0
             )
-            evaluate(args, run_dir, policy, seed, test_stories, run_file, log, seconds)
+            evaluate(args, run_dir, policy, mask, seed, test_prompts[merge], run_file, log, seconds)
 
     summary = summarize(results, args.tasks, args.seeds, args.policies)
     names = [run_name(p, s) for p in args.policies for s in args.seeds]
@@ -151,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         "parameters": parameter_count(out / f"init-seed{args.seeds[0]}"),
         "vocab": len(tokenizer),
         "train_questions": {f"qa{t}": len(s) for t, s in train_stories.items()},
-        "test_questions": {name: len(s) for name, s in test_stories.items()},
+        "test_questions": {name: len(s) for name, s in test_prompts[False].items()},
         "args": vars(args),
         "machine": {
             "platform": platform.platform(),
@@ -164,20 +213,39 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def evaluate(
-    args, run_dir: Path, policy: str, seed: int, test_stories: dict, run_file: Path, log: Path, seconds: float
+    args,
+    run_dir: Path,
+    policy: str,
+    mask: str,
+    seed: int,
+    prompts: dict,
+    run_file: Path,
+    log: Path,
+    seconds: float,
 ) -> None:
-    """Leak-check a trained run on three test stories, then score it on every test task."""
+    """Leak-check a trained run (condition ``policy``, trained with ``mask``) on three test prompts with
+    their answers, then score it on every test task."""
     from segmask.loading import load_model
 
     started = time.perf_counter()
     model, tokenizer, _ = load_model(run_dir)
-    probes = random.Random(seed).sample([s for stories in test_stories.values() for s in stories], 3)
-    leak = max(leak_check(model, encode_chat(tokenizer, to_messages(s), policy=policy)) for s in probes)
+    probes = random.Random(seed).sample([p for task in prompts.values() for p in task], 3)
+    leak = max(
+        leak_check(
+            model,
+            encode_chat(tokenizer, [*messages, {"role": "assistant", "content": s.answer}], policy=mask),
+        )
+        for messages, s in probes
+    )
     name = run_name(policy, seed)
-    result = evaluate_stories(model, tokenizer, test_stories, policy, run_file, model_name=name)
+    result = evaluate_stories(
+        model, tokenizer, prompts, mask, run_file, model_name=name, layout=args.layout, condition=policy
+    )
     entry = {
         "run": name,
         "policy": policy,
+        "mask": mask,
+        "layout": args.layout,
         "seed": seed,
         "leak_check_max_change": leak,
         "train_wall_s": round(seconds, 1),

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from segmask.babi import Question, story_messages
 from segmask.evaluation import Prediction, continuation_logprobs, score_predictions, write_results
 from segmask.reading_task import Story, to_messages
 from segmask.segments import Encoded, encode_chat
@@ -102,17 +103,15 @@ def parameter_count(folder: Path) -> int:
 # ---- scoring chat records --------------------------------------------------------------------------
 
 
-def prompt_and_continuations(tokenizer, story: Story, policy: str) -> tuple[Encoded, list[list[int]]]:
-    """The question prompt (story and question, then the assistant header) and each choice's answer tokens,
-    exactly as training encodes them."""
-    prompt = encode_chat(
-        tokenizer, to_messages(story, include_answer=False), policy=policy, add_generation_prompt=True
-    )
+def prompt_and_continuations(
+    tokenizer, messages: list[dict[str, str]], choices: Sequence[str], policy: str
+) -> tuple[Encoded, list[list[int]]]:
+    """The prompt (``messages`` up to the question, then the assistant header) and each choice's answer
+    tokens, exactly as training encodes them."""
+    prompt = encode_chat(tokenizer, messages, policy=policy, add_generation_prompt=True)
     continuations = []
-    for choice in story.choices:
-        full = encode_chat(
-            tokenizer, to_messages(Story(story.sentences, story.question, choice, story.choices)), policy
-        )
+    for choice in choices:
+        full = encode_chat(tokenizer, [*messages, {"role": "assistant", "content": choice}], policy)
         cut = len(prompt.input_ids)
         if full.input_ids[:cut] != prompt.input_ids or any(s != -1 for s in full.segment_ids[cut:]):
             raise ValueError("the prompt is not a prefix of prompt + answer, or the answer is not causal")
@@ -120,11 +119,31 @@ def prompt_and_continuations(tokenizer, story: Story, policy: str) -> tuple[Enco
     return prompt, continuations
 
 
-def score_stories(model, tokenizer, task: str, stories: Sequence[Story], policy: str) -> list[Prediction]:
-    """Predict each story's answer as the choice with the highest log-probability after a MAS prefill."""
+Prompt = tuple[list[dict[str, str]], Story]  # a question's prompt messages and the question itself
+
+
+def question_prompts(stories: Sequence[Story]) -> list[Prompt]:
+    """One chat per question: the story so far and the question (the ``question`` layout of training)."""
+    return [(to_messages(story, include_answer=False), story) for story in stories]
+
+
+def story_prompts(stories: Sequence[list[Question]], choices: tuple[str, ...], merge: bool) -> list[Prompt]:
+    """Every question of each story, prompted by the whole story up to it as one chat, earlier questions with
+    their gold answers (the ``story`` layout, see :func:`segmask.babi.story_messages`), in file order."""
+    prompts = []
+    for questions in stories:
+        for number, q in enumerate(questions):
+            messages = story_messages(questions[: number + 1], merge_turns=merge, include_last_answer=False)
+            prompts.append((messages, Story(q.sentences, q.question, q.answer, choices)))
+    return prompts
+
+
+def score_stories(model, tokenizer, task: str, prompts: Sequence[Prompt], policy: str) -> list[Prediction]:
+    """Predict each question's answer as the choice with the highest log-probability after a prefill of its
+    prompt under ``policy``."""
     predictions = []
-    for index, story in enumerate(stories):
-        prompt, continuations = prompt_and_continuations(tokenizer, story, policy)
+    for index, (messages, story) in enumerate(prompts):
+        prompt, continuations = prompt_and_continuations(tokenizer, messages, story.choices, policy)
         scores = continuation_logprobs(model, prompt.input_ids, prompt.segment_ids, continuations)
         by_choice = {choice: score.logprob for choice, score in zip(story.choices, scores)}
         best = max(by_choice, key=by_choice.__getitem__)
@@ -133,7 +152,14 @@ def score_stories(model, tokenizer, task: str, stories: Sequence[Story], policy:
 
 
 def evaluate_stories(
-    model, tokenizer, tasks: dict[str, Sequence[Story]], policy: str, out: Path, model_name: str
+    model,
+    tokenizer,
+    tasks: dict[str, Sequence[Prompt]],
+    policy: str,
+    out: Path,
+    model_name: str,
+    layout: str = "question",
+    condition: str | None = None,
 ) -> dict:
     """Score every task and write a results JSON (+ predictions JSONL) that ``segmask compare`` reads."""
     from dataclasses import asdict
@@ -141,12 +167,16 @@ def evaluate_stories(
     from segmask.evaluation import average_accuracy, git_commit
 
     predictions = [
-        p for name, stories in tasks.items() for p in score_stories(model, tokenizer, name, stories, policy)
+        p
+        for name, stories in tasks.items()
+        for p in score_stories(model, tokenizer, name, stories, policy)
     ]
     scores = score_predictions(predictions)
     results = {
         "model": model_name,
         "policy": policy,
+        "condition": condition or policy,
+        "layout": layout,
         "scoring": "loglik",
         "limit": None,
         "commit": git_commit(),

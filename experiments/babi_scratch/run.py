@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from scratch import (  # noqa: E402
     ModelSize,
+    augmented,
     build_tokenizer,
     evaluate_stories,
     init_model,
@@ -80,6 +81,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--test-limit", type=int, default=None, help="test questions per task (default: all 1000)"
+    )
+    parser.add_argument(
+        "--augment",
+        type=int,
+        default=1,
+        help="story layout: train on this many copies of each story, all but the first with people and "
+        "places renamed by a random permutation (1: the stories as they are)",
     )
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
@@ -135,6 +143,8 @@ def train_run(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.augment != 1 and args.layout != "story":
+        raise SystemExit("--augment needs --layout story")
     out, results = Path(args.out), Path(args.results)
     (results / "runs").mkdir(parents=True, exist_ok=True)
     train_stories = {t: read_task(args.babi_dir, t, "train", args.train_limit) for t in args.tasks}
@@ -155,7 +165,11 @@ def main(argv: list[str] | None = None) -> int:
             conversations = [
                 story_messages(questions, merge_turns=merge)
                 for t in args.tasks
-                for questions in read_story_questions(args.babi_dir, t, "train", args.train_limit)
+                for questions in augmented(
+                    read_story_questions(args.babi_dir, t, "train", args.train_limit),
+                    train_stories[t][0].choices,
+                    args.augment,
+                )
             ]
             test_prompts[merge] = {
                 f"qa{t}": story_prompts(

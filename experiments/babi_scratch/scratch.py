@@ -14,8 +14,10 @@ Under ``prefix`` the story and the question are one segment; under ``causal`` ev
 from __future__ import annotations
 
 import json
+import random
+import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -100,6 +102,39 @@ def parameter_count(folder: Path) -> int:
     return sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(folder).parameters())
 
 
+def permute_entities(questions: list[Question], places: Sequence[str], rng: random.Random) -> list[Question]:
+    """One story with its people and places renamed by a random permutation of each (the same renaming in
+    every statement, question and answer): a new story with the same structure and a consistent answer.
+    People are the statements' first words, places the task's answer vocabulary."""
+    people = sorted({sentence.split()[0] for q in questions for sentence in q.sentences})
+    renaming = dict(zip(people, rng.sample(people, len(people)))) | dict(
+        zip(places, rng.sample(list(places), len(places)))
+    )
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, renaming)) + r")\b")
+
+    def rename(text: str) -> str:
+        return pattern.sub(lambda match: renaming[match.group(1)], text)
+
+    return [
+        replace(
+            q, sentences=tuple(map(rename, q.sentences)), question=rename(q.question), answer=rename(q.answer)
+        )
+        for q in questions
+    ]
+
+
+def augmented(
+    stories: list[list[Question]], places: Sequence[str], copies: int, seed: int = 0
+) -> list[list[Question]]:
+    """The stories, then ``copies - 1`` renamed copies of each (:func:`permute_entities`), interleaved."""
+    rng = random.Random(seed)
+    out = []
+    for story in stories:
+        out.append(story)
+        out += [permute_entities(story, places, rng) for _ in range(copies - 1)]
+    return out
+
+
 # ---- scoring chat records --------------------------------------------------------------------------
 
 
@@ -167,9 +202,7 @@ def evaluate_stories(
     from segmask.evaluation import average_accuracy, git_commit
 
     predictions = [
-        p
-        for name, stories in tasks.items()
-        for p in score_stories(model, tokenizer, name, stories, policy)
+        p for name, stories in tasks.items() for p in score_stories(model, tokenizer, name, stories, policy)
     ]
     scores = score_predictions(predictions)
     results = {

@@ -408,3 +408,60 @@ def test_resume_refuses_a_partial_file_of_other_arguments(stories, commonsense_d
         progress=False,
     )
     assert results["tasks"]["boolq"]["n"] == 1 and not partial.exists()
+
+
+def _stopped_run(model, tokenizer, commonsense_dir, out, **settings):
+    """A run stopped after its first prediction; returns its journal."""
+    from segmask import evaluation
+
+    add = evaluation.Journal.add
+
+    def add_then_stop(journal, prediction):
+        add(journal, prediction)
+        raise _Stop
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(evaluation.Journal, "add", add_then_stop)
+        with pytest.raises(_Stop):
+            evaluate_tasks(model, tokenizer, commonsense_dir, "boolq", out=out, progress=False, **settings)
+    return out.with_name(f"{out.stem}.partial.jsonl")
+
+
+def test_resume_survives_a_line_cut_inside_a_character(stories, commonsense_dir, tmp_path):
+    model, tokenizer = stories
+    settings = dict(policy="mas", scoring="loglik", limit=2)
+    partial = _stopped_run(model, tokenizer, commonsense_dir, tmp_path / "u.json", **settings)
+    with partial.open("ab") as handle:
+        handle.write('{"task": "boolq", "prompt": "caf\u00e9'.encode()[:-1])  # stops inside the é
+    results = evaluate_tasks(
+        model, tokenizer, commonsense_dir, "boolq", out=tmp_path / "u.json", progress=False, **settings
+    )
+    assert results["tasks"]["boolq"]["n"] == 2 and not partial.exists()
+
+
+def test_resume_names_a_malformed_row_and_a_changed_task_file(stories, commonsense_dir, tmp_path):
+    model, tokenizer = stories
+    settings = dict(policy="mas", scoring="loglik", limit=2)
+    out = tmp_path / "m.json"
+    partial = _stopped_run(model, tokenizer, commonsense_dir, out, **settings)
+    header, row = partial.read_text().splitlines()
+    partial.write_text(header + "\n" + json.dumps({"task": "boolq"}) + "\n")
+    with pytest.raises(ValueError, match=r"m.partial.jsonl:2: not a prediction row"):
+        evaluate_tasks(model, tokenizer, commonsense_dir, "boolq", out=out, progress=False, **settings)
+    other = json.loads(row) | {"gold": "not the answer"}
+    partial.write_text(header + "\n" + json.dumps(other) + "\n")
+    with pytest.raises(ValueError, match=r"boolq record 0 is for another record"):
+        evaluate_tasks(model, tokenizer, commonsense_dir, "boolq", out=out, progress=False, **settings)
+
+
+def test_loglik_resume_ignores_decoding_settings(stories, commonsense_dir, tmp_path):
+    """batch_size, num_beams and max_new_tokens do not change loglik predictions, so they may differ."""
+    model, tokenizer = stories
+    out = tmp_path / "d.json"
+    _stopped_run(
+        model, tokenizer, commonsense_dir, out, policy="mas", scoring="loglik", limit=2, batch_size=1
+    )
+    results = evaluate_tasks(
+        model, tokenizer, commonsense_dir, "boolq", "mas", "loglik", 2, out, batch_size=4, progress=False
+    )
+    assert results["tasks"]["boolq"]["n"] == 2

@@ -32,6 +32,15 @@ def test_leak_cuts_are_segment_boundaries_and_causal_positions():
     assert leak_cuts([0, 0, 0, 1, 1, -1, -1, -1]) == [3, 5, 6, 7]
     assert leak_cuts([0, 0, 0, 0]) == []
     assert leak_cuts([-1, -1, -1]) == [1, 2]
+    # a segment id that recurs spans everything between: its tokens see each other, so no cut inside
+    assert leak_cuts([0, 0, 1, 1, 0, 0, -1, -1]) == [6, 7]
+    assert leak_cuts([0, -1, 0, 1, -1]) == [3, 4]
+
+
+def test_leak_check_accepts_a_recurring_segment_and_restores_training_mode():
+    model = tiny_model().train()
+    assert leak_check(model, example([0, 0, 1, 1, 0, 0, -1, -1])) <= 1e-4
+    assert model.training
 
 
 @pytest.mark.parametrize("segment_ids", [[0, 0, 0, 1, 1, 1, -1, -1, -1], [-1] * 9, [0] * 6 + [-1] * 3])

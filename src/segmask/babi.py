@@ -43,7 +43,7 @@ class Question:
     question: str
     answer: str
     supporting: tuple[int, ...]
-    story: int = 0  # index of the question's story in its file (numbering restarts at 1 with each)
+    story: int = 0  # 0-based index of the question's story in its file (a new story starts at line id 1)
 
 
 def task_file(babi_dir: str | Path, task: int, split: str) -> Path:

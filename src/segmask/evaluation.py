@@ -510,28 +510,17 @@ def evaluate_tasks(
     journal = None
     if out is not None:
         header = {"model": name, "tasks": names, **asdict(config)}
+        header["files"] = [str(task.path.resolve()) for task in loaded]
+        if config.scoring == "loglik":  # decoding settings do not change loglik predictions
+            for key in ("num_beams", "max_new_tokens", "batch_size"):
+                header.pop(key)
         journal = Journal(journal_path(out), header, resume)
-    enable(model)
-    model.eval()
-    predictions: list[Prediction] = []
-    for task in loaded:
-        done = journal.done_for(task.name) if journal else None
-        record = journal.add if journal else None
-        if config.scoring == "loglik":
-            predictions += loglik_predictions(model, tokenizer, task, config.policy, progress, done, record)
-        else:
-            predictions += generate_predictions(
-                model,
-                tokenizer,
-                task,
-                config.policy,
-                config.num_beams,
-                config.max_new_tokens,
-                config.batch_size,
-                progress,
-                done,
-                record,
-            )
+    try:
+        predictions = _predict_tasks(model, tokenizer, loaded, config, progress, journal)
+    except BaseException:
+        if journal is not None:
+            journal.close()
+        raise
     scores = score_predictions(predictions)
     results = {
         "model": name,
@@ -548,6 +537,34 @@ def evaluate_tasks(
         results["predictions"] = write_results(results, predictions, out).name
         journal.finish()
     return results
+
+
+def _predict_tasks(
+    model: nn.Module, tokenizer, loaded: Sequence, config: EvalConfig, progress: bool, journal: Journal | None
+) -> list[Prediction]:
+    """Every task's predictions, keeping those ``journal`` already holds and recording the new ones."""
+    enable(model)
+    model.eval()
+    predictions: list[Prediction] = []
+    for task in loaded:
+        done = journal.done_for(task.name, [r["answer"] for r in task.records]) if journal else None
+        record = journal.add if journal else None
+        if config.scoring == "loglik":
+            predictions += loglik_predictions(model, tokenizer, task, config.policy, progress, done, record)
+        else:
+            predictions += generate_predictions(
+                model,
+                tokenizer,
+                task,
+                config.policy,
+                config.num_beams,
+                config.max_new_tokens,
+                config.batch_size,
+                progress,
+                done,
+                record,
+            )
+    return predictions
 
 
 def journal_path(out: str | Path) -> Path:
@@ -567,7 +584,12 @@ class Journal:
         self.path = Path(path)
         self.header = json.loads(json.dumps(header))  # as it reads back from the file
         self.done: dict[tuple[str, int], Prediction] = {}
-        lines = self.path.read_text(encoding="utf-8").splitlines() if resume and self.path.exists() else []
+        # errors="replace": a last line cut inside a character still reads, and is dropped below
+        lines = (
+            self.path.read_text(encoding="utf-8", errors="replace").splitlines()
+            if resume and self.path.exists()
+            else []
+        )
         if lines:
             try:
                 found = json.loads(lines[0])
@@ -578,13 +600,19 @@ class Journal:
                     f"{self.path} holds the predictions of a run with other arguments ({found}, now "
                     f"{self.header}); delete it or start over with resume=False (segmask eval --no-resume)"
                 )
-            for line in lines[1:]:
+            for number, line in enumerate(lines[1:], start=2):
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError:
                     break  # the line the stop cut
-                row.pop("correct", None)
-                prediction = Prediction(**row)
+                try:
+                    row.pop("correct", None)
+                    prediction = Prediction(**row)
+                except (AttributeError, TypeError) as error:
+                    raise ValueError(
+                        f"{self.path}:{number}: not a prediction row ({error}); delete the file or start "
+                        "over with resume=False (segmask eval --no-resume)"
+                    ) from None
                 self.done[(prediction.task, prediction.index)] = prediction
         self.path.parent.mkdir(parents=True, exist_ok=True)
         rows = [self.header, *(p.to_json() for p in self.done.values())]
@@ -593,9 +621,21 @@ class Journal:
         tmp.replace(self.path)
         self._handle = self.path.open("a", encoding="utf-8")
 
-    def done_for(self, task: str) -> dict[int, Prediction]:
-        """The loaded predictions of ``task`` by record index."""
-        return {index: p for (name, index), p in self.done.items() if name == task}
+    def done_for(self, task: str, golds: Sequence[str] | None = None) -> dict[int, Prediction]:
+        """The loaded predictions of ``task`` by record index. With ``golds`` (each record's answer), a
+        prediction for another record (index out of range, other gold answer) is an error."""
+        done = {index: p for (name, index), p in self.done.items() if name == task}
+        for index, prediction in done.items():
+            if golds is not None and (index >= len(golds) or golds[index] != prediction.gold):
+                raise ValueError(
+                    f"{self.path}: its prediction for {task} record {index} is for another record (the task "
+                    "file changed?); delete it or start over with resume=False (segmask eval --no-resume)"
+                )
+        return done
+
+    def close(self) -> None:
+        """Close the file and keep it (a stopped run)."""
+        self._handle.close()
 
     def add(self, prediction: Prediction) -> None:
         self._handle.write(json.dumps(prediction.to_json(), ensure_ascii=False) + "\n")

@@ -18,15 +18,27 @@ from segmask.segments import Encoded
 
 
 def leak_cuts(segment_ids: Sequence[int]) -> list[int]:
-    """Positions ``c`` that no bidirectional segment spans: ``c - 1`` is causal or in another segment than ``c``.
+    """Positions ``c`` that no bidirectional segment spans: no segment id >= 0 occurs both before ``c`` and at
+    ``c`` or later (a segment id may recur after other tokens; its tokens still see each other).
 
     For such a cut no token before ``c`` may see a token at ``c`` or later, under any policy.
     """
-    return [
-        c
-        for c in range(1, len(segment_ids))
-        if segment_ids[c - 1] < 0 or segment_ids[c - 1] != segment_ids[c]
-    ]
+    first: dict[int, int] = {}
+    last: dict[int, int] = {}
+    for position, segment in enumerate(segment_ids):
+        if segment >= 0:
+            first.setdefault(segment, position)
+            last[segment] = position
+    spanned = [0] * (len(segment_ids) + 1)  # difference array: +1 where a span opens, -1 after it closes
+    for segment, start in first.items():
+        spanned[start + 1] += 1
+        spanned[last[segment] + 1] -= 1
+    cuts, open_spans = [], 0
+    for c in range(1, len(segment_ids)):
+        open_spans += spanned[c]
+        if open_spans == 0:
+            cuts.append(c)
+    return cuts
 
 
 @torch.no_grad()
@@ -39,11 +51,22 @@ def leak_check(
     the tokens from the cut on are replaced by other random ids and the model is run again with the same
     ``segment_ids``; the logits ``[c, V]`` before the cut must stay within ``tolerance``. Returns the largest
     change seen and raises a ``ValueError`` naming the cut if it exceeds ``tolerance``. ``model`` must have
-    gone through :func:`segmask.enable`.
+    gone through :func:`segmask.enable`; it runs in eval mode (dropout off) and is put back as it was.
     """
     cuts = leak_cuts(encoded.segment_ids)
     if not cuts:
         raise ValueError("no cut to test: the example is a single bidirectional segment")
+    was_training = model.training
+    model.eval()
+    try:
+        return _largest_change(model, encoded, cuts, max_cuts, seed, tolerance)
+    finally:
+        model.train(was_training)
+
+
+def _largest_change(
+    model: nn.Module, encoded: Encoded, cuts: list[int], max_cuts: int, seed: int, tolerance: float
+) -> float:
     boundaries = [c for c in cuts if encoded.segment_ids[c - 1] >= 0]
     causal = [c for c in cuts if c not in boundaries]
     step = max(1, len(causal) // max(1, max_cuts - len(boundaries)))

@@ -528,7 +528,11 @@ def training_arguments(config: TrainConfig, output: Path, has_eval: bool):
 
 
 def _has_accelerator() -> bool:
-    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    """CUDA, XPU, MPS or any other device torch knows (``torch.accelerator``, torch >= 2.6)."""
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None:
+        return accelerator.is_available()
+    return torch.cuda.is_available() or torch.backends.mps.is_available()
 
 
 def _checkpointing_flags(arguments: type, enabled: bool) -> dict[str, Any]:

@@ -22,7 +22,7 @@ def add_model_arguments(
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int = 128) -> None:
-    """``--max-new-tokens``, ``--greedy | --temperature T --top-p P`` and ``--attn``: shared with ``chat``."""
+    """``--max-new-tokens``, ``--greedy | --temperature T --top-p P`` and ``--attn`` of ``generate`` and ``chat``."""
     parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N")
     parser.add_argument(
         "--greedy", action="store_true", help="greedy decoding (the default without sampling flags)"

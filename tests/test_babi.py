@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from segmask.babi import (
@@ -135,6 +137,9 @@ def test_story_messages_without_new_statements_and_errors():
         story_messages(parse_babi(TEXT))
     with pytest.raises(ValueError, match="at least one"):
         story_messages([])
+    first, second = story
+    with pytest.raises(ValueError, match="question 1's statements do not extend"):
+        story_messages([first, replace(second, sentences=("John went to the garden.",))])
 
 
 def test_read_story_questions_shared(babi_dir):

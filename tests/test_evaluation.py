@@ -360,24 +360,14 @@ def test_a_stopped_run_resumes_with_the_same_predictions(stories, commonsense_di
         model, tokenizer, commonsense_dir, "boolq,ARC-Easy", out=tmp_path / "a.json", **settings
     )
 
-    add = evaluation.Journal.add
-
-    def add_then_stop(journal, prediction):
-        add(journal, prediction)
-        if len(journal.path.read_text().splitlines()) == 4:  # header + 3 predictions
-            raise _Stop
-
     out = tmp_path / "b.json"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(evaluation.Journal, "add", add_then_stop)
-        with pytest.raises(_Stop):
-            evaluate_tasks(model, tokenizer, commonsense_dir, "boolq,ARC-Easy", out=out, **settings)
+    _stopped_run(model, tokenizer, commonsense_dir, out, tasks="boolq,ARC-Easy", after=3, **settings)
     partial = tmp_path / "b.partial.jsonl"
     assert len(partial.read_text().splitlines()) == 4 and not out.exists()
     with partial.open("a") as handle:
         handle.write('{"task": "ARC-Easy", "ind')  # a line cut by the stop is dropped
 
-    scored = []
+    scored, add = [], evaluation.Journal.add
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(evaluation.Journal, "add", lambda journal, p: (scored.append(p.index), add(journal, p)))
         resumed = evaluate_tasks(model, tokenizer, commonsense_dir, "boolq,ARC-Easy", out=out, **settings)
@@ -410,20 +400,22 @@ def test_resume_refuses_a_partial_file_of_other_arguments(stories, commonsense_d
     assert results["tasks"]["boolq"]["n"] == 1 and not partial.exists()
 
 
-def _stopped_run(model, tokenizer, commonsense_dir, out, **settings):
-    """A run stopped after its first prediction; returns its journal."""
+def _stopped_run(model, tokenizer, commonsense_dir, out, tasks="boolq", after=1, **settings):
+    """A run stopped right after its first ``after`` predictions; returns its journal."""
     from segmask import evaluation
 
     add = evaluation.Journal.add
 
     def add_then_stop(journal, prediction):
         add(journal, prediction)
-        raise _Stop
+        if len(journal.path.read_text().splitlines()) == 1 + after:  # header + predictions
+            raise _Stop
 
+    settings.setdefault("progress", False)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(evaluation.Journal, "add", add_then_stop)
         with pytest.raises(_Stop):
-            evaluate_tasks(model, tokenizer, commonsense_dir, "boolq", out=out, progress=False, **settings)
+            evaluate_tasks(model, tokenizer, commonsense_dir, tasks, out=out, **settings)
     return out.with_name(f"{out.stem}.partial.jsonl")
 
 

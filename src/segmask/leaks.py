@@ -68,7 +68,7 @@ def _largest_change(
     model: nn.Module, encoded: Encoded, cuts: list[int], max_cuts: int, seed: int, tolerance: float
 ) -> float:
     boundaries = [c for c in cuts if encoded.segment_ids[c - 1] >= 0]
-    causal = [c for c in cuts if c not in boundaries]
+    causal = [c for c in cuts if encoded.segment_ids[c - 1] < 0]
     step = max(1, len(causal) // max(1, max_cuts - len(boundaries)))
     chosen = (boundaries + causal[::step])[:max_cuts]
     device = model.device

@@ -9,7 +9,7 @@ import transformers
 from transformers import AutoModelForCausalLM
 
 import segmask
-from segmask import attention
+from segmask import attention, compat
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=128)
 FAMILIES = {
@@ -119,9 +119,10 @@ def test_packed_documents_equal_separate_rows(backend):
     assert (packed[:, 7:] - alone_b).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("backend", ["eager", "sdpa", "segmask"])
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
-def test_new_segment_against_kv_cache_equals_full_forward(family):
-    model = tiny_model(family, "sdpa")
+def test_new_segment_against_kv_cache_equals_full_forward(family, backend):
+    model = tiny_model(family, backend)
     torch.manual_seed(3)
     ids = torch.randint(1, 128, (1, 12))
     seg = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 2, 2, -1, -1, -1]])
@@ -129,8 +130,64 @@ def test_new_segment_against_kv_cache_equals_full_forward(family):
         full = model(ids, segment_ids=seg).logits
         first = model(ids[:, :7], segment_ids=seg[:, :7], use_cache=True)
         # the new tokens' segment ids only; cached tokens count as causal
-        second = model(ids[:, 7:], segment_ids=seg[:, 7:], past_key_values=first.past_key_values).logits
+        cache = compat.output_cache(first)
+        second = model(ids[:, 7:], segment_ids=seg[:, 7:], **compat.cache_kwargs(model, cache)).logits
     assert (torch.cat([first.logits, second], 1) - full).abs().max() < 1e-5
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_kv_cache_found_under_the_deprecated_argument_name_too():
+    """transformers >= 5.24 still accepts ``past_key_values``: the cache is found by type, not by name."""
+    model = tiny_model("llama", "segmask")
+    ids = torch.randint(1, 128, (1, 12))
+    seg = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 2, 2, -1, -1, -1]])
+    with torch.no_grad():
+        full = model(ids, segment_ids=seg).logits
+        first = model(ids[:, :7], segment_ids=seg[:, :7], use_cache=True)
+        second = model(ids[:, 7:], segment_ids=seg[:, 7:], past_key_values=compat.output_cache(first)).logits
+    assert (torch.cat([first.logits, second], 1) - full).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa", "segmask"])
+def test_a_mask_that_disagrees_with_the_cache_raises(backend):
+    """Segment ids for more positions than cached + new tokens never run: the error names both lengths."""
+    model = tiny_model("llama", backend)
+    ids = torch.randint(1, 128, (1, 12))
+    with torch.no_grad():
+        first = model(ids[:, :7], segment_ids=torch.zeros(1, 7, dtype=torch.long), use_cache=True)
+        cache = compat.output_cache(first)
+        with pytest.raises(ValueError, match=r"expected \[1, 5\].*or \[1, 12\]"):
+            model(
+                ids[:, 7:],
+                segment_ids=torch.zeros(1, 9, dtype=torch.long),
+                **compat.cache_kwargs(model, cache),
+            )
+
+
+@pytest.mark.parametrize(
+    "backend, new_tokens, error, message",
+    [
+        # the fast kernel checks its key count against the mask's
+        ("segmask", 5, ValueError, r"built for 5 keys .* has 12 keys"),
+        # one new token: a [1, 1, 1, 1] dense mask would broadcast over every key; the post-forward check refuses
+        ("sdpa", 1, compat.TransformersChangedError, r"built for 0 cached \+ 1 new keys.*holds 8"),
+        ("eager", 1, compat.TransformersChangedError, r"built for 0 cached \+ 1 new keys.*holds 8"),
+    ],
+)
+def test_a_cache_the_hook_cannot_see_raises_instead_of_running_from_zero(
+    monkeypatch, backend, new_tokens, error, message
+):
+    """If a release hides the cache from the pre-hook, the mask would assume no cached tokens: it raises."""
+    model = tiny_model("llama", backend)
+    ids = torch.randint(1, 128, (1, 7 + new_tokens))
+    with torch.no_grad():
+        first = model(ids[:, :7], segment_ids=torch.zeros(1, 7, dtype=torch.long), use_cache=True)
+        cache = compat.output_cache(first)
+        monkeypatch.setattr(compat, "find_cache", lambda arguments: None)
+        with pytest.raises(error, match=message):
+            model(
+                ids[:, 7:], segment_ids=torch.full((1, new_tokens), -1), **compat.cache_kwargs(model, cache)
+            )
 
 
 def test_works_through_peft_and_backward():

@@ -379,6 +379,27 @@ def test_sliding_window_layer_takes_the_dense_route():
     assert (out - expected).abs().max() < TOLERANCE
 
 
+def test_keys_other_than_the_mask_was_built_for_are_refused():
+    """The kernel never truncates or pads silently: a layer whose key count differs from the cache's
+    reported length when the mask was built raises, naming both counts."""
+    segment_ids = torch.tensor([[0, 0, 0, 1, 1, -1, -1, -1]])
+    q, k, v, _ = random_qkv(1, 3, 8)
+    too_few_keys = (k[:, :, :5], v[:, :, :5])
+    with pytest.raises(ValueError, match="built for 8 keys .* has 5 keys"):
+        segmask_attention_forward(FakeAttention(), q, *too_few_keys, None, segmask_layout=Layout(segment_ids))
+    stale = Layout(segment_ids, key_lengths={None: 8})
+    longer = (torch.cat([k, k], 2), torch.cat([v, v], 2))
+    with pytest.raises(ValueError, match="built for 8 keys .* has 16 keys"):
+        segmask_attention_forward(FakeAttention(), q, *longer, None, segmask_layout=stale)
+    # a static cache reports its unused slots: those (and only those) are dropped
+    static = Layout(segment_ids, key_lengths={None: 16})
+    out, _ = segmask_attention_forward(FakeAttention(), q, *longer, None, segmask_layout=static)
+    expected, _ = segmask_attention_forward(
+        FakeAttention(), q, k, v, None, segmask_layout=Layout(segment_ids)
+    )
+    assert torch.equal(out, expected)
+
+
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=128)
 
 

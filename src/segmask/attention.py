@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import inspect
 import logging
+import threading
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from segmask import masks
+from segmask import compat, masks
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +68,11 @@ def enable(model: nn.Module, fast: bool = True) -> nn.Module:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         base.set_attn_implementation(IMPLEMENTATION)
     if getattr(decoder, _HANDLE, None) is None:
-        handle = decoder.register_forward_pre_hook(_pre_hook, with_kwargs=True)
-        setattr(decoder, _HANDLE, handle)
+        handles = (
+            decoder.register_forward_pre_hook(_pre_hook, with_kwargs=True),
+            decoder.register_forward_hook(_post_hook),
+        )
+        setattr(decoder, _HANDLE, handles)
     check_implementation(model)
     return model
 
@@ -76,9 +80,10 @@ def enable(model: nn.Module, fast: bool = True) -> nn.Module:
 def disable(model: nn.Module) -> nn.Module:
     """Undo :func:`enable`."""
     decoder = _decoder(model)
-    handle = getattr(decoder, _HANDLE, None)
-    if handle is not None:
-        handle.remove()
+    handles = getattr(decoder, _HANDLE, None)
+    if handles is not None:
+        for handle in handles:
+            handle.remove()
         setattr(decoder, _HANDLE, None)
     return model
 
@@ -146,6 +151,9 @@ def _pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict
     if segment_ids is None and document_ids is None:
         return (), kwargs
     mask = prepare_mask(module, kwargs, segment_ids, document_ids)
+    cache = compat.find_cache(kwargs)
+    _expected.calls = getattr(_expected, "calls", {})
+    _expected.calls[id(module)] = (cache, (int(cache.get_seq_length()) if cache is not None else 0))
     if isinstance(mask, _FastMask):
         mask, kwargs["segmask_layout"] = mask.placeholder, mask.layout
     elif isinstance(mask, dict) and any(isinstance(value, _FastMask) for value in mask.values()):
@@ -153,6 +161,33 @@ def _pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict
         mask = {layer_type: value.placeholder for layer_type, value in mask.items()}
     kwargs["attention_mask"] = mask
     return (), kwargs
+
+
+_expected = threading.local()  # per thread: decoder id -> (cache found by the pre-hook, its length then)
+
+
+def _post_hook(module: nn.Module, args: tuple, output) -> None:
+    """After a MAS forward: the cache must have grown by exactly the new tokens the mask was built for.
+
+    This catches a cache the pre-hook could not see (a renamed or wrapped argument), which would have
+    made the mask assume no cached tokens: the call raises rather than return wrong logits or tokens.
+    """
+    calls = getattr(_expected, "calls", {})
+    if id(module) not in calls:
+        return
+    cache, past = calls.pop(id(module))
+    returned = compat.output_cache(output) if hasattr(output, "keys") else None
+    if returned is None:
+        return
+    if cache is None and returned is not None:
+        cache, past = returned, 0
+    q_len = output[0].shape[1]
+    if returned is not cache or int(cache.get_seq_length()) != past + q_len:
+        raise compat.TransformersChangedError(
+            f"the MAS mask was built for {past} cached + {q_len} new keys, but the KV cache returned by "
+            f"{type(module).__name__} holds {int(returned.get_seq_length())}; the cache argument was not "
+            f"recognised"
+        )
 
 
 @dataclass(frozen=True)
@@ -175,7 +210,7 @@ def prepare_mask(
         raise ValueError("segment_ids given but neither input_ids nor inputs_embeds")
     batch_size, q_len = inputs.shape[:2]
     device = inputs.device
-    cache = kwargs.get("past_key_values")
+    cache = compat.find_cache(kwargs)  # by type, whatever the installed version calls the argument
     past = int(cache.get_seq_length()) if cache is not None else 0
     kv_len = past + q_len
 
@@ -202,25 +237,25 @@ def prepare_mask(
 
     implementation = check_implementation(decoder)
     layers = layer_masks(decoder.config)
+    sizes = {layer.layer_type: _key_sizes(decoder.config, cache, layer, q_len, kv_len) for layer in layers}
 
     if implementation == "segmask":
         from segmask.fast_attention import Layout
 
         placeholder = torch.ones((), dtype=torch.bool, device=device).expand(batch_size, 1, q_len, kv_len)
-        layout = Layout(segment_ids=segment_ids, attention_mask=attention_mask, document_ids=document_ids)
+        key_lengths = {layer.window: sizes[layer.layer_type][0] for layer in layers}
+        layout = Layout(
+            segment_ids=segment_ids,
+            attention_mask=attention_mask,
+            document_ids=document_ids,
+            key_lengths=key_lengths,
+        )
         fast = _FastMask(placeholder, layout)
         return fast if len(layers) == 1 else {layer.layer_type: fast for layer in layers}
 
     built = {}
     for layer in layers:
-        kv_offset, layer_kv_len = 0, kv_len
-        if cache is not None and layer.window is not None:
-            layer_idx = (
-                decoder.config.layer_types.index(layer.layer_type)
-                if getattr(decoder.config, "layer_types", None)
-                else 0
-            )
-            layer_kv_len, kv_offset = cache.get_mask_sizes(q_len, layer_idx)
+        layer_kv_len, kv_offset = sizes[layer.layer_type]
         built[layer.layer_type] = _represent(
             implementation,
             segment_ids,
@@ -235,6 +270,26 @@ def prepare_mask(
     if len(built) == 1:
         return next(iter(built.values()))
     return built
+
+
+def _key_sizes(config, cache, layer: LayerMask, q_len: int, kv_len: int) -> tuple[int, int]:
+    """``(key length, offset of the first key)`` of ``layer``'s attention for ``q_len`` new tokens.
+
+    Without a cache the keys are the ``kv_len`` tokens of the call. With one, the cache says (the call
+    transformers' ``masking_utils`` makes): a sliding-window layer keeps only its window, a static cache
+    has unused slots after the real tokens. A full-attention layer must hold every real token from 0.
+    """
+    if cache is None:
+        return kv_len, 0
+    types = getattr(config, "layer_types", None)
+    layer_idx = types.index(layer.layer_type) if types else 0
+    length, offset = compat.mask_sizes(cache, q_len, layer_idx)
+    if layer.window is None and (offset != 0 or length < kv_len):
+        raise ValueError(
+            f"the mask covers {kv_len} key positions ({kv_len - q_len} cached + {q_len} new tokens) but the "
+            f"KV cache's full-attention layer {layer_idx} holds {length} keys from offset {offset}"
+        )
+    return length, offset
 
 
 def _represent(
@@ -260,6 +315,8 @@ def _represent(
     full_len = segment_ids.shape[-1]
     dense = masks.evaluate(function, segment_ids.shape[0], q_len, full_len, segment_ids.device)
     dense = dense[..., kv_offset : kv_offset + kv_len]
+    if dense.shape[-1] < kv_len:  # a static cache's unused slots after the real tokens: never attended
+        dense = torch.nn.functional.pad(dense, (0, kv_len - dense.shape[-1]), value=False)
     if implementation == "eager":
         return masks.to_additive(dense, dtype)
     return masks.never_empty(dense)

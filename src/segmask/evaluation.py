@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from segmask import compat
 from segmask.attention import enable
 from segmask.generation import generate
 from segmask.masks import check_policy
@@ -288,7 +289,7 @@ def mas_prefill(
     ids = torch.tensor([list(input_ids)], dtype=torch.long, device=device)
     segments = torch.tensor([list(segment_ids)], dtype=torch.long, device=device)
     out = model(input_ids=ids, segment_ids=segments, use_cache=True, logits_to_keep=1)
-    return out.logits[:, -1], out.past_key_values
+    return out.logits[:, -1], compat.output_cache(out)
 
 
 @torch.inference_mode()
@@ -322,7 +323,9 @@ def continuation_logprobs(
             [torch.ones(count, len(prompt_ids), dtype=torch.long, device=device), real.long()], 1
         )
         logits = model(
-            input_ids=tokens[:, :-1], attention_mask=attention_mask[:, :-1], past_key_values=cache
+            input_ids=tokens[:, :-1],
+            attention_mask=attention_mask[:, :-1],
+            **compat.cache_kwargs(model, cache),
         ).logits
         predictors = torch.cat([predictors, logits.float().log_softmax(-1)], dim=1)  # [C, W, V]
     token_logprobs = predictors.gather(-1, tokens[..., None]).squeeze(-1).masked_fill(~real, 0.0)

@@ -73,9 +73,23 @@ class Layout:
     segment_ids: torch.Tensor
     attention_mask: torch.Tensor | None = None
     document_ids: torch.Tensor | None = None
+    key_lengths: dict[int | None, int] | None = None
+    """How many keys each layer kind holds, by sliding window (None: full attention), as the KV cache
+    reported them when the mask was built; None: exactly ``K``. The kernel refuses any other count."""
 
     def __post_init__(self) -> None:
         masks.validate_layout(self.segment_ids, self.attention_mask, self.document_ids)
+
+    def check_keys(self, keys: int, window: int | None) -> None:
+        """Raise unless a layer (with sliding ``window`` or None) holding ``keys`` keys is what the mask is for."""
+        expected = self.segment_ids.shape[1] if self.key_lengths is None else self.key_lengths.get(window)
+        if expected is None:
+            raise ValueError(f"the MAS layout was built for no layer with sliding window {window}")
+        if keys != expected:
+            raise ValueError(
+                f"the MAS mask was built for {expected} keys (the KV cache's length when the mask was made) but "
+                f"the attention layer has {keys} keys; the cache and the mask disagree, so segmask refuses to run"
+            )
 
 
 @dataclass(frozen=True)
@@ -761,17 +775,13 @@ def segmask_attention_forward(
 
     segment_ids, padding, documents = layout.segment_ids, layout.attention_mask, layout.document_ids
     kv_len = segment_ids.shape[1]
-    if key.shape[2] > kv_len:  # a static cache's unused slots, later than every real position
-        key, value = key[:, :, :kv_len], value[:, :, :kv_len]
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    layout.check_keys(key.shape[2], window)
+    if key.shape[2] > kv_len:  # a static cache's unused slots (the cache said so), later than every real one
+        key, value = key[:, :, :kv_len], value[:, :, :kv_len]
     if window is not None:
         output = dense_attention(query, key, value, segment_ids, padding, documents, scaling, dropout, window)
     else:
-        if key.shape[2] < kv_len:
-            raise ValueError(
-                f"the layout covers {kv_len} key positions but the layer has {key.shape[2]} keys; "
-                f"segment_ids must cover cached and current tokens"
-            )
         output = mas_attention(query, key, value, segment_ids, padding, documents, scaling, dropout)
     return output.transpose(1, 2).contiguous(), None
 

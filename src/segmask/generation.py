@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from segmask import compat
 from segmask.masks import MaskPolicy, check_policy
 from segmask.segments import Encoded, encode_chat, encode_instruction
 
@@ -150,10 +151,10 @@ def prefill(
         segment_ids=segment_ids.to(device),
         attention_mask=None if attention_mask is None else attention_mask.to(device),
         position_ids=positions.to(device),
-        past_key_values=cache,
         use_cache=True,
+        **compat.cache_kwargs(model, cache),
     )
-    return outputs.logits, outputs.past_key_values
+    return outputs.logits, compat.output_cache(outputs)
 
 
 def prefill_for_decoding(
@@ -215,7 +216,7 @@ def decode(
     return model.generate(
         input_ids=input_ids.to(model.device),
         attention_mask=attention_mask.to(model.device),
-        past_key_values=cache,
+        **compat.cache_kwargs(model, cache),
         **generation_kwargs,
     )
 

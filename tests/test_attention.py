@@ -11,6 +11,8 @@ from transformers import AutoModelForCausalLM
 import segmask
 from segmask import attention, compat
 
+pytestmark = pytest.mark.exactness
+
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=128)
 FAMILIES = {
     "llama": lambda: transformers.LlamaConfig(num_key_value_heads=2, **TINY),

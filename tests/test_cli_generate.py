@@ -121,3 +121,20 @@ def test_smollm2_answers_a_short_chat(tmp_path_factory, capsys, monkeypatch):
             ids.append(int(logits[0, -1].argmax()))
             segments.append(-1)
     assert mas.token_ids == ids[len(encoded.input_ids) :]
+
+
+def test_output_is_free_of_library_warnings(stories_path):
+    """What users see is the result: no deprecation or other warnings from transformers or torch."""
+    import subprocess
+    import sys
+
+    argv = ["-m", "segmask", "generate", "--model", str(stories_path), "--mask", "mas"]
+    result = subprocess.run(
+        [sys.executable, *argv, "--prompt", STORY, "--max-new-tokens", "6"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+    assert "deprecated" not in result.stderr.lower() and "warning" not in result.stderr.lower(), result.stderr

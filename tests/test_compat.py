@@ -18,6 +18,8 @@ import segmask
 from segmask import compat, fast_attention
 from segmask.generation import generate_ids
 
+pytestmark = pytest.mark.exactness
+
 TINY = dict(
     hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
     vocab_size=64, max_position_embeddings=64,
@@ -182,3 +184,31 @@ def test_segmask_never_warns_about_deprecated_arguments():
         warnings.simplefilter("error", FutureWarning)
         out = generate_ids(lm, ids, torch.tensor([[0, 0, 0, 1, 1, -1]]), max_new_tokens=3, do_sample=False)
     assert out.shape[1] == 9
+
+
+def test_releases_older_than_the_supported_range_are_refused():
+    with pytest.raises(
+        compat.TransformersChangedError, match=r"needs transformers >= 5\.18 \(found 5\.17\.0\)"
+    ):
+        compat.check_version("5.17.0")
+    for version in ("5.18.0", "5.24.0", "5.30.0.dev0", "6.0.0"):
+        compat.check_version(version)
+
+
+def test_the_declared_range_is_the_tested_one():
+    """pyproject's range, the two lock files make test-compat installs, and compat's bounds agree."""
+    from conftest import ROOT
+
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    oldest, newest = compat.OLDEST, compat.NEWEST
+    assert f'"transformers>={oldest[0]}.{oldest[1]},<{newest[0]}.{newest[1] + 1}"' in pyproject
+    locked = {
+        name: next(
+            line.split("==")[1]
+            for line in (ROOT / "requirements" / name).read_text().splitlines()
+            if line.startswith("transformers==")
+        )
+        for name in ("lock.txt", "oldest.txt")
+    }
+    assert compat.release(locked["lock.txt"]) == newest
+    assert compat.release(locked["oldest.txt"]) == oldest

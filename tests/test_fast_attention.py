@@ -19,6 +19,8 @@ import segmask
 from segmask import fast_attention, masks
 from segmask.fast_attention import Layout, mas_attention, plan_layout, segmask_attention_forward
 
+pytestmark = pytest.mark.exactness
+
 TOLERANCE = 1e-5
 
 

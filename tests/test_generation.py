@@ -22,6 +22,8 @@ from segmask.generation import (
 )
 from segmask.segments import encode_chat
 
+pytestmark = pytest.mark.exactness
+
 CHAT = [
     {"role": "system", "content": "You tell short stories."},
     {"role": "user", "content": "Tell me about a cat."},

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from segmask import masks
+
+pytestmark = pytest.mark.exactness
 
 # system(2) user(2) answer(2) for each policy
 LAYOUTS = {

@@ -12,6 +12,8 @@ from segmask.generation import decode, generate, left_pad, prefill, prefill_for_
 from segmask.prefix_cache import PrefixCache, cache_nbytes, stack_left_padded, whole_segments_length
 from segmask.segments import encode_chat
 
+pytestmark = pytest.mark.exactness
+
 SYSTEM = {"role": "system", "content": "You tell short stories."}
 CAT = [SYSTEM, {"role": "user", "content": "Tell me about a cat."}]
 DOG = [SYSTEM, {"role": "user", "content": "Tell me about a dog."}]

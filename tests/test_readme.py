@@ -33,8 +33,12 @@ def test_setup_commands_are_make_targets():
         assert re.search(rf"^{target}:", makefile, flags=re.M), (
             f"README names `make {target}`, the Makefile lacks it"
         )
+    for command in shell_commands():
+        if command.startswith("make "):
+            for target in command.split("#")[0].split()[1:]:
+                assert re.search(rf"^{target}:", makefile, flags=re.M), f"README names `make {target}`"
     ci = (ROOT / ".ci" / "run").read_text()
-    assert "make test" in ci and "SEGMASK_REQUIRE_SHARED=1" in ci
+    assert "make test" in ci and "make test-compat" in ci and "SEGMASK_REQUIRE_SHARED=1" in ci
 
 
 def shell_commands() -> list[str]:

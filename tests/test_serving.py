@@ -359,6 +359,7 @@ def test_api_key_and_max_context(model, tokenizer):
 # ------------------------------------------------------------------------------------------ prefix cache
 
 
+@pytest.mark.exactness
 def test_prefix_cache_reports_cached_tokens_and_keeps_the_text(server, uncached, model, tokenizer):
     system = {"role": "system", "content": "You tell short stories about the sea."}
     first = [system, {"role": "user", "content": "Tell me about a fish."}]

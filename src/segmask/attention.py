@@ -60,6 +60,7 @@ def enable(model: nn.Module, fast: bool = True) -> nn.Module:
     kernels, but MAS calls run segment-blocked with no L x L mask (exact; see :mod:`segmask.fast_attention`).
     Calls without segment ids are plain SDPA there.
     """
+    compat.check_version()
     decoder = _decoder(model)
     if fast and (decoder.config._attn_implementation or "eager") == "sdpa":
         from segmask.fast_attention import IMPLEMENTATION, register

@@ -23,6 +23,9 @@ from transformers.cache_utils import Cache
 #: forward-argument names transformers has used for the KV cache, newest first
 CACHE_ARGUMENTS = ("cache", "past_key_values")
 
+#: the transformers range ``make test-compat`` proves exact (both ends are tested), as in pyproject.toml
+OLDEST, NEWEST = (5, 18), (5, 24)
+
 
 class TransformersChangedError(RuntimeError):
     """An internal of transformers that segmask depends on is not where segmask expects it."""
@@ -31,6 +34,25 @@ class TransformersChangedError(RuntimeError):
         super().__init__(
             f"transformers {transformers.__version__}: {what}. segmask supports the versions listed in its "
             f"README; please report this with the transformers version"
+        )
+
+
+def release(version: str) -> tuple[int, int]:
+    """``(major, minor)`` of a version string such as ``5.24.0`` or ``5.25.0.dev0``."""
+    major, minor = (int("".join(ch for ch in part if ch.isdigit()) or 0) for part in version.split(".")[:2])
+    return major, minor
+
+
+def check_version(version: str | None = None) -> None:
+    """Refuse a transformers older than the supported range: there MAS is known to run silently wrong
+    (5.17 mis-sizes masks against a cache; before 5.18 GPT-2 ignores a prepared mask and sliding-window
+    caches cannot be cropped). A newer one is allowed: the run-time checks of this module and of
+    :mod:`segmask.attention` refuse what they cannot verify, and ``tests/test_compat.py`` names what moved."""
+    version = version or transformers.__version__
+    if release(version) < OLDEST:
+        raise TransformersChangedError(
+            f"segmask needs transformers >= {OLDEST[0]}.{OLDEST[1]} (found {version}); older releases run MAS "
+            f"masks silently wrong on some models and caches; pip install 'transformers>={OLDEST[0]}.{OLDEST[1]}'"
         )
 
 

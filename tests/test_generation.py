@@ -240,6 +240,14 @@ def test_new_turn_prefilled_against_cache_equals_full_prefill(stories, tokenizer
     assert_caches_close(partial, cache, len(encoded.input_ids))
 
 
+def test_prefill_logits_to_keep_returns_the_last_logits(stories, tokenizer):
+    (logits, _), encoded = full_prefill(stories, tokenizer, CHAT, "mas")
+    ids, segments = torch.tensor([encoded.input_ids]), torch.tensor([encoded.segment_ids])
+    last, cache = prefill(stories, ids, segments, logits_to_keep=1)
+    assert last.shape == (1, 1, logits.shape[-1]) and cache.get_seq_length() == ids.shape[1]
+    torch.testing.assert_close(last, logits[:, -1:], atol=1e-5, rtol=1e-5)
+
+
 def test_reusable_prefix_stops_at_changes_and_segments_that_span_the_cut():
     # same tokens and segments, new tokens follow in a new segment: everything is reusable
     assert reusable_prefix([5, 6, 7], [0, 0, -1], [5, 6, 7, 8, 9], [0, 0, -1, 1, -1]) == 3

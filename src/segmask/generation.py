@@ -130,13 +130,15 @@ def prefill(
     segment_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     cache=None,
+    logits_to_keep: int = 0,
 ) -> tuple[torch.Tensor, Any]:
     """Run prompt tokens through ``model`` under the MAS mask, appending their keys and values to ``cache``.
 
     ``input_ids`` and ``segment_ids`` are ``[B, Q]`` (the new tokens; tokens already in ``cache`` count
     as causal, so no segment may continue from the cache into them). ``attention_mask`` is ``[B, K]``
     over cached and new tokens (1 real, 0 padding), or None without padding. Returns the logits
-    ``[B, Q, V]`` and the cache, now holding ``K`` tokens.
+    ``[B, Q, V]`` (``[B, logits_to_keep, V]``, the last positions only, when ``logits_to_keep > 0``) and
+    the cache, now holding ``K`` tokens.
     """
     if input_ids.shape != segment_ids.shape:
         raise ValueError(
@@ -152,6 +154,7 @@ def prefill(
         attention_mask=None if attention_mask is None else attention_mask.to(device),
         position_ids=positions.to(device),
         use_cache=True,
+        **({"logits_to_keep": logits_to_keep} if logits_to_keep else {}),
         **compat.cache_kwargs(model, cache),
     )
     return outputs.logits, compat.output_cache(outputs)

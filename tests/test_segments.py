@@ -24,6 +24,8 @@ from segmask.segments import (
     cutoff_report,
     encode_chat,
     encode_instruction,
+    encode_text,
+    encode_tokens,
     instruction_messages,
     token_layout,
 )
@@ -597,6 +599,19 @@ def test_instruction_base_model_without_chat_template(stories_tokenizer, commons
         assert runs(full.segment_ids) == [0, 1, -1]
     with pytest.raises(ValueError, match="no chat template"):
         encode_instruction(stories_tokenizer, records[0], chat_template=True)
+
+
+@pytest.mark.parametrize(("policy", "segment"), [("mas", 0), ("prefix", 0), ("causal", -1)])
+def test_raw_text_is_one_segment_unless_causal(stories_tokenizer, policy, segment):
+    assert encode_tokens([5, 6, 7], policy) == Encoded([5, 6, 7], [segment] * 3, [IGNORE_INDEX] * 3)
+    encoded = encode_text(stories_tokenizer, "Once upon a time", policy)
+    assert encoded.input_ids == stories_tokenizer("Once upon a time")["input_ids"]
+    assert encoded.segment_ids == [segment] * len(encoded) and set(encoded.labels) == {IGNORE_INDEX}
+
+
+def test_raw_text_refuses_unknown_policies():
+    with pytest.raises(ValueError, match="unknown mask policy"):
+        encode_tokens([5], "full")
 
 
 def test_instruction_through_a_chat_template(smollm2_tokenizer):

@@ -39,7 +39,7 @@ import torch
 
 from segmask import compat
 from segmask.masks import MaskPolicy, check_policy
-from segmask.segments import Encoded, encode_chat, encode_instruction
+from segmask.segments import Encoded, encode_chat, encode_instruction, encode_text
 
 Conversation = list[dict[str, str]]
 # a raw text (no chat template), a conversation (list of messages) or an instruction record
@@ -68,11 +68,7 @@ def encode_prompt(tokenizer, prompt: Prompt, policy: MaskPolicy) -> Encoded:
     """
     check_policy(policy)
     if isinstance(prompt, str):
-        ids = tokenizer(prompt)["input_ids"]
-        if not ids:
-            raise ValueError("empty prompt: the text tokenizes to no tokens")
-        segment = -1 if policy == "causal" else 0
-        return Encoded(input_ids=list(ids), segment_ids=[segment] * len(ids), labels=[-100] * len(ids))
+        return encode_text(tokenizer, prompt, policy)
     if isinstance(prompt, dict):
         return encode_instruction(tokenizer, prompt, policy=policy, include_answer=False)
     if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from segmask.evaluation import continuation_logprobs
 from segmask.generation import completion, eos_token_ids, generate_ids, left_pad, pad_token_id
-from segmask.segments import Encoded, encode_chat
+from segmask.segments import IGNORE_INDEX, Encoded, encode_chat, encode_tokens
 
 NAME = "segmask"
 logger = logging.getLogger(__name__)
@@ -129,8 +129,7 @@ class SegmaskLM(TemplateLM):
         ids = list(context_ids)
         if self.add_bos_token and ids[:1] != [self.tokenizer.bos_token_id]:
             ids = [self.tokenizer.bos_token_id, *ids]
-        segment = -1 if self.policy == "causal" else 0
-        return Encoded(input_ids=ids, segment_ids=[segment] * len(ids), labels=[-100] * len(ids))
+        return encode_tokens(ids, self.policy)
 
     def _fit(self, prompt: Encoded, longest: int) -> tuple[list[int], list[int]]:
         """Drop the prompt's oldest tokens so that prompt plus the longest continuation fit ``max_length``."""
@@ -206,7 +205,7 @@ class SegmaskLM(TemplateLM):
                 for position in chunk:
                     context = requests[position].args[0]
                     ids, segments = self._fit(self.prompt(context, self.tok_encode(context)), max_new_tokens)
-                    prompts.append(Encoded(input_ids=ids, segment_ids=segments, labels=[-100] * len(ids)))
+                    prompts.append(Encoded(ids, segments, [IGNORE_INDEX] * len(ids)))
                 batch = left_pad(prompts, pad_id)
                 sequences = generate_ids(self.model, **batch, **generation_kwargs)
                 for position, row in zip(chunk, sequences[:, batch["input_ids"].shape[1] :]):

@@ -472,6 +472,29 @@ def encode_instruction(
     return apply_cutoff(encoded, cutoff, overflow)
 
 
+# ------------------------------------------------------------------------------------------- raw text
+
+
+def encode_tokens(input_ids: Sequence[int], policy: MaskPolicy = "mas") -> Encoded:
+    """Raw token ids as a prompt, without labels: one bidirectional segment (0), all causal under ``causal``.
+
+    This is the only place raw text meets a policy: a text has no turns, so ``mas`` and ``prefix`` both
+    make the whole of it one prompt segment.
+    """
+    policy = check_policy(policy)
+    ids = list(input_ids)
+    segment = -1 if policy == "causal" else 0
+    return Encoded(input_ids=ids, segment_ids=[segment] * len(ids), labels=[IGNORE_INDEX] * len(ids))
+
+
+def encode_text(tokenizer, text: str, policy: MaskPolicy = "mas") -> Encoded:
+    """A raw text (no template) as a prompt: tokenized as is, then :func:`encode_tokens`."""
+    ids = tokenizer(text)["input_ids"]
+    if not ids:
+        raise ValueError("empty prompt: the text tokenizes to no tokens")
+    return encode_tokens(ids, policy)
+
+
 # ------------------------------------------------------------------------------------------- cutoff
 
 

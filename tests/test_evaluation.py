@@ -1,4 +1,4 @@
-"""segmask.evaluation: answer extraction, accuracy and intervals, loglik scoring, and `segmask eval` runs."""
+"""segmask.evaluation: answer extraction, loglik scoring, and `segmask eval` runs."""
 
 from __future__ import annotations
 
@@ -7,27 +7,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from scipy.stats import binomtest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from segmask.cli import main
 from segmask.evaluation import (
     ANSWER_PREFIX,
-    Prediction,
     Task,
     answer_continuation,
     available_tasks,
-    average_accuracy,
     continuation_logprobs,
     evaluate_tasks,
     extract_answer,
     load_task,
     loglik_predictions,
-    score_predictions,
-    wilson_interval,
 )
 from segmask.generation import generate
 from segmask.loading import load_model
+from segmask.results import Journal, wilson_interval
 from segmask.segments import encode_instruction
 
 ANSWERS = ("answer1", "answer2", "answer3", "answer4", "answer5")
@@ -57,43 +53,6 @@ ANSWERS = ("answer1", "answer2", "answer3", "answer4", "answer5")
 )
 def test_extract_answer(text, labels, expected):
     assert extract_answer(text, labels) == expected
-
-
-# ------------------------------------------------------------------------------------------------ stats
-
-
-def test_wilson_interval_matches_scipy():
-    for correct, n in [(0, 5), (3, 4), (12, 20), (20, 20), (731, 1172)]:
-        expected = binomtest(correct, n).proportion_ci(confidence_level=0.95, method="wilson")
-        low, high = wilson_interval(correct, n)
-        assert low == pytest.approx(expected.low, abs=1e-12)
-        assert high == pytest.approx(expected.high, abs=1e-12)
-    with pytest.raises(ValueError, match="at least one trial"):
-        wilson_interval(0, 0)
-
-
-def test_accuracy_unparseable_and_unweighted_average():
-    def p(task, index, prediction, gold):
-        return Prediction(task, index, "prompt", "output", prediction, gold)
-
-    predictions = [
-        p("boolq", 0, "true", "true"),
-        p("boolq", 1, "false", "true"),
-        p("boolq", 2, None, "false"),  # unparseable counts as wrong
-        p("boolq", 3, "false", "false"),
-        p("piqa", 0, "solution1", "solution1"),
-        p("piqa", 1, None, "solution2"),
-    ]
-    scores = score_predictions(predictions)
-    assert list(scores) == ["boolq", "piqa"]
-    boolq, piqa = scores["boolq"], scores["piqa"]
-    assert (boolq.n, boolq.correct, boolq.unparseable, boolq.accuracy) == (4, 2, 1, 0.5)
-    assert (piqa.n, piqa.correct, piqa.unparseable, piqa.accuracy) == (2, 1, 1, 0.5)
-    assert (boolq.ci_low, boolq.ci_high) == wilson_interval(2, 4)
-    assert boolq.ci_low < boolq.accuracy < boolq.ci_high
-    # unweighted: each task counts once; pooled over records it would be 3/6 here too, so change one
-    scores = score_predictions(predictions[:4] + [p("piqa", 0, "solution1", "solution1")])
-    assert average_accuracy(scores) == pytest.approx((0.5 + 1.0) / 2)
 
 
 # ------------------------------------------------------------------------------------------------ tasks
@@ -352,8 +311,6 @@ class _Stop(Exception):
 def test_a_stopped_run_resumes_with_the_same_predictions(stories, commonsense_dir, tmp_path, scoring):
     """Stop a run after 3 predictions, run it again: the 3 are kept, only the rest is scored, and the
     results equal an uninterrupted run's; the partial file is gone at the end."""
-    from segmask import evaluation
-
     model, tokenizer = stories
     settings = dict(policy="mas", scoring=scoring, limit=3, max_new_tokens=6, batch_size=2, progress=False)
     whole = evaluate_tasks(
@@ -367,9 +324,9 @@ def test_a_stopped_run_resumes_with_the_same_predictions(stories, commonsense_di
     with partial.open("a") as handle:
         handle.write('{"task": "ARC-Easy", "ind')  # a line cut by the stop is dropped
 
-    scored, add = [], evaluation.Journal.add
+    scored, add = [], Journal.add
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(evaluation.Journal, "add", lambda journal, p: (scored.append(p.index), add(journal, p)))
+        patch.setattr(Journal, "add", lambda journal, p: (scored.append(p.index), add(journal, p)))
         resumed = evaluate_tasks(model, tokenizer, commonsense_dir, "boolq,ARC-Easy", out=out, **settings)
     assert len(scored) == 6 - 3  # only what the stopped run had not done
     assert resumed["tasks"] == whole["tasks"] and not partial.exists()
@@ -402,9 +359,7 @@ def test_resume_refuses_a_partial_file_of_other_arguments(stories, commonsense_d
 
 def _stopped_run(model, tokenizer, commonsense_dir, out, tasks="boolq", after=1, **settings):
     """A run stopped right after its first ``after`` predictions; returns its journal."""
-    from segmask import evaluation
-
-    add = evaluation.Journal.add
+    add = Journal.add
 
     def add_then_stop(journal, prediction):
         add(journal, prediction)
@@ -413,7 +368,7 @@ def _stopped_run(model, tokenizer, commonsense_dir, out, tasks="boolq", after=1,
 
     settings.setdefault("progress", False)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(evaluation.Journal, "add", add_then_stop)
+        patch.setattr(Journal, "add", add_then_stop)
         with pytest.raises(_Stop):
             evaluate_tasks(model, tokenizer, commonsense_dir, tasks, out=out, **settings)
     return out.with_name(f"{out.stem}.partial.jsonl")

@@ -21,12 +21,12 @@ tests of :mod:`segmask.compare`).
 
 from __future__ import annotations
 
+import importlib
 import json
-import math
 import re
-import subprocess
+import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from segmask import compat
+from segmask import compat, results
 from segmask.attention import enable
 from segmask.generation import generate
 from segmask.masks import check_policy
@@ -56,7 +56,6 @@ TASK_LABELS: dict[str, tuple[str, ...]] = {
 }
 SUITE: tuple[str, ...] = tuple(TASK_LABELS)
 ANSWER_PREFIX = "the correct answer is "  # the training target is ANSWER_PREFIX + label
-Z_95 = 1.959963984540054  # the 97.5% quantile of the standard normal
 
 _FORMAT_LINE = re.compile(r"Answer format:\s*(\S+)")
 
@@ -190,82 +189,6 @@ def extract_answer(text: str, labels: Sequence[str]) -> str | None:
     return None if match is None else by_lower[match.group(1)]
 
 
-# ---------------------------------------------------------------------------------------------- stats
-
-
-def wilson_interval(correct: int, n: int, z: float = Z_95) -> tuple[float, float]:
-    """The Wilson score interval for a binomial proportion ``correct / n`` (95% for the default ``z``)."""
-    if n <= 0:
-        raise ValueError(f"need at least one trial, got n={n}")
-    if not 0 <= correct <= n:
-        raise ValueError(f"correct must be in [0, {n}], got {correct}")
-    p = correct / n
-    denominator = 1 + z * z / n
-    center = (p + z * z / (2 * n)) / denominator
-    half = z / denominator * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, center - half), min(1.0, center + half)
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """One scored record. ``scores`` are the candidates' log-probabilities (``loglik`` scoring only)."""
-
-    task: str
-    index: int
-    prompt: str
-    output: str
-    prediction: str | None
-    gold: str
-    scores: dict[str, float] | None = None
-
-    @property
-    def correct(self) -> bool:
-        return self.prediction == self.gold
-
-    def to_json(self) -> dict:
-        return {**asdict(self), "correct": self.correct}
-
-
-@dataclass(frozen=True)
-class TaskScore:
-    """Accuracy of one task with its 95% Wilson interval; unparseable answers count as wrong."""
-
-    n: int
-    correct: int
-    unparseable: int
-    accuracy: float = field(init=False)
-    ci_low: float = field(init=False)
-    ci_high: float = field(init=False)
-
-    def __post_init__(self) -> None:
-        low, high = wilson_interval(self.correct, self.n)
-        object.__setattr__(self, "accuracy", self.correct / self.n)
-        object.__setattr__(self, "ci_low", low)
-        object.__setattr__(self, "ci_high", high)
-
-
-def score_predictions(predictions: Sequence[Prediction]) -> dict[str, TaskScore]:
-    """Per-task scores of a list of predictions, tasks in order of first appearance."""
-    by_task: dict[str, list[Prediction]] = {}
-    for prediction in predictions:
-        by_task.setdefault(prediction.task, []).append(prediction)
-    return {
-        task: TaskScore(
-            n=len(items),
-            correct=sum(p.correct for p in items),
-            unparseable=sum(p.prediction is None for p in items),
-        )
-        for task, items in by_task.items()
-    }
-
-
-def average_accuracy(scores: dict[str, TaskScore]) -> float:
-    """The unweighted mean of the tasks' accuracies (each task counts once, whatever its size)."""
-    if not scores:
-        raise ValueError("no task scores to average")
-    return sum(score.accuracy for score in scores.values()) / len(scores)
-
-
 # -------------------------------------------------------------------------------------------- loglik
 
 
@@ -355,9 +278,9 @@ def loglik_predictions(
     task: Task,
     policy: str,
     progress: bool = True,
-    done: Mapping[int, Prediction] | None = None,
-    on_prediction: Callable[[Prediction], None] | None = None,
-) -> list[Prediction]:
+    done: Mapping[int, results.Prediction] | None = None,
+    on_prediction: Callable[[results.Prediction], None] | None = None,
+) -> list[results.Prediction]:
     """Predict each record of ``task`` by the highest-scoring candidate answer (see the module docstring).
 
     Records whose index is in ``done`` keep that prediction (a resumed run); ``on_prediction`` sees each new
@@ -381,7 +304,7 @@ def loglik_predictions(
         by_label = {label: score.logprob for label, score in zip(labels, scores)}
         best = max(by_label, key=by_label.__getitem__)
         predictions.append(
-            Prediction(
+            results.Prediction(
                 task=task.name,
                 index=index,
                 prompt=tokenizer.decode(prompt.input_ids),
@@ -408,9 +331,9 @@ def generate_predictions(
     max_new_tokens: int = 32,
     batch_size: int = 8,
     progress: bool = True,
-    done: Mapping[int, Prediction] | None = None,
-    on_prediction: Callable[[Prediction], None] | None = None,
-) -> list[Prediction]:
+    done: Mapping[int, results.Prediction] | None = None,
+    on_prediction: Callable[[results.Prediction], None] | None = None,
+) -> list[results.Prediction]:
     """The paper's protocol: MAS prefill, beam search, the first label found in the generated text.
 
     ``done`` and ``on_prediction`` as in :func:`loglik_predictions`.
@@ -436,7 +359,7 @@ def generate_predictions(
         )
         for index, record, completion in zip(indices, records, completions):
             prompt = encode_instruction(tokenizer, record, policy=policy, include_answer=False)
-            by_index[index] = Prediction(
+            by_index[index] = results.Prediction(
                 task=task.name,
                 index=index,
                 prompt=tokenizer.decode(prompt.input_ids),
@@ -517,38 +440,35 @@ def evaluate_tasks(
         if config.scoring == "loglik":  # decoding settings do not change loglik predictions
             for key in ("num_beams", "max_new_tokens", "batch_size"):
                 header.pop(key)
-        journal = Journal(journal_path(out), header, resume)
+        journal = results.Journal(results.journal_path(out), header, resume)
     try:
         predictions = _predict_tasks(model, tokenizer, loaded, config, progress, journal)
     except BaseException:
         if journal is not None:
             journal.close()
         raise
-    scores = score_predictions(predictions)
-    results = {
-        "model": name,
-        "policy": config.policy,
-        "scoring": config.scoring,
-        "limit": config.limit,
-        "commit": git_commit(),
-        "tasks": {task.name: {**asdict(scores[task.name]), "file": str(task.path)} for task in loaded},
-        "average": average_accuracy(scores),
-    }
+    run = {"model": name, "policy": config.policy, "scoring": config.scoring, "limit": config.limit}
+    report = results.run_results(predictions, run, {task.name: str(task.path) for task in loaded})
     if config.scoring == "generate":
-        results["generation"] = {"num_beams": config.num_beams, "max_new_tokens": config.max_new_tokens}
+        report["generation"] = {"num_beams": config.num_beams, "max_new_tokens": config.max_new_tokens}
     if out is not None:
-        results["predictions"] = write_results(results, predictions, out).name
+        report["predictions"] = results.write_results(report, predictions, out).name
         journal.finish()
-    return results
+    return report
 
 
 def _predict_tasks(
-    model: nn.Module, tokenizer, loaded: Sequence, config: EvalConfig, progress: bool, journal: Journal | None
-) -> list[Prediction]:
+    model: nn.Module,
+    tokenizer,
+    loaded: Sequence,
+    config: EvalConfig,
+    progress: bool,
+    journal: results.Journal | None,
+) -> list[results.Prediction]:
     """Every task's predictions, keeping those ``journal`` already holds and recording the new ones."""
     enable(model)
     model.eval()
-    predictions: list[Prediction] = []
+    predictions: list[results.Prediction] = []
     for task in loaded:
         done = journal.done_for(task.name, [r["answer"] for r in task.records]) if journal else None
         record = journal.add if journal else None
@@ -570,119 +490,31 @@ def _predict_tasks(
     return predictions
 
 
-def journal_path(out: str | Path) -> Path:
-    """``runs/a.json`` -> ``runs/a.partial.jsonl``, the predictions of an unfinished run."""
-    out = Path(out)
-    return out.with_name(f"{out.stem}.partial.jsonl")
+# names that moved to segmask.results: the old import path works, with a warning, for one release
+_MOVED = {
+    name: "results"
+    for name in (
+        "Z_95",
+        "wilson_interval",
+        "Prediction",
+        "TaskScore",
+        "score_predictions",
+        "average_accuracy",
+        "journal_path",
+        "Journal",
+        "predictions_path",
+        "write_results",
+        "git_commit",
+    )
+}
 
 
-class Journal:
-    """The predictions of an unfinished run, one JSON line each after a header line of the run's arguments.
-
-    Opening it with ``resume`` loads what an earlier, stopped run with the same header wrote (a last line cut
-    by the stop is dropped); without ``resume`` the file starts over.
-    """
-
-    def __init__(self, path: str | Path, header: dict, resume: bool = True) -> None:
-        self.path = Path(path)
-        self.header = json.loads(json.dumps(header))  # as it reads back from the file
-        self.done: dict[tuple[str, int], Prediction] = {}
-        # errors="replace": a last line cut inside a character still reads, and is dropped below
-        lines = (
-            self.path.read_text(encoding="utf-8", errors="replace").splitlines()
-            if resume and self.path.exists()
-            else []
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        warnings.warn(
+            f"segmask.evaluation.{name} moved to segmask.{_MOVED[name]}.{name}",
+            DeprecationWarning,
+            stacklevel=2,
         )
-        if lines:
-            try:
-                found = json.loads(lines[0])
-            except json.JSONDecodeError:
-                found = None
-            if found != self.header:
-                raise ValueError(
-                    f"{self.path} holds the predictions of a run with other arguments ({found}, now "
-                    f"{self.header}); delete it or start over with resume=False (segmask eval --no-resume)"
-                )
-            for number, line in enumerate(lines[1:], start=2):
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    break  # the line the stop cut
-                try:
-                    row.pop("correct", None)
-                    prediction = Prediction(**row)
-                except (AttributeError, TypeError) as error:
-                    raise ValueError(
-                        f"{self.path}:{number}: not a prediction row ({error}); delete the file or start "
-                        "over with resume=False (segmask eval --no-resume)"
-                    ) from None
-                self.done[(prediction.task, prediction.index)] = prediction
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        rows = [self.header, *(p.to_json() for p in self.done.values())]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
-        tmp.replace(self.path)
-        self._handle = self.path.open("a", encoding="utf-8")
-
-    def done_for(self, task: str, golds: Sequence[str] | None = None) -> dict[int, Prediction]:
-        """The loaded predictions of ``task`` by record index. With ``golds`` (each record's answer), a
-        prediction for another record (index out of range, other gold answer) is an error."""
-        done = {index: p for (name, index), p in self.done.items() if name == task}
-        for index, prediction in done.items():
-            if golds is not None and (index >= len(golds) or golds[index] != prediction.gold):
-                raise ValueError(
-                    f"{self.path}: its prediction for {task} record {index} is for another record (the task "
-                    "file changed?); delete it or start over with resume=False (segmask eval --no-resume)"
-                )
-        return done
-
-    def close(self) -> None:
-        """Close the file and keep it (a stopped run)."""
-        self._handle.close()
-
-    def add(self, prediction: Prediction) -> None:
-        self._handle.write(json.dumps(prediction.to_json(), ensure_ascii=False) + "\n")
-        self._handle.flush()
-
-    def finish(self) -> None:
-        """Close and remove the file (the run's results are written)."""
-        self._handle.close()
-        self.path.unlink(missing_ok=True)
-
-
-def predictions_path(out: str | Path) -> Path:
-    """``runs/a.json`` -> ``runs/a.predictions.jsonl``."""
-    out = Path(out)
-    return out.with_name(f"{out.stem}.predictions.jsonl")
-
-
-def write_results(results: dict, predictions: Sequence[Prediction], out: str | Path) -> Path:
-    """Write ``results`` as JSON to ``out`` and the predictions as JSONL beside it; return the JSONL path."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    jsonl = predictions_path(out)
-    with jsonl.open("w", encoding="utf-8") as handle:
-        for prediction in predictions:
-            handle.write(json.dumps(prediction.to_json(), ensure_ascii=False) + "\n")
-    out.write_text(json.dumps({**results, "predictions": jsonl.name}, indent=2) + "\n", encoding="utf-8")
-    return jsonl
-
-
-def git_commit() -> str | None:
-    """The commit of the segmask checkout (``-dirty`` when it has local changes), or ``None`` outside git."""
-    here = Path(__file__).resolve().parent
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True, timeout=10
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=here,
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return f"{sha}-dirty" if dirty else sha
+        return getattr(importlib.import_module(f"segmask.{_MOVED[name]}"), name)
+    raise AttributeError(f"module 'segmask.evaluation' has no attribute {name!r}")

@@ -1,0 +1,80 @@
+"""segmask.results: accuracy with Wilson intervals, unparseable answers, the unweighted average, the results
+dict and files, and the old import path through segmask.evaluation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from scipy.stats import binomtest
+
+from segmask import evaluation
+from segmask.results import (
+    Prediction,
+    average_accuracy,
+    predictions_path,
+    run_results,
+    score_predictions,
+    wilson_interval,
+    write_results,
+)
+
+
+def test_wilson_interval_matches_scipy():
+    for correct, n in [(0, 5), (3, 4), (12, 20), (20, 20), (731, 1172)]:
+        expected = binomtest(correct, n).proportion_ci(confidence_level=0.95, method="wilson")
+        low, high = wilson_interval(correct, n)
+        assert low == pytest.approx(expected.low, abs=1e-12)
+        assert high == pytest.approx(expected.high, abs=1e-12)
+    with pytest.raises(ValueError, match="at least one trial"):
+        wilson_interval(0, 0)
+
+
+def test_accuracy_unparseable_and_unweighted_average():
+    def p(task, index, prediction, gold):
+        return Prediction(task, index, "prompt", "output", prediction, gold)
+
+    predictions = [
+        p("boolq", 0, "true", "true"),
+        p("boolq", 1, "false", "true"),
+        p("boolq", 2, None, "false"),  # unparseable counts as wrong
+        p("boolq", 3, "false", "false"),
+        p("piqa", 0, "solution1", "solution1"),
+        p("piqa", 1, None, "solution2"),
+    ]
+    scores = score_predictions(predictions)
+    assert list(scores) == ["boolq", "piqa"]
+    boolq, piqa = scores["boolq"], scores["piqa"]
+    assert (boolq.n, boolq.correct, boolq.unparseable, boolq.accuracy) == (4, 2, 1, 0.5)
+    assert (piqa.n, piqa.correct, piqa.unparseable, piqa.accuracy) == (2, 1, 1, 0.5)
+    assert (boolq.ci_low, boolq.ci_high) == wilson_interval(2, 4)
+    assert boolq.ci_low < boolq.accuracy < boolq.ci_high
+    # unweighted: each task counts once; pooled over records it would be 3/6 here too, so change one
+    scores = score_predictions(predictions[:4] + [p("piqa", 0, "solution1", "solution1")])
+    assert average_accuracy(scores) == pytest.approx((0.5 + 1.0) / 2)
+
+
+def test_run_results_and_files(tmp_path):
+    predictions = [
+        Prediction("b", 0, "p", "o", "x", "x"),
+        Prediction("a", 0, "p", "o", "y", "x", {"x": -2.0, "y": -1.0}),
+    ]
+    report = run_results(predictions, {"model": "m", "policy": "mas"}, {"b": "b.json", "a": "a.json"})
+    assert list(report) == ["model", "policy", "commit", "tasks", "average"]
+    assert list(report["tasks"]) == ["b", "a"]  # order of first appearance
+    assert report["tasks"]["a"]["file"] == "a.json" and report["tasks"]["b"]["accuracy"] == 1.0
+    assert report["average"] == 0.5
+    assert "file" not in run_results(predictions, {})["tasks"]["a"]
+    out = tmp_path / "runs" / "r.json"
+    jsonl = write_results(report, predictions, out)
+    assert jsonl == predictions_path(out) == tmp_path / "runs" / "r.predictions.jsonl"
+    assert json.loads(out.read_text())["predictions"] == "r.predictions.jsonl"
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert [row["correct"] for row in rows] == [True, False] and rows[1]["scores"] == {"x": -2.0, "y": -1.0}
+
+
+def test_old_import_path_warns():
+    with pytest.warns(DeprecationWarning, match="segmask.evaluation.Prediction moved to segmask.results"):
+        assert evaluation.Prediction is Prediction
+    with pytest.raises(AttributeError):
+        evaluation.no_such_name  # noqa: B018

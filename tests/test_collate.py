@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from segmask.collate import Collator, pack_rows
+from segmask.collate import Collator, pack_rows, pad_token_id
 from segmask.masks import dense_mask
 from segmask.segments import IGNORE_INDEX, Encoded, encode_chat, encode_instruction
 
@@ -123,6 +123,21 @@ def test_features_as_dicts_and_tokenizer_pad_id(records):
     assert from_dicts.keys() == from_records.keys()
     assert all(torch.equal(from_dicts[k], from_records[k]) for k in from_dicts)
     assert from_dicts["input_ids"].shape[1] % 8 == 0 and from_dicts["input_ids"][0, -1] == 2
+
+
+def test_pad_token_id_falls_back_to_eos_then_to_the_fallback():
+    class Tokenizer:
+        pad_token_id = None
+        eos_token_id = None
+
+    tokenizer = Tokenizer()
+    assert pad_token_id(tokenizer) == 0 and pad_token_id(tokenizer, fallback=7) == 7
+    with pytest.raises(ValueError, match="neither a pad nor an EOS token"):
+        Collator(tokenizer)
+    tokenizer.eos_token_id = 2
+    assert pad_token_id(tokenizer, fallback=None) == 2
+    tokenizer.pad_token_id = 3
+    assert pad_token_id(tokenizer) == 3
 
 
 def test_bad_input(records):

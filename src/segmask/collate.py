@@ -71,6 +71,17 @@ def pack_rows(lengths: Sequence[int], max_length: int) -> list[list[int]]:
     return rows
 
 
+def pad_token_id(tokenizer, fallback: int | None = 0) -> int:
+    """The tokenizer's padding id, else its EOS id (padding is masked, so any id does), else ``fallback``
+    (``None``: a ``ValueError``)."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    if fallback is None:
+        raise ValueError("the tokenizer has neither a pad nor an EOS token; pass pad_token_id")
+    return fallback
+
+
 @dataclass(frozen=True)
 class Collator:
     """Pad (or pack) a list of :class:`Encoded` (or dicts with their fields) into ``[B, L]`` tensors.
@@ -91,11 +102,7 @@ class Collator:
         if self.pad_token_id is None:
             if self.tokenizer is None:
                 raise ValueError("Collator needs a pad_token_id or a tokenizer")
-            pad = self.tokenizer.pad_token_id
-            pad = self.tokenizer.eos_token_id if pad is None else pad
-            if pad is None:
-                raise ValueError("the tokenizer has neither a pad nor an EOS token; pass pad_token_id")
-            object.__setattr__(self, "pad_token_id", int(pad))
+            object.__setattr__(self, "pad_token_id", pad_token_id(self.tokenizer, fallback=None))
         if self.padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}")
         if self.pack and self.max_length is None:

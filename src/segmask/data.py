@@ -31,9 +31,12 @@ from typing import Any, Literal
 
 import torch
 
+from segmask import segments
+from segmask.collate import Collator
+from segmask.segments import IGNORE_INDEX
+
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 Record = dict[str, Any]
 RecordKind = Literal["instruction", "chat"]
 TABULAR_SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
@@ -221,8 +224,6 @@ def encode_record(tokenizer, record: Record, policy: str, train_on_inputs: bool 
     ``train_on_inputs`` (causal policy only: ``Encoded`` refuses labels on segment tokens) puts the loss
     on the prompt too, as LLM-Adapters does by default.
     """
-    from segmask import segments
-
     if record_kind(record) == "chat":
         encoded = segments.encode_chat(tokenizer, record["messages"], policy=policy)
     else:
@@ -286,8 +287,6 @@ def encode_records(
     """
     import datasets
 
-    from segmask import segments
-
     encoded = [
         e
         for record in records
@@ -310,8 +309,6 @@ def encode_records(
 def template_length(tokenizer, kinds: Iterable[RecordKind], policy: str) -> int:
     """Tokens of the shortest possible example: the instruction template with empty fields, or a chat
     template with one-character user and assistant turns. A cutoff must leave room beyond it."""
-    from segmask import segments
-
     lengths = [0]
     for kind in set(kinds):
         if kind == "instruction":
@@ -343,8 +340,6 @@ class DataCollator:
     max_length: int | None = None
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        from segmask.collate import Collator
-
         collator = Collator(self.tokenizer, padding_side="right", pack=self.pack, max_length=self.max_length)
         batch = collator(rows)
         if not (self.with_segment_ids or self.pack):

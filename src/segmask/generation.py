@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from segmask import compat
+from segmask.collate import Collator, pad_token_id
 from segmask.masks import MaskPolicy, check_policy
 from segmask.segments import Encoded, encode_chat, encode_instruction, encode_text
 
@@ -92,8 +93,6 @@ def as_prompt_list(inputs: Prompt | Sequence[Prompt]) -> list[Prompt]:
 
 def left_pad(encoded: Sequence[Encoded], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Batch prompts with left padding: ``input_ids``, ``segment_ids``, ``attention_mask``, each ``[B, L]``."""
-    from segmask.collate import Collator
-
     batch = Collator(pad_token_id=pad_token_id, padding_side="left")(list(encoded))
     return {key: batch[key] for key in ("input_ids", "segment_ids", "attention_mask")}
 
@@ -280,14 +279,6 @@ def completion(tokenizer, token_ids: list[int], eos_ids: set[int]) -> Completion
             token_ids = token_ids[: index + 1]
             break
     return Completion(text=tokenizer.decode(token_ids, skip_special_tokens=True), token_ids=token_ids)
-
-
-def pad_token_id(tokenizer) -> int:
-    """The tokenizer's padding id, else its EOS id (padding is masked, so any id does)."""
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if candidate is not None:
-            return int(candidate)
-    return 0
 
 
 def eos_token_ids(model: torch.nn.Module, tokenizer) -> set[int]:

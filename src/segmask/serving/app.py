@@ -1,29 +1,7 @@
-"""An OpenAI-compatible server with MAS prefill, request batching and a segment-level prefix cache.
+"""The FastAPI app of ``segmask serve``: the handlers, the limits they check, and :func:`serve`.
 
-    segmask serve --model path/to/model --port 8000          # or, from Python:
-    app = segmask.serving.create_app(model, tokenizer, policy="mas")   # then run it with uvicorn
-
-    curl -s localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
-         -d '{"model": "MODEL", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 20}'
-
-Endpoints: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (streaming over server-sent events
-or not; ``temperature``, ``top_p``, ``max_tokens``, ``stop``, ``seed``, ``n=1``), ``GET /v1/models`` and
-``GET /health``. A request may set ``"mask_policy"`` (``causal``, ``mas``, ``prefix``) to run with
-another policy than the model's; every response echoes the policy it ran with.
-
-How a request runs::
-
-    handler (event loop)       validate, encode the prompt (segment ids), enqueue a Job     -> 4xx / 429
-    Scheduler (event loop)     bounded queue; takes up to max_batch jobs that sample alike
-    Engine (one model thread)  per row: prefix-cache lookup, MAS prefill of the rest, store the
-                               prompt's whole leading segments; stack the rows (left-padded);
-                               decode them together with transformers' generate
-    RowTracker (each step)     collect each row's tokens, stream its text, stop a row at EOS, its
-                               max_tokens, a stop string, or when its client has gone
-
-Prefill and decode are :func:`segmask.generation.prefill_for_decoding` and :func:`segmask.generation.decode`,
-so a greedy request gives the tokens of :func:`segmask.generation.generate`. The event loop never runs
-the model, so ``/health`` and validation answer during a long generation.
+The handlers run on the event loop: they validate a request (:mod:`segmask.serving.protocol`), encode its
+prompt, and hand a job to the scheduler; the model runs on the engine's thread (see the package docstring).
 """
 
 from __future__ import annotations
@@ -35,7 +13,6 @@ import hmac
 import itertools
 import json
 import logging
-import re
 import threading
 import time
 import uuid
@@ -44,12 +21,12 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -64,11 +41,18 @@ from segmask.generation import (
 )
 from segmask.masks import MaskPolicy, check_policy
 from segmask.prefix_cache import PrefixCache, stack_left_padded
-from segmask.segments import IGNORE_INDEX, ROLES, Encoded, encode_chat
+from segmask.segments import IGNORE_INDEX, Encoded, encode_chat
+from segmask.serving.protocol import (
+    DEFAULT_COMPLETION_TOKENS,
+    APIError,
+    BaseRequest,
+    ChatCompletionRequest,
+    CompletionRequest,
+    validation_error,
+)
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 MAX_BODY_BYTES = 16 * 2**20
 POLL_DISCONNECT_S = 0.25
 
@@ -100,151 +84,6 @@ class ServeConfig:
             raise ValueError("api_key must be a non-empty string (or None for no key)")
         if not self.model_name:
             raise ValueError("model_name must be non-empty")
-
-
-# --------------------------------------------------------------------------------------------- errors
-
-
-class APIError(Exception):
-    """An error answered with OpenAI's body ``{"error": {"message", "type", "param", "code"}}``."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def _param(loc: Sequence[Any]) -> str | None:
-    """A pydantic error location as an OpenAI ``param`` (``messages.0.role``), without union branch names."""
-    parts = [str(p) for p in loc if isinstance(p, int) or re.fullmatch(r"[a-z_][a-z0-9_]*", str(p))]
-    parts = [p for p in parts if p not in {"str", "int", "float", "bool", "list", "dict", "none"}]
-    return ".".join(parts) or None
-
-
-def validation_error(error: ValidationError) -> APIError:
-    first = error.errors()[0]
-    if first["type"] == "json_invalid":
-        return APIError(400, f"the request body is not valid JSON: {first['msg']}", code="invalid_json")
-    param = _param(first["loc"])
-    where = f"{param}: " if param else "request body: "
-    message = first["msg"].removeprefix("Value error, ")
-    return APIError(400, where + message, param=param, code="invalid_value")
-
-
-# --------------------------------------------------------------------------------------------- schemas
-
-
-class _Schema(BaseModel):
-    # strict: "3" is not an int, 1 is not a bool; unknown fields are ignored (clients send many)
-    model_config = ConfigDict(strict=True, extra="ignore")
-
-
-class TextPart(_Schema):
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(_Schema):
-    role: str
-    content: str | list[TextPart] | None = None
-
-    @field_validator("role")
-    @classmethod
-    def _known_role(cls, role: str) -> str:
-        if role not in ROLES:
-            raise ValueError(f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
-        return role
-
-    def text(self) -> str:
-        if self.content is None:
-            return ""
-        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
-
-
-class StreamOptions(_Schema):
-    include_usage: bool = False
-
-
-class _Sampling(_Schema):
-    """Fields shared by both endpoints."""
-
-    model: str
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    n: int = 1
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    mask_policy: MaskPolicy | None = None
-    # accepted only at their default values
-    logprobs: bool | int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
-
-    def check_supported(self) -> None:
-        if self.n != 1:
-            raise APIError(400, "only n=1 is supported", param="n", code="unsupported_value")
-        for name in ("logprobs", "logit_bias"):
-            if getattr(self, name):
-                raise APIError(
-                    400, f"{name} is not supported by segmask serve", param=name, code="unsupported_value"
-                )
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) != 0:
-                raise APIError(
-                    400, f"{name} is not supported by segmask serve", param=name, code="unsupported_value"
-                )
-        stops = self.stops()
-        if len(stops) > 4:
-            raise APIError(400, "at most 4 stop sequences", param="stop", code="invalid_value")
-
-    def stops(self) -> tuple[str, ...]:
-        stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
-        return tuple(s for s in stop if s)
-
-
-class ChatCompletionRequest(_Sampling):
-    messages: list[ChatMessage]
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    tools: list[Any] | None = None
-
-    def check_supported(self) -> None:
-        super().check_supported()
-        if self.tools:
-            raise APIError(
-                400, "tools are not supported by segmask serve", param="tools", code="unsupported_value"
-            )
-        if not self.messages:
-            raise APIError(400, "messages must not be empty", param="messages", code="invalid_value")
-
-
-class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    echo: bool = False
-    suffix: str | None = None
-    best_of: int | None = None
-
-    def check_supported(self) -> None:
-        super().check_supported()
-        if self.echo or self.suffix or (self.best_of not in (None, 1)):
-            name = "echo" if self.echo else "suffix" if self.suffix else "best_of"
-            raise APIError(
-                400, f"{name} is not supported by segmask serve", param=name, code="unsupported_value"
-            )
 
 
 # --------------------------------------------------------------------------------------------- jobs
@@ -775,7 +614,7 @@ async def _read_body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
-async def _parse(request: Request, schema: type[_Sampling]) -> Any:
+async def _parse(request: Request, schema: type[BaseRequest]) -> Any:
     raw = await _read_body(request)
     try:
         body = schema.model_validate_json(raw)
@@ -785,7 +624,7 @@ async def _parse(request: Request, schema: type[_Sampling]) -> Any:
     return body
 
 
-def _prepare(served: Served, body: _Sampling) -> MaskPolicy:
+def _prepare(served: Served, body: BaseRequest) -> MaskPolicy:
     """Check the requested model name; the mask policy the request runs with."""
     if body.model != served.config.model_name:
         raise APIError(
@@ -823,7 +662,7 @@ def _encode_completion_prompt(served: Served, prompt, policy: MaskPolicy) -> Enc
 
 def _submit(
     served: Served,
-    body: _Sampling,
+    body: BaseRequest,
     encoded: Encoded,
     policy: MaskPolicy,
     prompt_param: str,
@@ -855,7 +694,7 @@ def _submit(
     return job
 
 
-async def _respond(request, served: Served, body: _Sampling, job: Job, chat: bool):
+async def _respond(request, served: Served, body: BaseRequest, job: Job, chat: bool):
     header = {
         "id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex,
         "object": "chat.completion" if chat else "text_completion",

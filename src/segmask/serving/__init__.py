@@ -1,0 +1,75 @@
+"""An OpenAI-compatible server with MAS prefill, request batching and a segment-level prefix cache.
+
+    segmask serve --model path/to/model --port 8000          # or, from Python:
+    app = segmask.serving.create_app(model, tokenizer, policy="mas")   # then run it with uvicorn
+
+    curl -s localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+         -d '{"model": "MODEL", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 20}'
+
+Endpoints: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (streaming over server-sent events
+or not; ``temperature``, ``top_p``, ``max_tokens``, ``stop``, ``seed``, ``n=1``), ``GET /v1/models`` and
+``GET /health``. A request may set ``"mask_policy"`` (``causal``, ``mas``, ``prefix``) to run with
+another policy than the model's; every response echoes the policy it ran with.
+
+How a request runs::
+
+    handler (event loop)       validate, encode the prompt (segment ids), enqueue a Job     -> 4xx / 429
+    Scheduler (event loop)     bounded queue; takes up to max_batch jobs that sample alike
+    Engine (one model thread)  per row: prefix-cache lookup, MAS prefill of the rest, store the
+                               prompt's whole leading segments; stack the rows (left-padded);
+                               decode them together with transformers' generate
+    RowTracker (each step)     collect each row's tokens, stream its text, stop a row at EOS, its
+                               max_tokens, a stop string, or when its client has gone
+
+The package, in the order a request meets it: :mod:`~segmask.serving.protocol` (schemas, errors),
+:mod:`~segmask.serving.app` (the FastAPI app, ``serve``), :mod:`~segmask.serving.engine` (jobs, scheduler,
+engine) and :mod:`~segmask.serving.prefix_cache`.
+
+Prefill and decode are :func:`segmask.generation.prefill_for_decoding` and :func:`segmask.generation.decode`,
+so a greedy request gives the tokens of :func:`segmask.generation.generate`. The event loop never runs
+the model, so ``/health`` and validation answer during a long generation.
+"""
+
+from segmask.serving.app import (
+    Engine,
+    Job,
+    RowTracker,
+    Sampling,
+    Scheduler,
+    ServeConfig,
+    Served,
+    create_app,
+    default_name,
+    serve,
+    supports_row_caches,
+)
+from segmask.serving.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    StreamOptions,
+    TextPart,
+    validation_error,
+)
+
+__all__ = [
+    "APIError",
+    "ChatCompletionRequest",
+    "ChatMessage",
+    "CompletionRequest",
+    "Engine",
+    "Job",
+    "RowTracker",
+    "Sampling",
+    "Scheduler",
+    "ServeConfig",
+    "Served",
+    "StreamOptions",
+    "TextPart",
+    "create_app",
+    "default_name",
+    "serve",
+    "supports_row_caches",
+    "validation_error",
+]

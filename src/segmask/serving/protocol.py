@@ -1,0 +1,164 @@
+"""The OpenAI wire format that ``segmask serve`` speaks: request schemas and error bodies.
+
+Pure data: no model, no torch, no FastAPI app. A request body is parsed with its schema
+(``ChatCompletionRequest.model_validate_json(raw)``), then ``check_supported()`` refuses the options the
+server does not implement. Every refusal is an :class:`APIError`, answered with OpenAI's error body.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from segmask.masks import MaskPolicy
+from segmask.segments import ROLES
+
+DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
+
+
+# --------------------------------------------------------------------------------------------- errors
+
+
+class APIError(Exception):
+    """An error answered with OpenAI's body ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _param(loc: Sequence[Any]) -> str | None:
+    """A pydantic error location as an OpenAI ``param`` (``messages.0.role``), without union branch names."""
+    parts = [str(p) for p in loc if isinstance(p, int) or re.fullmatch(r"[a-z_][a-z0-9_]*", str(p))]
+    parts = [p for p in parts if p not in {"str", "int", "float", "bool", "list", "dict", "none"}]
+    return ".".join(parts) or None
+
+
+def validation_error(error: ValidationError) -> APIError:
+    first = error.errors()[0]
+    if first["type"] == "json_invalid":
+        return APIError(400, f"the request body is not valid JSON: {first['msg']}", code="invalid_json")
+    param = _param(first["loc"])
+    where = f"{param}: " if param else "request body: "
+    message = first["msg"].removeprefix("Value error, ")
+    return APIError(400, where + message, param=param, code="invalid_value")
+
+
+# --------------------------------------------------------------------------------------------- schemas
+
+
+class _Schema(BaseModel):
+    # strict: "3" is not an int, 1 is not a bool; unknown fields are ignored (clients send many)
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class TextPart(_Schema):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Schema):
+    role: str
+    content: str | list[TextPart] | None = None
+
+    @field_validator("role")
+    @classmethod
+    def _known_role(cls, role: str) -> str:
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
+        return role
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+
+class StreamOptions(_Schema):
+    include_usage: bool = False
+
+
+class BaseRequest(_Schema):
+    """Fields shared by both endpoints."""
+
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    mask_policy: MaskPolicy | None = None
+    # accepted only at their default values
+    logprobs: bool | int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+
+    def check_supported(self) -> None:
+        if self.n != 1:
+            raise APIError(400, "only n=1 is supported", param="n", code="unsupported_value")
+        for name in ("logprobs", "logit_bias"):
+            if getattr(self, name):
+                raise APIError(
+                    400, f"{name} is not supported by segmask serve", param=name, code="unsupported_value"
+                )
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) != 0:
+                raise APIError(
+                    400, f"{name} is not supported by segmask serve", param=name, code="unsupported_value"
+                )
+        stops = self.stops()
+        if len(stops) > 4:
+            raise APIError(400, "at most 4 stop sequences", param="stop", code="invalid_value")
+
+    def stops(self) -> tuple[str, ...]:
+        stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        return tuple(s for s in stop if s)
+
+
+class ChatCompletionRequest(BaseRequest):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    tools: list[Any] | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.tools:
+            raise APIError(
+                400, "tools are not supported by segmask serve", param="tools", code="unsupported_value"
+            )
+        if not self.messages:
+            raise APIError(400, "messages must not be empty", param="messages", code="invalid_value")
+
+
+class CompletionRequest(BaseRequest):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.echo or self.suffix or (self.best_of not in (None, 1)):
+            name = "echo" if self.echo else "suffix" if self.suffix else "best_of"
+            raise APIError(
+                400, f"{name} is not supported by segmask serve", param=name, code="unsupported_value"
+            )

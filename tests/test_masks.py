@@ -128,6 +128,17 @@ def test_window_limits_both_directions():
     ]
 
 
+def test_dense_with_window_key_offset_and_unused_slots():
+    segment_ids = torch.tensor([[0, 0, 0, 0, -1, -1]])
+    # the last 2 queries, a window of 2, keys 3.. as a sliding-window cache holds them, then 2 unused slots
+    got = masks.dense(segment_ids, q_len=2, sliding_window=2, kv_offset=3, kv_len=5)
+    assert got.shape == (1, 1, 2, 5)
+    assert got[0, 0].int().tolist() == [[1, 1, 0, 0, 0], [0, 1, 1, 0, 0]]
+    assert torch.equal(masks.dense(segment_ids), masks.dense_mask(segment_ids))
+    with pytest.raises(ValueError, match="q_len must be in"):
+        masks.dense(segment_ids, q_len=7)
+
+
 def test_bad_layouts_raise_clear_errors():
     import pytest
 

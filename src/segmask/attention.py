@@ -310,14 +310,8 @@ def _represent(
                 "flex_attention with a sliding-window KV cache is not supported; use sdpa or eager"
             )
         return masks.block_mask(segment_ids, attention_mask, document_ids, q_len=q_len, sliding_window=window)
-    function = masks.mask_function(segment_ids, attention_mask, document_ids)
-    if window is not None:
-        function = masks.and_functions(function, masks.window_function(window))
-    full_len = segment_ids.shape[-1]
-    dense = masks.evaluate(function, segment_ids.shape[0], q_len, full_len, segment_ids.device)
-    dense = dense[..., kv_offset : kv_offset + kv_len]
-    if dense.shape[-1] < kv_len:  # a static cache's unused slots after the real tokens: never attended
-        dense = torch.nn.functional.pad(dense, (0, kv_len - dense.shape[-1]), value=False)
+    # a static cache's unused slots after the real tokens come back False (never attended)
+    dense = masks.dense(segment_ids, attention_mask, document_ids, q_len, window, kv_offset, kv_len)
     if implementation == "eager":
         return masks.to_additive(dense, dtype)
     return masks.never_empty(dense)

@@ -682,12 +682,11 @@ def dense_attention(
     Same shapes as :func:`mas_attention`; for a sliding window the key positions are the last ``key.shape[2]``
     of the ``K`` positions the ids cover.
     """
-    q_len, kv_len = query.shape[2], segment_ids.shape[1]
-    function = masks.mask_function(segment_ids, attention_mask, document_ids)
-    if sliding_window is not None:
-        function = masks.and_functions(function, masks.window_function(sliding_window))
-    mask = masks.evaluate(function, segment_ids.shape[0], q_len, kv_len, segment_ids.device)
-    mask = masks.never_empty(mask[..., kv_len - key.shape[2] :])
+    kv_offset = segment_ids.shape[1] - key.shape[2]
+    mask = masks.dense(
+        segment_ids, attention_mask, document_ids, query.shape[2], sliding_window, kv_offset, key.shape[2]
+    )
+    mask = masks.never_empty(mask)
     return F.scaled_dot_product_attention(
         query,
         key,

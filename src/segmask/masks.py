@@ -144,6 +144,39 @@ def evaluate(
     return function(b, h, q, kv).expand(batch_size, 1, q_len, kv_len)
 
 
+def dense(
+    segment_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    document_ids: torch.Tensor | None = None,
+    q_len: int | None = None,
+    sliding_window: int | None = None,
+    kv_offset: int = 0,
+    kv_len: int | None = None,
+) -> torch.Tensor:
+    """The rule, optionally within a sliding window, as a boolean ``[B, 1, Q, kv_len]`` view over some keys.
+
+    ``segment_ids``, ``attention_mask`` and ``document_ids`` are ``[B, K]``; the queries are the last
+    ``q_len`` of the ``K`` positions (default: all). The keys are positions ``[kv_offset, kv_offset +
+    kv_len)`` (default: from ``kv_offset`` to ``K``), as a KV cache holds them: a sliding-window layer keeps
+    only its last keys, a static cache has unused slots after the real tokens, which are never attended
+    (False). Every backend's dense mask is this one composition; the result may be a broadcast view.
+    """
+    validate_layout(segment_ids, attention_mask, document_ids)
+    batch_size, full_len = segment_ids.shape
+    q_len = full_len if q_len is None else q_len
+    if not 0 < q_len <= full_len:
+        raise ValueError(f"q_len must be in [1, {full_len}], got {q_len}")
+    function = mask_function(segment_ids, attention_mask, document_ids)
+    if sliding_window is not None:
+        function = and_functions(function, window_function(sliding_window))
+    mask = evaluate(function, batch_size, q_len, full_len, segment_ids.device)
+    kv_len = full_len - kv_offset if kv_len is None else kv_len
+    mask = mask[..., kv_offset : kv_offset + kv_len]
+    if mask.shape[-1] < kv_len:
+        mask = torch.nn.functional.pad(mask, (0, kv_len - mask.shape[-1]), value=False)
+    return mask
+
+
 def dense_mask(
     segment_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
@@ -156,13 +189,7 @@ def dense_mask(
     queries are the last ``q_len`` positions (default: all ``K``). This is the exact rule: a padded query
     row may be all False. Use :func:`attention_bias` or :func:`sdpa_mask` to feed an attention kernel.
     """
-    validate_layout(segment_ids, attention_mask, document_ids)
-    batch_size, kv_len = segment_ids.shape
-    q_len = kv_len if q_len is None else q_len
-    if not 0 < q_len <= kv_len:
-        raise ValueError(f"q_len must be in [1, {kv_len}], got {q_len}")
-    fn = mask_function(segment_ids, attention_mask, document_ids)
-    return evaluate(fn, batch_size, q_len, kv_len, segment_ids.device).contiguous()
+    return dense(segment_ids, attention_mask, document_ids, q_len).contiguous()
 
 
 def never_empty(mask: torch.Tensor) -> torch.Tensor:

@@ -212,3 +212,12 @@ def test_the_declared_range_is_the_tested_one():
     }
     assert compat.release(locked["lock.txt"]) == newest
     assert compat.release(locked["oldest.txt"]) == oldest
+
+
+def test_peft_wrapping_emits_no_deprecation_warning():
+    from peft import LoraConfig, get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        with compat.quiet_peft():
+            get_peft_model(model(), LoraConfig(r=2, target_modules=["q_proj"]))

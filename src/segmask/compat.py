@@ -13,7 +13,10 @@ fails loudly there rather than producing wrong tokens.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -122,3 +125,13 @@ def mask_sizes(cache: Cache, q_len: int, layer_idx: int) -> tuple[int, int]:
         )
     kv_length, kv_offset = method(query, layer_idx)
     return int(kv_length), int(kv_offset)
+
+
+@contextlib.contextmanager
+def quiet_peft() -> Iterator[None]:
+    """Around peft's model wrapping: peft reads ``model.is_gradient_checkpointing``, which transformers
+    >= 5.2x deprecates with a FutureWarning on every ``get_peft_model`` / ``PeftModel.from_pretrained``.
+    That warning is peft's business, not the user's; only it is silenced, nothing else."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from segmask.evaluation import check_record, record_candidates
 from segmask.reading_task import (
     ANSWER_PREFIX,
     PLACES,
@@ -23,6 +22,7 @@ from segmask.reading_task import (
     write_json,
     write_jsonl,
 )
+from segmask.tasks.commonsense import check_record, record_candidates
 
 SENTENCE = re.compile(r"^(\w+) (?:went to|moved to|travelled to|journeyed to|went back to) the (\w+)\.$")
 TEMPLATES = Path(__file__).parent / "fixtures" / "chat_templates"

@@ -22,8 +22,6 @@ tests of :mod:`segmask.compare`).
 from __future__ import annotations
 
 import importlib
-import json
-import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -38,155 +36,11 @@ from segmask import compat, results
 from segmask.attention import enable
 from segmask.generation import generate
 from segmask.masks import check_policy
-from segmask.segments import Encoded, encode_instruction
+from segmask.segments import encode_instruction
+from segmask.tasks import commonsense
 
 Scoring = Literal["generate", "loglik"]
 SCORINGS: tuple[str, ...] = get_args(Scoring)
-
-# the answer vocabulary of each task of the suite (LLM-Adapters' label strings)
-TASK_LABELS: dict[str, tuple[str, ...]] = {
-    "boolq": ("true", "false"),
-    "piqa": ("solution1", "solution2"),
-    "social_i_qa": ("answer1", "answer2", "answer3"),
-    "hellaswag": ("ending1", "ending2", "ending3", "ending4"),
-    "winogrande": ("option1", "option2"),
-    "ARC-Easy": ("answer1", "answer2", "answer3", "answer4", "answer5"),
-    "ARC-Challenge": ("answer1", "answer2", "answer3", "answer4", "answer5"),
-    "openbookqa": ("answer1", "answer2", "answer3", "answer4", "answer5"),
-}
-SUITE: tuple[str, ...] = tuple(TASK_LABELS)
-ANSWER_PREFIX = "the correct answer is "  # the training target is ANSWER_PREFIX + label
-
-_FORMAT_LINE = re.compile(r"Answer format:\s*(\S+)")
-
-
-# --------------------------------------------------------------------------------------------- tasks
-
-
-@dataclass(frozen=True)
-class Task:
-    """One task: its records and answer vocabulary. ``candidates[i]`` are the labels record ``i`` offers."""
-
-    name: str
-    path: Path
-    records: tuple[dict, ...]
-    labels: tuple[str, ...]
-    candidates: tuple[tuple[str, ...], ...]
-
-    def __post_init__(self) -> None:
-        if not self.records:
-            raise ValueError(f"{self.path}: task {self.name!r} has no records")
-        if len(self.candidates) != len(self.records):
-            raise ValueError(
-                f"{self.path}: {len(self.candidates)} candidate lists for {len(self.records)} records"
-            )
-
-
-def task_path(data_dir: str | Path, name: str) -> Path:
-    """``DIR/<name>_test.json`` or ``DIR/<name>/test.json``; a ``FileNotFoundError`` lists what exists."""
-    data_dir = Path(data_dir)
-    for path in (data_dir / f"{name}_test.json", data_dir / name / "test.json"):
-        if path.is_file():
-            return path
-    found = ", ".join(available_tasks(data_dir)) if data_dir.is_dir() else f"{data_dir} is not a directory"
-    raise FileNotFoundError(
-        f"no test file for task {name!r}: looked for {data_dir / f'{name}_test.json'} and "
-        f"{data_dir / name / 'test.json'} (available: {found or 'none'})"
-    )
-
-
-def available_tasks(data_dir: str | Path) -> list[str]:
-    """Names of the tasks with a test file in ``data_dir``."""
-    data_dir = Path(data_dir)
-    names = [p.name.removesuffix("_test.json") for p in data_dir.glob("*_test.json")]
-    names += [p.parent.name for p in data_dir.glob("*/test.json")]
-    return sorted(set(names))
-
-
-def parse_tasks(tasks: str | Sequence[str]) -> list[str]:
-    """``"boolq,piqa"`` or ``["boolq", "piqa"]`` to a list of unique names, in order."""
-    names = tasks.split(",") if isinstance(tasks, str) else list(tasks)
-    names = [name.strip() for name in names if name.strip()]
-    if not names:
-        raise ValueError("no tasks given")
-    return list(dict.fromkeys(names))
-
-
-def load_task(data_dir: str | Path, name: str, limit: int | None = None) -> Task:
-    """Read and validate a task's first ``limit`` records (all when ``None``).
-
-    Raises a ``ValueError`` naming the file and the record index for a malformed record or an answer outside
-    the task's vocabulary, and a ``FileNotFoundError`` for a missing file.
-    """
-    if limit is not None and limit <= 0:
-        raise ValueError(f"limit must be positive, got {limit}")
-    path = task_path(data_dir, name)
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
-    for index, record in enumerate(records):
-        check_record(record, path, index)
-    labels = TASK_LABELS.get(name) or _labels_from_records(records)
-    records = records[:limit]
-    candidates = tuple(record_candidates(record, labels, path, index) for index, record in enumerate(records))
-    return Task(name, path, tuple(records), labels, candidates)
-
-
-def check_record(record: Any, path: Path, index: int) -> None:
-    """Raise a ``ValueError`` naming ``path`` and ``index`` unless ``record`` is an LLM-Adapters record."""
-    where = f"{path}: record {index}"
-    if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected an object, got {type(record).__name__}")
-    for key in ("instruction", "answer"):
-        if not isinstance(record.get(key), str) or not record[key].strip():
-            raise ValueError(f"{where}: missing or empty string field {key!r}")
-    for key in ("input", "output"):
-        if not isinstance(record.get(key, ""), str):
-            raise ValueError(f"{where}: field {key!r} must be a string, got {type(record[key]).__name__}")
-
-
-def record_candidates(record: dict, labels: tuple[str, ...], path: Path, index: int) -> tuple[str, ...]:
-    """The labels a record offers: its ``Answer format: a/b/c`` line, else the task's whole vocabulary.
-
-    ARC questions have 3 to 5 options; scoring only the offered ones keeps ``loglik`` from choosing an
-    option that does not exist.
-    """
-    where = f"{path}: record {index}"
-    found = _FORMAT_LINE.findall(record["instruction"])
-    offered = tuple(found[-1].split("/")) if found else labels
-    unknown = [label for label in offered if label not in labels]
-    if unknown:
-        raise ValueError(f"{where}: answer format lists {unknown}, not in the task's labels {list(labels)}")
-    if record["answer"] not in offered:
-        raise ValueError(f"{where}: answer {record['answer']!r} is not one of {list(offered)}")
-    return offered
-
-
-def _labels_from_records(records: list[dict]) -> tuple[str, ...]:
-    """Vocabulary of a task outside the suite: every label named in an answer-format line or as an answer."""
-    labels: dict[str, None] = {}
-    for record in records:
-        for line in _FORMAT_LINE.findall(record["instruction"]):
-            labels.update(dict.fromkeys(line.split("/")))
-        labels[record["answer"]] = None
-    return tuple(labels)
-
-
-def extract_answer(text: str, labels: Sequence[str]) -> str | None:
-    """The first label of ``labels`` that occurs in ``text`` as a whole word, case-insensitive, else ``None``.
-
-    ``"The correct answer is Answer2."`` gives ``"answer2"``; ``"answer1 or answer3"`` gives ``"answer1"``;
-    ``"untrue"`` contains no ``"true"``.
-    """
-    if not labels:
-        raise ValueError("extract_answer needs at least one label")
-    by_lower = {label.lower(): label for label in labels}
-    alternatives = "|".join(re.escape(label) for label in sorted(by_lower, key=len, reverse=True))
-    match = re.search(rf"(?<![0-9a-z_])({alternatives})(?![0-9a-z_])", text.lower())
-    return None if match is None else by_lower[match.group(1)]
 
 
 # -------------------------------------------------------------------------------------------- loglik
@@ -256,26 +110,10 @@ def continuation_logprobs(
     return [ContinuationScore(float(lp), bool(g)) for lp, g in zip(token_logprobs.sum(-1), greedy.all(-1))]
 
 
-def answer_continuation(tokenizer, record: dict, label: str, policy: str, prompt: Encoded) -> list[int]:
-    """Token ids of ``ANSWER_PREFIX + label`` after ``prompt``, exactly as training would see them."""
-    full = encode_instruction(
-        tokenizer,
-        {**record, "output": ANSWER_PREFIX + label, "answer": label},
-        policy=policy,
-        include_answer=True,
-    )
-    cut = len(prompt.input_ids)
-    if full.input_ids[:cut] != prompt.input_ids:
-        raise ValueError("the prompt's tokens are not a prefix of the prompt-plus-answer tokens")
-    if any(segment != -1 for segment in full.segment_ids[cut:]):
-        raise ValueError("answer tokens must be causal (segment id -1)")
-    return full.input_ids[cut:]
-
-
 def loglik_predictions(
     model: nn.Module,
     tokenizer,
-    task: Task,
+    task: commonsense.Task,
     policy: str,
     progress: bool = True,
     done: Mapping[int, results.Prediction] | None = None,
@@ -299,7 +137,9 @@ def loglik_predictions(
             predictions.append(done[index])
             continue
         prompt = encode_instruction(tokenizer, record, policy=policy, include_answer=False)
-        continuations = [answer_continuation(tokenizer, record, label, policy, prompt) for label in labels]
+        continuations = [
+            commonsense.answer_continuation(tokenizer, record, label, policy, prompt) for label in labels
+        ]
         scores = continuation_logprobs(model, prompt.input_ids, prompt.segment_ids, continuations)
         by_label = {label: score.logprob for label, score in zip(labels, scores)}
         best = max(by_label, key=by_label.__getitem__)
@@ -308,7 +148,7 @@ def loglik_predictions(
                 task=task.name,
                 index=index,
                 prompt=tokenizer.decode(prompt.input_ids),
-                output=ANSWER_PREFIX + best,
+                output=commonsense.ANSWER_PREFIX + best,
                 prediction=best,
                 gold=record["answer"],
                 scores=by_label,
@@ -325,7 +165,7 @@ def loglik_predictions(
 def generate_predictions(
     model: nn.Module,
     tokenizer,
-    task: Task,
+    task: commonsense.Task,
     policy: str,
     num_beams: int = 4,
     max_new_tokens: int = 32,
@@ -364,7 +204,7 @@ def generate_predictions(
                 index=index,
                 prompt=tokenizer.decode(prompt.input_ids),
                 output=completion.text,
-                prediction=extract_answer(completion.text, task.labels),
+                prediction=commonsense.extract_answer(completion.text, task.labels),
                 gold=record["answer"],
             )
             if on_prediction is not None:
@@ -430,8 +270,8 @@ def evaluate_tasks(
     arguments is an error, never mixed in; ``resume=False`` discards it.
     """
     config = EvalConfig(policy, scoring, limit, num_beams, max_new_tokens, batch_size)
-    names = parse_tasks(tasks)
-    loaded = [load_task(data_dir, name, config.limit) for name in names]
+    names = commonsense.parse_tasks(tasks)
+    loaded = [commonsense.load_task(data_dir, name, config.limit) for name in names]
     name = model_name or str(getattr(model.config, "_name_or_path", "")) or type(model).__name__
     journal = None
     if out is not None:
@@ -490,23 +330,16 @@ def _predict_tasks(
     return predictions
 
 
-# names that moved to segmask.results: the old import path works, with a warning, for one release
-_MOVED = {
-    name: "results"
-    for name in (
-        "Z_95",
-        "wilson_interval",
-        "Prediction",
-        "TaskScore",
-        "score_predictions",
-        "average_accuracy",
-        "journal_path",
-        "Journal",
-        "predictions_path",
-        "write_results",
-        "git_commit",
-    )
-}
+# names that moved to segmask.results and segmask.tasks.commonsense: the old import path works, with a warning, for one release
+_MOVED = dict.fromkeys(
+    ("TASK_LABELS", "SUITE", "ANSWER_PREFIX", "Task", "task_path", "available_tasks", "parse_tasks", "load_task",
+     "check_record", "record_candidates", "extract_answer", "answer_continuation"),
+    "tasks.commonsense",
+) | dict.fromkeys(
+    ("Z_95", "wilson_interval", "Prediction", "TaskScore", "score_predictions", "average_accuracy",
+     "journal_path", "Journal", "predictions_path", "write_results", "git_commit"),
+    "results",
+)  # fmt: skip
 
 
 def __getattr__(name: str) -> Any:

@@ -38,8 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from segmask.compare import compare_runs
-    from segmask.evaluation import SUITE, evaluate_tasks, parse_tasks, task_path
+    from segmask.evaluation import evaluate_tasks
     from segmask.loading import load_model
+    from segmask.tasks.commonsense import SUITE, parse_tasks, task_path
 
     tasks = parse_tasks(args.tasks or SUITE)
     for name in tasks:  # a missing file fails before the model loads

@@ -1,0 +1,184 @@
+"""The commonsense suite's task format (LLM-Adapters): records, answer vocabularies, candidates, answers.
+
+    >>> from segmask.tasks.commonsense import extract_answer
+    >>> extract_answer("The correct answer is Answer2.", ("answer1", "answer2"))
+    'answer2'
+
+A task is a JSON list of records ``{"instruction", "input", "output", "answer"}`` in ``DIR/<task>_test.json``
+or ``DIR/<task>/test.json``; ``answer`` is a label of the task's answer vocabulary (``true``/``false``,
+``answer1``..``answer5``, ...). A record's ``Answer format: a/b/c`` line names the labels it offers. The
+training target is ``ANSWER_PREFIX + label``: :func:`answer_continuation` gives its tokens for the ``loglik``
+scoring of :mod:`segmask.evaluation`, :func:`extract_answer` reads a label back from generated text.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from segmask.segments import Encoded, encode_instruction
+
+# the answer vocabulary of each task of the suite (LLM-Adapters' label strings)
+TASK_LABELS: dict[str, tuple[str, ...]] = {
+    "boolq": ("true", "false"),
+    "piqa": ("solution1", "solution2"),
+    "social_i_qa": ("answer1", "answer2", "answer3"),
+    "hellaswag": ("ending1", "ending2", "ending3", "ending4"),
+    "winogrande": ("option1", "option2"),
+    "ARC-Easy": ("answer1", "answer2", "answer3", "answer4", "answer5"),
+    "ARC-Challenge": ("answer1", "answer2", "answer3", "answer4", "answer5"),
+    "openbookqa": ("answer1", "answer2", "answer3", "answer4", "answer5"),
+}
+SUITE: tuple[str, ...] = tuple(TASK_LABELS)
+ANSWER_PREFIX = "the correct answer is "  # the training target is ANSWER_PREFIX + label
+
+_FORMAT_LINE = re.compile(r"Answer format:\s*(\S+)")
+
+
+# --------------------------------------------------------------------------------------------- tasks
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task: its records and answer vocabulary. ``candidates[i]`` are the labels record ``i`` offers."""
+
+    name: str
+    path: Path
+    records: tuple[dict, ...]
+    labels: tuple[str, ...]
+    candidates: tuple[tuple[str, ...], ...]
+
+    def __post_init__(self) -> None:
+        if not self.records:
+            raise ValueError(f"{self.path}: task {self.name!r} has no records")
+        if len(self.candidates) != len(self.records):
+            raise ValueError(
+                f"{self.path}: {len(self.candidates)} candidate lists for {len(self.records)} records"
+            )
+
+
+def task_path(data_dir: str | Path, name: str) -> Path:
+    """``DIR/<name>_test.json`` or ``DIR/<name>/test.json``; a ``FileNotFoundError`` lists what exists."""
+    data_dir = Path(data_dir)
+    for path in (data_dir / f"{name}_test.json", data_dir / name / "test.json"):
+        if path.is_file():
+            return path
+    found = ", ".join(available_tasks(data_dir)) if data_dir.is_dir() else f"{data_dir} is not a directory"
+    raise FileNotFoundError(
+        f"no test file for task {name!r}: looked for {data_dir / f'{name}_test.json'} and "
+        f"{data_dir / name / 'test.json'} (available: {found or 'none'})"
+    )
+
+
+def available_tasks(data_dir: str | Path) -> list[str]:
+    """Names of the tasks with a test file in ``data_dir``."""
+    data_dir = Path(data_dir)
+    names = [p.name.removesuffix("_test.json") for p in data_dir.glob("*_test.json")]
+    names += [p.parent.name for p in data_dir.glob("*/test.json")]
+    return sorted(set(names))
+
+
+def parse_tasks(tasks: str | Sequence[str]) -> list[str]:
+    """``"boolq,piqa"`` or ``["boolq", "piqa"]`` to a list of unique names, in order."""
+    names = tasks.split(",") if isinstance(tasks, str) else list(tasks)
+    names = [name.strip() for name in names if name.strip()]
+    if not names:
+        raise ValueError("no tasks given")
+    return list(dict.fromkeys(names))
+
+
+def load_task(data_dir: str | Path, name: str, limit: int | None = None) -> Task:
+    """Read and validate a task's first ``limit`` records (all when ``None``).
+
+    Raises a ``ValueError`` naming the file and the record index for a malformed record or an answer outside
+    the task's vocabulary, and a ``FileNotFoundError`` for a missing file.
+    """
+    if limit is not None and limit <= 0:
+        raise ValueError(f"limit must be positive, got {limit}")
+    path = task_path(data_dir, name)
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+    for index, record in enumerate(records):
+        check_record(record, path, index)
+    labels = TASK_LABELS.get(name) or _labels_from_records(records)
+    records = records[:limit]
+    candidates = tuple(record_candidates(record, labels, path, index) for index, record in enumerate(records))
+    return Task(name, path, tuple(records), labels, candidates)
+
+
+def check_record(record: Any, path: Path, index: int) -> None:
+    """Raise a ``ValueError`` naming ``path`` and ``index`` unless ``record`` is an LLM-Adapters record."""
+    where = f"{path}: record {index}"
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected an object, got {type(record).__name__}")
+    for key in ("instruction", "answer"):
+        if not isinstance(record.get(key), str) or not record[key].strip():
+            raise ValueError(f"{where}: missing or empty string field {key!r}")
+    for key in ("input", "output"):
+        if not isinstance(record.get(key, ""), str):
+            raise ValueError(f"{where}: field {key!r} must be a string, got {type(record[key]).__name__}")
+
+
+def record_candidates(record: dict, labels: tuple[str, ...], path: Path, index: int) -> tuple[str, ...]:
+    """The labels a record offers: its ``Answer format: a/b/c`` line, else the task's whole vocabulary.
+
+    ARC questions have 3 to 5 options; scoring only the offered ones keeps ``loglik`` from choosing an
+    option that does not exist.
+    """
+    where = f"{path}: record {index}"
+    found = _FORMAT_LINE.findall(record["instruction"])
+    offered = tuple(found[-1].split("/")) if found else labels
+    unknown = [label for label in offered if label not in labels]
+    if unknown:
+        raise ValueError(f"{where}: answer format lists {unknown}, not in the task's labels {list(labels)}")
+    if record["answer"] not in offered:
+        raise ValueError(f"{where}: answer {record['answer']!r} is not one of {list(offered)}")
+    return offered
+
+
+def _labels_from_records(records: list[dict]) -> tuple[str, ...]:
+    """Vocabulary of a task outside the suite: every label named in an answer-format line or as an answer."""
+    labels: dict[str, None] = {}
+    for record in records:
+        for line in _FORMAT_LINE.findall(record["instruction"]):
+            labels.update(dict.fromkeys(line.split("/")))
+        labels[record["answer"]] = None
+    return tuple(labels)
+
+
+def extract_answer(text: str, labels: Sequence[str]) -> str | None:
+    """The first label of ``labels`` that occurs in ``text`` as a whole word, case-insensitive, else ``None``.
+
+    ``"The correct answer is Answer2."`` gives ``"answer2"``; ``"answer1 or answer3"`` gives ``"answer1"``;
+    ``"untrue"`` contains no ``"true"``.
+    """
+    if not labels:
+        raise ValueError("extract_answer needs at least one label")
+    by_lower = {label.lower(): label for label in labels}
+    alternatives = "|".join(re.escape(label) for label in sorted(by_lower, key=len, reverse=True))
+    match = re.search(rf"(?<![0-9a-z_])({alternatives})(?![0-9a-z_])", text.lower())
+    return None if match is None else by_lower[match.group(1)]
+
+
+def answer_continuation(tokenizer, record: dict, label: str, policy: str, prompt: Encoded) -> list[int]:
+    """Token ids of ``ANSWER_PREFIX + label`` after ``prompt``, exactly as training would see them."""
+    full = encode_instruction(
+        tokenizer,
+        {**record, "output": ANSWER_PREFIX + label, "answer": label},
+        policy=policy,
+        include_answer=True,
+    )
+    cut = len(prompt.input_ids)
+    if full.input_ids[:cut] != prompt.input_ids:
+        raise ValueError("the prompt's tokens are not a prefix of the prompt-plus-answer tokens")
+    if any(segment != -1 for segment in full.segment_ids[cut:]):
+        raise ValueError("answer tokens must be causal (segment id -1)")
+    return full.input_ids[cut:]

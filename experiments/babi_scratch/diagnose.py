@@ -14,8 +14,8 @@ import json
 import re
 from pathlib import Path
 
-from segmask.babi import read_task
-from segmask.reading_task import Story
+from segmask.tasks.babi import read_task
+from segmask.tasks.reading import Story
 
 MOVE = re.compile(r"^(\w+) .* the (\w+)\.$")
 

@@ -11,7 +11,7 @@ Three conditions on the same data, initialisation, data order, steps and hyperpa
 Two layouts (``--layout``). ``question`` (default): one chat per question, the story so far and the question
 as two user turns. ``story``: one multi-turn chat per story holding all its questions, each a round of
 user turns (the statements since the previous question, the question) and the answer, so one sequence trains
-every answer of the story (:func:`segmask.babi.story_messages`); a test question is prompted by its story up
+every answer of the story (:func:`segmask.tasks.babi.story_messages`); a test question is prompted by its story up
 to it, earlier questions with their gold answers. In the ``story`` layout ``prefix`` puts each round's
 statements and question in one user turn (one segment per round: ``mas`` over the merged turns), since the
 ``prefix`` policy proper would make every earlier answer bidirectional.
@@ -51,10 +51,10 @@ from scratch import (  # noqa: E402
 )
 from summarize import plot_losses, summarize  # noqa: E402
 
-from segmask.babi import read_story_questions, read_task, story_messages  # noqa: E402
 from segmask.leaks import leak_check  # noqa: E402
-from segmask.reading_task import to_messages, write_jsonl  # noqa: E402
 from segmask.segments import encode_chat  # noqa: E402
+from segmask.tasks.babi import read_story_questions, read_task, story_messages  # noqa: E402
+from segmask.tasks.reading import to_messages, write_jsonl  # noqa: E402
 
 CONDITIONS = ("causal", "mas", "prefix")
 LAYOUTS = ("question", "story")

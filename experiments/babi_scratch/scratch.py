@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from segmask.babi import Question, story_messages
 from segmask.evaluation import Prediction, continuation_logprobs, score_predictions, write_results
-from segmask.reading_task import Story, to_messages
 from segmask.segments import Encoded, encode_chat
+from segmask.tasks.babi import Question, story_messages
+from segmask.tasks.reading import Story, to_messages
 
 SPECIAL = ("[PAD]", "[UNK]", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>")
 CHAT_TEMPLATE = (
@@ -164,7 +164,7 @@ def question_prompts(stories: Sequence[Story]) -> list[Prompt]:
 
 def story_prompts(stories: Sequence[list[Question]], choices: tuple[str, ...], merge: bool) -> list[Prompt]:
     """Every question of each story, prompted by the whole story up to it as one chat, earlier questions with
-    their gold answers (the ``story`` layout, see :func:`segmask.babi.story_messages`), in file order."""
+    their gold answers (the ``story`` layout, see :func:`segmask.tasks.babi.story_messages`), in file order."""
     prompts = []
     for questions in stories:
         for number, q in enumerate(questions):

@@ -5,7 +5,7 @@
 
 What it does, with the same data, steps, seed and hyperparameters for both policies:
 
-1. draws a seeded training set and a disjoint held-out set of stories from :mod:`segmask.reading_task`
+1. draws a seeded training set and a disjoint held-out set of stories from :mod:`segmask.tasks.reading`
    ("Mary went to the kitchen. ... Where is Mary?") and writes them as LLM-Adapters records;
 2. fine-tunes a LoRA adapter with ``segmask.train`` once under ``causal`` and once under ``mas``;
 3. runs the leak check (:func:`segmask.leaks.leak_check`) on each fine-tuned model: replacing the tokens
@@ -110,7 +110,7 @@ class DemoConfig:
 def write_data(config: DemoConfig, data_dir: Path) -> tuple[Path, list]:
     """Draw the stories and write ``reading_train.json`` and ``reading_test.json``; return the train file and
     the held-out stories."""
-    from segmask.reading_task import ReadingTask, to_record, train_test_split, write_json
+    from segmask.tasks.reading import ReadingTask, to_record, train_test_split, write_json
 
     task = ReadingTask(min_sentences=config.min_sentences, max_sentences=config.max_sentences)
     train, held_out = train_test_split(config.train_size, config.test_size, config.seed, task)
@@ -154,7 +154,7 @@ def sample_chat(model: nn.Module, tokenizer, story, policy: str) -> tuple[str, s
     the instruction record the model was trained on.
     """
     from segmask.generation import ChatSession, generate
-    from segmask.reading_task import to_record
+    from segmask.tasks.reading import to_record
 
     shown = f"[system] {story.text}\n[user] {story.question}"
     if getattr(tokenizer, "chat_template", None):
@@ -220,8 +220,8 @@ def run_demo(config: DemoConfig) -> dict:
     from segmask.compare import compare_runs
     from segmask.evaluation import evaluate_tasks
     from segmask.loading import load_model
-    from segmask.reading_task import to_record
     from segmask.segments import encode_instruction
+    from segmask.tasks.reading import to_record
     from segmask.training import train
 
     clock = Clock()

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import random
 import re
+import sys
 from pathlib import Path
 
 import pytest
 
-from segmask.reading_task import (
+from segmask.tasks.commonsense import check_record, record_candidates
+from segmask.tasks.reading import (
     ANSWER_PREFIX,
     PLACES,
     ReadingTask,
@@ -22,10 +25,9 @@ from segmask.reading_task import (
     write_json,
     write_jsonl,
 )
-from segmask.tasks.commonsense import check_record, record_candidates
 
 SENTENCE = re.compile(r"^(\w+) (?:went to|moved to|travelled to|journeyed to|went back to) the (\w+)\.$")
-TEMPLATES = Path(__file__).parent / "fixtures" / "chat_templates"
+TEMPLATES = Path(__file__).parents[1] / "fixtures" / "chat_templates"
 
 
 def last_place(story: Story) -> str:
@@ -152,3 +154,10 @@ def test_chat_export_puts_story_and_question_in_two_segments(stories_path):
     assert set(mas.segment_ids) == {0, 1, -1} and set(prefix.segment_ids) == {0, -1}
     assert [s for s in prefix.segment_ids if s >= 0] == [0] * sum(s >= 0 for s in mas.segment_ids)
     assert story.answer in tokenizer.decode([t for t in mas.labels if t != -100])
+
+
+def test_old_module_path_warns(monkeypatch):
+    monkeypatch.delitem(sys.modules, "segmask.reading_task", raising=False)
+    with pytest.warns(DeprecationWarning, match="segmask.reading_task moved to segmask.tasks.reading"):
+        old = importlib.import_module("segmask.reading_task")
+    assert old.to_record is to_record

@@ -30,17 +30,14 @@ so a greedy request gives the tokens of :func:`segmask.generation.generate`. The
 the model, so ``/health`` and validation answer during a long generation.
 """
 
-from segmask.serving.app import (
+from segmask.serving.app import ServeConfig, Served, create_app, default_name, serve
+from segmask.serving.engine import (
     Engine,
     Job,
+    QueueFull,
     RowTracker,
     Sampling,
     Scheduler,
-    ServeConfig,
-    Served,
-    create_app,
-    default_name,
-    serve,
     supports_row_caches,
 )
 from segmask.serving.protocol import (
@@ -60,6 +57,7 @@ __all__ = [
     "CompletionRequest",
     "Engine",
     "Job",
+    "QueueFull",
     "RowTracker",
     "Sampling",
     "Scheduler",

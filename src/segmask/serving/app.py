@@ -7,19 +7,14 @@ prompt, and hand a job to the scheduler; the model runs on the engine's thread (
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
 import hmac
-import itertools
 import json
 import logging
-import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,20 +23,14 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
-from transformers import StoppingCriteria, StoppingCriteriaList
 
-from segmask.attention import layer_masks
 from segmask.generation import (
-    decode,
     encode_prompt,
-    eos_token_ids,
-    left_pad,
-    pad_token_id,
-    prefill_for_decoding,
 )
 from segmask.masks import MaskPolicy, check_policy
-from segmask.prefix_cache import PrefixCache, stack_left_padded
+from segmask.prefix_cache import PrefixCache
 from segmask.segments import IGNORE_INDEX, Encoded, encode_chat
+from segmask.serving.engine import Engine, Job, QueueFull, Sampling, Scheduler, supports_row_caches
 from segmask.serving.protocol import (
     DEFAULT_COMPLETION_TOKENS,
     APIError,
@@ -84,332 +73,6 @@ class ServeConfig:
             raise ValueError("api_key must be a non-empty string (or None for no key)")
         if not self.model_name:
             raise ValueError("model_name must be non-empty")
-
-
-# --------------------------------------------------------------------------------------------- jobs
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How one request decodes: greedy when ``temperature == 0``."""
-
-    max_tokens: int
-    temperature: float
-    top_p: float
-    seed: int | None
-    stop: tuple[str, ...]
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-    def batch_key(self, job_id: int) -> tuple:
-        """Jobs with equal keys decode in one ``generate`` call; a seeded sampling job runs alone."""
-        if self.greedy:
-            return ("greedy",)
-        if self.seed is not None:
-            return ("seeded", job_id)
-        return ("sample", self.temperature, self.top_p)
-
-    def generate_kwargs(self) -> dict:
-        if self.greedy:
-            return {"do_sample": False}
-        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
-
-
-_job_ids = itertools.count()
-
-
-@dataclass(eq=False)
-class Job:
-    """One request's prompt and sampling, and the channel its results travel back on.
-
-    The model thread calls :meth:`emit`; the handler awaits ``events``: ``("text", piece)`` any number
-    of times, then ``("done", finish_reason)`` or ``("error", message)``.
-    """
-
-    input_ids: list[int]
-    segment_ids: list[int]
-    policy: MaskPolicy
-    sampling: Sampling
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    id: int = field(default_factory=lambda: next(_job_ids))
-    cached_tokens: int = 0
-    completion_tokens: int = 0
-
-    @property
-    def prompt_tokens(self) -> int:
-        return len(self.input_ids)
-
-    def emit(self, kind: str, value: str) -> None:
-        """Send an event to the handler (safe from any thread)."""
-        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
-
-    def usage(self) -> dict:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
-        }
-
-
-# --------------------------------------------------------------------------------------------- engine
-
-
-class RowTracker(StoppingCriteria):
-    """Per-row bookkeeping at every decoding step of one batch.
-
-    Called by ``generate`` after each new token (``input_ids`` ``[B, L + t]``); returns ``[B]`` bools,
-    True for rows that are done: EOS (``finish_reason="stop"``), a stop string (``"stop"``, the text cut
-    before it), ``max_tokens`` reached (``"length"``), or a client that left (``"cancelled"``, nothing
-    sent). Text is streamed as it becomes final: a trailing partial UTF-8 character and anything that
-    could still become a stop string are held back.
-    """
-
-    def __init__(self, jobs: Sequence[Job], tokenizer, eos_ids: set[int]) -> None:
-        self.jobs = list(jobs)
-        self.tokenizer = tokenizer
-        self.eos_ids = eos_ids
-        self.tokens: list[list[int]] = [[] for _ in self.jobs]
-        self.sent = [0] * len(self.jobs)
-        self.done = [False] * len(self.jobs)
-
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        new_tokens = input_ids[:, -1].tolist()
-        for row, (job, token) in enumerate(zip(self.jobs, new_tokens)):
-            if not self.done[row]:
-                self._step(row, job, token)
-        return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
-
-    def _step(self, row: int, job: Job, token: int) -> None:
-        if job.cancelled.is_set():
-            self._finish(row, "cancelled", None)
-            return
-        job.completion_tokens += 1
-        if token in self.eos_ids:
-            self._finish(row, "stop", self._text(row))
-            return
-        self.tokens[row].append(token)
-        text = self._text(row)
-        cut = min((i for i in (text.find(s) for s in job.sampling.stop) if i >= 0), default=None)
-        if cut is not None:
-            self._finish(row, "stop", text[:cut])
-        elif len(self.tokens[row]) >= job.sampling.max_tokens:
-            self._finish(row, "length", text)
-        else:
-            hold = max((len(s) - 1 for s in job.sampling.stop), default=0)
-            ready = len(text) - hold
-            if text.endswith("\ufffd"):
-                ready = min(ready, len(text) - 1)
-            self._send(row, text, ready)
-
-    def finish_all(self) -> None:
-        """End the rows ``generate`` stopped without us (its own length limit)."""
-        for row in range(len(self.jobs)):
-            if not self.done[row]:
-                self._finish(row, "length", self._text(row))
-
-    def _text(self, row: int) -> str:
-        return self.tokenizer.decode(self.tokens[row], skip_special_tokens=True)
-
-    def _send(self, row: int, text: str, end: int) -> None:
-        if end > self.sent[row]:
-            self.jobs[row].emit("text", text[self.sent[row] : end])
-            self.sent[row] = end
-
-    def _finish(self, row: int, reason: str, text: str | None) -> None:
-        self.done[row] = True
-        if text is not None:
-            self._send(row, text, len(text))
-        self.jobs[row].emit("done", reason)
-
-
-class Engine:
-    """Runs batches of jobs on the model; used from one thread only (the scheduler's worker).
-
-    Rows are prefilled one by one against their prefix-cache hit, then stacked left-padded and decoded
-    together. Without a prefix cache (disabled, or a model with sliding-window layers) the batch is
-    prefilled as one left-padded batch instead.
-    """
-
-    def __init__(self, model: torch.nn.Module, tokenizer, prefix_cache: PrefixCache | None) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
-        self.prefix_cache = prefix_cache
-        self.pad_id = pad_token_id(tokenizer)
-        self.eos_ids = eos_token_ids(model, tokenizer)
-
-    def run(self, jobs: Sequence[Job]) -> None:
-        """Generate for ``jobs`` (which share a batch key); every job ends with a done or error event."""
-        jobs = [job for job in jobs if not job.cancelled.is_set()]
-        if not jobs:
-            return
-        tracker = RowTracker(jobs, self.tokenizer, self.eos_ids)
-        try:
-            with torch.inference_mode():
-                self._generate(jobs, tracker)
-            tracker.finish_all()
-        except Exception as error:  # a bug or an out-of-memory: fail these requests, keep serving
-            logger.exception("generation failed")
-            for row, job in enumerate(jobs):
-                if not tracker.done[row]:
-                    tracker.done[row] = True
-                    job.emit("error", f"generation failed: {type(error).__name__}: {error}")
-
-    def _generate(self, jobs: list[Job], tracker: RowTracker) -> None:
-        encoded = [
-            Encoded(job.input_ids, job.segment_ids, [IGNORE_INDEX] * job.prompt_tokens) for job in jobs
-        ]
-        batch = left_pad(encoded, self.pad_id)
-        if self.prefix_cache is not None:
-            rows = [self._prefill_row(job) for job in jobs]
-            cache = rows[0] if len(rows) == 1 else stack_left_padded(rows, self.model.config)
-        else:
-            cache = prefill_for_decoding(
-                self.model, batch["input_ids"], batch["segment_ids"], batch["attention_mask"]
-            )
-        sampling = jobs[0].sampling
-        seeded = sampling.seed is not None and not sampling.greedy  # then the job runs alone
-        devices = [self.model.device] if self.model.device.type == "cuda" else []
-        # a seeded job draws from its own stream and leaves the shared random state as it was
-        with torch.random.fork_rng(devices=devices) if seeded else contextlib.nullcontext():
-            if seeded:
-                torch.manual_seed(sampling.seed)
-            decode(
-                self.model,
-                batch["input_ids"],
-                batch["attention_mask"],
-                cache,
-                max_new_tokens=max(job.sampling.max_tokens for job in jobs),
-                pad_token_id=self.pad_id,
-                stopping_criteria=StoppingCriteriaList([tracker]),
-                **sampling.generate_kwargs(),
-            )
-
-    def _prefill_row(self, job: Job):
-        """One row's cache of all prompt tokens but the last, reusing the longest cached prefix."""
-        assert self.prefix_cache is not None
-        ids, segments = job.input_ids, job.segment_ids
-        use_cache = job.policy != "prefix"  # one segment spans the prompt: nothing reusable
-        hit = self.prefix_cache.lookup(ids, segments) if use_cache else None
-        start = hit.length if hit is not None else 0
-        cache = prefill_for_decoding(
-            self.model,
-            torch.tensor([ids[start:]]),
-            torch.tensor([segments[start:]]),
-            None,
-            hit.cache if hit is not None else None,
-        )
-        job.cached_tokens = start
-        if use_cache:
-            self.prefix_cache.store(ids, segments, cache)
-        return cache
-
-
-def supports_row_caches(model: torch.nn.Module) -> bool:
-    """Whether per-row caches can be stacked and reused: every layer keeps full attention."""
-    config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
-    try:
-        return all(layer.window is None for layer in layer_masks(config.get_text_config(decoder=True)))
-    except ValueError:  # layer types segmask cannot describe: no stacking, no reuse
-        return False
-
-
-# --------------------------------------------------------------------------------------------- scheduler
-
-
-class Scheduler:
-    """A bounded queue of jobs and the loop that feeds them, in batches, to the model thread.
-
-    Lives on the event loop; :meth:`submit` raises a 429 :class:`APIError` when ``max_queue`` jobs wait.
-    A batch is the oldest job plus up to ``max_batch - 1`` later ones with the same batch key.
-    """
-
-    def __init__(self, engine: Engine, max_batch: int, max_queue: int, retry_after_s: int) -> None:
-        self.engine = engine
-        self.max_batch = max_batch
-        self.max_queue = max_queue
-        self.retry_after_s = retry_after_s
-        self.waiting: collections.deque[Job] = collections.deque()
-        self.running: list[Job] = []
-        self.completed = 0
-        self.cancelled = 0
-        self.batches = 0
-        self.generated_tokens = 0
-        self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segmask-model")
-        self._task: asyncio.Task | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._feed())
-
-    async def stop(self) -> None:
-        for job in list(self.waiting) + self.running:
-            job.cancelled.set()
-        for job in self.waiting:
-            job.emit("error", "the server is shutting down")
-        self.waiting.clear()
-        if self._task is not None:
-            self._task.cancel()
-        self._executor.shutdown(wait=False, cancel_futures=True)
-
-    def submit(self, job: Job) -> None:
-        if len(self.waiting) >= self.max_queue:
-            raise APIError(
-                429,
-                f"the server is busy ({len(self.waiting)} requests waiting); retry after {self.retry_after_s} s",
-                type="rate_limit_error",
-                code="queue_full",
-                headers={"Retry-After": str(self.retry_after_s)},
-            )
-        self.waiting.append(job)
-        self._wakeup.set()
-
-    def withdraw(self, job: Job) -> None:
-        """The client has gone: drop the job if it waits, stop its row if it runs."""
-        if job.cancelled.is_set():
-            return
-        job.cancelled.set()
-        self.cancelled += 1
-        try:
-            self.waiting.remove(job)
-        except ValueError:
-            pass
-
-    def _take(self) -> list[Job]:
-        first = self.waiting.popleft()
-        key = first.sampling.batch_key(first.id)
-        batch = [first]
-        for job in list(self.waiting):
-            if len(batch) == self.max_batch:
-                break
-            if job.sampling.batch_key(job.id) == key:
-                batch.append(job)
-                self.waiting.remove(job)
-        return batch
-
-    async def _feed(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            while not self.waiting:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-            batch = self._take()
-            self.running = batch
-            try:
-                await loop.run_in_executor(self._executor, self.engine.run, batch)
-            except Exception:  # Engine.run reports errors itself; this is a last resort
-                logger.exception("batch failed")
-                for job in batch:
-                    job.emit("error", "generation failed")
-            finally:
-                self.batches += 1
-                self.completed += len(batch)
-                self.generated_tokens += sum(job.completion_tokens for job in batch)
-                self.running = []
 
 
 # --------------------------------------------------------------------------------------------- app
@@ -459,7 +122,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        scheduler = Scheduler(engine, config.max_batch, config.max_queue, config.retry_after_s)
+        scheduler = Scheduler(engine, config.max_batch, config.max_queue)
         scheduler.start()
         state["served"] = Served(
             tokenizer=tokenizer,
@@ -687,10 +350,18 @@ def _submit(
             code="context_length_exceeded",
         )
     sampling = Sampling(max_tokens, body.temperature, body.top_p, body.seed, body.stops())
-    job = Job(
-        list(encoded.input_ids), list(encoded.segment_ids), policy, sampling, asyncio.get_running_loop()
-    )
-    served.scheduler.submit(job)
+    job = served.scheduler.engine.new_job(encoded, policy, sampling)
+    try:
+        served.scheduler.submit(job)
+    except QueueFull as full:
+        retry = served.config.retry_after_s
+        raise APIError(
+            429,
+            f"the server is busy ({full.waiting} requests waiting); retry after {retry} s",
+            type="rate_limit_error",
+            code="queue_full",
+            headers={"Retry-After": str(retry)},
+        ) from None
     return job
 
 

@@ -35,7 +35,9 @@ _EXPORTS = {
     "stream": "generation",
     "TrainConfig": "training",
     "train": "training",
-    "evaluate_tasks": "evaluation",
+    "EvalConfig": "evaluation",
+    "evaluate": "evaluation",
+    "evaluate_tasks": "evaluation",  # deprecated: evaluate(model, tokenizer, EvalConfig(...))
     "compare_runs": "compare",
     "leak_check": "leaks",
     "serve": "serving",

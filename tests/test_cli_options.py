@@ -7,6 +7,7 @@ import argparse
 
 import pytest
 
+from segmask.attention import SUPPORTED
 from segmask.cli import build_parser
 from segmask.cli.options import add_model_arguments, add_sampling_arguments, generation_kwargs
 from segmask.masks import POLICIES
@@ -48,3 +49,11 @@ def test_generation_kwargs():
     ]:
         with pytest.raises(ValueError, match=message):
             _sampling(*argv)
+
+
+@pytest.mark.parametrize("command", ["chat", "generate", "serve"])
+def test_every_attn_flag_offers_the_supported_backends(command):
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    (attn,) = [a for a in sub._actions if "--attn" in a.option_strings]
+    assert tuple(attn.choices) == SUPPORTED

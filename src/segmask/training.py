@@ -39,9 +39,11 @@ from types import NoneType, UnionType
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import torch
-from transformers import Trainer, TrainerCallback, set_seed
+from transformers import SchedulerType, Trainer, TrainerCallback, set_seed
 
 from segmask import data, masks
+from segmask.attention import SUPPORTED
+from segmask.segments import OVERFLOWS
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +103,7 @@ class TrainConfig:
     lora_dropout: float = _help("LoRA dropout", 0.05)
     lora_target_modules: tuple[str, ...] = _help("modules that get LoRA adapters", ("q_proj", "v_proj"))
     # runtime
-    attn_implementation: str = _help("attention backend: sdpa, eager, flex_attention or segmask", "sdpa")
+    attn_implementation: str = _help(f"attention backend: {', '.join(SUPPORTED)}", "sdpa")
     precision: str = _help("auto (bf16/fp16 where the GPU supports it), fp32, bf16 or fp16", "auto")
     gradient_checkpointing: bool = _help("recompute activations in the backward pass to save memory", False)
     seed: int = _help("seed for initialisation, dropout and the data order", 42)
@@ -160,8 +162,6 @@ class TrainConfig:
             raise ValueError(
                 "merge needs a LoRA adapter (lora_r > 0); full fine-tuning already writes full weights"
             )
-        from segmask.segments import OVERFLOWS
-
         if self.overflow not in OVERFLOWS:
             raise ValueError(f"overflow must be one of {', '.join(OVERFLOWS)}, got {self.overflow!r}")
         if self.precision not in PRECISIONS:
@@ -174,15 +174,11 @@ class TrainConfig:
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other")
         if self.uses_segment_ids:
-            from segmask.attention import SUPPORTED
-
             if self.attn_implementation not in SUPPORTED:
                 raise ValueError(
                     f"attn_implementation {self.attn_implementation!r} cannot run mask {self.mask!r}"
                     f"{' with packing' if self.packing else ''} (it drops custom masks); use one of {', '.join(SUPPORTED)}"
                 )
-        from transformers import SchedulerType
-
         if self.lr_scheduler not in {s.value for s in SchedulerType}:
             raise ValueError(
                 f"unknown lr_scheduler {self.lr_scheduler!r}; expected one of {[s.value for s in SchedulerType]}"

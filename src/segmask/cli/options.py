@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from segmask.attention import SUPPORTED
 from segmask.masks import POLICIES
 
 
@@ -34,7 +35,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int 
     parser.add_argument(
         "--attn",
         default=None,
-        choices=("eager", "sdpa", "flex_attention", "segmask"),
+        choices=SUPPORTED,
         help="attention implementation",
     )
 

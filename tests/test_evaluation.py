@@ -10,13 +10,21 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from segmask.cli import main
-from segmask.evaluation import continuation_logprobs, evaluate_tasks, loglik_predictions
+from segmask.evaluation import (
+    EvalConfig,
+    continuation_logprobs,
+    evaluate,
+    evaluate_tasks,
+    loglik_predictions,
+    mas_prefill,
+)
 from segmask.generation import generate
 from segmask.loading import load_model
 from segmask.results import Journal, wilson_interval
 from segmask.segments import encode_instruction
 from segmask.tasks.commonsense import (
     ANSWER_PREFIX,
+    SUITE,
     answer_continuation,
     available_tasks,
     extract_answer,
@@ -104,14 +112,26 @@ def test_loglik_prefills_each_prompt_once(stories, boolq_task):
         assert prediction.output == ANSWER_PREFIX + prediction.prediction
 
 
+def _evaluate(model, tokenizer, data_dir, tasks, **settings):
+    """A run through the public API, without a progress bar."""
+    return evaluate(model, tokenizer, EvalConfig(data_dir, tasks, **settings), progress=False)
+
+
 def test_evaluate_rejects_bad_settings(stories, commonsense_dir):
     model, tokenizer = stories
     with pytest.raises(ValueError, match="unknown scoring 'vote'"):
-        evaluate_tasks(model, tokenizer, commonsense_dir, "boolq", "mas", scoring="vote")
+        EvalConfig(commonsense_dir, "boolq", "mas", scoring="vote")
     with pytest.raises(ValueError, match="unknown mask policy 'full'"):
-        evaluate_tasks(model, tokenizer, commonsense_dir, "boolq", "full", scoring="loglik")
+        EvalConfig(commonsense_dir, "boolq", "full", scoring="loglik")
+    with pytest.raises(ValueError, match="batch_size must be positive"):
+        EvalConfig(commonsense_dir, "boolq", batch_size=0)
+    with pytest.raises(ValueError, match="no tasks given"):
+        EvalConfig(commonsense_dir, " , ")
+    config = EvalConfig(commonsense_dir, "boolq, piqa,boolq", out=commonsense_dir / "r.json")
+    assert config.tasks == ("boolq", "piqa") and config.data_dir == str(commonsense_dir)
+    assert EvalConfig(commonsense_dir).tasks == SUITE and isinstance(config.out, str)
     with pytest.raises(FileNotFoundError, match="no test file for task 'hellaswag'"):
-        evaluate_tasks(model, tokenizer, commonsense_dir, "boolq,hellaswag", "mas", scoring="loglik", limit=1)
+        _evaluate(model, tokenizer, commonsense_dir, "boolq,hellaswag", scoring="loglik", limit=1)
 
 
 # -------------------------------------------------------------------------------------- end-to-end runs
@@ -220,8 +240,8 @@ def test_a_stopped_run_resumes_with_the_same_predictions(stories, commonsense_di
     """Stop a run after 3 predictions, run it again: the 3 are kept, only the rest is scored, and the
     results equal an uninterrupted run's; the partial file is gone at the end."""
     model, tokenizer = stories
-    settings = dict(policy="mas", scoring=scoring, limit=3, max_new_tokens=6, batch_size=2, progress=False)
-    whole = evaluate_tasks(
+    settings = dict(policy="mas", scoring=scoring, limit=3, max_new_tokens=6, batch_size=2)
+    whole = _evaluate(
         model, tokenizer, commonsense_dir, "boolq,ARC-Easy", out=tmp_path / "a.json", **settings
     )
 
@@ -235,7 +255,7 @@ def test_a_stopped_run_resumes_with_the_same_predictions(stories, commonsense_di
     scored, add = [], Journal.add
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(Journal, "add", lambda journal, p: (scored.append(p.index), add(journal, p)))
-        resumed = evaluate_tasks(model, tokenizer, commonsense_dir, "boolq,ARC-Easy", out=out, **settings)
+        resumed = _evaluate(model, tokenizer, commonsense_dir, "boolq,ARC-Easy", out=out, **settings)
     assert len(scored) == 6 - 3  # only what the stopped run had not done
     assert resumed["tasks"] == whole["tasks"] and not partial.exists()
     assert _read_jsonl(tmp_path / "b.predictions.jsonl") == _read_jsonl(tmp_path / "a.predictions.jsonl")
@@ -249,18 +269,16 @@ def test_resume_refuses_a_partial_file_of_other_arguments(stories, commonsense_d
     with pytest.raises(
         ValueError, match=r"r.partial.jsonl holds the predictions of a run with other arguments"
     ):
-        evaluate_tasks(model, tokenizer, commonsense_dir, "boolq", "mas", "loglik", limit=1, out=out)
-    results = evaluate_tasks(  # resume=False starts over
+        _evaluate(model, tokenizer, commonsense_dir, "boolq", scoring="loglik", limit=1, out=out)
+    results = _evaluate(  # resume=False starts over
         model,
         tokenizer,
         commonsense_dir,
         "boolq",
-        "mas",
-        "loglik",
+        scoring="loglik",
         limit=1,
         out=out,
         resume=False,
-        progress=False,
     )
     assert results["tasks"]["boolq"]["n"] == 1 and not partial.exists()
 
@@ -274,11 +292,10 @@ def _stopped_run(model, tokenizer, commonsense_dir, out, tasks="boolq", after=1,
         if len(journal.path.read_text().splitlines()) == 1 + after:  # header + predictions
             raise _Stop
 
-    settings.setdefault("progress", False)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(Journal, "add", add_then_stop)
         with pytest.raises(_Stop):
-            evaluate_tasks(model, tokenizer, commonsense_dir, tasks, out=out, **settings)
+            _evaluate(model, tokenizer, commonsense_dir, tasks, out=out, **settings)
     return out.with_name(f"{out.stem}.partial.jsonl")
 
 
@@ -288,9 +305,7 @@ def test_resume_survives_a_line_cut_inside_a_character(stories, commonsense_dir,
     partial = _stopped_run(model, tokenizer, commonsense_dir, tmp_path / "u.json", **settings)
     with partial.open("ab") as handle:
         handle.write('{"task": "boolq", "prompt": "caf\u00e9'.encode()[:-1])  # stops inside the é
-    results = evaluate_tasks(
-        model, tokenizer, commonsense_dir, "boolq", out=tmp_path / "u.json", progress=False, **settings
-    )
+    results = _evaluate(model, tokenizer, commonsense_dir, "boolq", out=tmp_path / "u.json", **settings)
     assert results["tasks"]["boolq"]["n"] == 2 and not partial.exists()
 
 
@@ -302,11 +317,11 @@ def test_resume_names_a_malformed_row_and_a_changed_task_file(stories, commonsen
     header, row = partial.read_text().splitlines()
     partial.write_text(header + "\n" + json.dumps({"task": "boolq"}) + "\n")
     with pytest.raises(ValueError, match=r"m.partial.jsonl:2: not a prediction row"):
-        evaluate_tasks(model, tokenizer, commonsense_dir, "boolq", out=out, progress=False, **settings)
+        _evaluate(model, tokenizer, commonsense_dir, "boolq", out=out, **settings)
     other = json.loads(row) | {"gold": "not the answer"}
     partial.write_text(header + "\n" + json.dumps(other) + "\n")
     with pytest.raises(ValueError, match=r"boolq record 0 is for another record"):
-        evaluate_tasks(model, tokenizer, commonsense_dir, "boolq", out=out, progress=False, **settings)
+        _evaluate(model, tokenizer, commonsense_dir, "boolq", out=out, **settings)
 
 
 def test_loglik_resume_ignores_decoding_settings(stories, commonsense_dir, tmp_path):
@@ -316,7 +331,30 @@ def test_loglik_resume_ignores_decoding_settings(stories, commonsense_dir, tmp_p
     _stopped_run(
         model, tokenizer, commonsense_dir, out, policy="mas", scoring="loglik", limit=2, batch_size=1
     )
-    results = evaluate_tasks(
-        model, tokenizer, commonsense_dir, "boolq", "mas", "loglik", 2, out, batch_size=4, progress=False
+    results = _evaluate(
+        model, tokenizer, commonsense_dir, "boolq", scoring="loglik", limit=2, out=out, batch_size=4
     )
     assert results["tasks"]["boolq"]["n"] == 2
+
+
+def test_evaluate_tasks_is_a_deprecated_evaluate(stories, commonsense_dir):
+    model, tokenizer = stories
+    with pytest.warns(DeprecationWarning, match="use segmask.evaluate"):
+        old = evaluate_tasks(
+            model, tokenizer, commonsense_dir, "boolq", "mas", "loglik", 2, model_name="m", progress=False
+        )
+    new = evaluate(
+        model,
+        tokenizer,
+        EvalConfig(commonsense_dir, ("boolq",), "mas", "loglik", 2),
+        model_name="m",
+        progress=False,
+    )
+    assert old == new
+
+
+def test_mas_prefill_is_a_deprecated_prefill(stories):
+    model, _ = stories
+    with pytest.warns(DeprecationWarning, match="use segmask.generation.prefill"):
+        last, cache = mas_prefill(model, [1, 2, 3], [0, 0, -1])
+    assert last.shape == (1, model.config.vocab_size) and cache.get_seq_length() == 3

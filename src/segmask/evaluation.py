@@ -1,11 +1,12 @@
-"""Evaluate a model on the commonsense suite (LLM-Adapters format), MAS against causal.
+"""Score a model's answers under a mask policy: candidate continuations of encoded prompts, or generations.
 
     segmask eval --model ../shared/models/stories260K --data-dir ../shared/data/commonsense \\
         --tasks boolq,ARC-Easy --limit 20 --scoring loglik --mask mas --out runs/stories-mas.json
 
-A task is a JSON list of records ``{"instruction", "input", "output", "answer"}`` in ``DIR/<task>_test.json``
-or ``DIR/<task>/test.json``; ``answer`` is a label of the task's answer vocabulary (``true``/``false``,
-``answer1``..``answer5``, ...). Two ways to score a record:
+The scoring is task-neutral: :func:`rank_candidates` takes any encoded prompt (segment ids under its mask
+policy) and the token ids of each candidate answer; a task format (:mod:`segmask.tasks`) supplies both, and
+:mod:`segmask.results` turns the predictions into scores and files. :func:`evaluate` runs the commonsense
+suite (:mod:`segmask.tasks.commonsense`) from one :class:`EvalConfig`. Two ways to score a record:
 
     generate   the paper's protocol: the instruction template, beam search (4 beams, at most 32 new tokens,
                greedy as an option) after a MAS prefill of the prompt; the prediction is the first label of
@@ -24,7 +25,7 @@ from __future__ import annotations
 import importlib
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -34,9 +35,9 @@ from tqdm.auto import tqdm
 
 from segmask import compat, results
 from segmask.attention import enable
-from segmask.generation import generate
+from segmask.generation import generate, prefill
 from segmask.masks import check_policy
-from segmask.segments import encode_instruction
+from segmask.segments import Encoded, encode_chat, encode_instruction
 from segmask.tasks import commonsense
 
 Scoring = Literal["generate", "loglik"]
@@ -54,21 +55,6 @@ class ContinuationScore:
     is_greedy: bool
 
 
-def mas_prefill(
-    model: nn.Module, input_ids: Sequence[int], segment_ids: Sequence[int]
-) -> tuple[torch.Tensor, Any]:
-    """Run one prompt through ``model`` under its segments: next-token logits ``[1, V]`` and the KV cache."""
-    if len(input_ids) != len(segment_ids):
-        raise ValueError(f"{len(input_ids)} prompt tokens but {len(segment_ids)} segment ids")
-    if not input_ids:
-        raise ValueError("empty prompt: nothing to condition on")
-    device = model.device
-    ids = torch.tensor([list(input_ids)], dtype=torch.long, device=device)
-    segments = torch.tensor([list(segment_ids)], dtype=torch.long, device=device)
-    out = model(input_ids=ids, segment_ids=segments, use_cache=True, logits_to_keep=1)
-    return out.logits[:, -1], compat.output_cache(out)
-
-
 @torch.inference_mode()
 def continuation_logprobs(
     model: nn.Module,
@@ -78,14 +64,21 @@ def continuation_logprobs(
 ) -> list[ContinuationScore]:
     """Score several causal continuations of one prompt, prefilling the prompt once.
 
-    The prompt (``P`` tokens, under ``segment_ids``, e.g. MAS segments) is prefilled into a KV cache; the
-    cache is then repeated for the ``C`` continuations, which run as one right-padded causal batch
-    ``[C, W]``. Token ``k`` of a continuation is predicted by the prompt's last logits (``k = 0``) or by the
-    continuation's own position ``k - 1``. ``model`` must have gone through :func:`segmask.enable`.
+    The prompt (``P`` tokens, under ``segment_ids``, e.g. MAS segments) is prefilled into a KV cache
+    (:func:`segmask.generation.prefill`); the cache is then repeated for the ``C`` continuations, which run as
+    one right-padded causal batch ``[C, W]``. Token ``k`` of a continuation is predicted by the prompt's last
+    logits (``k = 0``) or by the continuation's own position ``k - 1``. ``model`` must have gone through
+    :func:`segmask.enable`.
     """
     if not continuations or any(len(c) == 0 for c in continuations):
         raise ValueError("every continuation needs at least one token")
-    last, cache = mas_prefill(model, prompt_ids, segment_ids)
+    if len(prompt_ids) != len(segment_ids):
+        raise ValueError(f"{len(prompt_ids)} prompt tokens but {len(segment_ids)} segment ids")
+    if not prompt_ids:
+        raise ValueError("empty prompt: nothing to condition on")
+    ids = torch.tensor([list(prompt_ids)], dtype=torch.long)
+    logits, cache = prefill(model, ids, torch.tensor([list(segment_ids)], dtype=torch.long), logits_to_keep=1)
+    last = logits[:, -1]  # [1, V]
     count, width = len(continuations), max(len(c) for c in continuations)
     device = last.device
     tokens = torch.zeros(count, width, dtype=torch.long, device=device)
@@ -108,6 +101,32 @@ def continuation_logprobs(
     token_logprobs = predictors.gather(-1, tokens[..., None]).squeeze(-1).masked_fill(~real, 0.0)
     greedy = (predictors.argmax(-1) == tokens) | ~real
     return [ContinuationScore(float(lp), bool(g)) for lp, g in zip(token_logprobs.sum(-1), greedy.all(-1))]
+
+
+def rank_candidates(
+    model: nn.Module, prompt: Encoded, candidates: Mapping[str, Sequence[int]]
+) -> tuple[str, dict[str, float]]:
+    """The best of ``candidates`` (label -> the answer's token ids after ``prompt``) and every label's
+    summed log-probability; a tie goes to the label listed first."""
+    scores = continuation_logprobs(model, prompt.input_ids, prompt.segment_ids, list(candidates.values()))
+    by_label = {label: score.logprob for label, score in zip(candidates, scores)}
+    return max(by_label, key=by_label.__getitem__), by_label
+
+
+def chat_candidates(
+    tokenizer, messages: list[dict[str, str]], choices: Sequence[str], policy: str
+) -> tuple[Encoded, dict[str, list[int]]]:
+    """A chat prompt (``messages``, then the assistant header) and each choice's answer tokens as the
+    assistant's turn, exactly as training encodes them: the input of :func:`rank_candidates`."""
+    prompt = encode_chat(tokenizer, messages, policy=policy, add_generation_prompt=True)
+    cut = len(prompt.input_ids)
+    candidates = {}
+    for choice in choices:
+        full = encode_chat(tokenizer, [*messages, {"role": "assistant", "content": choice}], policy)
+        if full.input_ids[:cut] != prompt.input_ids or any(s != -1 for s in full.segment_ids[cut:]):
+            raise ValueError("the prompt is not a prefix of prompt + answer, or the answer is not causal")
+        candidates[choice] = full.input_ids[cut:]
+    return prompt, candidates
 
 
 def loglik_predictions(
@@ -137,12 +156,11 @@ def loglik_predictions(
             predictions.append(done[index])
             continue
         prompt = encode_instruction(tokenizer, record, policy=policy, include_answer=False)
-        continuations = [
-            commonsense.answer_continuation(tokenizer, record, label, policy, prompt) for label in labels
-        ]
-        scores = continuation_logprobs(model, prompt.input_ids, prompt.segment_ids, continuations)
-        by_label = {label: score.logprob for label, score in zip(labels, scores)}
-        best = max(by_label, key=by_label.__getitem__)
+        candidates = {
+            label: commonsense.answer_continuation(tokenizer, record, label, policy, prompt)
+            for label in labels
+        }
+        best, by_label = rank_candidates(model, prompt, candidates)
         predictions.append(
             results.Prediction(
                 task=task.name,
@@ -219,14 +237,25 @@ def generate_predictions(
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """How a run scores records; validated on construction."""
+    """One evaluation run of the commonsense suite; validated on construction.
 
+    ``tasks`` takes ``"boolq,piqa"`` or a list (kept as a tuple of unique names, in order); ``limit`` the
+    first N records of each task, so runs with the same limit share their records. With ``out`` the results
+    go to that JSON file, the predictions beside it, and an unfinished run's predictions to a journal that
+    ``resume`` picks up (see :func:`evaluate`). ``num_beams``, ``max_new_tokens`` and ``batch_size`` are the
+    decoding settings of ``generate`` scoring.
+    """
+
+    data_dir: str
+    tasks: tuple[str, ...] = commonsense.SUITE
     policy: str = "mas"
     scoring: str = "generate"
     limit: int | None = None
+    out: str | None = None
     num_beams: int = 4
     max_new_tokens: int = 32
     batch_size: int = 8
+    resume: bool = True
 
     def __post_init__(self) -> None:
         check_policy(self.policy)
@@ -237,6 +266,55 @@ class EvalConfig:
         for name in ("num_beams", "max_new_tokens", "batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        object.__setattr__(self, "data_dir", str(self.data_dir))
+        object.__setattr__(self, "tasks", tuple(commonsense.parse_tasks(self.tasks)))
+        if self.out is not None:
+            object.__setattr__(self, "out", str(self.out))
+
+
+def evaluate(
+    model: nn.Module, tokenizer, config: EvalConfig, *, model_name: str | None = None, progress: bool = True
+) -> dict:
+    """Evaluate ``model`` as ``config`` says and return the results (written to ``config.out`` when given).
+
+    Every task file is read and validated before the model runs, so a bad file fails fast. The results hold
+    per-task ``accuracy``, ``ci_low``/``ci_high`` (95% Wilson), ``n``, ``correct``, ``unparseable``; the
+    unweighted ``average``; ``model`` (``model_name``, else the model's own name), ``policy``, ``scoring``,
+    ``limit`` and the git ``commit``. With ``out``, predictions go to ``<out stem>.predictions.jsonl`` next
+    to it.
+
+    With ``out``, every prediction is also appended to ``<out stem>.partial.jsonl`` as soon as it is made,
+    and the file is removed when the run finishes; a stopped run started again with the same config
+    (``resume=True``) keeps those predictions and scores only the rest. A partial file written by another
+    config is an error, never mixed in; ``resume=False`` discards it.
+    """
+    loaded = [commonsense.load_task(config.data_dir, name, config.limit) for name in config.tasks]
+    name = model_name or str(getattr(model.config, "_name_or_path", "")) or type(model).__name__
+    journal = _journal(config, name, loaded) if config.out is not None else None
+    try:
+        predictions = _predict_tasks(model, tokenizer, loaded, config, progress, journal)
+    except BaseException:
+        if journal is not None:
+            journal.close()
+        raise
+    run = {"model": name, "policy": config.policy, "scoring": config.scoring, "limit": config.limit}
+    report = results.run_results(predictions, run, {task.name: str(task.path) for task in loaded})
+    if config.scoring == "generate":
+        report["generation"] = {"num_beams": config.num_beams, "max_new_tokens": config.max_new_tokens}
+    if journal is not None:
+        report["predictions"] = results.write_results(report, predictions, config.out).name
+        journal.finish()
+    return report
+
+
+def _journal(config: EvalConfig, model_name: str, loaded: Sequence[commonsense.Task]) -> results.Journal:
+    """The run's journal; its header holds every setting that changes a prediction."""
+    header = {"model": model_name, "tasks": list(config.tasks), "policy": config.policy}
+    header |= {"scoring": config.scoring, "limit": config.limit}
+    if config.scoring == "generate":  # decoding settings do not change loglik predictions
+        header |= {key: getattr(config, key) for key in ("num_beams", "max_new_tokens", "batch_size")}
+    header["files"] = [str(task.path.resolve()) for task in loaded]
+    return results.Journal(results.journal_path(config.out), header, config.resume)
 
 
 def evaluate_tasks(
@@ -256,51 +334,22 @@ def evaluate_tasks(
     progress: bool = True,
     resume: bool = True,
 ) -> dict:
-    """Evaluate ``model`` on ``tasks`` and return the results (written to ``out`` when given).
-
-    ``limit`` takes the first N records of each task, so runs with the same limit share their records.
-    Every task file is read and validated before the model runs, so a bad file fails fast. The results hold
-    per-task ``accuracy``, ``ci_low``/``ci_high`` (95% Wilson), ``n``, ``correct``, ``unparseable``; the
-    unweighted ``average``; ``model``, ``policy``, ``scoring``, ``limit`` and the git ``commit``. With
-    ``out``, predictions go to ``<out stem>.predictions.jsonl`` next to it.
-
-    With ``out``, every prediction is also appended to ``<out stem>.partial.jsonl`` as soon as it is made,
-    and the file is removed when the run finishes; a stopped run started again with the same arguments
-    (``resume=True``) keeps those predictions and scores only the rest. A partial file written by other
-    arguments is an error, never mixed in; ``resume=False`` discards it.
-    """
-    config = EvalConfig(policy, scoring, limit, num_beams, max_new_tokens, batch_size)
-    names = commonsense.parse_tasks(tasks)
-    loaded = [commonsense.load_task(data_dir, name, config.limit) for name in names]
-    name = model_name or str(getattr(model.config, "_name_or_path", "")) or type(model).__name__
-    journal = None
-    if out is not None:
-        header = {"model": name, "tasks": names, **asdict(config)}
-        header["files"] = [str(task.path.resolve()) for task in loaded]
-        if config.scoring == "loglik":  # decoding settings do not change loglik predictions
-            for key in ("num_beams", "max_new_tokens", "batch_size"):
-                header.pop(key)
-        journal = results.Journal(results.journal_path(out), header, resume)
-    try:
-        predictions = _predict_tasks(model, tokenizer, loaded, config, progress, journal)
-    except BaseException:
-        if journal is not None:
-            journal.close()
-        raise
-    run = {"model": name, "policy": config.policy, "scoring": config.scoring, "limit": config.limit}
-    report = results.run_results(predictions, run, {task.name: str(task.path) for task in loaded})
-    if config.scoring == "generate":
-        report["generation"] = {"num_beams": config.num_beams, "max_new_tokens": config.max_new_tokens}
-    if out is not None:
-        report["predictions"] = results.write_results(report, predictions, out).name
-        journal.finish()
-    return report
+    """Deprecated: ``evaluate(model, tokenizer, EvalConfig(data_dir, tasks, ...))``, the same run."""
+    warnings.warn(
+        "segmask.evaluate_tasks is deprecated; use segmask.evaluate(model, tokenizer, EvalConfig(...))",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    config = EvalConfig(
+        data_dir, tasks, policy, scoring, limit, out, num_beams, max_new_tokens, batch_size, resume
+    )
+    return evaluate(model, tokenizer, config, model_name=model_name, progress=progress)
 
 
 def _predict_tasks(
     model: nn.Module,
     tokenizer,
-    loaded: Sequence,
+    loaded: Sequence[commonsense.Task],
     config: EvalConfig,
     progress: bool,
     journal: results.Journal | None,
@@ -328,6 +377,21 @@ def _predict_tasks(
                 record,
             )
     return predictions
+
+
+def mas_prefill(
+    model: nn.Module, input_ids: Sequence[int], segment_ids: Sequence[int]
+) -> tuple[torch.Tensor, Any]:
+    """Deprecated: :func:`segmask.generation.prefill` with ``logits_to_keep=1``. Next-token logits ``[1, V]``
+    of one prompt under its segments, and the KV cache."""
+    warnings.warn(
+        "segmask.evaluation.mas_prefill is deprecated; use segmask.generation.prefill(..., logits_to_keep=1)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    ids, segments = (torch.tensor([list(values)], dtype=torch.long) for values in (input_ids, segment_ids))
+    logits, cache = prefill(model, ids, segments, logits_to_keep=1)
+    return logits[:, -1], cache
 
 
 # names that moved to segmask.results and segmask.tasks.commonsense: the old import path works, with a warning, for one release

@@ -37,8 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # imported here, not at the top: they pull in torch and transformers, which `segmask --help` does not need
     from segmask.compare import compare_runs
-    from segmask.evaluation import evaluate_tasks
+    from segmask.evaluation import EvalConfig, evaluate
     from segmask.loading import load_model
     from segmask.tasks.commonsense import SUITE, parse_tasks, task_path
 
@@ -46,11 +47,9 @@ def run(args: argparse.Namespace) -> int:
     for name in tasks:  # a missing file fails before the model loads
         task_path(args.data_dir, name)
     model, tokenizer, policy = load_model(args.model, policy=args.mask)
-    evaluate_tasks(
-        model,
-        tokenizer,
+    config = EvalConfig(
         args.data_dir,
-        tasks,
+        tuple(tasks),
         policy,
         scoring=args.scoring,
         limit=args.limit,
@@ -58,10 +57,9 @@ def run(args: argparse.Namespace) -> int:
         num_beams=1 if args.greedy else args.num_beams,
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
-        model_name=args.model,
-        progress=not args.no_progress,
         resume=args.resume,
     )
+    evaluate(model, tokenizer, config, model_name=args.model, progress=not args.no_progress)
     print(compare_runs([args.out]), end="")
     print(f"results: {args.out}")
     return 0

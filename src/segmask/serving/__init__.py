@@ -40,6 +40,7 @@ from segmask.serving.engine import (
     Scheduler,
     supports_row_caches,
 )
+from segmask.serving.prefix_cache import PrefixCache
 from segmask.serving.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -57,6 +58,7 @@ __all__ = [
     "CompletionRequest",
     "Engine",
     "Job",
+    "PrefixCache",
     "QueueFull",
     "RowTracker",
     "Sampling",

@@ -28,9 +28,9 @@ from segmask.generation import (
     encode_prompt,
 )
 from segmask.masks import MaskPolicy, check_policy
-from segmask.prefix_cache import PrefixCache
 from segmask.segments import IGNORE_INDEX, Encoded, encode_chat
 from segmask.serving.engine import Engine, Job, QueueFull, Sampling, Scheduler, supports_row_caches
+from segmask.serving.prefix_cache import PrefixCache
 from segmask.serving.protocol import (
     DEFAULT_COMPLETION_TOKENS,
     APIError,

@@ -32,8 +32,8 @@ from segmask.generation import (
     prefill_for_decoding,
 )
 from segmask.masks import MaskPolicy
-from segmask.prefix_cache import PrefixCache, stack_left_padded
 from segmask.segments import Encoded
+from segmask.serving.prefix_cache import PrefixCache, stack_left_padded
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,11 @@
 """The segment-level prefix cache: whole-segment cuts, exact reuse (logits and greedy tokens equal a full
-prefill), back-off where a segment would continue, LRU under a byte cap, and left-padded stacking."""
+prefill), back-off where a segment would continue, LRU under a byte cap, left-padded stacking, and the
+old import path."""
 
 from __future__ import annotations
+
+import importlib
+import sys
 
 import pytest
 import torch
@@ -9,8 +13,8 @@ from transformers import AutoModelForCausalLM
 
 import segmask
 from segmask.generation import decode, generate, left_pad, prefill, prefill_for_decoding
-from segmask.prefix_cache import PrefixCache, cache_nbytes, stack_left_padded, whole_segments_length
 from segmask.segments import encode_chat
+from segmask.serving.prefix_cache import PrefixCache, cache_nbytes, stack_left_padded, whole_segments_length
 
 pytestmark = pytest.mark.exactness
 
@@ -198,3 +202,10 @@ def test_stacking_a_row_with_nothing_cached(model):
         assert torch.equal(keys[1:], ref_keys) and torch.equal(values[1:], ref_values)
         assert not keys[0].any() and not values[0].any()
     assert stack_left_padded([empty, empty], model.config).get_seq_length() == 0
+
+
+def test_the_old_import_path_warns_and_gives_the_same_names(monkeypatch):
+    monkeypatch.delitem(sys.modules, "segmask.prefix_cache", raising=False)
+    with pytest.warns(DeprecationWarning, match="segmask.prefix_cache moved to segmask.serving.prefix_cache"):
+        old = importlib.import_module("segmask.prefix_cache")
+    assert old.PrefixCache is PrefixCache and old.stack_left_padded is stack_left_padded

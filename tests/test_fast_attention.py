@@ -12,12 +12,14 @@ import torch.nn.functional as F
 import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_attention_plan import layouts
 from transformers import AutoModelForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import segmask
 from segmask import fast_attention, masks
-from segmask.fast_attention import Layout, mas_attention, plan_layout, segmask_attention_forward
+from segmask.attention_plan import Layout, plan_layout
+from segmask.fast_attention import mas_attention, segmask_attention_forward
 
 pytestmark = pytest.mark.exactness
 
@@ -65,29 +67,6 @@ def assert_matches_dense(segment_ids, attention_mask=None, document_ids=None, q_
     for name, a, b in zip(("output", "grad q", "grad k", "grad v"), fast, dense):
         assert not a.isnan().any(), name
         assert (a - b).abs().max() < TOLERANCE, name
-
-
-def coverage(segment_ids, attention_mask=None, document_ids=None, q_len=None) -> torch.Tensor:
-    """How many pieces of the plan cover each (query, key) pair: ``[B, Q, K]`` counts."""
-    batch, kv_len = segment_ids.shape
-    q_len = kv_len if q_len is None else q_len
-    offset = kv_len - q_len
-    count = torch.zeros(batch, q_len, kv_len, dtype=torch.long)
-    for first, last, plan in plan_layout(segment_ids, attention_mask, document_ids, q_len):
-        rows = slice(first, last)
-        for block in plan.blocks:
-            area = torch.ones(block.q_end - block.q_start, block.k_end - block.k_start, dtype=torch.long)
-            if block.causal:
-                area = area.tril()
-            count[rows, block.q_start - offset : block.q_end - offset, block.k_start : block.k_end] += area
-        for upper in plan.uppers:
-            for start, end in upper.segments:
-                for i in range(start, end - 1):
-                    count[rows, i - offset, i + 1 : end] += 1
-        for start, end in plan.selfs:
-            for i in range(start, end):
-                count[rows, i - offset, i] += 1
-    return count
 
 
 PROMPT = torch.tensor([[0, 0, 1, 1, 1, -1, -1, -1]])
@@ -195,39 +174,6 @@ def test_causal_token_never_sees_a_later_token():
     assert not torch.allclose(out[:, :, 5:], changed[:, :, 5:])
 
 
-@st.composite
-def layouts(draw):
-    """Random rows: runs of segments and causal tokens, optional documents, padding at either end, a cache."""
-    batch = draw(st.integers(1, 3))
-    kv_len = draw(st.integers(1, 24))
-    packed, padded = draw(st.booleans()), draw(st.booleans())
-    rows, paddings, documents = [], [], []
-    for _ in range(batch):
-        segment_ids, document_ids = [], []
-        document, next_segment = 0, 0
-        while len(segment_ids) < kv_len:
-            if segment_ids and packed and draw(st.integers(0, 3)) == 0:
-                document += 1
-                next_segment = draw(st.sampled_from([0, next_segment]))  # ids may restart per document
-            length = draw(st.integers(1, 8))
-            if draw(st.booleans()):
-                segment_ids += [next_segment] * length
-                next_segment += 1
-            else:
-                segment_ids += [-1] * length
-            document_ids += [document] * length
-        left = draw(st.integers(0, kv_len))
-        right = draw(st.integers(0, kv_len - left))
-        rows.append(segment_ids[:kv_len])
-        documents.append(document_ids[:kv_len])
-        paddings.append([0] * left + [1] * (kv_len - left - right) + [0] * right)
-    segment_ids = torch.tensor(rows)
-    attention_mask = torch.tensor(paddings) if padded else None
-    document_ids = torch.tensor(documents) if packed else None
-    q_len = draw(st.integers(1, kv_len))
-    return segment_ids, attention_mask, document_ids, q_len
-
-
 @settings(max_examples=120, deadline=None)
 @given(layout=layouts(), piece=st.sampled_from([1, 3, 256]))
 def test_random_layouts_match_dense(layout, piece):
@@ -239,51 +185,12 @@ def test_random_layouts_match_dense(layout, piece):
         fast_attention.PIECE = 3
 
 
-@settings(max_examples=80, deadline=None)
-@given(layout=layouts(), piece=st.sampled_from([1, 3, 256]))
-def test_plan_covers_each_allowed_pair_exactly_once(layout, piece):
-    """The plan's pieces are disjoint and their union is the mask; a padded query with no key covers itself."""
-    fast_attention.PIECE = piece
-    try:
-        segment_ids, attention_mask, document_ids, q_len = layout
-        count = coverage(segment_ids, attention_mask, document_ids, q_len)
-        expected = masks.sdpa_mask(segment_ids, attention_mask, document_ids, q_len)[:, 0]
-        assert torch.equal(count, expected.long())
-    finally:
-        fast_attention.PIECE = 3
-
-
-def test_plan_work_is_the_pair_count(monkeypatch):
-    """10% system, 60% user, 30% answer at 4096 tokens: no mask, and the pieces hold exactly the allowed pairs."""
-    monkeypatch.setattr(fast_attention, "PIECE", 256)
-    seq_len = 4096
-    segment_ids = torch.full((1, seq_len), -1)
-    segment_ids[0, :409], segment_ids[0, 409:2867] = 0, 1
-    ((_, _, plan),) = plan_layout(segment_ids, None, None, seq_len)
-    pairs = sum(
-        (b.q_end - b.q_start) * (b.q_end - b.q_start + 1) // 2
-        if b.causal
-        else (b.q_end - b.q_start) * (b.k_end - b.k_start)
-        for b in plan.blocks
-    )
-    assert pairs == 409 * 409 + 2458 * 2867 + 1229 * 2867 + 1229 * 1230 // 2
-    assert not plan.uppers and not plan.selfs
-    assert max(b.q_end - b.q_start for b in plan.blocks) <= seq_len // 4
-
-
 def test_one_causal_call_when_the_batch_shares_a_causal_stretch(monkeypatch):
-    """Short segments only: the batch's plan is one causal call over everything plus the reversed squares;
-    with different rows, each row's stretch is cut into blocks of at most a quarter of the keys."""
+    """Short segments only (the plan is one causal call plus reversed squares, see test_attention_plan)."""
     monkeypatch.setattr(fast_attention, "PIECE", 4)
     row = [0, 0, -1, 1, 1, 1, -1, -1, 2, 2, 2, -1, -1, -1, -1, -1]
-    ((first, last, plan),) = plan_layout(torch.tensor([row, row]), None, None, 16)
-    assert (first, last) == (0, 2)
-    assert plan.blocks == (fast_attention.Block(0, 16, 0, 16, causal=True),)
-    assert [s for upper in plan.uppers for s in upper.segments] == [(3, 6), (8, 11), (0, 2)]
-    groups = plan_layout(torch.tensor([row, row[::-1]]), None, None, 16)
-    assert [group[:2] for group in groups] == [(0, 1), (1, 2)]
-    assert all(b.q_end - b.q_start <= 4 for _, _, plan in groups for b in plan.blocks)
     assert_matches_dense(torch.tensor([row, row]))
+    assert_matches_dense(torch.tensor([row, row[::-1]]))
 
 
 @pytest.mark.parametrize(
@@ -458,3 +365,9 @@ def test_enabled_model_matches_sdpa_under_mas(config):
     real = attention_mask.bool()
     assert (fast_logits - sdpa_logits)[real].abs().max() < TOLERANCE
     assert (fast_grad - sdpa_grad).abs().max() < TOLERANCE
+
+
+def test_planner_names_at_their_old_path_warn():
+    for name in ("Plan", "plan_row", "plan_layout"):
+        with pytest.warns(DeprecationWarning, match="moved to segmask.attention_plan"):
+            assert getattr(fast_attention, name) is getattr(segmask.attention_plan, name)

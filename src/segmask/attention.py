@@ -33,7 +33,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from segmask import compat, masks
+from segmask import compat, fast_attention, masks
+from segmask.attention_plan import Layout
 
 logger = logging.getLogger(__name__)
 
@@ -63,11 +64,9 @@ def enable(model: nn.Module, fast: bool = True) -> nn.Module:
     compat.check_version()
     decoder = _decoder(model)
     if fast and (decoder.config._attn_implementation or "eager") == "sdpa":
-        from segmask.fast_attention import IMPLEMENTATION, register
-
-        register()
+        fast_attention.register()
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        base.set_attn_implementation(IMPLEMENTATION)
+        base.set_attn_implementation(fast_attention.IMPLEMENTATION)
     if getattr(decoder, _HANDLE, None) is None:
         handles = (
             decoder.register_forward_pre_hook(_pre_hook, with_kwargs=True),
@@ -241,8 +240,6 @@ def prepare_mask(
     sizes = {layer.layer_type: _key_sizes(decoder.config, cache, layer, q_len, kv_len) for layer in layers}
 
     if implementation == "segmask":
-        from segmask.fast_attention import Layout
-
         placeholder = torch.ones((), dtype=torch.bool, device=device).expand(batch_size, 1, q_len, kv_len)
         key_lengths = {layer.window: sizes[layer.layer_type][0] for layer in layers}
         layout = Layout(

@@ -1,0 +1,350 @@
+"""The segment-blocked attention plan: which query ranges see which key ranges, from token-level ids.
+
+Pure and device-independent (Python over the ids, moved to CPU): no kernel, no model. Under the MAS rule
+(:func:`segmask.masks.mask_function`) every query sees ONE contiguous key range when segments, documents
+and padding are contiguous, so one row's attention is a union of rectangles and causal triangles: a
+:class:`Plan` of :class:`Block` s (each one unmasked or causal kernel call, exactly a varlen kernel's
+``(q_start, q_end, k_start, k_end)`` range) and :class:`Upper` groups of reversed causal squares for the
+later tokens of short segments::
+
+    segment_ids [0, 0, 0, 1, 1, 1, -1, -1, -1], piece 3:
+
+         kv 0 1 2 3 4 5 6 7 8
+    q 0     A A A ⬚ ⬚ ⬚ ⬚ ⬚ ⬚   A  Block(0, 3, 0, 3)
+      1     A A A ⬚ ⬚ ⬚ ⬚ ⬚ ⬚
+      2     A A A ⬚ ⬚ ⬚ ⬚ ⬚ ⬚
+      3     B B B B B B ⬚ ⬚ ⬚   B  Block(3, 6, 0, 6)
+      4     B B B B B B ⬚ ⬚ ⬚
+      5     B B B B B B ⬚ ⬚ ⬚
+      6     P P P P P P C ⬚ ⬚   P  Block(6, 9, 0, 6)
+      7     P P P P P P C C ⬚   C  Block(6, 9, 6, 9, causal=True, merge=True)
+      8     P P P P P P C C C
+
+:func:`plan_layout` plans a batch (rows sharing a plan grouped); :class:`Layout` carries one forward call's
+ids and computes its plan once for every layer. :mod:`segmask.fast_attention` runs a plan on a kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from segmask import masks
+
+PIECE = 256
+"""Segments with at least this many queries are computed as full blocks, shorter ones as reversed causal
+squares; blocks have at least this many query rows (the CPU flash kernel's query block)."""
+
+
+@dataclass(frozen=True, eq=False)
+class Layout:
+    """Token-level ids of one forward call, over all key positions (cached + current tokens).
+
+    ``segment_ids``: ``[B, K]`` long, ``>= 0`` bidirectional segment, ``-1`` causal token;
+    ``attention_mask``: ``[B, K]`` (1 real, 0 padding) or None; ``document_ids``: ``[B, K]`` or None.
+    Compared by identity; :meth:`plan` remembers its plans, so build one layout per forward call.
+    """
+
+    segment_ids: torch.Tensor
+    attention_mask: torch.Tensor | None = None
+    document_ids: torch.Tensor | None = None
+    key_lengths: dict[int | None, int] | None = None
+    """How many keys each layer kind holds, by sliding window (None: full attention), as the KV cache
+    reported them when the mask was built; None: exactly ``K``. The kernel refuses any other count."""
+
+    _plans: dict[tuple[int, int], tuple[RowGroup, ...] | None] = field(
+        default_factory=dict, init=False, repr=False
+    )
+
+    def __post_init__(self) -> None:
+        masks.validate_layout(self.segment_ids, self.attention_mask, self.document_ids)
+
+    def plan(self, q_len: int, piece: int = PIECE) -> tuple[RowGroup, ...] | None:
+        """:func:`plan_layout` of these ids for the last ``q_len`` queries, computed once: every layer of the
+        forward call that built this layout shares it."""
+        if (q_len, piece) not in self._plans:
+            self._plans[(q_len, piece)] = plan_layout(
+                self.segment_ids, self.attention_mask, self.document_ids, q_len, piece
+            )
+        return self._plans[(q_len, piece)]
+
+    def check_keys(self, keys: int, window: int | None) -> None:
+        """Raise unless a layer (with sliding ``window`` or None) holding ``keys`` keys is what the mask is for."""
+        expected = self.segment_ids.shape[1] if self.key_lengths is None else self.key_lengths.get(window)
+        if expected is None:
+            raise ValueError(f"the MAS layout was built for no layer with sliding window {window}")
+        if keys != expected:
+            raise ValueError(
+                f"the MAS mask was built for {expected} keys (the KV cache's length when the mask was made) but "
+                f"the attention layer has {keys} keys; the cache and the mask disagree, so segmask refuses to run"
+            )
+
+
+@dataclass(frozen=True)
+class Block:
+    """Queries ``[q_start, q_end)`` against keys ``[k_start, k_end)`` (absolute positions): each query sees
+    every key, or, when ``causal``, the two ranges coincide and query ``i`` sees keys ``<= i``. ``merge``:
+    an earlier block of the plan already covers these queries (over other keys)."""
+
+    q_start: int
+    q_end: int
+    k_start: int
+    k_end: int
+    causal: bool = False
+    merge: bool = False
+
+
+@dataclass(frozen=True)
+class Upper:
+    """The later tokens of short segments, computed as causal attention in reversed order.
+
+    Each ``(start, end)`` in ``segments``: queries ``start <= i < end - 1`` also see keys ``i < j < end``.
+    Reversed (query ``end - 2 - r``, key ``end - 1 - c``) that is ``c <= r``: a causal square, padded at its
+    end to ``size`` (padding never reaches a real query), all squares of the group in one batched call.
+    """
+
+    size: int
+    segments: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One row's attention as disjoint pieces. Each query's keys are the union of its pieces' keys;
+    ``selfs`` are query ranges that see no key (padding) and attend to their own position only."""
+
+    blocks: tuple[Block, ...]
+    uppers: tuple[Upper, ...] = ()
+    selfs: tuple[tuple[int, int], ...] = ()
+
+
+RowGroup = tuple[int, int, Plan]
+"""Rows ``[first, last)`` of a batch that share one plan."""
+
+
+@dataclass(frozen=True)
+class _Run:
+    """Consecutive positions ``[start, end)`` with one region (0 left padding, 1 real, 2 right padding),
+    one document id and one segment id."""
+
+    start: int
+    end: int
+    region: int
+    document: int
+    segment: int
+
+
+# ---------------------------------------------------------------------------------------------- planning
+
+
+def _runs(
+    segment_ids: torch.Tensor, document_ids: torch.Tensor, first_real: int, end_real: int
+) -> list[_Run]:
+    """Split one row (``[K]`` tensors) into maximal runs of equal (region, document, segment)."""
+    kv_len = segment_ids.numel()
+    change = (segment_ids[1:] != segment_ids[:-1]) | (document_ids[1:] != document_ids[:-1])
+    starts = set((torch.nonzero(change).flatten() + 1).tolist()) | {0, first_real, end_real}
+    starts = sorted(s for s in starts if s < kv_len)
+    index = torch.tensor(starts, device=segment_ids.device)
+    segments = segment_ids[index].tolist()
+    documents = document_ids[index].tolist()
+    ends = starts[1:] + [kv_len]
+    regions = [0 if s < first_real else 1 if s < end_real else 2 for s in starts]
+    return [_Run(*fields) for fields in zip(starts, ends, regions, documents, segments)]
+
+
+def block_rows(kv_len: int, piece: int) -> int:
+    """Most query rows (and keys in the backward) of one kernel call: a quarter of the keys, at least ``piece``."""
+    return max(piece, -(-kv_len // 4))
+
+
+def split_range(start: int, end: int, size: int) -> list[tuple[int, int]]:
+    """``[start, end)`` cut into balanced pieces of at most ``size``."""
+    count = -(-(end - start) // size)
+    bounds = [start + (end - start) * i // count for i in range(count + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _padded_size(n: int) -> int:
+    """``n`` rounded up to a multiple of 8 (of 16 from 128 on, ...): the side of its batched square."""
+    step = 1 << max(3, n.bit_length() - 4)
+    return -(-n // step) * step
+
+
+def _square_size(segments: list[tuple[int, int]]) -> int:
+    """Side of the batched squares of these segments (``end - 1 - start`` queries each)."""
+    return _padded_size(max(end - 1 - start for start, end in segments))
+
+
+def _group_uppers(segments: list[tuple[int, int]], budget: int) -> tuple[Upper, ...]:
+    """Batch the reversed squares of short segments, largest first, each batch padded to its largest square
+    and holding at most ``budget`` queries (or one square), which bounds the memory of its gathered queries,
+    keys and values."""
+    uppers: list[Upper] = []
+    group: list[tuple[int, int]] = []
+    for start, end in sorted(segments, key=lambda s: s[0] - s[1]):
+        if group and (len(group) + 1) * _square_size(group) > budget:
+            uppers.append(Upper(_square_size(group), tuple(group)))
+            group = []
+        group.append((start, end))
+    if group:
+        uppers.append(Upper(_square_size(group), tuple(group)))
+    return tuple(uppers)
+
+
+def _spans(runs: list[_Run]) -> tuple[dict[int, list[int]], dict[tuple[int, int], tuple[int, int]]] | None:
+    """Where each document and each (document, segment) lies among the real tokens, as ``[start, end)``; None
+    if a document is split by another one or a segment id repeats inside a document."""
+    documents: dict[int, list[int]] = {}
+    segments: dict[tuple[int, int], tuple[int, int]] = {}
+    previous = None
+    for run in runs:
+        if run.region != 1:
+            continue
+        if run.document != previous:
+            if run.document in documents:
+                return None  # a document split by another one
+            documents[run.document] = [run.start, run.end]
+            previous = run.document
+        documents[run.document][1] = run.end
+        if run.segment >= 0:
+            if (run.document, run.segment) in segments:
+                return None  # a segment id repeated inside a document
+            segments[(run.document, run.segment)] = (run.start, run.end)
+    return documents, segments
+
+
+def plan_row(
+    segment_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    document_ids: torch.Tensor | None,
+    q_len: int,
+    piece: int | None = None,
+    whole: bool = False,
+) -> Plan | None:
+    """Pieces of one row (``[K]`` tensors), or None where some query's keys are not one contiguous range.
+
+    Fast-path layouts: real tokens contiguous (padding only at the ends), each document one contiguous run
+    of real tokens, and each segment id ``>= 0`` one contiguous run inside its document. A real query ``i``
+    then sees ``[doc_start, end(i))``, ``end(i)`` the end of its segment or ``i + 1`` for a causal token:
+
+    - a long segment (``>= piece`` queries): full blocks over ``[doc_start, segment_end)``;
+    - any other stretch of the document: causal blocks, each a full block over the keys before it and a
+      causal square over its own rows, plus an :class:`Upper` square for each short segment's later tokens.
+
+    Blocks have at most ``max(piece, K / 4)`` query rows and reversed-square calls at most a quarter of that,
+    which bounds the temporary memory of a call. Except with ``whole`` (the plan serves the whole batch): a
+    causal stretch over every query and key is then one block, whose output is the whole output.
+    """
+    kv_len = segment_ids.numel()
+    q_start = kv_len - q_len
+    piece = PIECE if piece is None else piece
+    size = block_rows(kv_len, piece)
+    if attention_mask is None:
+        first_real, end_real = 0, kv_len
+    else:
+        real = torch.nonzero(attention_mask).flatten()
+        if real.numel() == 0:
+            return Plan((), (), ((q_start, kv_len),))
+        first_real, end_real = int(real[0]), int(real[-1]) + 1
+        if real.numel() != end_real - first_real:
+            return None  # padding in the middle of the row
+    if document_ids is None:
+        document_ids = torch.zeros_like(segment_ids)
+    runs = _runs(segment_ids, document_ids, first_real, end_real)
+
+    spans = _spans(runs)
+    if spans is None:
+        return None
+    documents, segments = spans
+
+    blocks: list[Block] = []
+    uppers: list[tuple[int, int]] = []
+    selfs: list[tuple[int, int]] = []
+    stretch: list[int] = []  # [first query, document start] of the open causal stretch
+
+    def full(start: int, end: int, k_start: int, k_end: int) -> None:
+        blocks.extend(Block(a, b, k_start, k_end) for a, b in split_range(start, end, size))
+
+    def close(end: int) -> None:
+        if stretch:
+            first, doc_start = stretch
+            if whole and first == doc_start == 0 and end == kv_len == q_len:
+                blocks.append(Block(0, kv_len, 0, kv_len, causal=True))
+                stretch.clear()
+                return
+            for a, b in split_range(first, end, size):
+                if a > doc_start:
+                    blocks.append(Block(a, b, doc_start, a))
+                blocks.append(Block(a, b, a, b, causal=True, merge=a > doc_start))
+            stretch.clear()
+
+    for run in runs:
+        if run.end <= q_start:
+            continue
+        start = max(run.start, q_start)
+        if run.region == 1:
+            doc_start = documents[run.document][0]
+            if stretch and stretch[1] != doc_start:
+                close(start)
+            if run.segment >= 0 and run.end - start >= piece:
+                close(start)
+                full(start, run.end, doc_start, run.end)
+                continue
+            if not stretch:
+                stretch.extend((start, doc_start))
+            if run.segment >= 0 and run.end - start > 1:
+                uppers.append((start, run.end))
+            continue
+        close(start)
+        # padding: on the left no real key precedes it, so it sees at most the real run of its segment;
+        # on the right every real key of its document precedes it
+        if run.region == 0:
+            keys = segments.get((run.document, run.segment)) if run.segment >= 0 else None
+        else:
+            keys = documents.get(run.document)
+        if keys is None:
+            selfs.append((start, run.end))
+        else:
+            full(start, run.end, keys[0], keys[1])
+    close(kv_len)
+    return Plan(tuple(blocks), _group_uppers(uppers, max(piece, size // 4)), tuple(selfs))
+
+
+def plan_layout(
+    segment_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    document_ids: torch.Tensor | None,
+    q_len: int,
+    piece: int | None = None,
+) -> tuple[RowGroup, ...] | None:
+    """Plans for a batch (``[B, K]`` ids), consecutive rows with one layout grouped; None if any row has none."""
+    segment_ids = segment_ids.cpu()
+    attention_mask = None if attention_mask is None else attention_mask.cpu()
+    document_ids = None if document_ids is None else document_ids.cpu()
+    groups: list[RowGroup] = []
+    for b in range(segment_ids.shape[0]):
+        plan = plan_row(
+            segment_ids[b],
+            None if attention_mask is None else attention_mask[b],
+            None if document_ids is None else document_ids[b],
+            q_len,
+            piece,
+        )
+        if plan is None:
+            return None
+        if groups and groups[-1][2] == plan:
+            groups[-1] = (groups[-1][0], b + 1, plan)
+        else:
+            groups.append((b, b + 1, plan))
+    if len(groups) == 1:  # one plan for the whole batch
+        whole = plan_row(
+            segment_ids[0],
+            None if attention_mask is None else attention_mask[0],
+            None if document_ids is None else document_ids[0],
+            q_len,
+            piece,
+            whole=True,
+        )
+        groups = [(0, segment_ids.shape[0], whole)]
+    return tuple(groups)

@@ -34,7 +34,7 @@ test: lint
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) -m segmask.demo
+	$(PY) experiments/demo/demo.py
 
 # The exactness tests (marker `exactness`) on both ends of the supported transformers range, each in its
 # own environment: .venv holds the newest (the lock), .venv-oldest the oldest.

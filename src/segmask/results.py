@@ -1,5 +1,5 @@
 """Run bookkeeping: predictions, accuracies with Wilson intervals, the journal of an unfinished run, results
-files and the git commit they came from.
+files, and where they came from (the git commit, the machine).
 
     >>> from segmask.results import Prediction, score_predictions
     >>> scores = score_predictions([Prediction("boolq", 0, "prompt", "output", "true", "true")])
@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import platform
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 Z_95 = 1.959963984540054  # the 97.5% quantile of the standard normal
 
@@ -233,3 +237,16 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return f"{sha}-dirty" if dirty else sha
+
+
+def machine() -> dict:
+    """Where a run ran: platform, CPU count, torch threads, load average, Python and torch versions."""
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }

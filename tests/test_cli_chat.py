@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
+from segmask.chat import ChatSession
 from segmask.cli.chat import loop
-from segmask.generation import ChatSession
 from segmask.loading import load_model
 
 

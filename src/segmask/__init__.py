@@ -31,7 +31,7 @@ _EXPORTS = {
     "Collator": "collate",
     "load_model": "loading",
     "generate": "generation",
-    "ChatSession": "generation",
+    "ChatSession": "chat",
     "stream": "generation",
     "TrainConfig": "training",
     "train": "training",

@@ -22,15 +22,13 @@ this is exact provided the cached tokens already saw it where the mask says so:
   whole prompt, then drop the last token from the cache (``cache.crop(-1)``): the entries left were
   computed with it, and ``generate`` recomputes its own entry exactly.
 
-:class:`ChatSession` keeps the cache across turns: a new turn is prefilled alone, as new segments against
-the cache. That is exact because no segment continues across the boundary (a token sees the cached past
-causally, and no cached token may see a new one), and :func:`reusable_prefix` reuses only caches for which
-this holds, re-prefilling the rest.
+Conversations that keep their cache across turns are :class:`segmask.chat.ChatSession`.
 """
 
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -46,8 +44,6 @@ Conversation = list[dict[str, str]]
 # a raw text (no chat template), a conversation (list of messages) or an instruction record
 Prompt = str | Conversation | dict[str, str]
 
-DEFAULT_CHAT_TOKENS = 256
-
 
 @dataclass(frozen=True)
 class Completion:
@@ -55,6 +51,19 @@ class Completion:
 
     text: str
     token_ids: list[int]
+
+
+_MOVED = ("ChatSession", "TurnStats", "reusable_prefix", "DEFAULT_CHAT_TOKENS")  # to segmask.chat
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        warnings.warn(f"segmask.generation.{name} moved to segmask.chat", DeprecationWarning, stacklevel=2)
+        # imported here: segmask.chat imports this module (the old path is kept for one release)
+        from segmask import chat
+
+        return getattr(chat, name)
+    raise AttributeError(f"module 'segmask.generation' has no attribute {name!r}")
 
 
 # --------------------------------------------------------------------------------------------- encoding
@@ -306,7 +315,7 @@ def stream(
     input_ids = torch.tensor([encoded.input_ids])
     segment_ids = torch.tensor([encoded.segment_ids])
     generation_kwargs.setdefault("pad_token_id", pad_token_id(tokenizer))
-    yield from _streamed(
+    yield from streamed(
         tokenizer,
         lambda streamer: generate_ids(model, input_ids, segment_ids, streamer=streamer, **generation_kwargs),
     )
@@ -316,7 +325,7 @@ class StreamCancelled(Exception):
     """Raised inside a generation thread whose stream the consumer stopped reading."""
 
 
-def _streamed(tokenizer, run, result: list | None = None) -> Iterator[str]:
+def streamed(tokenizer, run, result: list | None = None) -> Iterator[str]:
     """Run ``run(streamer)`` in a thread and yield the text it streams; its return value goes to ``result``.
 
     If the consumer stops early (``close()``, an exception such as Ctrl-C), the generation is cancelled at
@@ -353,188 +362,3 @@ def _streamed(tokenizer, run, result: list | None = None) -> Iterator[str]:
         thread.join()
     if failure:
         raise failure[0]
-
-
-# --------------------------------------------------------------------------------------------- chat
-
-
-def reusable_prefix(
-    cached_ids: list[int], cached_segments: list[int], ids: list[int], segments: list[int]
-) -> int:
-    """How many leading cache entries stay exact when the cached sequence is replaced by ``ids``.
-
-    Entry ``i`` is exact if tokens and segment ids ``[0, i]`` agree and no bidirectional segment continues
-    across the cut, in the old or the new sequence (its cached tokens would have to see tokens beyond it).
-    """
-    length = 0
-    for old_id, old_segment, new_id, new_segment in zip(cached_ids, cached_segments, ids, segments):
-        if old_id != new_id or old_segment != new_segment:
-            break
-        length += 1
-    while length > 0:
-        later = {s for s in segments[length:] if s >= 0} | {s for s in cached_segments[length:] if s >= 0}
-        spanning = [i for i, s in enumerate(segments[:length]) if s in later]
-        if not spanning:
-            break
-        length = spanning[0]
-    return length
-
-
-@dataclass(frozen=True)
-class TurnStats:
-    """How a turn's prompt was prefilled: tokens reused from the cache and tokens computed anew."""
-
-    reused: int
-    prefilled: int
-
-
-class ChatSession:
-    """A conversation that keeps its KV cache across turns.
-
-        chat = ChatSession(model, tokenizer, policy="mas", system="You are terse.", max_new_tokens=64)
-        print(chat.send("Hi!"))
-        for piece in chat.stream("And then?"):
-            print(piece, end="")
-
-    Each turn renders the whole conversation with the chat template, reuses the cache for the longest
-    prefix that :func:`reusable_prefix` allows, and prefills only the rest (normally the new user turn),
-    so the result equals re-prefilling the whole conversation. Under ``prefix`` the whole prompt is one
-    segment, so every earlier token would have to see the new turn: the cache cannot be reused and each
-    turn re-prefills the conversation (exact, slower). ``policy``, ``system`` and the messages can be
-    changed between turns; the cache follows.
-    """
-
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        tokenizer,
-        policy: MaskPolicy = "mas",
-        system: str | None = None,
-        **generation_kwargs,
-    ) -> None:
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise ValueError("ChatSession needs a tokenizer with a chat template")
-        self.model = model
-        self.tokenizer = tokenizer
-        self.policy: MaskPolicy = check_policy(policy)
-        self.system = system
-        generation_kwargs.setdefault("pad_token_id", pad_token_id(tokenizer))
-        if "max_new_tokens" not in generation_kwargs and "max_length" not in generation_kwargs:
-            generation_kwargs["max_new_tokens"] = DEFAULT_CHAT_TOKENS
-        self.generation_kwargs = generation_kwargs
-        self.turns: list[dict[str, str]] = []  # user and assistant messages, without the system message
-        self.last_turn: TurnStats | None = None
-        self._cache = None
-        self._cached_ids: list[int] = []
-        self._cached_segments: list[int] = []
-
-    @property
-    def messages(self) -> Conversation:
-        """The conversation so far, with the system message first if there is one."""
-        system = [{"role": "system", "content": self.system}] if self.system else []
-        return system + self.turns
-
-    @property
-    def cached_tokens(self) -> int:
-        """How many tokens the KV cache holds."""
-        return len(self._cached_ids)
-
-    def reset(self, system: str | None = None) -> None:
-        """Forget the conversation (and the cache); set a new system message if given, else keep it."""
-        self.turns = []
-        if system is not None:
-            self.system = system
-        self._drop_cache()
-
-    def set_policy(self, policy: MaskPolicy) -> None:
-        """Switch the mask policy; the next turn re-prefills what the new segmentation changes."""
-        self.policy = check_policy(policy)
-
-    def send(self, text: str) -> str:
-        """Add a user message and return the assistant's reply."""
-        input_ids, prompt_segments = self._prepare(text)
-        try:
-            output = decode(
-                self.model, input_ids, torch.ones_like(input_ids), self._cache, **self.generation_kwargs
-            )
-        except BaseException:
-            self._drop_cache()  # partly extended
-            raise
-        return self._finish(text, input_ids, prompt_segments, output)
-
-    def stream(self, text: str) -> Iterator[str]:
-        """Add a user message and yield the reply's text pieces as they are generated.
-
-        A reply not read to the end (the iterator closed, Ctrl-C) is cancelled and leaves no turn behind.
-        """
-        input_ids, prompt_segments = self._prepare(text)
-        result: list = []
-        mask = torch.ones_like(input_ids)
-        try:
-            yield from _streamed(
-                self.tokenizer,
-                lambda streamer: decode(
-                    self.model, input_ids, mask, self._cache, streamer=streamer, **self.generation_kwargs
-                ),
-                result,
-            )
-        finally:
-            if not result:
-                self._drop_cache()  # partly extended
-        self._finish(text, input_ids, prompt_segments, result[0])
-
-    def _prepare(self, text: str) -> tuple[torch.Tensor, list[int]]:
-        """Encode the conversation with the new user message and prefill what the cache lacks."""
-        encoded = encode_chat(
-            self.tokenizer,
-            self.messages + [{"role": "user", "content": text}],
-            policy=self.policy,
-            add_generation_prompt=True,
-        )
-        ids, segments = encoded.input_ids, encoded.segment_ids
-        # Keeping at most all tokens but the last is exact even inside the last token's segment: the cached
-        # entries were computed with it, and generate recomputes the last token itself.
-        reusable = min(reusable_prefix(self._cached_ids, self._cached_segments, ids, segments), len(ids) - 1)
-        reused = self._keep_cache(reusable)
-        try:
-            self._cache = prefill_for_decoding(
-                self.model, torch.tensor([ids[reused:]]), torch.tensor([segments[reused:]]), None, self._cache
-            )
-        except BaseException:
-            self._drop_cache()  # partly extended
-            raise
-        self.last_turn = TurnStats(reused=reused, prefilled=len(ids) - reused)
-        return torch.tensor([ids]), segments
-
-    def _keep_cache(self, length: int) -> int:
-        """Crop the cache to its first ``length`` tokens, or start afresh when it cannot be cropped (e.g. a
-        sliding-window layer past its window). Returns how many tokens it keeps."""
-        if self._cache is not None and length > 0:
-            try:
-                if length < self.cached_tokens:
-                    self._cache.crop(length - self.cached_tokens)
-                return length
-            except (RuntimeError, ValueError):
-                pass
-        self._cache = new_cache(self.model)
-        return 0
-
-    def _finish(self, text: str, input_ids: torch.Tensor, prompt_segments: list[int], output) -> str:
-        """Record the turn, and what the cache now holds (the prompt and all generated tokens but the last)."""
-        sequences = output if isinstance(output, torch.Tensor) else output.sequences
-        prompt_len = input_ids.shape[1]
-        reply = completion(
-            self.tokenizer, sequences[0, prompt_len:].tolist(), eos_token_ids(self.model, self.tokenizer)
-        )
-        self.turns += [{"role": "user", "content": text}, {"role": "assistant", "content": reply.text}]
-        cached = self._cache.get_seq_length()
-        if expand_size(self.model, self.generation_kwargs) > 1 or cached > sequences.shape[1]:
-            self._drop_cache()  # beams and multiple returns widen the cache: start afresh next turn
-        else:
-            self._cached_ids = sequences[0, :cached].tolist()
-            self._cached_segments = (prompt_segments + [-1] * cached)[:cached]
-        return reply.text
-
-    def _drop_cache(self) -> None:
-        self._cache = None
-        self._cached_ids, self._cached_segments = [], []

@@ -13,6 +13,8 @@ import argparse
 import sys
 from typing import TextIO
 
+from segmask import loading
+from segmask.chat import ChatSession
 from segmask.cli.options import add_model_arguments, add_sampling_arguments, generation_kwargs
 from segmask.masks import POLICIES
 
@@ -26,11 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from segmask.generation import ChatSession
-    from segmask.loading import load_model
-
     kwargs = generation_kwargs(args)
-    model, tokenizer, policy = load_model(args.model, policy=args.mask, attn_implementation=args.attn)
+    model, tokenizer, policy = loading.load_model(args.model, policy=args.mask, attn_implementation=args.attn)
     session = ChatSession(model, tokenizer, policy=policy, system=args.system, **kwargs)
     print(f"segmask chat: {args.model} ({HELP})", flush=True)
     return loop(session, sys.stdin, sys.stdout)

@@ -1,5 +1,6 @@
 """Building blocks of the from-scratch bAbI experiment (see run.py): a word-level tokenizer with a chat
-template, a randomly initialised Llama, and chat-format scoring that writes segmask results files.
+template, a randomly initialised Llama, and chat-format scoring (segmask.evaluation) that writes segmask
+results files (segmask.results).
 
 The tokenizer splits on whitespace and punctuation and knows every word of the bAbI files it was built
 from; its chat template puts each turn between a role token and ``<|end|>``::
@@ -22,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from segmask.evaluation import Prediction, continuation_logprobs, score_predictions, write_results
-from segmask.segments import Encoded, encode_chat
+from segmask.evaluation import chat_candidates, rank_candidates
+from segmask.results import Prediction, run_results, write_results
 from segmask.tasks.babi import Question, story_messages
 from segmask.tasks.reading import Story, to_messages
 
@@ -138,22 +139,6 @@ def augmented(
 # ---- scoring chat records --------------------------------------------------------------------------
 
 
-def prompt_and_continuations(
-    tokenizer, messages: list[dict[str, str]], choices: Sequence[str], policy: str
-) -> tuple[Encoded, list[list[int]]]:
-    """The prompt (``messages`` up to the question, then the assistant header) and each choice's answer
-    tokens, exactly as training encodes them."""
-    prompt = encode_chat(tokenizer, messages, policy=policy, add_generation_prompt=True)
-    continuations = []
-    for choice in choices:
-        full = encode_chat(tokenizer, [*messages, {"role": "assistant", "content": choice}], policy)
-        cut = len(prompt.input_ids)
-        if full.input_ids[:cut] != prompt.input_ids or any(s != -1 for s in full.segment_ids[cut:]):
-            raise ValueError("the prompt is not a prefix of prompt + answer, or the answer is not causal")
-        continuations.append(full.input_ids[cut:])
-    return prompt, continuations
-
-
 Prompt = tuple[list[dict[str, str]], Story]  # a question's prompt messages and the question itself
 
 
@@ -178,10 +163,7 @@ def score_stories(model, tokenizer, task: str, prompts: Sequence[Prompt], policy
     prompt under ``policy``."""
     predictions = []
     for index, (messages, story) in enumerate(prompts):
-        prompt, continuations = prompt_and_continuations(tokenizer, messages, story.choices, policy)
-        scores = continuation_logprobs(model, prompt.input_ids, prompt.segment_ids, continuations)
-        by_choice = {choice: score.logprob for choice, score in zip(story.choices, scores)}
-        best = max(by_choice, key=by_choice.__getitem__)
+        best, by_choice = rank_candidates(model, *chat_candidates(tokenizer, messages, story.choices, policy))
         predictions.append(Prediction(task, index, "", best, best, story.answer, by_choice))
     return predictions
 
@@ -197,24 +179,10 @@ def evaluate_stories(
     condition: str | None = None,
 ) -> dict:
     """Score every task and write a results JSON (+ predictions JSONL) that ``segmask compare`` reads."""
-    from dataclasses import asdict
-
-    from segmask.evaluation import average_accuracy, git_commit
-
     predictions = [
         p for name, stories in tasks.items() for p in score_stories(model, tokenizer, name, stories, policy)
     ]
-    scores = score_predictions(predictions)
-    results = {
-        "model": model_name,
-        "policy": policy,
-        "condition": condition or policy,
-        "layout": layout,
-        "scoring": "loglik",
-        "limit": None,
-        "commit": git_commit(),
-        "tasks": {name: asdict(score) for name, score in scores.items()},
-        "average": average_accuracy(scores),
-    }
+    run = {"model": model_name, "policy": policy, "condition": condition or policy, "layout": layout}
+    results = run_results(predictions, run | {"scoring": "loglik", "limit": None})
     write_results(results, predictions, out)
     return json.loads(out.read_text())

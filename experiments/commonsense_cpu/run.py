@@ -29,11 +29,24 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from segmask.compare import compare_runs
+from segmask.evaluation import EvalConfig, evaluate
+from segmask.leaks import leak_check
+from segmask.loading import load_model
+from segmask.results import git_commit, machine, predictions_path
+from segmask.segments import encode_instruction
+from segmask.tasks.commonsense import load_task
+from segmask.training import TrainConfig, train
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "demo"))
+from demo import smollm2_gguf  # noqa: E402  (experiments/demo/demo.py)
 
 TASKS = ("ARC-Easy", "ARC-Challenge", "openbookqa", "boolq", "social_i_qa")
 POLICIES = ("causal", "mas")
@@ -72,7 +85,6 @@ def reduced(args: argparse.Namespace) -> bool:
 
 def train_configs(args: argparse.Namespace) -> dict:
     """One TrainConfig per policy from the YAML recipe; only ``mask`` and ``output`` differ."""
-    from segmask.training import TrainConfig
 
     configs = {}
     for policy in POLICIES:
@@ -94,11 +106,6 @@ def train_configs(args: argparse.Namespace) -> dict:
 
 def leak_checks(args: argparse.Namespace, folder: Path, policy: str) -> float:
     """The perturbation test on one fine-tuned model, one test record of every task."""
-    from segmask.evaluation import load_task
-    from segmask.leaks import leak_check
-    from segmask.loading import load_model
-    from segmask.segments import encode_instruction
-
     model, tokenizer, _ = load_model(folder)
     records = [load_task(args.data_dir, task, 1).records[0] for task in args.tasks]
     return max(
@@ -106,23 +113,21 @@ def leak_checks(args: argparse.Namespace, folder: Path, policy: str) -> float:
     )
 
 
-def evaluate(
+def evaluate_model(
     args: argparse.Namespace, name: str, source: Path, policy: str, evals: Path, timings: dict
 ) -> None:
     """``segmask eval`` of one model, task by task; tasks with a results file are skipped."""
-    from segmask.evaluation import evaluate_tasks
-    from segmask.loading import load_model
-
     todo = [task for task in args.tasks if not (evals / name / f"{task}.json").exists()]
     if not todo:
         return
     model, tokenizer, _ = load_model(source, policy=policy)
     for task in todo:
         started = time.perf_counter()
-        evaluate_tasks(
-            model, tokenizer, args.data_dir, task, policy=policy, scoring=args.scoring, limit=args.limit,
-            out=evals / name / f"{task}.json", model_name=name,
+        config = EvalConfig(
+            args.data_dir, task, policy=policy, scoring=args.scoring, limit=args.limit,
+            out=evals / name / f"{task}.json",
         )  # fmt: skip
+        evaluate(model, tokenizer, config, model_name=name)
         timings[f"eval {name} {task}"] = round(time.perf_counter() - started, 1)
         print(f"[commonsense] eval {name} {task}: {timings[f'eval {name} {task}']:.0f} s", flush=True)
 
@@ -131,8 +136,6 @@ def training_record(folder: Path, results: Path, policy: str) -> dict:
     """Steps, final losses and the wall time of each ``train()`` call (a resumed run has several) of a run;
     its metrics and loss curve are copied to ``results`` as ``train_metrics_<policy>.jsonl`` and
     ``train_loss_<policy>.png``."""
-    import shutil
-
     shutil.copyfile(folder / "metrics.jsonl", results / f"train_metrics_{policy}.jsonl")
     if (folder / "loss_curve.png").exists():
         shutil.copyfile(folder / "loss_curve.png", results / f"train_loss_{policy}.png")
@@ -150,7 +153,7 @@ def training_record(folder: Path, results: Path, policy: str) -> dict:
 
 def plot_training(folders: dict[str, Path], out: Path) -> Path:
     """Training loss (every logged step) and held-out loss (every eval) of each policy, one figure."""
-    import matplotlib
+    import matplotlib  # heavy, and only the tables need it; the backend is chosen before pyplot loads
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -173,8 +176,6 @@ def plot_training(folders: dict[str, Path], out: Path) -> Path:
 
 def merge(evals: Path, name: str, tasks: list[str], out: Path) -> Path:
     """Per-task results of one model -> ``<out>/<name>.json`` and its predictions, for ``segmask compare``."""
-    from segmask.evaluation import predictions_path
-
     parts = [json.loads((evals / name / f"{task}.json").read_text()) for task in tasks]
     merged = {**parts[0], "tasks": {}, "average": None}
     lines = []
@@ -190,11 +191,6 @@ def merge(evals: Path, name: str, tasks: list[str], out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from segmask.compare import compare_runs
-    from segmask.demo import machine, smollm2_gguf
-    from segmask.evaluation import git_commit
-    from segmask.training import train
-
     args = parse_args(argv)
     results = Path(args.results)
     evals = results / "evals"
@@ -242,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     models = {"base": (smollm2_gguf(), "causal"), **{p: (Path(c.output), p) for p, c in configs.items()}}
     for name, (source, policy) in models.items():
         if name in args.models:
-            evaluate(args, name, source, policy, evals, state["timings"])
+            evaluate_model(args, name, source, policy, evals, state["timings"])
             save()
     missing = [n for n in models for t in args.tasks if not (evals / n / f"{t}.json").exists()]
     if missing:

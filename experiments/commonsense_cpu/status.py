@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from run import MODELS, TASKS  # noqa: E402
 
-from segmask.evaluation import load_task  # noqa: E402
+from segmask.tasks.commonsense import load_task  # noqa: E402
 
 
 def training_line(folder: Path, steps: int) -> str:

@@ -1,17 +1,18 @@
-"""The FastAPI app of ``segmask serve``: the handlers, the limits they check, and :func:`serve`.
+"""The FastAPI app of ``segmask serve``: its routes, the checks a request passes, and :func:`serve`.
 
-The handlers run on the event loop: they validate a request (:mod:`segmask.serving.protocol`), encode its
-prompt, and hand a job to the scheduler; the model runs on the engine's thread (see the package docstring).
+The handlers run on the event loop and read their state from the app: ``app.state.served`` (fixed when
+the app is made: tokenizer, policy, limits, engine) and ``app.state.scheduler`` (made and stopped by the
+app's lifespan). A completion handler parses and checks the body (:mod:`segmask.serving.protocol`),
+encodes the prompt, submits a job, and answers in its endpoint's :class:`ResponseFormat`, whole or as
+server-sent events. The model runs on the engine's thread (see :mod:`segmask.serving.engine`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -19,24 +20,31 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from fastapi import Depends, FastAPI, Request
+import uvicorn
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
-from segmask.generation import (
-    encode_prompt,
-)
+from segmask.generation import encode_prompt
+from segmask.loading import load_model
 from segmask.masks import MaskPolicy, check_policy
 from segmask.segments import IGNORE_INDEX, Encoded, encode_chat
 from segmask.serving.engine import Engine, Job, QueueFull, Sampling, Scheduler, supports_row_caches
 from segmask.serving.prefix_cache import PrefixCache
 from segmask.serving.protocol import (
+    CHAT,
+    COMPLETION,
     DEFAULT_COMPLETION_TOKENS,
     APIError,
     BaseRequest,
     ChatCompletionRequest,
+    ChatMessage,
     CompletionRequest,
+    ResponseFormat,
+    event,
+    finish_reason,
+    usage,
     validation_error,
 )
 
@@ -80,7 +88,7 @@ class ServeConfig:
 
 @dataclass(frozen=True)
 class Served:
-    """What the handlers share: the model's tokenizer and limits, and the scheduler."""
+    """What the handlers share, fixed when the app is made: the tokenizer, the policy, the limits, the engine."""
 
     tokenizer: Any
     policy: MaskPolicy
@@ -88,9 +96,12 @@ class Served:
     max_context: int
     max_chars: int  # prompts with more characters cannot fit max_context: refused before tokenizing
     vocab_size: int
-    scheduler: Scheduler
-    prefix_cache: PrefixCache | None
+    engine: Engine
     created: int
+
+    @property
+    def prefix_cache(self) -> PrefixCache | None:
+        return self.engine.prefix_cache
 
 
 def create_app(
@@ -106,6 +117,31 @@ def create_app(
     """
     config = config or ServeConfig()
     policy = check_policy(policy)
+    max_context = context_limit(model, config)
+    prefix_cache = None
+    if config.prefix_cache_mb > 0 and supports_row_caches(model):
+        prefix_cache = PrefixCache(model.config, int(config.prefix_cache_mb * 2**20))
+    longest_token = max(map(len, tokenizer.get_vocab()), default=1)
+    app = FastAPI(title="segmask", lifespan=_lifespan)
+    app.state.served = Served(
+        tokenizer=tokenizer,
+        policy=policy,
+        config=config,
+        max_context=max_context,
+        max_chars=2 * max_context * longest_token,
+        vocab_size=int(model.config.get_text_config(decoder=True).vocab_size),
+        engine=Engine(model, tokenizer, prefix_cache),
+        created=int(time.time()),
+    )
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, _internal_error)
+    app.include_router(router)
+    return app
+
+
+def context_limit(model: torch.nn.Module, config: ServeConfig) -> int:
+    """Prompt + completion tokens a request may use: ``config.max_context``, else the model's positions."""
     text_config = model.config.get_text_config(decoder=True)
     limit = int(getattr(text_config, "max_position_embeddings", 0) or 0) or None
     max_context = config.max_context or limit
@@ -113,153 +149,116 @@ def create_app(
         raise ValueError("the model config has no max_position_embeddings; pass ServeConfig(max_context=...)")
     if limit is not None and max_context > limit:
         raise ValueError(f"max_context {max_context} exceeds the model's max_position_embeddings {limit}")
-    prefix_cache = None
-    if config.prefix_cache_mb > 0 and supports_row_caches(model):
-        prefix_cache = PrefixCache(model.config, int(config.prefix_cache_mb * 2**20))
-    engine = Engine(model, tokenizer, prefix_cache)
-    longest_token = max(map(len, tokenizer.get_vocab()), default=1)
-    state: dict[str, Served] = {}
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        scheduler = Scheduler(engine, config.max_batch, config.max_queue)
-        scheduler.start()
-        state["served"] = Served(
-            tokenizer=tokenizer,
-            policy=policy,
-            config=config,
-            max_context=max_context,
-            max_chars=2 * max_context * longest_token,
-            vocab_size=int(text_config.vocab_size),
-            scheduler=scheduler,
-            prefix_cache=prefix_cache,
-            created=int(time.time()),
-        )
-        app.state.served = state["served"]
-        try:
-            yield
-        finally:
-            await scheduler.stop()
-
-    app = FastAPI(title="segmask", lifespan=lifespan)
-
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, error: APIError):
-        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
-
-    @app.exception_handler(HTTPException)
-    async def _http_error(request: Request, error: HTTPException):
-        kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
-        return JSONResponse(
-            APIError(error.status_code, str(error.detail), type=kind).body(),
-            status_code=error.status_code,
-            headers=getattr(error, "headers", None),
-        )
-
-    @app.exception_handler(Exception)
-    async def _internal_error(request: Request, error: Exception):
-        logger.exception("unhandled error")
-        return JSONResponse(
-            APIError(500, "internal server error", type="server_error").body(), status_code=500
-        )
-
-    def authorize(request: Request) -> None:
-        if config.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            token.strip().encode(), config.api_key.encode()
-        ):
-            raise APIError(
-                401,
-                "missing or incorrect API key: send 'Authorization: Bearer <key>'",
-                code="invalid_api_key",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-
-    guarded = [Depends(authorize)]
-
-    @app.get("/health")
-    async def health() -> dict:
-        served = state["served"]
-        cache = served.prefix_cache
-        return {
-            "status": "ok",
-            "queued": len(served.scheduler.waiting),
-            "running": len(served.scheduler.running),
-            "completed": served.scheduler.completed,
-            "cancelled": served.scheduler.cancelled,
-            "batches": served.scheduler.batches,
-            "generated_tokens": served.scheduler.generated_tokens,
-            "prefix_cache": None
-            if cache is None
-            else {"entries": len(cache), "bytes": cache.nbytes, "hits": cache.hits, "lookups": cache.lookups},
-        }
-
-    @app.get("/v1/models", dependencies=guarded)
-    async def models() -> dict:
-        served = state["served"]
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": config.model_name,
-                    "object": "model",
-                    "created": served.created,
-                    "owned_by": "segmask",
-                    "mask_policy": served.policy,
-                    "max_context": served.max_context,
-                }
-            ],
-        }
-
-    @app.post("/v1/chat/completions", dependencies=guarded)
-    async def chat_completions(request: Request):
-        served = state["served"]
-        body = await _parse(request, ChatCompletionRequest)
-        run_policy = _prepare(served, body)
-        if getattr(served.tokenizer, "chat_template", None) is None:
-            raise APIError(
-                400,
-                "this model has no chat template; use /v1/completions",
-                param="messages",
-                code="no_chat_template",
-            )
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        _check_chars(served, sum(len(m["content"]) for m in messages), "messages")
-        try:
-            encoded = encode_chat(served.tokenizer, messages, policy=run_policy, add_generation_prompt=True)
-        except ValueError as error:
-            raise APIError(400, str(error), param="messages", code="invalid_value") from None
-        job = _submit(
-            served, body, encoded, run_policy, "messages", body.max_completion_tokens or body.max_tokens
-        )
-        return await _respond(request, served, body, job, chat=True)
-
-    @app.post("/v1/completions", dependencies=guarded)
-    async def completions(request: Request):
-        served = state["served"]
-        body = await _parse(request, CompletionRequest)
-        run_policy = _prepare(served, body)
-        encoded = _encode_completion_prompt(served, body.prompt, run_policy)
-        job = _submit(
-            served, body, encoded, run_policy, "prompt", body.max_tokens or DEFAULT_COMPLETION_TOKENS
-        )
-        return await _respond(request, served, body, job, chat=False)
-
-    return app
+    return max_context
 
 
-def _check_chars(served: Served, chars: int, param: str) -> None:
-    """Refuse a prompt that cannot fit the context whatever its tokens (no token spans more characters)."""
-    if chars > served.max_chars:
+@asynccontextmanager
+async def _lifespan(app: FastAPI):
+    """Start a scheduler (and its model thread) for each run of the app; stop it at shutdown."""
+    config = app.state.served.config
+    scheduler = Scheduler(app.state.served.engine, config.max_batch, config.max_queue)
+    scheduler.start()
+    app.state.scheduler = scheduler
+    try:
+        yield
+    finally:
+        await scheduler.stop()
+
+
+async def _api_error(request: Request, error: APIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
+    kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
+    return JSONResponse(
+        APIError(error.status_code, str(error.detail), type=kind).body(),
+        status_code=error.status_code,
+        headers=getattr(error, "headers", None),
+    )
+
+
+async def _internal_error(request: Request, error: Exception) -> JSONResponse:
+    logger.exception("unhandled error")
+    return JSONResponse(APIError(500, "internal server error", type="server_error").body(), status_code=500)
+
+
+def authorize(request: Request) -> None:
+    """Refuse a request without the server's API key (when it has one) as ``Authorization: Bearer KEY``."""
+    key = request.app.state.served.config.api_key
+    if key is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
         raise APIError(
-            400,
-            f"the prompt has {chars} characters, far more than a context of {served.max_context} tokens holds",
-            param=param,
-            code="context_length_exceeded",
+            401,
+            "missing or incorrect API key: send 'Authorization: Bearer <key>'",
+            code="invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
         )
+
+
+# --------------------------------------------------------------------------------------------- routes
+
+router = APIRouter()
+guarded = [Depends(authorize)]  # every route but /health, which liveness probes call without a key
+
+
+@router.get("/health")
+async def health(request: Request) -> dict:
+    scheduler: Scheduler = request.app.state.scheduler
+    cache = request.app.state.served.prefix_cache
+    return {
+        "status": "ok",
+        "queued": len(scheduler.waiting),
+        "running": len(scheduler.running),
+        "completed": scheduler.completed,
+        "cancelled": scheduler.cancelled,
+        "batches": scheduler.batches,
+        "generated_tokens": scheduler.generated_tokens,
+        "prefix_cache": None
+        if cache is None
+        else {"entries": len(cache), "bytes": cache.nbytes, "hits": cache.hits, "lookups": cache.lookups},
+    }
+
+
+@router.get("/v1/models", dependencies=guarded)
+async def models(request: Request) -> dict:
+    served: Served = request.app.state.served
+    model = {
+        "id": served.config.model_name,
+        "object": "model",
+        "created": served.created,
+        "owned_by": "segmask",
+        "mask_policy": served.policy,
+        "max_context": served.max_context,
+    }
+    return {"object": "list", "data": [model]}
+
+
+@router.post("/v1/chat/completions", dependencies=guarded)
+async def chat_completions(request: Request) -> Response:
+    served: Served = request.app.state.served
+    body = await _parse(request, ChatCompletionRequest)
+    policy = _prepare(served, body)
+    encoded = _encode_chat_prompt(served, body.messages, policy)
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    job = _submit(served, request.app.state.scheduler, body, encoded, policy, "messages", max_tokens)
+    return await _respond(request, body, job, CHAT)
+
+
+@router.post("/v1/completions", dependencies=guarded)
+async def completions(request: Request) -> Response:
+    served: Served = request.app.state.served
+    body = await _parse(request, CompletionRequest)
+    policy = _prepare(served, body)
+    encoded = _encode_completion_prompt(served, body.prompt, policy)
+    max_tokens = body.max_tokens or DEFAULT_COMPLETION_TOKENS
+    job = _submit(served, request.app.state.scheduler, body, encoded, policy, "prompt", max_tokens)
+    return await _respond(request, body, job, COMPLETION)
+
+
+# --------------------------------------------------------------------------------------------- requests
 
 
 async def _read_body(request: Request) -> bytes:
@@ -300,6 +299,23 @@ def _prepare(served: Served, body: BaseRequest) -> MaskPolicy:
     return body.mask_policy or served.policy
 
 
+def _encode_chat_prompt(served: Served, messages: list[ChatMessage], policy: MaskPolicy) -> Encoded:
+    """A chat request's messages with the chat template and the assistant header (400 without a template)."""
+    if getattr(served.tokenizer, "chat_template", None) is None:
+        raise APIError(
+            400,
+            "this model has no chat template; use /v1/completions",
+            param="messages",
+            code="no_chat_template",
+        )
+    conversation = [{"role": m.role, "content": m.text()} for m in messages]
+    _check_chars(served, sum(len(m["content"]) for m in conversation), "messages")
+    try:
+        return encode_chat(served.tokenizer, conversation, policy=policy, add_generation_prompt=True)
+    except ValueError as error:
+        raise APIError(400, str(error), param="messages", code="invalid_value") from None
+
+
 def _encode_completion_prompt(served: Served, prompt, policy: MaskPolicy) -> Encoded:
     """A completion prompt (text or token ids; one per request) as one segment, like ``segmask generate``."""
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
@@ -323,8 +339,20 @@ def _encode_completion_prompt(served: Served, prompt, policy: MaskPolicy) -> Enc
     return Encoded(list(prompt), [segment] * len(prompt), [IGNORE_INDEX] * len(prompt))
 
 
+def _check_chars(served: Served, chars: int, param: str) -> None:
+    """Refuse a prompt that cannot fit the context whatever its tokens (no token spans more characters)."""
+    if chars > served.max_chars:
+        raise APIError(
+            400,
+            f"the prompt has {chars} characters, far more than a context of {served.max_context} tokens holds",
+            param=param,
+            code="context_length_exceeded",
+        )
+
+
 def _submit(
     served: Served,
+    scheduler: Scheduler,
     body: BaseRequest,
     encoded: Encoded,
     policy: MaskPolicy,
@@ -350,9 +378,9 @@ def _submit(
             code="context_length_exceeded",
         )
     sampling = Sampling(max_tokens, body.temperature, body.top_p, body.seed, body.stops())
-    job = served.scheduler.engine.new_job(encoded, policy, sampling)
+    job = served.engine.new_job(encoded, policy, sampling)
     try:
-        served.scheduler.submit(job)
+        scheduler.submit(job)
     except QueueFull as full:
         retry = served.config.retry_after_s
         raise APIError(
@@ -365,28 +393,29 @@ def _submit(
     return job
 
 
-async def _respond(request, served: Served, body: BaseRequest, job: Job, chat: bool):
-    header = {
-        "id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex,
-        "object": "chat.completion" if chat else "text_completion",
-        "created": int(time.time()),
-        "model": served.config.model_name,
-        "mask_policy": job.policy,
-    }
+# --------------------------------------------------------------------------------------------- responses
+
+
+async def _respond(request: Request, body: BaseRequest, job: Job, form: ResponseFormat) -> Response:
+    """The job's answer in the endpoint's format: one JSON body, or server-sent events if it asked to stream."""
+    scheduler: Scheduler = request.app.state.scheduler
+    model = request.app.state.served.config.model_name
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
+        header = form.header(model, job.policy, stream=True)
         return StreamingResponse(
-            _stream(served.scheduler, job, header, chat, include_usage),
+            _stream(scheduler, job, form, header, include_usage),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache"},
         )
+    header = form.header(model, job.policy, stream=False)
     pieces: list[str] = []
     while True:
         try:
             kind, value = await asyncio.wait_for(job.events.get(), POLL_DISCONNECT_S)
         except asyncio.TimeoutError:
             if await request.is_disconnected():
-                served.scheduler.withdraw(job)
+                scheduler.withdraw(job)
                 return Response(status_code=499)
             continue
         if kind == "text":
@@ -395,56 +424,29 @@ async def _respond(request, served: Served, body: BaseRequest, job: Job, chat: b
             raise APIError(500, value, type="server_error")
         else:
             break
-    text, reason = "".join(pieces), _finish_reason(value)
-    if chat:
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "finish_reason": reason,
-            "logprobs": None,
-        }
-    else:
-        choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
-    return JSONResponse({**header, "choices": [choice], "usage": job.usage()})
-
-
-def _finish_reason(reason: str) -> str:
-    return "length" if reason == "length" else "stop"
+    choice = form.choice("".join(pieces), finish_reason(value))
+    return JSONResponse({**header, "choices": [choice], "usage": _usage(job)})
 
 
 async def _stream(
-    scheduler: Scheduler, job: Job, header: dict, chat: bool, include_usage: bool
+    scheduler: Scheduler, job: Job, form: ResponseFormat, header: dict, include_usage: bool
 ) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``."""
-    header = {**header, "object": "chat.completion.chunk" if chat else "text_completion"}
-
-    def chunk(text: str | None, reason: str | None, role: bool = False) -> str:
-        if chat:
-            delta = (
-                {"role": "assistant", "content": ""}
-                if role
-                else ({"content": text} if text is not None else {})
-            )
-            choice = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
-        else:
-            choice = {"index": 0, "text": text or "", "finish_reason": reason, "logprobs": None}
-        return _event({**header, "choices": [choice]})
-
     completed = False
     try:
-        if chat:
-            yield chunk(None, None, role=True)
+        if form.opening is not None:
+            yield event(form.chunk(header, form.opening))
         while True:
             kind, value = await job.events.get()
             if kind == "text":
-                yield chunk(value, None)
+                yield event(form.chunk(header, form.delta(value)))
             elif kind == "error":
-                yield _event(APIError(500, value, type="server_error").body())
+                yield event(APIError(500, value, type="server_error").body())
                 break
             else:
-                yield chunk(None, _finish_reason(value))
+                yield event(form.chunk(header, form.delta(None), finish_reason(value)))
                 if include_usage:
-                    yield _event({**header, "choices": [], "usage": job.usage()})
+                    yield event({**header, "choices": [], "usage": _usage(job)})
                 break
         completed = True
         yield "data: [DONE]\n\n"
@@ -453,8 +455,8 @@ async def _stream(
             scheduler.withdraw(job)
 
 
-def _event(payload: dict) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+def _usage(job: Job) -> dict:
+    return usage(job.prompt_tokens, job.completion_tokens, job.cached_tokens)
 
 
 # --------------------------------------------------------------------------------------------- serve
@@ -475,10 +477,6 @@ def serve(
     attn_implementation: str | None = None,
 ) -> None:
     """Load a model (see :func:`segmask.load_model`) and serve it until interrupted."""
-    import uvicorn
-
-    from segmask.loading import load_model
-
     config = config or ServeConfig(model_name=default_name(model_path))
     if host not in ("127.0.0.1", "localhost", "::1") and config.api_key is None:
         logger.warning("serving on %s without an API key: anyone who can reach it can use the model", host)

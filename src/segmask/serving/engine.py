@@ -96,14 +96,6 @@ class Job:
         """Send an event to the handler (safe from any thread)."""
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
 
-    def usage(self) -> dict:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
-        }
-
 
 # --------------------------------------------------------------------------------------------- engine
 

@@ -3,12 +3,17 @@
 Pure data: no model, no torch, no FastAPI app. A request body is parsed with its schema
 (``ChatCompletionRequest.model_validate_json(raw)``), then ``check_supported()`` refuses the options the
 server does not implement. Every refusal is an :class:`APIError`, answered with OpenAI's error body.
+The two endpoints word their answers differently; :data:`CHAT` and :data:`COMPLETION` say how.
 """
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Sequence
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -162,3 +167,75 @@ class CompletionRequest(BaseRequest):
             raise APIError(
                 400, f"{name} is not supported by segmask serve", param=name, code="unsupported_value"
             )
+
+
+# --------------------------------------------------------------------------------------------- responses
+
+
+@dataclass(frozen=True)
+class ResponseFormat:
+    """How one endpoint words its answers: the id and object names, and a choice's content, whole or streamed.
+
+    ``content(text)`` is a whole answer's text in a choice; ``delta(piece)`` a streamed piece in a chunk's
+    choice (``None``: the closing chunk, which carries only the finish reason); ``opening`` the content
+    of a first chunk sent before any text, if the endpoint has one.
+    """
+
+    id_prefix: str
+    object: str
+    chunk_object: str
+    content: Callable[[str], dict]
+    delta: Callable[[str | None], dict]
+    opening: dict | None = None
+
+    def header(self, model: str, policy: MaskPolicy, stream: bool) -> dict:
+        """The fields every response (or every chunk of one stream) starts with."""
+        return {
+            "id": self.id_prefix + uuid.uuid4().hex,
+            "object": self.chunk_object if stream else self.object,
+            "created": int(time.time()),
+            "model": model,
+            "mask_policy": policy,
+        }
+
+    def choice(self, text: str, reason: str) -> dict:
+        return {"index": 0, **self.content(text), "finish_reason": reason, "logprobs": None}
+
+    def chunk(self, header: dict, content: dict, reason: str | None = None) -> dict:
+        return {**header, "choices": [{"index": 0, **content, "finish_reason": reason, "logprobs": None}]}
+
+
+CHAT = ResponseFormat(
+    id_prefix="chatcmpl-",
+    object="chat.completion",
+    chunk_object="chat.completion.chunk",
+    content=lambda text: {"message": {"role": "assistant", "content": text}},
+    delta=lambda piece: {"delta": {} if piece is None else {"content": piece}},
+    opening={"delta": {"role": "assistant", "content": ""}},
+)
+COMPLETION = ResponseFormat(
+    id_prefix="cmpl-",
+    object="text_completion",
+    chunk_object="text_completion",
+    content=lambda text: {"text": text},
+    delta=lambda piece: {"text": piece or ""},
+)
+
+
+def finish_reason(reason: str) -> str:
+    """OpenAI's finish reason for the engine's (``stop``, ``length``, ``cancelled``)."""
+    return "length" if reason == "length" else "stop"
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
+
+
+def event(payload: dict) -> str:
+    """One server-sent event."""
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"

@@ -26,10 +26,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
-from segmask.generation import encode_prompt
 from segmask.loading import load_model
 from segmask.masks import MaskPolicy, check_policy
-from segmask.segments import IGNORE_INDEX, Encoded, encode_chat
+from segmask.segments import Encoded, encode_chat, encode_text, encode_tokens
 from segmask.serving.engine import Engine, Job, QueueFull, Sampling, Scheduler, supports_row_caches
 from segmask.serving.prefix_cache import PrefixCache
 from segmask.serving.protocol import (
@@ -317,7 +316,7 @@ def _encode_chat_prompt(served: Served, messages: list[ChatMessage], policy: Mas
 
 
 def _encode_completion_prompt(served: Served, prompt, policy: MaskPolicy) -> Encoded:
-    """A completion prompt (text or token ids; one per request) as one segment, like ``segmask generate``."""
+    """A completion prompt (text or token ids; one per request) as raw text: one segment unless causal."""
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
         if len(prompt) != 1:
             raise APIError(400, "one prompt per request (n=1)", param="prompt", code="unsupported_value")
@@ -325,7 +324,7 @@ def _encode_completion_prompt(served: Served, prompt, policy: MaskPolicy) -> Enc
     if isinstance(prompt, str):
         _check_chars(served, len(prompt), "prompt")
         try:
-            return encode_prompt(served.tokenizer, prompt, policy)
+            return encode_text(served.tokenizer, prompt, policy)
         except ValueError as error:
             raise APIError(400, str(error), param="prompt", code="invalid_value") from None
     if not prompt:
@@ -335,8 +334,7 @@ def _encode_completion_prompt(served: Served, prompt, policy: MaskPolicy) -> Enc
         raise APIError(
             400, f"token id {bad[0]} is outside the vocabulary [0, {served.vocab_size})", param="prompt"
         )
-    segment = -1 if policy == "causal" else 0
-    return Encoded(list(prompt), [segment] * len(prompt), [IGNORE_INDEX] * len(prompt))
+    return encode_tokens(prompt, policy)
 
 
 def _check_chars(served: Served, chars: int, param: str) -> None:

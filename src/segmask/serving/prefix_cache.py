@@ -10,7 +10,7 @@ segments (the same system prompt, the same earlier turns) can share them::
 
 Entries are keyed by the token ids *and* segment ids of those leading tokens (the same tokens segmented
 differently are different K/V). A lookup takes the longest stored entry that the new prompt extends,
-cut back to where :func:`segmask.generation.reusable_prefix` says it stays exact: no bidirectional
+cut back to where :func:`segmask.chat.reusable_prefix` says it stays exact: no bidirectional
 segment may continue past the cut in the new prompt. The entries live in an LRU under a byte cap.
 
 Under the ``prefix`` policy the whole prompt is one segment, so every cached token would have to see the
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from segmask.generation import reusable_prefix
+from segmask.chat import reusable_prefix
 
 
 def whole_segments_length(segment_ids: Sequence[int], limit: int) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from segmask.attention import SUPPORTED
 from segmask.cli.options import add_model_arguments
 
 API_KEY_ENV = "SEGMASK_API_KEY"
@@ -43,12 +44,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--attn",
         default=None,
-        choices=("eager", "sdpa", "flex_attention", "segmask"),
+        choices=SUPPORTED,
         help="attention implementation",
     )
 
 
 def run(args: argparse.Namespace) -> int:
+    # here, not at the top: the server stack (FastAPI, uvicorn, the loaders) loads only when serve runs,
+    # as every command's library does, so building the parser for another command stays cheap
     from segmask.serving import ServeConfig, default_name, serve
 
     if not 0 < args.port < 65536:

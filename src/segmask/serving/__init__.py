@@ -25,8 +25,10 @@ The package, in the order a request meets it: :mod:`~segmask.serving.protocol` (
 :mod:`~segmask.serving.app` (the FastAPI app, ``serve``), :mod:`~segmask.serving.engine` (jobs, scheduler,
 engine) and :mod:`~segmask.serving.prefix_cache`.
 
-Prefill and decode are :func:`segmask.generation.prefill_for_decoding` and :func:`segmask.generation.decode`,
-so a greedy request gives the tokens of :func:`segmask.generation.generate`. The event loop never runs
+Prefill and decode are :mod:`segmask.generation`'s: a batch without the prefix cache runs
+:func:`~segmask.generation.generate_ids`; with it, each row runs :func:`~segmask.generation.prefill_for_decoding`
+against its cache hit and the stacked rows :func:`~segmask.generation.decode`. So a greedy request gives the
+tokens of :func:`segmask.generation.generate`. The event loop never runs
 the model, so ``/health`` and validation answer during a long generation.
 """
 

@@ -1,7 +1,8 @@
-"""segmask.lm_eval_backend: the "segmask" lm-evaluation-harness model, offline on local task YAMLs."""
+"""segmask.integrations.lm_eval: the "segmask" lm-evaluation-harness model, offline on local task YAMLs."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -16,10 +17,11 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from transformers import AutoModelForCausalLM
 
 from segmask.generation import generate
-from segmask.lm_eval_backend import SegmaskLM, _cut
+from segmask.integrations.lm_eval import SegmaskLM, _cut
+from segmask.integrations.lm_eval import main as lm_eval_main
 from segmask.segments import encode_chat
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures"
 TASKS = ("segmask_boolq_mc", "segmask_boolq_gen", "segmask_boolq_rolling")
 CONTEXT = "Please answer the following question with true or false, question: is the sky blue?\n\nAnswer:"
@@ -177,8 +179,8 @@ def test_simple_evaluate_on_local_tasks(lm, task_dir):
 
 
 def test_command_line(stories_path, task_dir, tmp_path):
-    """`python -m segmask.lm_eval_backend` is `lm_eval` with --model segmask available."""
-    command = [sys.executable, "-m", "segmask.lm_eval_backend", "--model", "segmask"]
+    """`python -m segmask.integrations.lm_eval` is `lm_eval` with --model segmask available."""
+    command = [sys.executable, "-m", "segmask.integrations.lm_eval", "--model", "segmask"]
     command += ["--model_args", f"pretrained={stories_path},mask=mas", "--tasks", ",".join(TASKS)]
     command += ["--include_path", str(task_dir), "--limit", "2", "--output_path", str(tmp_path / "out")]
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
@@ -188,3 +190,10 @@ def test_command_line(stories_path, task_dir, tmp_path):
     results = json.loads(written.read_text())
     assert set(results["results"]) == set(TASKS)
     assert results["config"]["model"] == "segmask"
+
+
+def test_old_module_path_warns_and_is_the_same_backend():
+    sys.modules.pop("segmask.lm_eval_backend", None)
+    with pytest.warns(DeprecationWarning, match="moved to segmask.integrations.lm_eval"):
+        old = importlib.import_module("segmask.lm_eval_backend")
+    assert old.SegmaskLM is SegmaskLM and old.main is lm_eval_main

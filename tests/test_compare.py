@@ -9,7 +9,7 @@ import pytest
 
 from segmask.cli import main
 from segmask.compare import compare_runs, load_run, mcnemar, paired_test
-from segmask.evaluation import Prediction, average_accuracy, score_predictions, write_results
+from segmask.results import Prediction, average_accuracy, score_predictions, write_results
 
 
 def _write_run(path, outcomes: dict[str, list[bool]], golds: dict[str, list[str]] | None = None):

@@ -45,7 +45,7 @@ class McNemar:
 
 
 def load_run(path: str | Path) -> Run:
-    """Read a results JSON written by :func:`segmask.evaluation.evaluate_tasks` and its predictions JSONL."""
+    """Read a results JSON written by :func:`segmask.evaluation.evaluate` and its predictions JSONL."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no results file {path}")

@@ -153,6 +153,9 @@ def _read_jsonl(path: Path) -> list[Record]:
     return records
 
 
+# `datasets` is imported where used: it takes most of a second to import and only some inputs need it
+
+
 def _read_datasets_folder(path: Path) -> list[Record]:
     import datasets
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import DynamicCache, TextIteratorStreamer
 
 from segmask import compat
 from segmask.collate import Collator, pad_token_id
@@ -122,8 +123,6 @@ def position_ids(attention_mask: torch.Tensor | None, past: int, q_len: int, bat
 
 def new_cache(model: torch.nn.Module):
     """An empty dynamic KV cache for ``model``."""
-    from transformers import DynamicCache
-
     return DynamicCache(config=model.config)
 
 
@@ -331,7 +330,6 @@ def streamed(tokenizer, run, result: list | None = None) -> Iterator[str]:
     If the consumer stops early (``close()``, an exception such as Ctrl-C), the generation is cancelled at
     its next token and the thread joined, so nothing keeps running in the background.
     """
-    from transformers import TextIteratorStreamer
 
     class Streamer(TextIteratorStreamer):
         cancelled = False

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import Literal, get_args
 
 import torch
+from torch.nn.attention.flex_attention import create_block_mask
 
 MaskPolicy = Literal["causal", "mas", "prefix"]
 POLICIES: tuple[str, ...] = get_args(MaskPolicy)
@@ -244,8 +245,6 @@ def block_mask(
     block_size: int = 128,
 ):
     """FlexAttention ``BlockMask`` for the rule (optionally within a sliding window), never materialising L x L."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
     validate_layout(segment_ids, attention_mask, document_ids)
     batch_size, kv_len = segment_ids.shape
     q_len = kv_len if q_len is None else q_len

@@ -39,10 +39,22 @@ from types import NoneType, UnionType
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import torch
+import yaml
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, SchedulerType, Trainer, TrainerCallback, set_seed
+from tqdm.auto import tqdm
+from transformers import (
+    AutoModelForCausalLM,
+    SchedulerType,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer_pt_utils import get_length_grouped_indices
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from segmask import data, loading, masks
+from segmask import __version__, data, loading, masks
 from segmask.attention import SUPPORTED, enable
 from segmask.segments import OVERFLOWS
 
@@ -218,8 +230,6 @@ class TrainConfig:
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> TrainConfig:
         """Read a YAML mapping of fields; ``overrides`` (e.g. CLI flags) win over the file."""
-        import yaml
-
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"config file not found: {path}")
@@ -324,7 +334,6 @@ def train(config: TrainConfig, callbacks: Sequence[TrainerCallback] = ()) -> Pat
         processing_class=tokenizer,
         callbacks=[MetricsFile(output / METRICS_FILE), ProgressBar(), *callbacks],
     )
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
@@ -451,7 +460,6 @@ def precision_flags(precision: str) -> dict[str, bool]:
 
 def training_arguments(config: TrainConfig, output: Path, has_eval: bool):
     """transformers ``TrainingArguments`` for ``config`` (segment ids kept, seeded order, token counting)."""
-    from transformers import TrainingArguments
 
     return TrainingArguments(
         output_dir=str(output),
@@ -530,7 +538,6 @@ class EpochLengthGroupedSampler(torch.utils.data.Sampler):
         return len(self.lengths)
 
     def __iter__(self):
-        from transformers.trainer_pt_utils import get_length_grouped_indices
 
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         return iter(get_length_grouped_indices(self.lengths, self.group_size, generator=generator))
@@ -556,7 +563,6 @@ class SegmaskTrainer(Trainer):
         return self._staging_dir or super()._get_output_dir(trial)
 
     def _save_checkpoint(self, model, trial) -> None:
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
         run_dir = Path(super()._get_output_dir(trial))
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
@@ -629,8 +635,6 @@ class ProgressBar(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            from tqdm.auto import tqdm
-
             self.bar = tqdm(
                 total=state.max_steps,
                 initial=state.global_step,
@@ -679,6 +683,7 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 def plot_loss_curve(metrics_path: Path, png_path: Path) -> None:
     """Training (and eval) loss against the optimiser step, from metrics.jsonl."""
+    # imported here: matplotlib needs its backend chosen before pyplot loads, and only plotting uses it
     import matplotlib
 
     matplotlib.use("Agg")
@@ -718,9 +723,7 @@ def save_final(trainer: Trainer, config: TrainConfig, output: Path, info: dict[s
 
 
 def _version() -> str:
-    import segmask
-
-    return segmask.__version__
+    return __version__
 
 
 def _write_text(path: Path, text: str) -> None:

@@ -25,12 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segmask", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in COMMANDS.items():
-        try:
-            module = importlib.import_module(f"segmask.cli.{name.replace('-', '_')}")
-        except ModuleNotFoundError as error:
-            if error.name and error.name.startswith("segmask.cli."):
-                continue  # command not built yet
-            raise
+        module = importlib.import_module(f"segmask.cli.{name.replace('-', '_')}")
         command = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(command)
         command.set_defaults(_run=module.run)

@@ -14,6 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
+from segmask import generation, loading
 from segmask.cli.options import add_model_arguments, add_sampling_arguments, generation_kwargs
 
 
@@ -49,12 +50,9 @@ def read_prompt(args: argparse.Namespace, tokenizer):
 
 
 def run(args: argparse.Namespace) -> int:
-    from segmask.generation import generate
-    from segmask.loading import load_model
-
     kwargs = generation_kwargs(args)
-    model, tokenizer, policy = load_model(args.model, policy=args.mask, attn_implementation=args.attn)
-    [result] = generate(model, tokenizer, [read_prompt(args, tokenizer)], policy=policy, **kwargs)
+    model, tokenizer, policy = loading.load_model(args.model, policy=args.mask, attn_implementation=args.attn)
+    [result] = generation.generate(model, tokenizer, [read_prompt(args, tokenizer)], policy=policy, **kwargs)
     if args.json:
         print(json.dumps({"text": result.text, "token_ids": result.token_ids}))
     else:

@@ -16,10 +16,10 @@ import os
 import sys
 from typing import get_origin, get_type_hints
 
+from segmask.training import Interrupted, TrainConfig, train
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from segmask.training import TrainConfig
-
     parser.add_argument("config", nargs="?", help="YAML file of TrainConfig fields (flags override it)")
     hints = get_type_hints(TrainConfig)
     for field in dataclasses.fields(TrainConfig):
@@ -43,8 +43,6 @@ def _show(value) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from segmask.training import Interrupted, TrainConfig, train
-
     overrides = {name: value for name, value in vars(args).items() if name in _field_names()}
     config = (
         TrainConfig.from_yaml(args.config, **overrides) if args.config else TrainConfig.from_dict(overrides)
@@ -60,6 +58,4 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _field_names() -> set[str]:
-    from segmask.training import TrainConfig
-
     return {field.name for field in dataclasses.fields(TrainConfig)}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from segmask import loading, viz
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -19,12 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from segmask.loading import load_model
-    from segmask.viz import read_messages, visualize
-
-    messages = read_messages(args.messages)
-    model, tokenizer, _ = load_model(args.model)
+    messages = viz.read_messages(args.messages)
+    model, tokenizer, _ = loading.load_model(args.model)
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    for path in visualize(model, tokenizer, messages, args.out, args.layer, args.head, policies):
+    for path in viz.visualize(model, tokenizer, messages, args.out, args.layer, args.head, policies):
         print(path)
     return 0

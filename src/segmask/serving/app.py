@@ -13,7 +13,7 @@ import asyncio
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +38,6 @@ from segmask.serving.protocol import (
     APIError,
     BaseRequest,
     ChatCompletionRequest,
-    ChatMessage,
     CompletionRequest,
     ResponseFormat,
     event,
@@ -237,24 +236,32 @@ async def models(request: Request) -> dict:
 
 @router.post("/v1/chat/completions", dependencies=guarded)
 async def chat_completions(request: Request) -> Response:
-    served: Served = request.app.state.served
     body = await _parse(request, ChatCompletionRequest)
-    policy = _prepare(served, body)
-    encoded = _encode_chat_prompt(served, body.messages, policy)
     max_tokens = body.max_completion_tokens or body.max_tokens
-    job = _submit(served, request.app.state.scheduler, body, encoded, policy, "messages", max_tokens)
-    return await _respond(request, body, job, CHAT)
+    return await _complete(request, body, _encode_chat_prompt, "messages", max_tokens, CHAT)
 
 
 @router.post("/v1/completions", dependencies=guarded)
 async def completions(request: Request) -> Response:
-    served: Served = request.app.state.served
     body = await _parse(request, CompletionRequest)
-    policy = _prepare(served, body)
-    encoded = _encode_completion_prompt(served, body.prompt, policy)
     max_tokens = body.max_tokens or DEFAULT_COMPLETION_TOKENS
-    job = _submit(served, request.app.state.scheduler, body, encoded, policy, "prompt", max_tokens)
-    return await _respond(request, body, job, COMPLETION)
+    return await _complete(request, body, _encode_completion_prompt, "prompt", max_tokens, COMPLETION)
+
+
+async def _complete(
+    request: Request,
+    body: BaseRequest,
+    encode: Callable[[Served, Any, MaskPolicy], Encoded],
+    prompt_param: str,
+    max_tokens: int | None,
+    form: ResponseFormat,
+) -> Response:
+    """One completion request: check the model name, encode the prompt, enqueue the job, answer in ``form``."""
+    served: Served = request.app.state.served
+    policy = _prepare(served, body)
+    encoded = encode(served, body, policy)
+    job = _submit(served, request.app.state.scheduler, body, encoded, policy, prompt_param, max_tokens)
+    return await _respond(request, body, job, form)
 
 
 # --------------------------------------------------------------------------------------------- requests
@@ -298,7 +305,7 @@ def _prepare(served: Served, body: BaseRequest) -> MaskPolicy:
     return body.mask_policy or served.policy
 
 
-def _encode_chat_prompt(served: Served, messages: list[ChatMessage], policy: MaskPolicy) -> Encoded:
+def _encode_chat_prompt(served: Served, body: ChatCompletionRequest, policy: MaskPolicy) -> Encoded:
     """A chat request's messages with the chat template and the assistant header (400 without a template)."""
     if getattr(served.tokenizer, "chat_template", None) is None:
         raise APIError(
@@ -307,7 +314,7 @@ def _encode_chat_prompt(served: Served, messages: list[ChatMessage], policy: Mas
             param="messages",
             code="no_chat_template",
         )
-    conversation = [{"role": m.role, "content": m.text()} for m in messages]
+    conversation = [{"role": m.role, "content": m.text()} for m in body.messages]
     _check_chars(served, sum(len(m["content"]) for m in conversation), "messages")
     try:
         return encode_chat(served.tokenizer, conversation, policy=policy, add_generation_prompt=True)
@@ -315,8 +322,9 @@ def _encode_chat_prompt(served: Served, messages: list[ChatMessage], policy: Mas
         raise APIError(400, str(error), param="messages", code="invalid_value") from None
 
 
-def _encode_completion_prompt(served: Served, prompt, policy: MaskPolicy) -> Encoded:
+def _encode_completion_prompt(served: Served, body: CompletionRequest, policy: MaskPolicy) -> Encoded:
     """A completion prompt (text or token ids; one per request) as raw text: one segment unless causal."""
+    prompt = body.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
         if len(prompt) != 1:
             raise APIError(400, "one prompt per request (n=1)", param="prompt", code="unsupported_value")

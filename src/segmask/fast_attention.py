@@ -139,61 +139,65 @@ def _merge(out: torch.Tensor, lse: torch.Tensor, part_out: torch.Tensor, part_ls
     torch.logaddexp(lse, part_lse, out=lse)
 
 
-def _block_forward(
-    block: Block, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, q_offset: int, scale: float
-) -> None:
-    """Run one block of a row group (``[b, H, n, D]`` views) and write or merge it into ``out`` and ``lse``."""
-    queries, keys = slice(block.q_start - q_offset, block.q_end - q_offset), slice(block.k_start, block.k_end)
+@dataclass(frozen=True)
+class _Rows:
+    """One row group of a call: ``q [b, H, n, D]``, ``k, v [b, H, K, D]``, and the running ``out [b, H, n, D]``
+    and ``lse [b, H, n]`` its blocks write or merge into; query ``i`` is key position ``i + q_offset``."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    out: Tensor
+    lse: Tensor
+    q_offset: int
+    scale: float
+
+    def queries(self, start: int, end: int) -> slice:
+        """The query rows of key positions ``[start, end)``."""
+        return slice(start - self.q_offset, end - self.q_offset)
+
+
+def _block_forward(block: Block, rows: _Rows) -> None:
+    """Run one block of a row group and write or merge it into ``rows.out`` and ``rows.lse``."""
+    queries, keys = rows.queries(block.q_start, block.q_end), slice(block.k_start, block.k_end)
     part_out, part_lse = _FLASH_CPU(
-        q[:, :, queries], k[:, :, keys], v[:, :, keys], 0.0, block.causal, scale=scale
+        rows.q[:, :, queries], rows.k[:, :, keys], rows.v[:, :, keys], 0.0, block.causal, scale=rows.scale
     )
     if block.merge:
-        _merge(out[:, :, queries], lse[:, :, queries], part_out, part_lse)
+        _merge(rows.out[:, :, queries], rows.lse[:, :, queries], part_out, part_lse)
     else:
-        out[:, :, queries] = part_out
-        lse[:, :, queries] = part_lse
+        rows.out[:, :, queries] = part_out
+        rows.lse[:, :, queries] = part_lse
 
 
-def _upper_forward(
-    upper: Upper, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, q_offset: int, scale: float
-) -> None:
-    """Run one group of reversed squares and merge it into ``out`` and ``lse`` at its queries."""
+def _upper_forward(upper: Upper, rows: _Rows) -> None:
+    """Run one group of reversed squares and merge it into ``rows.out`` and ``rows.lse`` at its queries."""
     squares = _reversed(upper)
-    positions = squares.queries - q_offset
+    positions = squares.queries - rows.q_offset
     part_out, part_lse = _FLASH_CPU(
-        squares.gather(q, positions),
-        squares.gather(k, squares.keys),
-        squares.gather(v, squares.keys),
+        squares.gather(rows.q, positions),
+        squares.gather(rows.k, squares.keys),
+        squares.gather(rows.v, squares.keys),
         0.0,
         True,
-        scale=scale,
+        scale=rows.scale,
     )
     index = positions.index_select(0, squares.real)
-    running_out, running_lse = out.index_select(2, index), lse.index_select(2, index)
+    running_out, running_lse = rows.out.index_select(2, index), rows.lse.index_select(2, index)
     _merge(running_out, running_lse, squares.scatter(part_out), squares.scatter(part_lse))
-    out.index_copy_(2, index, running_out)
-    lse.index_copy_(2, index, running_lse)
+    rows.out.index_copy_(2, index, running_out)
+    rows.lse.index_copy_(2, index, running_lse)
 
 
 def _block_backward(
-    block: Block,
-    grads: tuple[Tensor, Tensor, Tensor],
-    grad_out: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    q_offset: int,
-    scale: float,
-    size: int,
+    block: Block, rows: _Rows, grad_out: Tensor, grads: tuple[Tensor, Tensor, Tensor], size: int
 ) -> None:
     """Add one block's share of the gradients to ``grads`` (``dq, dk, dv`` views of the row group).
 
     The flash backward of a call given the merged output and log-sum-exp is exactly that call's share; a long
     key range goes in pieces, which bounds the temporary key gradients."""
     grad_q, grad_k, grad_v = grads
-    queries = slice(block.q_start - q_offset, block.q_end - q_offset)
+    queries = rows.queries(block.q_start, block.q_end)
     pieces = (
         [(block.k_start, block.k_end)] if block.causal else split_range(block.k_start, block.k_end, 2 * size)
     )
@@ -201,14 +205,14 @@ def _block_backward(
         keys = slice(k_start, k_end)
         dq, dk, dv = _FLASH_CPU_BACKWARD(
             grad_out[:, :, queries],
-            q[:, :, queries],
-            k[:, :, keys],
-            v[:, :, keys],
-            out[:, :, queries],
-            lse[:, :, queries],
+            rows.q[:, :, queries],
+            rows.k[:, :, keys],
+            rows.v[:, :, keys],
+            rows.out[:, :, queries],
+            rows.lse[:, :, queries],
             0.0,
             block.causal,
-            scale=scale,
+            scale=rows.scale,
         )
         grad_q[:, :, queries] += dq
         grad_k[:, :, keys] += dk
@@ -217,32 +221,23 @@ def _block_backward(
 
 
 def _upper_backward(
-    upper: Upper,
-    grads: tuple[Tensor, Tensor, Tensor],
-    grad_out: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    q_offset: int,
-    scale: float,
+    upper: Upper, rows: _Rows, grad_out: Tensor, grads: tuple[Tensor, Tensor, Tensor]
 ) -> None:
     """Add one group of reversed squares' share of the gradients to ``grads``."""
     grad_q, grad_k, grad_v = grads
     squares = _reversed(upper)
-    positions = squares.queries - q_offset
+    positions = squares.queries - rows.q_offset
     # padding entries: no gradient, and a log-sum-exp that makes their probabilities 0
     dq, dk, dv = _FLASH_CPU_BACKWARD(
         squares.fill_padding(squares.gather(grad_out, positions), 0.0),
-        squares.gather(q, positions),
-        squares.gather(k, squares.keys),
-        squares.gather(v, squares.keys),
-        squares.gather(out, positions),
-        squares.fill_padding(squares.gather(lse, positions), torch.finfo(torch.float32).max),
+        squares.gather(rows.q, positions),
+        squares.gather(rows.k, squares.keys),
+        squares.gather(rows.v, squares.keys),
+        squares.gather(rows.out, positions),
+        squares.fill_padding(squares.gather(rows.lse, positions), torch.finfo(torch.float32).max),
         0.0,
         True,
-        scale=scale,
+        scale=rows.scale,
     )
     keys = squares.keys.index_select(0, squares.real)
     grad_q.index_add_(2, positions.index_select(0, squares.real), squares.scatter(dq).to(grad_q.dtype))
@@ -277,14 +272,14 @@ class _PlannedAttention(torch.autograd.Function):
             out = query.new_empty(batch, q_len, heads, head_dim, dtype=torch.float32).transpose(1, 2)
             lse = query.new_empty(batch, q_len, heads, dtype=torch.float32).transpose(1, 2)
         for first, last, plan in groups:
-            group = (query[first:last], key[first:last], value[first:last], out[first:last], lse[first:last])
+            rows = _Rows(*(t[first:last] for t in (query, key, value, out, lse)), q_offset, scale)
             for block in plan.blocks[covering is not None :]:
-                _block_forward(block, *group, q_offset, scale)
+                _block_forward(block, rows)
             for upper in plan.uppers:
-                _upper_forward(upper, *group, q_offset, scale)
+                _upper_forward(upper, rows)
             for start, end in plan.selfs:  # attends to itself only
-                out[first:last, :, start - q_offset : end - q_offset] = value[first:last, :, start:end]
-                lse[first:last, :, start - q_offset : end - q_offset] = 0.0
+                rows.out[:, :, rows.queries(start, end)] = rows.v[:, :, start:end]
+                rows.lse[:, :, rows.queries(start, end)] = 0.0
         out = out.to(query.dtype)
         ctx.save_for_backward(query, key, value, out, lse)
         ctx.groups, ctx.scale, ctx.size = groups, scale, size
@@ -306,15 +301,14 @@ class _PlannedAttention(torch.autograd.Function):
             grads = tuple(torch.zeros_like(t, dtype=accumulate) for t in (query, key, value))
         q_offset = key.shape[2] - query.shape[2]
         for first, last, plan in ctx.groups:
-            rows = slice(first, last)
-            group = (grad_out[rows], query[rows], key[rows], value[rows], out[rows], lse[rows])
-            group_grads = tuple(g[rows] for g in grads)
+            rows = _Rows(*(t[first:last] for t in (query, key, value, out, lse)), q_offset, ctx.scale)
+            group_out, group_grads = grad_out[first:last], tuple(g[first:last] for g in grads)
             for block in plan.blocks[covering is not None :]:
-                _block_backward(block, group_grads, *group, q_offset, ctx.scale, ctx.size)
+                _block_backward(block, rows, group_out, group_grads, ctx.size)
             for upper in plan.uppers:
-                _upper_backward(upper, group_grads, *group, q_offset, ctx.scale)
+                _upper_backward(upper, rows, group_out, group_grads)
             for start, end in plan.selfs:
-                grads[2][rows, :, start:end] += grad_out[rows, :, start - q_offset : end - q_offset]
+                group_grads[2][:, :, start:end] += group_out[:, :, rows.queries(start, end)]
         return *(g.to(t.dtype) for g, t in zip(grads, (query, key, value))), None, None, None
 
 
@@ -326,9 +320,7 @@ def _log_fallback(reason: str) -> None:
     logger.warning("segmask fast attention: %s; using SDPA with a dense MAS mask", reason)
 
 
-def _check_shapes(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, segment_ids: torch.Tensor
-) -> None:
+def _check_shapes(query: Tensor, key: Tensor, value: Tensor, segment_ids: Tensor) -> None:
     if query.ndim != 4 or key.ndim != 4 or value.ndim != 4:
         raise ValueError(
             f"query, key and value must be [batch, heads, seq_len, head_dim], got shapes {tuple(query.shape)}, "
@@ -354,9 +346,7 @@ def _check_shapes(
         )
 
 
-def _fast_path_blocker(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float
-) -> str | None:
+def _fast_path_blocker(query: Tensor, key: Tensor, value: Tensor, dropout: float) -> str | None:
     """Why the segment-blocked kernel cannot run on these inputs, or None if it can."""
     if _FLASH_CPU is None or _FLASH_CPU_BACKWARD is None:
         return "this torch has no CPU flash-attention operator"
@@ -375,9 +365,7 @@ def dense_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    segment_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-    document_ids: torch.Tensor | None = None,
+    layout: Layout,
     scaling: float | None = None,
     dropout: float = 0.0,
     sliding_window: int | None = None,
@@ -385,8 +373,9 @@ def dense_attention(
     """The reference route: SDPA with the dense ``[B, 1, Q, K]`` MAS mask (optionally within a sliding window).
 
     Same shapes as :func:`mas_attention`; for a sliding window the key positions are the last ``key.shape[2]``
-    of the ``K`` positions the ids cover.
+    of the ``K`` positions the layout's ids cover.
     """
+    segment_ids, attention_mask, document_ids = layout.segment_ids, layout.attention_mask, layout.document_ids
     kv_offset = segment_ids.shape[1] - key.shape[2]
     mask = masks.dense(
         segment_ids, attention_mask, document_ids, query.shape[2], sliding_window, kv_offset, key.shape[2]
@@ -425,16 +414,15 @@ def mas_attention(
 
 
 def layout_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
     layout: Layout,
     scaling: float | None = None,
     dropout: float = 0.0,
-) -> torch.Tensor:
+) -> Tensor:
     """:func:`mas_attention` over a :class:`Layout`, whose plan is computed once for all the calls sharing it."""
-    segment_ids, attention_mask, document_ids = layout.segment_ids, layout.attention_mask, layout.document_ids
-    _check_shapes(query, key, value, segment_ids)
+    _check_shapes(query, key, value, layout.segment_ids)
     reason = _fast_path_blocker(query, key, value, dropout)
     groups = None
     if reason is None:
@@ -443,7 +431,7 @@ def layout_attention(
             reason = "a segment id repeats within a document, or padding or a document is not contiguous"
     if reason is not None:
         _log_fallback(reason)
-        return dense_attention(query, key, value, segment_ids, attention_mask, document_ids, scaling, dropout)
+        return dense_attention(query, key, value, layout, scaling, dropout)
     repeats = query.shape[1] // key.shape[1]
     if repeats > 1:
         key, value = (
@@ -490,14 +478,13 @@ def segmask_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
 
-    segment_ids, padding, documents = layout.segment_ids, layout.attention_mask, layout.document_ids
-    kv_len = segment_ids.shape[1]
+    kv_len = layout.segment_ids.shape[1]
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
     layout.check_keys(key.shape[2], window)
     if key.shape[2] > kv_len:  # a static cache's unused slots (the cache said so), later than every real one
         key, value = key[:, :, :kv_len], value[:, :, :kv_len]
     if window is not None:
-        output = dense_attention(query, key, value, segment_ids, padding, documents, scaling, dropout, window)
+        output = dense_attention(query, key, value, layout, scaling, dropout, window)
     else:
         output = layout_attention(query, key, value, layout, scaling, dropout)
     return output.transpose(1, 2).contiguous(), None

@@ -214,6 +214,48 @@ def _spans(runs: list[_Run]) -> tuple[dict[int, list[int]], dict[tuple[int, int]
     return documents, segments
 
 
+@dataclass
+class _Pieces:
+    """One row's pieces, collected as :func:`plan_row` walks its runs. ``size``: most query rows of a block;
+    ``whole``: the plan serves the whole batch; ``stretch``: (first query, document start) of the open
+    causal stretch."""
+
+    kv_len: int
+    q_len: int
+    size: int
+    whole: bool
+    blocks: list[Block] = field(default_factory=list)
+    uppers: list[tuple[int, int]] = field(default_factory=list)
+    selfs: list[tuple[int, int]] = field(default_factory=list)
+    stretch: tuple[int, int] | None = None
+
+    def full(self, start: int, end: int, k_start: int, k_end: int) -> None:
+        """Queries ``[start, end)`` that each see every key of ``[k_start, k_end)``."""
+        self.blocks.extend(Block(a, b, k_start, k_end) for a, b in split_range(start, end, self.size))
+
+    def open(self, start: int, doc_start: int) -> None:
+        """Open a causal stretch at query ``start`` of the document from ``doc_start``, unless one is open."""
+        if self.stretch is None:
+            self.stretch = (start, doc_start)
+
+    def close(self, end: int) -> None:
+        """End the open causal stretch (if any) before ``end``: causal blocks, each over the keys before it too."""
+        if self.stretch is None:
+            return
+        first, doc_start = self.stretch
+        self.stretch = None
+        if self.whole and first == doc_start == 0 and end == self.kv_len == self.q_len:
+            self.blocks.append(Block(0, self.kv_len, 0, self.kv_len, causal=True))
+            return
+        for a, b in split_range(first, end, self.size):
+            if a > doc_start:
+                self.blocks.append(Block(a, b, doc_start, a))
+            self.blocks.append(Block(a, b, a, b, causal=True, merge=a > doc_start))
+
+    def plan(self, upper_budget: int) -> Plan:
+        return Plan(tuple(self.blocks), _group_uppers(self.uppers, upper_budget), tuple(self.selfs))
+
+
 def plan_row(
     segment_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
@@ -252,51 +294,29 @@ def plan_row(
     if document_ids is None:
         document_ids = torch.zeros_like(segment_ids)
     runs = _runs(segment_ids, document_ids, first_real, end_real)
-
     spans = _spans(runs)
     if spans is None:
         return None
     documents, segments = spans
 
-    blocks: list[Block] = []
-    uppers: list[tuple[int, int]] = []
-    selfs: list[tuple[int, int]] = []
-    stretch: list[int] = []  # [first query, document start] of the open causal stretch
-
-    def full(start: int, end: int, k_start: int, k_end: int) -> None:
-        blocks.extend(Block(a, b, k_start, k_end) for a, b in split_range(start, end, size))
-
-    def close(end: int) -> None:
-        if stretch:
-            first, doc_start = stretch
-            if whole and first == doc_start == 0 and end == kv_len == q_len:
-                blocks.append(Block(0, kv_len, 0, kv_len, causal=True))
-                stretch.clear()
-                return
-            for a, b in split_range(first, end, size):
-                if a > doc_start:
-                    blocks.append(Block(a, b, doc_start, a))
-                blocks.append(Block(a, b, a, b, causal=True, merge=a > doc_start))
-            stretch.clear()
-
+    pieces = _Pieces(kv_len, q_len, size, whole)
     for run in runs:
         if run.end <= q_start:
             continue
         start = max(run.start, q_start)
         if run.region == 1:
             doc_start = documents[run.document][0]
-            if stretch and stretch[1] != doc_start:
-                close(start)
+            if pieces.stretch and pieces.stretch[1] != doc_start:
+                pieces.close(start)
             if run.segment >= 0 and run.end - start >= piece:
-                close(start)
-                full(start, run.end, doc_start, run.end)
+                pieces.close(start)
+                pieces.full(start, run.end, doc_start, run.end)
                 continue
-            if not stretch:
-                stretch.extend((start, doc_start))
+            pieces.open(start, doc_start)
             if run.segment >= 0 and run.end - start > 1:
-                uppers.append((start, run.end))
+                pieces.uppers.append((start, run.end))
             continue
-        close(start)
+        pieces.close(start)
         # padding: on the left no real key precedes it, so it sees at most the real run of its segment;
         # on the right every real key of its document precedes it
         if run.region == 0:
@@ -304,11 +324,11 @@ def plan_row(
         else:
             keys = documents.get(run.document)
         if keys is None:
-            selfs.append((start, run.end))
+            pieces.selfs.append((start, run.end))
         else:
-            full(start, run.end, keys[0], keys[1])
-    close(kv_len)
-    return Plan(tuple(blocks), _group_uppers(uppers, max(piece, size // 4)), tuple(selfs))
+            pieces.full(start, run.end, keys[0], keys[1])
+    pieces.close(kv_len)
+    return pieces.plan(max(piece, size // 4))
 
 
 def plan_layout(
@@ -324,13 +344,7 @@ def plan_layout(
     document_ids = None if document_ids is None else document_ids.cpu()
     groups: list[RowGroup] = []
     for b in range(segment_ids.shape[0]):
-        plan = plan_row(
-            segment_ids[b],
-            None if attention_mask is None else attention_mask[b],
-            None if document_ids is None else document_ids[b],
-            q_len,
-            piece,
-        )
+        plan = plan_row(segment_ids[b], _row(attention_mask, b), _row(document_ids, b), q_len, piece)
         if plan is None:
             return None
         if groups and groups[-1][2] == plan:
@@ -339,12 +353,12 @@ def plan_layout(
             groups.append((b, b + 1, plan))
     if len(groups) == 1:  # one plan for the whole batch
         whole = plan_row(
-            segment_ids[0],
-            None if attention_mask is None else attention_mask[0],
-            None if document_ids is None else document_ids[0],
-            q_len,
-            piece,
-            whole=True,
+            segment_ids[0], _row(attention_mask, 0), _row(document_ids, 0), q_len, piece, whole=True
         )
         groups = [(0, segment_ids.shape[0], whole)]
     return tuple(groups)
+
+
+def _row(ids: torch.Tensor | None, b: int) -> torch.Tensor | None:
+    """Row ``b`` of optional ``[B, K]`` ids."""
+    return None if ids is None else ids[b]

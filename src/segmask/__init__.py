@@ -33,7 +33,7 @@ _EXPORTS = {
     "generate": "generation",
     "ChatSession": "chat",
     "stream": "generation",
-    "TrainConfig": "training",
+    "TrainConfig": "train_config",
     "train": "training",
     "EvalConfig": "evaluation",
     "evaluate": "evaluation",

@@ -1,0 +1,93 @@
+"""`segmask.train_config`: TrainConfig coerces YAML and CLI strings, refuses bad values on construction, reads
+YAML with overrides, and the shipped recipes are valid."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import ROOT
+
+import segmask
+from segmask import training
+from segmask.train_config import TrainConfig
+
+
+def test_config_coerces_yaml_and_cli_strings():
+    config = TrainConfig(
+        model="m", data="a.json", learning_rate="2e-4", epochs="1", lora_r="0", resume="true"
+    )
+    assert config.data == ("a.json",) and config.learning_rate == 2e-4 and config.epochs == 1.0
+    assert config.lora_r == 0 and config.resume is True and config.max_steps is None
+    assert TrainConfig(model="m", data=["a", "b"], max_steps="none").data == ("a", "b")
+    defaults = TrainConfig(model="m", data="a.json")
+    assert (defaults.lora_r, defaults.lora_alpha, defaults.lora_dropout) == (32, 64, 0.05)
+    assert defaults.lora_target_modules == ("q_proj", "v_proj")
+    assert (defaults.learning_rate, defaults.cutoff_len, defaults.epochs) == (2e-4, 256, 3.0)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"learning_rate": 0}, "learning_rate must be positive, got 0"),
+        ({"learning_rate": -1e-4}, "learning_rate must be positive"),
+        ({"learning_rate": "fast"}, "learning_rate must be float, got 'fast'"),
+        ({"mask": "bidirectional"}, "unknown mask policy 'bidirectional'"),
+        (
+            {"attn_implementation": "flash_attention_2"},
+            "flash_attention_2' cannot run mask 'mas'.*drops custom masks",
+        ),
+        (
+            {"mask": "causal", "packing": True, "attn_implementation": "flash_attention_2"},
+            "cannot run mask 'causal' with packing",
+        ),
+        (
+            {"train_on_inputs": True},
+            "train_on_inputs would put the loss on bidirectional prompt tokens under mask 'mas'",
+        ),
+        ({"lora_r": 0, "merge": True}, "merge needs a LoRA adapter"),
+        ({"batch_size": 0}, "batch_size must be positive"),
+        ({"max_steps": 1.5}, "max_steps must be int"),
+        ({"overflow": "cut"}, "overflow must be one of raise, drop, truncate_prompt"),
+        ({"precision": "int8"}, "precision must be one of"),
+        ({"lr_scheduler": "zigzag"}, "unknown lr_scheduler 'zigzag'"),
+        ({"model": ""}, "model is required"),
+        ({"data": []}, "data is required"),
+    ],
+)
+def test_bad_config_values_are_refused_on_construction(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**{"model": "m", "data": ("a.json",), **overrides})
+
+
+def test_causal_policy_may_use_flash_attention():
+    assert (
+        TrainConfig(model="m", data="a", mask="causal", attn_implementation="flash_attention_2").mask
+        == "causal"
+    )
+
+
+def test_yaml_unknown_key_and_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "model: m\ndata: [a.json]\nlearning_rate: 2e-4\nlora_r: 16\n"
+    )  # 2e-4 is a string in YAML 1.1
+    config = TrainConfig.from_yaml(path, lora_r=0)
+    assert config.learning_rate == 2e-4 and config.lora_r == 0
+    path.write_text("model: m\ndata: [a.json]\nlearning_rte: 1e-4\n")
+    with pytest.raises(ValueError, match="unknown config key 'learning_rte'; did you mean 'learning_rate'"):
+        TrainConfig.from_yaml(path)
+    path.write_text("- model\n")
+    with pytest.raises(ValueError, match="expected a mapping"):
+        TrainConfig.from_yaml(path)
+    with pytest.raises(ValueError, match="config file not found"):
+        TrainConfig.from_yaml(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("name", ["paper_llama3.2-1b.yaml", "cpu_smollm2.yaml"])
+def test_shipped_recipes_are_valid_configs(name):
+    config = TrainConfig.from_yaml(ROOT / "configs" / name)
+    assert (config.lora_r, config.lora_alpha, config.cutoff_len, config.learning_rate) == (32, 64, 256, 2e-4)
+    assert config.lora_target_modules == ("q_proj", "v_proj") and config.mask == "mas"
+
+
+def test_old_import_paths_name_the_same_class():
+    assert segmask.TrainConfig is training.TrainConfig is TrainConfig

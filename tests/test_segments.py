@@ -20,15 +20,14 @@ from segmask.segments import (
     Encoded,
     apply_cutoff,
     apply_cutoff_all,
-    chat_layout,
     cutoff_report,
     encode_chat,
     encode_instruction,
     encode_text,
     encode_tokens,
     instruction_messages,
-    token_layout,
 )
+from segmask.turns import chat_layout, token_layout
 
 TEMPLATES = Path(__file__).parent / "fixtures" / "chat_templates"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

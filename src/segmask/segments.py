@@ -22,14 +22,7 @@ turns and the generation prompt are causal (-1); labels fall on assistant conten
 Policies (see :mod:`segmask.masks`): ``mas`` as above; ``prefix``: every token before the final assistant
 turn (or the generation prompt) is segment 0, so only that final turn is trained; ``causal``: all -1.
 
-How turns are found, for any template and without knowing its family: the conversation is rendered once
-as is and once with every message content replaced by a unique marker. The marked rendering shows where
-each content sits and which template text lies between contents; the real rendering is aligned to it
-(allowing for templates that trim contents). Template text before a content is that turn's header; the
-text after it belongs to the same turn up to where a rendering of the conversation cut after that message
-ends (growing prefixes), the rest is the next turn's header. A token takes the turn of its last character
-(a token straddling two turns belongs to the later one). Text a template adds before the first message
-(BOS, a default system prompt) belongs to the first message.
+How turns are found in any chat template (and tokens mapped to turns): :mod:`segmask.turns`.
 
 Instruction records (LLM-Adapters: ``instruction``, ``input``, ``output``, ``answer``) use the Alpaca
 template of the paper, or a model's chat template with ``chat_template=True``::
@@ -46,12 +39,24 @@ Length limits: :func:`apply_cutoff` (one record) and :func:`apply_cutoff_all` (a
 
 from __future__ import annotations
 
-import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
+from segmask import turns
 from segmask.masks import MaskPolicy, check_policy
+from segmask.turns import CONTENT, END, HEADER
+
+_MOVED = ("chat_layout", "token_layout", "MARKER")  # to segmask.turns; old path kept for one release
+
+
+def __getattr__(name: str):
+    if name in _MOVED:
+        warnings.warn(f"segmask.segments.{name} moved to segmask.turns", DeprecationWarning, stacklevel=2)
+        return getattr(turns, name)
+    raise AttributeError(f"module 'segmask.segments' has no attribute {name!r}")
+
 
 IGNORE_INDEX = -100
 ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")
@@ -65,10 +70,6 @@ PAPER_SYSTEM_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request."
 )
-
-# kinds of characters / tokens inside a turn
-HEADER, CONTENT, END = 0, 1, 2
-MARKER = re.compile("\ue000(\\d+)\ue001")
 
 
 @dataclass(frozen=True)
@@ -136,173 +137,6 @@ def check_messages(messages: Any) -> list[dict]:
             )
         checked.append(dict(message))
     return checked
-
-
-def _render(
-    tokenizer, messages: list[dict], generation_prompt: bool, template: str | None, kwargs: Mapping
-) -> str:
-    """The chat template's text for ``messages``; a template error becomes a ``ValueError``."""
-    from jinja2 import TemplateError
-
-    try:
-        return tokenizer.apply_chat_template(
-            messages,
-            tokenize=False,
-            add_generation_prompt=generation_prompt,
-            chat_template=template,
-            **kwargs,
-        )
-    except TemplateError as error:
-        raise ValueError(f"the chat template rejected the conversation: {error}") from None
-
-
-def _marker(index: int) -> str:
-    return f"\ue000{index}\ue001"
-
-
-def _align(
-    text: str, pieces: list[str], order: list[int], messages: list[dict]
-) -> list[tuple[int, int]] | None:
-    """Character spans in ``text`` of the contents that the marked rendering ``pieces`` shows.
-
-    ``pieces`` is the marked rendering split at its markers (``len(order) + 1`` literal pieces); each
-    marker stands for ``messages[order[j]]["content"]``, possibly trimmed by the template. None if the
-    real rendering does not follow the marked one.
-    """
-    if not text.startswith(pieces[0]):
-        return None
-    spans = []
-    position = len(pieces[0])
-    for j, index in enumerate(order):
-        after, last = pieces[j + 1], j + 1 == len(order)
-
-        def fits(end: int, after: str = after, last: bool = last) -> bool:
-            return text.startswith(after, end) and (not last or end + len(after) == len(text))
-
-        content = messages[index]["content"]
-        length = None
-        for candidate in dict.fromkeys((content, content.strip(), content.lstrip(), content.rstrip())):
-            if text.startswith(candidate, position) and fits(position + len(candidate)):
-                length = len(candidate)
-                break
-        if length is None:  # the template changed the content otherwise: find the template text after it
-            if last:
-                end = len(text) - len(after)
-                length = end - position if end >= position and text.endswith(after) else None
-            elif after:
-                end = text.find(after, position)
-                length = end - position if end >= 0 else None
-        if length is None:
-            return None
-        spans.append((position, position + length))
-        position += length + len(after)
-    return spans
-
-
-def _turn_end(tokenizer, marked: list[dict], index: int, template: str | None, kwargs: Mapping) -> str:
-    """Template text after message ``index`` when the conversation is cut right after it ("" if unknown)."""
-    try:
-        prefix = _render(tokenizer, marked[: index + 1], False, template, kwargs)
-    except ValueError:
-        return ""
-    found = list(MARKER.finditer(prefix))
-    if not found or int(found[-1].group(1)) != index:
-        return ""
-    return prefix[found[-1].end() :]
-
-
-def _common_prefix(a: str, b: str) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def chat_layout(
-    tokenizer,
-    messages: list[dict],
-    add_generation_prompt: bool,
-    chat_template: str | None = None,
-    template_kwargs: Mapping | None = None,
-) -> tuple[str, list[int], list[int]]:
-    """The rendered text and, per character, its turn and kind (``HEADER``, ``CONTENT``, ``END``).
-
-    Turns are message indices; the generation prompt is turn ``len(messages)``.
-    """
-    kwargs = dict(template_kwargs or {})
-    text = _render(tokenizer, messages, add_generation_prompt, chat_template, kwargs)
-    generation = len(messages)
-    everything = range(len(messages))
-    nonempty = [i for i in everything if messages[i]["content"]]
-    # Mark every content; if the template treats empty contents differently, leave those unmarked.
-    for marked_indices in (everything, nonempty):
-        marked = [
-            {**message, "content": _marker(i)} if i in marked_indices else message
-            for i, message in enumerate(messages)
-        ]
-        parts = MARKER.split(_render(tokenizer, marked, add_generation_prompt, chat_template, kwargs))
-        pieces, order = parts[0::2], [int(i) for i in parts[1::2]]
-        if not order and pieces[0] == text:  # no content rendered (say, a lone system prompt): all template
-            plain = _render(tokenizer, messages, False, chat_template, kwargs)
-            split = len(plain) if add_generation_prompt and text.startswith(plain) else len(text)
-            return text, [0] * split + [generation] * (len(text) - split), [HEADER] * len(text)
-        spans = _align(text, pieces, order, messages) if order else None
-        if spans is not None:
-            break
-    else:
-        raise ValueError(
-            "cannot locate the message contents in the chat template's output "
-            "(the template changes them beyond trimming, or depends on them)"
-        )
-    turns, kinds = [order[0]] * len(text), [HEADER] * len(text)
-    ends: dict[int, str] = {}
-    for j, (start, end) in enumerate(spans):
-        index = order[j]
-        turns[start:end], kinds[start:end] = [index] * (end - start), [CONTENT] * (end - start)
-        if index not in ends:
-            ends[index] = _turn_end(tokenizer, marked, index, chat_template, kwargs)
-        gap = pieces[j + 1]
-        own = _common_prefix(ends[index], gap)
-        if j + 1 < len(order):
-            following, following_kind = order[j + 1], HEADER
-        elif add_generation_prompt:
-            following, following_kind = generation, HEADER
-        else:
-            following, following_kind = index, END
-        turns[end : end + own], kinds[end : end + own] = [index] * own, [END] * own
-        rest = len(gap) - own
-        turns[end + own : end + len(gap)] = [following] * rest
-        kinds[end + own : end + len(gap)] = [following_kind] * rest
-    return text, turns, kinds
-
-
-def token_layout(
-    tokenizer, text: str, turns: list[int], kinds: list[int], add_special_tokens: bool
-) -> tuple[list[int], list[int], list[int]]:
-    """Tokenize ``text`` once; each token takes the turn and kind of its last character.
-
-    Tokens without characters (a BOS or EOS the tokenizer adds) take those of their neighbour: the next
-    token at the start, the previous one elsewhere.
-    """
-    if not getattr(tokenizer, "is_fast", True):
-        raise ValueError("segmask needs a fast tokenizer (character offsets); load it with use_fast=True")
-    encoding = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
-    ids, offsets = list(encoding["input_ids"]), encoding["offset_mapping"]
-    token_turns: list[int | None] = [None] * len(ids)
-    token_kinds: list[int | None] = [None] * len(ids)
-    for t, (start, end) in enumerate(offsets):
-        if end > start:
-            token_turns[t], token_kinds[t] = turns[end - 1], kinds[end - 1]
-    real = [t for t in range(len(ids)) if token_turns[t] is not None]
-    if not real:
-        raise ValueError("the text tokenizes to no tokens")
-    for t in range(len(ids)):
-        if token_turns[t] is None:
-            source = real[0] if t < real[0] else t - 1
-            token_turns[t], token_kinds[t] = token_turns[source], token_kinds[source]
-    return ids, token_turns, token_kinds  # type: ignore[return-value]
 
 
 def _encode(
@@ -375,10 +209,12 @@ def encode_chat(
             f"messages 0..{len(messages) - 1}: no assistant turn to train on; pass add_generation_prompt=True "
             "to encode a prompt for generation"
         )
-    text, turns, kinds = chat_layout(
+    text, char_turns, kinds = turns.chat_layout(
         tokenizer, messages, add_generation_prompt, chat_template, template_kwargs
     )
-    ids, token_turns, token_kinds = token_layout(tokenizer, text, turns, kinds, add_special_tokens=False)
+    ids, token_turns, token_kinds = turns.token_layout(
+        tokenizer, text, char_turns, kinds, add_special_tokens=False
+    )
     labelled = _labelled_turns(roles, train_on)
     if add_generation_prompt:
         roles.append("assistant")  # the generation prompt (turn len(messages)) opens an answer
@@ -461,9 +297,11 @@ def encode_instruction(
         )
     pieces = instruction_pieces(record, include_answer)
     text = "".join(piece for piece, _, _ in pieces)
-    turns = [turn for piece, turn, _ in pieces for _ in piece]
+    char_turns = [turn for piece, turn, _ in pieces for _ in piece]
     kinds = [kind for piece, _, kind in pieces for _ in piece]
-    ids, token_turns, token_kinds = token_layout(tokenizer, text, turns, kinds, add_special_tokens=True)
+    ids, token_turns, token_kinds = turns.token_layout(
+        tokenizer, text, char_turns, kinds, add_special_tokens=True
+    )
     eos = tokenizer.eos_token_id
     if include_answer and eos is not None and ids[-1] != eos:
         ids, token_turns, token_kinds = ids + [eos], token_turns + [2], token_kinds + [END]

@@ -25,7 +25,7 @@ from __future__ import annotations
 import importlib
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -246,16 +246,27 @@ class EvalConfig:
     decoding settings of ``generate`` scoring.
     """
 
-    data_dir: str
-    tasks: tuple[str, ...] = commonsense.SUITE
+    # metadata["help"] is each field's line in `segmask eval --help`
+    data_dir: str = field(metadata={"help": "folder of <task>_test.json or <task>/test.json files"})
+    tasks: tuple[str, ...] = field(
+        default=commonsense.SUITE,
+        metadata={"help": "task names: boolq,piqa or boolq piqa (default: the whole suite)"},
+    )
     policy: str = "mas"
-    scoring: str = "generate"
-    limit: int | None = None
-    out: str | None = None
-    num_beams: int = 4
-    max_new_tokens: int = 32
-    batch_size: int = 8
-    resume: bool = True
+    scoring: Scoring = field(default="generate", metadata={"help": "paper protocol or log-likelihood"})
+    limit: int | None = field(default=None, metadata={"help": "first N records of each task (default: all)"})
+    out: str | None = field(
+        default=None, metadata={"help": "results JSON; predictions go to <stem>.predictions.jsonl"}
+    )
+    num_beams: int = field(default=4, metadata={"help": "beam width for generate scoring"})
+    max_new_tokens: int = field(default=32, metadata={"help": "most tokens generated per answer"})
+    batch_size: int = field(default=8, metadata={"help": "prompts per generate call"})
+    resume: bool = field(
+        default=True,
+        metadata={
+            "help": "keep the predictions a stopped run with the same arguments left in <stem>.partial.jsonl"
+        },
+    )
 
     def __post_init__(self) -> None:
         check_policy(self.policy)

@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,13 +59,20 @@ POLL_DISCONNECT_S = 0.25
 class ServeConfig:
     """Server limits. ``max_context`` defaults to the model's ``max_position_embeddings``."""
 
-    max_batch: int = 8
-    max_context: int | None = None
-    max_queue: int = 64
-    api_key: str | None = None
-    prefix_cache_mb: float = 256.0
-    model_name: str = "segmask"
-    retry_after_s: int = 1
+    # metadata: each field's line in `segmask serve --help`
+    max_batch: int = field(default=8, metadata={"help": "requests decoded together", "metavar": "N"})
+    max_context: int | None = field(
+        default=None, metadata={"help": "prompt + completion tokens (default: the model's)", "metavar": "N"}
+    )
+    max_queue: int = field(default=64, metadata={"help": "waiting requests before 429", "metavar": "N"})
+    api_key: str | None = field(default=None, metadata={"help": "require this bearer key"})
+    prefix_cache_mb: float = field(
+        default=256.0, metadata={"help": "prefix cache memory (0: off)", "metavar": "MB"}
+    )
+    model_name: str = field(default="segmask", metadata={"help": "served model name"})
+    retry_after_s: int = field(
+        default=1, metadata={"help": "seconds a 429 answer asks the client to wait", "metavar": "S"}
+    )
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_queue", "retry_after_s"):

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import require_shared
+from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from segmask import attention, loading, training
@@ -80,8 +81,6 @@ def test_full_model_run_folder_policy_default_and_override_warning(stories_path,
 
 
 def test_adapter_run_folder_is_merged_over_its_base(stories_path, tmp_path):
-    from peft import LoraConfig, get_peft_model
-
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(stories_path)
     lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
@@ -93,7 +92,10 @@ def test_adapter_run_folder_is_merged_over_its_base(stories_path, tmp_path):
         run, policy="prefix", base_model=os.path.relpath(stories_path, run), template="chat", adapter=True
     )
 
-    model, tokenizer, policy = load_model(run)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, tokenizer, policy = load_model(run)
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]  # peft's, kept quiet
     tokens = ids(1, 403, 407, 261, 378)
     segments = torch.tensor([[0, 0, 0, -1, -1]])
     expected = attention.enable(peft_model)(tokens, segment_ids=segments).logits

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import warnings
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,16 @@ def tiny(model: Path, data: Path, output: Path, **overrides) -> TrainConfig:
 
 def losses(output: Path, key: str = "loss") -> list[tuple[int, float]]:
     return [(row["step"], row[key]) for row in read_metrics(output / training.METRICS_FILE) if key in row]
+
+
+def test_lora_wrapping_keeps_peft_deprecation_quiet(stories_path, tmp_path):
+    """peft reads a deprecated transformers attribute while wrapping; the user never sees that warning."""
+    config = tiny(stories_path, tmp_path / "data.json", tmp_path / "run")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = training.build_model(config)
+    assert hasattr(model, "peft_config")
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
 
 
 # ---- bad configurations fail before training ---------------------------------------------------

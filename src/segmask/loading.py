@@ -32,7 +32,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-from segmask import fast_attention
+from segmask import compat, fast_attention
 from segmask.attention import enable
 from segmask.masks import MaskPolicy, check_policy
 
@@ -85,7 +85,8 @@ def merge_adapter(base: str | Path, adapter_dir: Path, output: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(
         pretrained_folder(base), dtype=torch.float32, local_files_only=True
     )
-    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    with compat.quiet_peft():
+        merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(str(output))
     load_tokenizer(base).save_pretrained(str(output))
 
@@ -264,7 +265,8 @@ def _load_adapter(run_folder: Path, base: Path, options: dict) -> torch.nn.Modul
     if not (run_folder / "adapter_model.safetensors").is_file():
         raise ValueError(f"{run_folder} is marked as an adapter but has no adapter_model.safetensors")
     base_model = _load_transformers(gguf_to_safetensors(base) if base.is_file() else base, options)
-    model = PeftModel.from_pretrained(base_model, run_folder, is_trainable=False, local_files_only=True)
+    with compat.quiet_peft():
+        model = PeftModel.from_pretrained(base_model, run_folder, is_trainable=False, local_files_only=True)
     return model.merge_and_unload()
 
 

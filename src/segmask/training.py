@@ -42,7 +42,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_pt_utils import get_length_grouped_indices
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from segmask import __version__, data, loading
+from segmask import __version__, compat, data, loading
 from segmask.attention import enable
 from segmask.train_config import TrainConfig
 from segmask.train_metrics import MetricsFile, ProgressBar, plot_loss_curve, truncate_metrics
@@ -227,7 +227,8 @@ def build_model(config: TrainConfig):
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora)
+    with compat.quiet_peft():
+        return get_peft_model(model, lora)
 
 
 def precision_flags(precision: str) -> dict[str, bool]:

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from scipy.stats import binomtest
 
+from segmask.files import read_json
+
 SIGNIFICANCE = 0.05
 
 
@@ -47,12 +49,7 @@ class McNemar:
 def load_run(path: str | Path) -> Run:
     """Read a results JSON written by :func:`segmask.evaluation.evaluate` and its predictions JSONL."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no results file {path}")
-    try:
-        results = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    results = read_json(path, "results")
     if not isinstance(results, dict) or not isinstance(results.get("tasks"), dict) or not results["tasks"]:
         raise ValueError(f"{path}: not a segmask results file (no 'tasks')")
     for task, score in results["tasks"].items():

@@ -33,6 +33,7 @@ import torch
 
 from segmask import segments
 from segmask.collate import Collator
+from segmask.files import read_json
 from segmask.segments import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
@@ -124,12 +125,7 @@ def read_records(paths: Sequence[Path]) -> list[Record]:
 
 
 def _read_json(path: Path) -> list[Record]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{path}: not UTF-8 text ({error})") from None
+    data = read_json(path, "records")
     if isinstance(data, dict) and "messages" in data:
         data = [data]
     if not isinstance(data, list):

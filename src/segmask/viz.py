@@ -10,7 +10,6 @@ encoded with its generation prompt, once per policy; ``mask.png`` shows each pol
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 from segmask.attention import enable
+from segmask.files import read_json
 from segmask.masks import check_policy, dense_mask
 from segmask.segments import Encoded, encode_chat
 
@@ -38,13 +38,7 @@ class Span:
 
 def read_messages(path: str | Path) -> list[dict]:
     """Messages from a JSON file: a list of ``{"role", "content"}`` or an object with a ``messages`` list."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no messages file {path}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    data = read_json(path, "messages")
     messages = data.get("messages") if isinstance(data, dict) else data
     if not isinstance(messages, list) or not messages:
         raise ValueError(f"{path}: expected a non-empty list of messages (or an object with 'messages')")

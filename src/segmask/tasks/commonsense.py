@@ -13,13 +13,13 @@ scoring of :mod:`segmask.evaluation`, :func:`extract_answer` reads a label back 
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from segmask.files import read_json
 from segmask.segments import Encoded, encode_instruction
 
 # the answer vocabulary of each task of the suite (LLM-Adapters' label strings)
@@ -100,10 +100,7 @@ def load_task(data_dir: str | Path, name: str, limit: int | None = None) -> Task
     if limit is not None and limit <= 0:
         raise ValueError(f"limit must be positive, got {limit}")
     path = task_path(data_dir, name)
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    records = read_json(path, "task")
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
     for index, record in enumerate(records):

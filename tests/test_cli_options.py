@@ -1,16 +1,20 @@
 """segmask.cli.options: the model and decoding flags are one definition, shared by the commands that run a
-model."""
+model, and eval, serve and train take their flags from their config dataclasses."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import pytest
 
 from segmask.attention import SUPPORTED
 from segmask.cli import build_parser
-from segmask.cli.options import add_model_arguments, add_sampling_arguments, generation_kwargs
+from segmask.cli.options import add_model_arguments, add_sampling_arguments, config_values, generation_kwargs
+from segmask.evaluation import EvalConfig
 from segmask.masks import POLICIES
+from segmask.serving import ServeConfig
+from segmask.train_config import TrainConfig
 
 REQUIRED = {"generate": ["--prompt", "x"], "eval": ["--data-dir", "d", "--out", "o.json"]}
 
@@ -57,3 +61,45 @@ def test_every_attn_flag_offers_the_supported_backends(command):
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
     (attn,) = [a for a in sub._actions if "--attn" in a.option_strings]
     assert tuple(attn.choices) == SUPPORTED
+
+
+@pytest.mark.parametrize(
+    "command, config, other_flags",
+    [
+        ("eval", EvalConfig, {"policy": "--mask"}),  # the policy load_model resolves
+        ("serve", ServeConfig, {"model_name": "--name"}),
+        ("train", TrainConfig, {}),
+    ],
+)
+def test_config_fields_are_flags_with_the_fields_defaults(command, config, other_flags):
+    """eval, serve and train derive their flags from one dataclass each (add_config_arguments)."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    flags = {option for action in sub._actions for option in action.option_strings}
+    for field in dataclasses.fields(config):
+        assert other_flags.get(field.name, "--" + field.name.replace("_", "-")) in flags, field.name
+    if command == "train":
+        return  # train's flags override a YAML file: an absent flag leaves no value (test_cli_train)
+    args = parser.parse_args([command, "--model", "m", *REQUIRED.get(command, [])])
+    given = {"data_dir": "d", "out": "o.json"}
+    expected = {f.name: given.get(f.name, f.default) for f in dataclasses.fields(config)}
+    for name, value in config_values(args, config).items():
+        if name != "api_key":  # serve's --api-key defaults to $SEGMASK_API_KEY
+            assert value == expected[name], name
+
+
+def test_config_flags_parse_to_the_field_types():
+    args = build_parser().parse_args(
+        ["eval", "--model", "m", "--data-dir", "d", "--out", "o.json", "--limit", "3", "--no-resume"]
+        + ["--tasks", "boolq", "piqa", "--scoring", "loglik"]
+    )
+    values = config_values(args, EvalConfig)
+    assert (values["limit"], values["resume"], values["tasks"], values["scoring"]) == (
+        3, False, ("boolq", "piqa"), "loglik",
+    )  # fmt: skip
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval", "--model", "m", "--data-dir", "d", "--out", "o", "--scoring", "x"])
+    args = build_parser().parse_args(
+        ["serve", "--model", "m", "--prefix-cache-mb", "0.5", "--max-context", "9"]
+    )
+    assert (args.prefix_cache_mb, args.max_context) == (0.5, 9)

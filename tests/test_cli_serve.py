@@ -43,6 +43,7 @@ def test_defaults_bind_loopback(stories_path):
         (["--max-context", "1"], "max_context must be >= 2"),
         (["--port", "70000"], "--port must be in"),
         (["--prefix-cache-mb", "-1"], "prefix_cache_mb must be >= 0"),
+        (["--retry-after-s", "0"], "retry_after_s must be >= 1"),
     ],
 )
 def test_bad_flags_fail_before_loading(stories_path, capsys, flags, message):

@@ -1,11 +1,93 @@
-"""Flags that several commands share: the model and its mask policy, and the decoding settings."""
+"""Flags that several commands share: a config dataclass's fields, the model and its mask policy, the
+attention backend, and the decoding settings."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from collections.abc import Collection
+from types import NoneType, UnionType
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from segmask.attention import SUPPORTED
 from segmask.masks import POLICIES
+
+
+def add_config_arguments(
+    parser: argparse.ArgumentParser,
+    config: type,
+    *,
+    skip: Collection[str] = (),
+    required: Collection[str] = (),
+    overrides_file: bool = False,
+) -> None:
+    """One flag per field of the dataclass ``config`` (``max_batch`` -> ``--max-batch``), the field's
+    ``metadata["help"]`` (and ``metadata["metavar"]``) followed by its default.
+
+    A ``bool`` is ``--x / --no-x``, a tuple takes one or more values, a ``Literal`` offers its values as
+    choices, and a field without a default is a required flag. Fields in ``skip`` get no flag (the command
+    sets them another way); those in ``required`` must be given although the field has a default.
+
+    Each value parses to the field's type and an absent flag holds the field's default, so
+    ``config(**config_values(args, config))`` is the config the flags describe. With ``overrides_file``
+    (``train``: flags override a YAML file) an absent flag leaves no attribute, so the file's value stands,
+    and values stay strings for the config to coerce as it coerces the file's.
+    """
+    hints = get_type_hints(config)
+    defaults = {}
+    for field in dataclasses.fields(config):
+        if field.name in skip:
+            continue
+        kind = _optional_of(hints[field.name])
+        help_text = field.metadata.get("help", "")
+        options: dict[str, Any] = {"dest": field.name, "default": argparse.SUPPRESS}
+        if field.default is dataclasses.MISSING or field.name in required:
+            options["required"] = True
+        else:
+            defaults[field.name] = field.default
+            if "(default:" not in help_text:  # a help that explains its default keeps its own words
+                help_text = f"{help_text} (default: {_show(field.default)})".lstrip()
+        options["help"] = help_text or None
+        flag = "--" + field.name.replace("_", "-")
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **options)
+            continue
+        options["metavar"] = field.metadata.get("metavar", field.name.upper())
+        if get_origin(kind) is tuple:
+            options["nargs"] = "+"
+        elif get_origin(kind) is Literal:
+            options["choices"] = get_args(kind)
+            del options["metavar"]
+        elif not overrides_file and kind in (int, float):
+            options["type"] = kind
+        parser.add_argument(flag, **options)
+    if not overrides_file:
+        parser.set_defaults(**defaults)  # after add_argument, so argparse adds no default text of its own
+
+
+def config_values(args: argparse.Namespace, config: type) -> dict[str, Any]:
+    """The values of ``config``'s fields among the parsed ``args`` (lists of a tuple field as tuples)."""
+    names = {field.name for field in dataclasses.fields(config)}
+    return {
+        name: tuple(value) if isinstance(value, list) else value
+        for name, value in vars(args).items()
+        if name in names
+    }
+
+
+def _optional_of(kind: Any) -> Any:
+    """``X`` for ``X | None``, else ``kind``."""
+    if get_origin(kind) in (Union, UnionType):
+        kinds = [k for k in get_args(kind) if k is not NoneType]
+        if len(kinds) == 1:
+            return kinds[0]
+    return kind
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, tuple):
+        return " ".join(value) or "none"
+    return "none" if value is None or value == "" else str(value)
 
 
 def add_model_arguments(
@@ -32,12 +114,12 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int 
         "--temperature", type=float, default=None, metavar="T", help="sample at this temperature"
     )
     parser.add_argument("--top-p", type=float, default=None, metavar="P", help="sample from this nucleus")
-    parser.add_argument(
-        "--attn",
-        default=None,
-        choices=SUPPORTED,
-        help="attention implementation",
-    )
+    add_attn_argument(parser)
+
+
+def add_attn_argument(parser: argparse.ArgumentParser) -> None:
+    """``--attn``: one of :data:`segmask.attention.SUPPORTED` (default: the loader's choice)."""
+    parser.add_argument("--attn", default=None, choices=SUPPORTED, help="attention implementation")
 
 
 def generation_kwargs(args: argparse.Namespace) -> dict:

@@ -13,57 +13,35 @@ from __future__ import annotations
 import argparse
 import os
 
-from segmask.attention import SUPPORTED
-from segmask.cli.options import add_model_arguments
+from segmask.cli.options import add_attn_argument, add_config_arguments, add_model_arguments, config_values
+from segmask.serving import ServeConfig, default_name, serve
 
 API_KEY_ENV = "SEGMASK_API_KEY"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser, mask_help="default mask policy of requests (default: the model's, else mas)")
+    # where to listen: serve()'s arguments, not ServeConfig's
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000)
+    # ServeConfig fields whose command-line default is not the field's: the key from the environment,
+    # the name from the model path
     parser.add_argument(
         "--api-key",
         default=os.environ.get(API_KEY_ENV),
         help=f"require this bearer key (default: ${API_KEY_ENV})",
     )
     parser.add_argument("--name", default=None, help="served model name (default: the model path's name)")
-    parser.add_argument("--max-batch", type=int, default=8, metavar="N", help="requests decoded together")
-    parser.add_argument(
-        "--max-context",
-        type=int,
-        default=None,
-        metavar="N",
-        help="prompt + completion tokens (default: the model's)",
-    )
-    parser.add_argument("--max-queue", type=int, default=64, metavar="N", help="waiting requests before 429")
-    parser.add_argument(
-        "--prefix-cache-mb", type=float, default=256.0, metavar="MB", help="prefix cache memory (0: off)"
-    )
-    parser.add_argument(
-        "--attn",
-        default=None,
-        choices=SUPPORTED,
-        help="attention implementation",
-    )
+    add_config_arguments(parser, ServeConfig, skip=("api_key", "model_name"))
+    add_attn_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    # here, not at the top: the server stack (FastAPI, uvicorn, the loaders) loads only when serve runs,
-    # as every command's library does, so building the parser for another command stays cheap
-    from segmask.serving import ServeConfig, default_name, serve
-
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
-    config = ServeConfig(
-        max_batch=args.max_batch,
-        max_context=args.max_context,
-        max_queue=args.max_queue,
-        api_key=args.api_key or None,
-        prefix_cache_mb=args.prefix_cache_mb,
-        model_name=args.name or default_name(args.model),
-    )
+    values = config_values(args, ServeConfig)  # api_key too: its flag is --api-key, its default the env's
+    values |= {"api_key": args.api_key or None, "model_name": args.name or default_name(args.model)}
+    config = ServeConfig(**values)
     print(
         f"segmask serve: {args.model} as {config.model_name!r} on http://{args.host}:{args.port}/v1",
         flush=True,

@@ -1,6 +1,6 @@
 """``segmask train [CONFIG.yaml] [--key value ...]``: fine-tune with a mask policy (LoRA or full).
 
-Every :class:`segmask.training.TrainConfig` field is a flag (``cutoff_len`` -> ``--cutoff-len``); flags
+Every :class:`segmask.train_config.TrainConfig` field is a flag (``cutoff_len`` -> ``--cutoff-len``); flags
 override the YAML file. Examples::
 
     segmask train configs/cpu_smollm2.yaml --mask mas --max-steps 100 --output runs/smollm2-mas
@@ -11,39 +11,21 @@ override the YAML file. Examples::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
-from typing import get_origin, get_type_hints
 
-from segmask.training import Interrupted, TrainConfig, train
+from segmask.cli.options import add_config_arguments, config_values
+from segmask.train_config import TrainConfig
+from segmask.training import Interrupted, train
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", help="YAML file of TrainConfig fields (flags override it)")
-    hints = get_type_hints(TrainConfig)
-    for field in dataclasses.fields(TrainConfig):
-        flag = "--" + field.name.replace("_", "-")
-        kind = hints[field.name]
-        default = field.default if field.default is not dataclasses.MISSING else None
-        help_text = f"{field.metadata.get('help', '')} (default: {_show(default)})"
-        options = {"dest": field.name, "default": argparse.SUPPRESS, "help": help_text}
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **options)
-        elif get_origin(kind) is tuple:
-            parser.add_argument(flag, nargs="+", metavar=field.name.upper(), **options)
-        else:
-            parser.add_argument(flag, metavar=field.name.upper(), **options)
-
-
-def _show(value) -> str:
-    if isinstance(value, tuple):
-        return " ".join(value) or "none"
-    return "none" if value is None or value == "" else str(value)
+    add_config_arguments(parser, TrainConfig, overrides_file=True)
 
 
 def run(args: argparse.Namespace) -> int:
-    overrides = {name: value for name, value in vars(args).items() if name in _field_names()}
+    overrides = config_values(args, TrainConfig)
     config = (
         TrainConfig.from_yaml(args.config, **overrides) if args.config else TrainConfig.from_dict(overrides)
     )
@@ -55,7 +37,3 @@ def run(args: argparse.Namespace) -> int:
     if os.environ.get("RANK", "0") == "0":  # one line for a torchrun / accelerate job, not one per process
         print(f"trained ({config.mask}) -> {output}")
     return 0
-
-
-def _field_names() -> set[str]:
-    return {field.name for field in dataclasses.fields(TrainConfig)}

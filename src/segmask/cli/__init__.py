@@ -1,6 +1,7 @@
 """The ``segmask`` command line: each subcommand parses its flags, calls one library function, prints.
 
-Every subcommand lives in ``segmask/cli/<name>.py`` with ``add_arguments(parser)`` and ``run(args) -> int``.
+Every subcommand lives in ``segmask/cli/<name>.py`` with ``add_arguments(parser)`` and ``run(args) -> int``
+(and, where its parser needs them, ``PARSER_OPTIONS`` for ``add_parser``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ COMMANDS = {
     "compare": "compare evaluation results (table, chart, McNemar tests)",
     "viz": "draw masks and attention maps",
     "serve": "OpenAI-compatible server with MAS prefill",
+    "lm-eval": "lm-evaluation-harness with the segmask model (as segmask-lm-eval)",
 }
 
 
@@ -26,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in COMMANDS.items():
         module = importlib.import_module(f"segmask.cli.{name.replace('-', '_')}")
-        command = sub.add_parser(name, help=help_text, description=help_text)
+        options = getattr(module, "PARSER_OPTIONS", {})
+        command = sub.add_parser(name, help=help_text, description=help_text, **options)
         module.add_arguments(command)
         command.set_defaults(_run=module.run)
     return parser

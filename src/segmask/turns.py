@@ -5,9 +5,11 @@ as is and once with every message content replaced by a unique marker. The marke
 each content sits and which template text lies between contents; the real rendering is aligned to it
 (allowing for templates that trim contents). Template text before a content is that turn's header; the
 text after it belongs to the same turn up to where a rendering of the conversation cut after that message
-ends (growing prefixes), the rest is the next turn's header. A token takes the turn of its last character
-(a token straddling two turns belongs to the later one). Text a template adds before the first message
-(BOS, a default system prompt) belongs to the first message.
+ends, the rest is the next turn's header. The cut rendering is made once per kind of turn end (the message
+without its content, and the template text up to the next content): turns of one kind end alike, and a
+rendering per message would make encoding quadratic in the conversation's length. A token takes the turn
+of its last character (a token straddling two turns belongs to the later one). Text a template adds before
+the first message (BOS, a default system prompt) belongs to the first message.
 
 :func:`chat_layout` gives the rendered text with each character's turn and kind (``HEADER``, ``CONTENT``,
 ``END``); :func:`token_layout` tokenizes a text once and gives each token the turn and kind of its last
@@ -121,7 +123,7 @@ def chat_layout(
     text = _render(tokenizer, messages, add_generation_prompt, chat_template, kwargs)
     generation = len(messages)
     everything = range(len(messages))
-    nonempty = [i for i in everything if messages[i]["content"]]
+    nonempty = {i for i in everything if messages[i]["content"]}
     # Mark every content; if the template treats empty contents differently, leave those unmarked.
     for marked_indices in (everything, nonempty):
         marked = [
@@ -143,14 +145,16 @@ def chat_layout(
             "(the template changes them beyond trimming, or depends on them)"
         )
     turns, kinds = [order[0]] * len(text), [HEADER] * len(text)
-    ends: dict[int, str] = {}
+    ends: dict[tuple, str] = {}  # one cut rendering per kind of turn end: linear in the conversation
     for j, (start, end) in enumerate(spans):
         index = order[j]
         turns[start:end], kinds[start:end] = [index] * (end - start), [CONTENT] * (end - start)
-        if index not in ends:
-            ends[index] = _turn_end(tokenizer, marked, index, chat_template, kwargs)
         gap = pieces[j + 1]
-        own = _common_prefix(ends[index], gap)
+        shape = sorted((k, repr(v)) for k, v in messages[index].items() if k != "content")
+        key = (tuple(shape), gap)
+        if key not in ends:
+            ends[key] = _turn_end(tokenizer, marked, index, chat_template, kwargs)
+        own = _common_prefix(ends[key], gap)
         if j + 1 < len(order):
             following, following_kind = order[j + 1], HEADER
         elif add_generation_prompt:

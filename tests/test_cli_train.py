@@ -87,6 +87,14 @@ def test_train_then_generate_with_the_recorded_policy(recipe, tmp_path, capsys):
     assert main(argv) == 2
     assert "already holds a run; pass --resume" in capsys.readouterr().err
 
+    # resuming the finished run says so and changes no byte
+    files = {p: p.read_bytes() for p in sorted(output.rglob("*")) if p.is_file()}
+    assert main([*argv, "--resume"]) == 0
+    captured = capsys.readouterr()
+    assert f"{output} already finished at step 3; nothing to do" in captured.err
+    assert captured.out.strip() == f"trained (prefix) -> {output}"
+    assert {p: p.read_bytes() for p in sorted(output.rglob("*")) if p.is_file()} == files
+
 
 @pytest.mark.parametrize(
     "extra, yaml_line, message",
@@ -104,6 +112,18 @@ def test_bad_configuration_exits_2_with_its_message(recipe, tmp_path, capsys, ex
     error = capsys.readouterr().err
     assert error.startswith("segmask train: error:") and message in error
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("where, message", [("notes.txt", "is a file, not a folder"),
+                                             ("notes.txt/run", "cannot write to output")])  # fmt: skip
+def test_an_output_that_cannot_be_written_exits_2_with_one_line(recipe, tmp_path, capsys, where, message):
+    (tmp_path / "notes.txt").write_text("precious")
+    before = sorted(tmp_path.rglob("*"))
+    assert main(["train", str(recipe), "--output", str(tmp_path / where), "--max-steps", "1"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("segmask train: error: ") and message in error and str(tmp_path / where) in error
+    assert error.count("\n") == 1 and "Traceback" not in error
+    assert sorted(tmp_path.rglob("*")) == before and (tmp_path / "notes.txt").read_text() == "precious"
 
 
 def test_two_processes_train_as_one_data_parallel_job(recipe, tmp_path):

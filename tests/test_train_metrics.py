@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from segmask import training
 from segmask.train_metrics import plot_loss_curve, read_metrics, truncate_metrics
 
@@ -20,3 +22,15 @@ def test_truncate_keeps_rows_up_to_the_step_and_plot_draws_them(tmp_path):
     plot_loss_curve(path, tmp_path / "loss_curve.png")
     assert (tmp_path / "loss_curve.png").stat().st_size > 0
     assert training.read_metrics is read_metrics  # its import path before train_metrics
+
+
+def test_a_line_that_is_not_a_metrics_row_is_named(tmp_path):
+    """A foreign metrics.jsonl is a ValueError naming the line, never a KeyError from deep inside resume."""
+    path = tmp_path / "metrics.jsonl"
+    for text, line in [('{"step": 1}\n{"accuracy": 0.5}\n', 2), ('{"step": 1}\nnot json\n', 2), ("[1]\n", 1)]:
+        path.write_text(text)
+        before = path.read_bytes()
+        for read in (read_metrics, lambda p: truncate_metrics(p, 1)):
+            with pytest.raises(ValueError, match=rf"metrics\.jsonl:{line}: not a segmask metrics row"):
+                read(path)
+        assert path.read_bytes() == before

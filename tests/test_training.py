@@ -299,3 +299,106 @@ def test_full_fine_tuning_writes_full_safetensors_weights(stories_path, data_fil
     assert curve[-1] < curve[0]
     model, _, policy = loading.load_model(output)
     assert policy == "mas" and sum(p.numel() for p in model.parameters()) == 260_032
+
+
+# ---- resume and the output folder ---------------------------------------------------------------
+
+
+def snapshot(folder: Path) -> dict[str, bytes | None]:
+    """Every path under ``folder`` with its bytes (None for a folder): what "untouched" compares."""
+    return {
+        str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes() for p in sorted(folder.rglob("*"))
+    }
+
+
+def test_resuming_a_finished_run_changes_nothing(stories_path, data_file, tmp_path, caplog):
+    """A finished run resumed is a no-op, byte for byte; one stopped while writing its final outputs gets
+    them from its last checkpoint, without a step past max_steps."""
+    run = tmp_path / "run"
+    train(tiny(stories_path, data_file, run, max_steps=3))
+    assert training.last_checkpoint(run).name == "checkpoint-3"
+    before = snapshot(run)
+    with caplog.at_level("INFO", logger="segmask.training"):
+        assert train(tiny(stories_path, data_file, run, max_steps=3, resume=True)) == run
+    assert snapshot(run) == before
+    assert "already finished at step 3; nothing to do" in caplog.text
+
+    adapter = load_file(run / "adapter_model.safetensors")
+    (run / "segmask.json").unlink()  # stopped after the last checkpoint, before the final outputs
+    (run / "adapter_model.safetensors").unlink()
+    train(tiny(stories_path, data_file, run, max_steps=3, resume=True))
+    final = load_file(run / "adapter_model.safetensors")
+    assert all(torch.equal(final[k], adapter[k]) for k in adapter)
+    assert [step for step, _ in losses(run)] == [1, 2, 3]
+    assert json.loads((run / "segmask.json").read_text())["policy"] == "mas"
+
+
+def test_resume_and_overwrite_refuse_a_folder_of_other_files(stories_path, data_file, tmp_path):
+    """--resume (like --overwrite) never trains into, or deletes, a folder that is not a segmask run; a run
+    whose metrics.jsonl holds other rows is refused before anything changes."""
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "adapter_config.json").write_text('{"mine": true}')
+    (user / "metrics.jsonl").write_text('{"accuracy": 0.5}\n')
+    before = snapshot(user)
+    for flag in ("resume", "overwrite"):
+        with pytest.raises(ValueError, match=f"not a segmask run folder .* refusing --{flag} into it"):
+            train(tiny(stories_path, data_file, user, **{flag: True}))
+        assert snapshot(user) == before
+
+    run = tmp_path / "run"
+    run.mkdir()
+    config = tiny(stories_path, data_file, run, resume=True)
+    (run / training.RUN_CONFIG_FILE).write_text(json.dumps(config.to_dict()))
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"accuracy": 0.5}\n')
+    before = snapshot(run)
+    with pytest.raises(ValueError, match=r"metrics\.jsonl:2: not a segmask metrics row"):
+        train(config)
+    assert snapshot(run) == before
+
+
+def test_a_moved_run_resumes(stories_path, data_file, tmp_path):
+    """The saved config is compared on what defines the run, not on where its folder lies."""
+    first = tmp_path / "here" / "run"
+    with pytest.raises(training.Interrupted):
+        train(tiny(stories_path, data_file, first, max_steps=4, save_steps=2), callbacks=[StopAt(2)])
+    moved = tmp_path / "there"
+    first.rename(moved)
+    train(tiny(stories_path, data_file, moved, max_steps=4, save_steps=2, resume=True))
+    assert [step for step, _ in losses(moved)] == [1, 2, 3, 4]
+    info = json.loads((moved / "segmask.json").read_text())
+    assert info["train_config"]["output"] == str(moved)
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_anything(stories_path, data_file, tmp_path):
+    """A file, or a folder below a file, is a ValueError naming the output, and nothing is written."""
+    afile = tmp_path / "notes.txt"
+    afile.write_text("precious")
+    with pytest.raises(ValueError, match=r"output .*notes\.txt is a file, not a folder"):
+        train(tiny(stories_path, data_file, afile))
+    with pytest.raises(ValueError, match=r"cannot write to output .*notes\.txt/run: Not a directory"):
+        train(tiny(stories_path, data_file, afile / "run"))
+    assert afile.read_text() == "precious" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_read_only_output_folder_is_refused(stories_path, data_file, tmp_path, resume):
+    """chmod a-w; skipped where the user (root) writes to it anyway."""
+    run = tmp_path / "run"
+    run.mkdir()
+    if resume:
+        (run / training.RUN_CONFIG_FILE).write_text(json.dumps(tiny(stories_path, data_file, run).to_dict()))
+    run.chmod(0o555)
+    try:
+        try:
+            (run / "probe").touch()
+        except PermissionError:
+            pass
+        else:
+            pytest.skip("this user writes to read-only folders (root)")
+        before = snapshot(run)
+        with pytest.raises(ValueError, match="cannot write to output .*run: Permission denied"):
+            train(tiny(stories_path, data_file, run, resume=resume))
+        assert snapshot(run) == before
+    finally:
+        run.chmod(0o755)

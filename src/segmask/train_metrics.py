@@ -90,11 +90,23 @@ class ProgressBar(TrainerCallback):
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The rows of a metrics.jsonl file (none if it does not exist)."""
+    """The rows of a metrics.jsonl file (none if it does not exist); a ``ValueError`` names a line that is
+    not a metrics row (a JSON object with an integer ``step``)."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not (isinstance(row, dict) and isinstance(row.get("step"), int)):
+            raise ValueError(f"{path}:{number}: not a segmask metrics row (a JSON object with a step)")
+        rows.append(row)
+    return rows
 
 
 def truncate_metrics(path: Path, step: int) -> None:

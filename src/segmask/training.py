@@ -17,7 +17,8 @@ What is written to ``output``::
     checkpoint-N/ (atomic: written as checkpoint-N.tmp, then renamed), metrics.jsonl, loss_curve.png
 
 ``resume: true`` continues from the last complete checkpoint with the same data order, so the loss curve
-is the one an uninterrupted run with the same seed would have drawn.
+is the one an uninterrupted run with the same seed would have drawn. It resumes only a segmask run with the
+same config (the folder may have moved) and leaves a finished one as it is.
 
 The config is :mod:`segmask.train_config`; metrics.jsonl, the progress bar and the loss curve come from
 :mod:`segmask.train_metrics`. This module is the run: checks, model, Trainer, checkpoints, final outputs.
@@ -30,6 +31,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,7 +40,8 @@ from typing import Any
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments, set_seed
-from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerState
 from transformers.trainer_pt_utils import get_length_grouped_indices
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
@@ -65,8 +68,9 @@ LOSS_CURVE_FILE = "loss_curve.png"
 RUN_CONFIG_FILE = "train_config.json"
 SEGMASK_FILE = "segmask.json"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-# fields that may change between an interrupted run and its --resume
-RESUMABLE_CHANGES = frozenset({"resume", "overwrite", "merge"})
+# fields that may change between an interrupted run and its --resume: the flags themselves, and where the
+# run lives (a moved folder resumes); everything else defines the run
+RESUMABLE_CHANGES = frozenset({"resume", "overwrite", "merge", "output"})
 
 
 # ---- the run -------------------------------------------------------------------------------------
@@ -90,7 +94,12 @@ def train(config: TrainConfig, callbacks: Sequence[TrainerCallback] = ()) -> Pat
     arguments = training_arguments(config, output, has_eval=bool(eval_records))  # sets up the processes
     with arguments.main_process_first(local=False, desc="checking the output folder"):
         if arguments.should_save:
-            prepare_output(config, output)
+            finished = prepare_output(config, output)
+        else:
+            finished = finished_step(output) if config.resume else None
+    if finished is not None:  # resuming a finished run: nothing to train, nothing to write
+        logger.info("%s already finished at step %d; nothing to do", output, finished)
+        return output
     checkpoint = last_checkpoint(output) if config.resume else None
     tokenizer = loading.load_tokenizer(config.model)
     check_cutoff(tokenizer, records, config)
@@ -126,7 +135,13 @@ def train(config: TrainConfig, callbacks: Sequence[TrainerCallback] = ()) -> Pat
         _write_json(output / RUN_CONFIG_FILE, config.to_dict())
         if config.resume:
             truncate_metrics(output / METRICS_FILE, _checkpoint_step(checkpoint) if checkpoint else 0)
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if checkpoint is not None and _trained_to_the_end(checkpoint):
+        # the last step is saved but the final outputs are not (stopped while writing them): write them from
+        # the checkpoint; Trainer would run one step past max_steps when resumed there
+        trainer._load_from_checkpoint(str(checkpoint))
+        trainer.state = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE_NAME))
+    else:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if trainer.state.global_step < trainer.state.max_steps:
         raise Interrupted(
             f"training stopped at step {trainer.state.global_step}; rerun with --resume to continue"
@@ -145,43 +160,106 @@ def train(config: TrainConfig, callbacks: Sequence[TrainerCallback] = ()) -> Pat
     return output
 
 
-def prepare_output(config: TrainConfig, output: Path) -> None:
-    """Check ``output`` against ``resume``/``overwrite``: refuse to train into an existing run unless resuming
-    (or overwriting a folder that is a segmask run), and remove half-written ``checkpoint-N.tmp`` folders."""
-    existing = output.exists() and any(output.iterdir())
-    if existing and config.overwrite:
-        if not ((output / RUN_CONFIG_FILE).exists() or (output / SEGMASK_FILE).exists()):
+def prepare_output(config: TrainConfig, output: Path) -> int | None:
+    """Check ``output`` against ``resume``/``overwrite`` before anything is written, then make it ready.
+
+    Refuses (``ValueError``, nothing touched) a file, an unwritable folder, a folder of other files under
+    ``resume`` or ``overwrite``, a run with another config under ``resume``, and any existing run without
+    one of them. Returns the last step of a finished run that ``resume`` leaves as it is (else ``None``);
+    otherwise empties the folder for ``overwrite`` or removes half-written ``checkpoint-N.tmp`` folders.
+    """
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"output {output} is a file, not a folder")
+    existing = output.is_dir() and any(output.iterdir())
+    if existing and (config.resume or config.overwrite):
+        saved = saved_config(output)
+        if saved is None:
+            flag = "--resume" if config.resume else "--overwrite"
             raise ValueError(
-                f"output {output} is not a segmask run folder; refusing to delete it for --overwrite"
+                f"output {output} is not a segmask run folder (no {RUN_CONFIG_FILE} or {SEGMASK_FILE}); "
+                f"refusing {flag} into it"
             )
-        shutil.rmtree(output)
-        existing = False
-    if existing and not config.resume:
+        if config.resume:
+            _check_same_run(config, saved, output)
+            read_metrics(output / METRICS_FILE)  # a metrics file of other rows fails here, not mid-run
+            finished = finished_step(output)
+            if finished is not None:
+                return finished
+    elif existing:
         raise ValueError(
             f"output {output} already holds a run; pass --resume to continue it or --overwrite to replace it"
         )
-    output.mkdir(parents=True, exist_ok=True)
-    if not config.resume:
-        return
-    for stale in output.glob("checkpoint-*.tmp"):
-        shutil.rmtree(stale, ignore_errors=True)
-    saved = output / RUN_CONFIG_FILE
-    if saved.exists():
-        before = json.loads(saved.read_text())
-        changed = sorted(
-            k for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES and before.get(k) != v
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output):  # written and gone: the folder is left as it was
+            pass
+    except OSError as error:
+        raise ValueError(f"cannot write to output {output}: {error.strerror or error}") from None
+    if existing and config.overwrite:
+        for entry in output.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    if config.resume:
+        for stale in output.glob("checkpoint-*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+        if last_checkpoint(output) is None:
+            logger.warning("no complete checkpoint in %s; starting from scratch", output)
+    return None
+
+
+def saved_config(output: Path) -> dict[str, Any] | None:
+    """The config a segmask run in ``output`` was started with (its train_config.json, else the one in
+    segmask.json), or ``None`` when ``output`` holds no segmask run."""
+    for name, key in ((RUN_CONFIG_FILE, None), (SEGMASK_FILE, "train_config")):
+        path = output / name
+        if not path.is_file():
+            continue
+        try:
+            value = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if key is not None and isinstance(value, dict):
+            value = value.get(key)
+        if isinstance(value, dict) and {"model", "data", "mask"} <= value.keys():
+            return value
+    return None
+
+
+def _check_same_run(config: TrainConfig, saved: dict[str, Any], output: Path) -> None:
+    """Refuse to resume with a config that changes the run (the data order and schedule depend on it)."""
+    changed = sorted(
+        k for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES and saved.get(k) != v
+    )
+    if changed:
+        raise ValueError(
+            f"cannot resume {output} with a different config ({', '.join(changed)} changed); "
+            "the data order and schedule depend on it"
         )
-        if changed:
-            raise ValueError(
-                f"cannot resume {output} with a different config ({', '.join(changed)} changed); "
-                "the data order and schedule depend on it"
-            )
-    if last_checkpoint(output) is None:
-        logger.warning("no complete checkpoint in %s; starting from scratch", output)
+
+
+def finished_step(output: Path) -> int | None:
+    """The last step of the finished run in ``output`` (its segmask.json is written last), else ``None``."""
+    info = output / SEGMASK_FILE
+    if not info.is_file():
+        return None
+    checkpoint = last_checkpoint(output)
+    if checkpoint is not None:
+        return _checkpoint_step(checkpoint)
+    return max((row["step"] for row in read_metrics(output / METRICS_FILE)), default=0)
+
+
+def _trained_to_the_end(checkpoint: Path) -> bool:
+    """Whether ``checkpoint`` holds the run's last step (its trainer state says so)."""
+    state = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE_NAME))
+    return state.max_steps > 0 and state.global_step >= state.max_steps
 
 
 def last_checkpoint(output: Path) -> Path | None:
     """The complete ``checkpoint-N`` folder with the highest N (``.tmp`` folders are never complete)."""
+    if not output.is_dir():
+        return None
     steps = [
         (int(m.group(1)), p) for p in output.iterdir() if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))
     ]

@@ -13,10 +13,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from segmask.cli.options import add_config_arguments, config_values
 from segmask.train_config import TrainConfig
-from segmask.training import Interrupted, train
+from segmask.training import Interrupted, finished_step, train
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,11 +30,15 @@ def run(args: argparse.Namespace) -> int:
     config = (
         TrainConfig.from_yaml(args.config, **overrides) if args.config else TrainConfig.from_dict(overrides)
     )
+    finished = finished_step(Path(config.output)) if config.resume else None
     try:
-        output = train(config)
+        output = train(config)  # resuming a finished run returns at once, having written nothing
     except Interrupted as stop:
         print(f"segmask train: {stop}", file=sys.stderr)
         return 3
-    if os.environ.get("RANK", "0") == "0":  # one line for a torchrun / accelerate job, not one per process
-        print(f"trained ({config.mask}) -> {output}")
+    if os.environ.get("RANK", "0") != "0":  # one line for a torchrun / accelerate job, not one per process
+        return 0
+    if finished is not None:
+        print(f"segmask train: {output} already finished at step {finished}; nothing to do", file=sys.stderr)
+    print(f"trained ({config.mask}) -> {output}")
     return 0

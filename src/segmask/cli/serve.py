@@ -4,7 +4,8 @@
     segmask serve --model run/ --api-key "$KEY" --max-batch 16 --max-context 2048
 
 Binds to 127.0.0.1 unless ``--host`` says otherwise. ``--api-key`` (default: ``$SEGMASK_API_KEY``) makes
-every ``/v1`` request need ``Authorization: Bearer KEY``. The served model name defaults to the model
+every ``/v1`` request need ``Authorization: Bearer KEY``; an empty ``--api-key ''`` (say, an unset variable)
+is refused rather than serving without a key. The served model name defaults to the model
 folder's (or file's) name; clients pass it as ``model``.
 """
 
@@ -28,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # the name from the model path
     parser.add_argument(
         "--api-key",
-        default=os.environ.get(API_KEY_ENV),
+        default=os.environ.get(API_KEY_ENV) or None,
         help=f"require this bearer key (default: ${API_KEY_ENV})",
     )
     parser.add_argument("--name", default=None, help="served model name (default: the model path's name)")
@@ -40,7 +41,9 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
     values = config_values(args, ServeConfig)  # api_key too: its flag is --api-key, its default the env's
-    values |= {"api_key": args.api_key or None, "model_name": args.name or default_name(args.model)}
+    if args.api_key == "":  # `--api-key "$KEY"` with KEY unset must not serve openly
+        raise ValueError("--api-key is empty (an unset variable?): pass a key, or leave out --api-key")
+    values |= {"api_key": args.api_key, "model_name": args.name or default_name(args.model)}
     config = ServeConfig(**values)
     print(
         f"segmask serve: {args.model} as {config.model_name!r} on http://{args.host}:{args.port}/v1",

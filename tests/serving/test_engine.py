@@ -47,3 +47,24 @@ def test_batches_group_jobs_that_sample_alike_and_a_full_queue_refuses(engine):
     assert scheduler._take() == [greedy_a, greedy_b]
     assert scheduler._take() == [seeded_a]  # same seed, still alone: each seeded job has its own stream
     assert scheduler._take() == [seeded_b]
+
+
+@pytest.mark.parametrize("temperature", [1e-38, 5e-324, 1e-6])
+def test_an_underflowing_temperature_decodes_greedily(engine, temperature):
+    """logits / 1e-38 overflow to inf and sampling fails on nan probabilities: such a job is greedy."""
+    tiny = Sampling(max_tokens=6, temperature=temperature, top_p=1.0, seed=3, stop=())
+    assert tiny.greedy and tiny.generate_kwargs() == {"do_sample": False}
+    assert tiny.batch_key(0) == GREEDY.batch_key(1)  # it batches with the greedy jobs
+    assert not Sampling(max_tokens=6, temperature=1e-4, top_p=1.0, seed=3, stop=()).greedy
+    texts = [asyncio.run(run_alone(engine, s)) for s in (tiny, Sampling(6, 0.0, 1.0, None, ()))]
+    assert texts[0] == texts[1] and texts[0][-1][0] == "done"
+
+
+async def run_alone(engine: Engine, sampling: Sampling) -> list[tuple[str, str]]:
+    """The events of one job run on the engine (on a thread, as the scheduler runs it)."""
+    job = engine.new_job(PROMPT, "mas", sampling)
+    await asyncio.to_thread(engine.run, [job])
+    events = [await job.events.get()]
+    while events[-1][0] == "text":
+        events.append(await job.events.get())
+    return events

@@ -41,9 +41,14 @@ logger = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------- jobs
 
 
+# Temperatures below this decode greedily, as in vLLM: sampling at them is greedy in all but name, and
+# logits / temperature overflow to inf (then nan probabilities) long before it reaches 0 (1e-38 does).
+GREEDY_BELOW = 1e-5
+
+
 @dataclass(frozen=True)
 class Sampling:
-    """How one request decodes: greedy when ``temperature == 0``."""
+    """How one request decodes: greedy when ``temperature < GREEDY_BELOW`` (0 included)."""
 
     max_tokens: int
     temperature: float
@@ -53,7 +58,7 @@ class Sampling:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
     def batch_key(self, job_id: int) -> tuple:
         """Jobs with equal keys decode in one ``generate`` call; a seeded sampling job runs alone."""

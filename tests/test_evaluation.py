@@ -12,9 +12,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from segmask.cli import main
 from segmask.evaluation import (
     EvalConfig,
+    context_length,
     continuation_logprobs,
     evaluate,
     evaluate_tasks,
+    fit_prompt,
     loglik_predictions,
     mas_prefill,
 )
@@ -358,3 +360,92 @@ def test_mas_prefill_is_a_deprecated_prefill(stories):
     with pytest.warns(DeprecationWarning, match="use segmask.generation.prefill"):
         last, cache = mas_prefill(model, [1, 2, 3], [0, 0, -1])
     assert last.shape == (1, model.config.vocab_size) and cache.get_seq_length() == 3
+
+
+# -------------------------------------------------------------------------------------- context overflow
+
+
+@pytest.fixture
+def long_arc(commonsense_dir, tmp_path) -> Path:
+    """ARC-Easy records 0, 146 (a 736-token prompt, 757 with its answer: over stories260K's 512) and 1."""
+    records = json.loads((commonsense_dir / "ARC-Easy_test.json").read_text())
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "ARC-Easy_test.json").write_text(json.dumps([records[0], records[146], records[1]]))
+    return folder
+
+
+def test_a_prompt_over_the_context_is_refused_by_default(stories, long_arc, tmp_path):
+    model, tokenizer = stories
+    for scoring, room in (("loglik", 21), ("generate", 32)):
+        with pytest.raises(
+            ValueError,
+            match=rf"ARC-Easy record 1: its prompt of 736 tokens and {room} answer tokens exceed the model's "
+            r"context of 512 positions; choose overflow 'truncate' or 'skip'",
+        ):
+            _evaluate(model, tokenizer, long_arc, "ARC-Easy", scoring=scoring, out=tmp_path / "r.json")
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_truncate_cuts_prompt_content_and_keeps_the_template(stories, long_arc):
+    """The cut prompt fits exactly, keeps its first (system) and last (### Response:) tokens and segments."""
+    model, tokenizer = stories
+    record = load_task(long_arc, "ARC-Easy").records[1]
+    prompt = encode_instruction(tokenizer, record, policy="mas", include_answer=False)
+    assert (
+        fit_prompt(prompt, 21, 1000, "error", "r") is prompt
+        and fit_prompt(prompt, 21, 512, "skip", "r") is None
+    )
+    cut = fit_prompt(prompt, 21, 512, "truncate", "r")
+    assert len(cut) == 512 - 21 and context_length(model) == 512
+    head, tail = 30, 8
+    assert (
+        cut.input_ids[:head] == prompt.input_ids[:head] and cut.input_ids[-tail:] == prompt.input_ids[-tail:]
+    )
+    assert cut.segment_ids[:head] == prompt.segment_ids[:head] and set(cut.segment_ids) == set(
+        prompt.segment_ids
+    )
+    with pytest.raises(ValueError, match="r: cannot truncate to the model's context of 512"):
+        fit_prompt(prompt, 500, 512, "truncate", "r")
+
+
+@pytest.mark.parametrize("scoring", ["loglik", "generate"])
+def test_truncate_and_skip_are_counted_in_the_results(stories, long_arc, tmp_path, scoring):
+    model, tokenizer = stories
+    settings = dict(scoring=scoring, max_new_tokens=8, batch_size=3)
+    truncated = _evaluate(
+        model, tokenizer, long_arc, "ARC-Easy", overflow="truncate", out=tmp_path / "t.json", **settings
+    )
+    assert truncated["overflow"] == "truncate"
+    score = truncated["tasks"]["ARC-Easy"]
+    assert (score["n"], score["truncated"], score["skipped"]) == (3, 1, 0)
+    rows = _read_jsonl(tmp_path / "t.predictions.jsonl")
+    assert [r.get("truncated") for r in rows] == [None, 736 + (21 if scoring == "loglik" else 8) - 512, None]
+
+    skipped = _evaluate(
+        model, tokenizer, long_arc, "ARC-Easy", overflow="skip", out=tmp_path / "s.json", **settings
+    )
+    score = skipped["tasks"]["ARC-Easy"]
+    assert (score["n"], score["truncated"], score["skipped"]) == (2, 0, 1)
+    skipped_rows = _read_jsonl(tmp_path / "s.predictions.jsonl")
+    assert [r["index"] for r in skipped_rows] == [0, 2]
+    assert skipped_rows == [rows[0], rows[2]]  # the records that fit are scored the same under every policy
+
+
+def test_a_task_with_every_record_over_the_context_is_an_error(stories, long_arc):
+    model, tokenizer = stories
+    records = json.loads((long_arc / "ARC-Easy_test.json").read_text())
+    (long_arc / "ARC-Easy_test.json").write_text(json.dumps(records[1:2]))
+    with pytest.raises(
+        ValueError, match=r"every record of ARC-Easy is longer than the model's context \(512"
+    ):
+        _evaluate(model, tokenizer, long_arc, "ARC-Easy", scoring="loglik", overflow="skip")
+
+
+def test_resume_keeps_a_truncated_prediction_only_under_truncate(stories, long_arc, tmp_path):
+    model, tokenizer = stories
+    out = tmp_path / "k.json"
+    settings = dict(policy="mas", scoring="loglik", tasks="ARC-Easy")
+    _stopped_run(model, tokenizer, long_arc, out, after=2, overflow="truncate", **settings)
+    with pytest.raises(ValueError, match="ARC-Easy record 1: its prompt of 736 tokens"):
+        _evaluate(model, tokenizer, long_arc, "ARC-Easy", scoring="loglik", out=out)  # error: rescored

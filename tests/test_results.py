@@ -10,8 +10,10 @@ from scipy.stats import binomtest
 
 from segmask import evaluation
 from segmask.results import (
+    Journal,
     Prediction,
     average_accuracy,
+    check_out,
     predictions_path,
     run_results,
     score_predictions,
@@ -78,3 +80,25 @@ def test_old_import_path_warns():
         assert evaluation.Prediction is Prediction
     with pytest.raises(AttributeError):
         evaluation.no_such_name  # noqa: B018
+
+
+def test_check_out_refuses_what_cannot_be_written_and_leaves_nothing(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    check_out(tmp_path / "new" / "deeper" / "r.json")  # folders a run creates: fine, none made yet
+    with pytest.raises(ValueError, match=r"out .* is a folder; give the results file's path"):
+        check_out(tmp_path)
+    with pytest.raises(ValueError, match=r"cannot write results to .*notes\.txt/r\.json: Not a directory"):
+        check_out(tmp_path / "notes.txt" / "r.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_a_truncated_prediction_says_so_and_an_empty_journal_leaves_no_file(tmp_path):
+    plain, cut = Prediction("t", 0, "p", "o", "x", "x"), Prediction("t", 1, "p", "o", "x", "x", truncated=7)
+    assert "truncated" not in plain.to_json() and cut.to_json()["truncated"] == 7
+    path = tmp_path / "r.partial.jsonl"
+    Journal(path, {"run": 1}).close()  # refused before its first prediction
+    assert not path.exists()
+    journal = Journal(path, {"run": 1})
+    journal.add(cut)
+    journal.close()
+    assert Journal(path, {"run": 1}).done == {("t", 1): cut}

@@ -15,6 +15,11 @@ suite (:mod:`segmask.tasks.commonsense`) from one :class:`EvalConfig`. Two ways 
                target ``"the correct answer is <label>"`` with its EOS, is then scored causally against that
                KV cache and the candidate with the highest summed log-probability is the prediction.
 
+A prompt whose answer would not fit the model's context (``max_position_embeddings``) is never scored as
+is: the ``overflow`` policy refuses it (``error``, naming the record), cuts prompt content from the start of
+its longest turn until it fits (``truncate``, as training's ``truncate_prompt``), or leaves it out (``skip``);
+each task's ``truncated`` and ``skipped`` counts are in the results.
+
 Accuracy comes with a 95% Wilson interval; the suite's score is the unweighted mean over tasks. Each run
 writes ``results.json`` and ``results.predictions.jsonl`` (one line per record, for audit and for the paired
 tests of :mod:`segmask.compare`).
@@ -35,13 +40,49 @@ from tqdm.auto import tqdm
 
 from segmask import compat, results
 from segmask.attention import enable
-from segmask.generation import generate, prefill
+from segmask.collate import pad_token_id
+from segmask.generation import completion, eos_token_ids, generate_ids, left_pad, prefill
 from segmask.masks import check_policy
-from segmask.segments import Encoded, encode_chat, encode_instruction
+from segmask.segments import Encoded, encode_chat, encode_instruction, truncate_prompt
 from segmask.tasks import commonsense
 
 Scoring = Literal["generate", "loglik"]
 SCORINGS: tuple[str, ...] = get_args(Scoring)
+Overflow = Literal["error", "truncate", "skip"]
+OVERFLOWS: tuple[str, ...] = get_args(Overflow)
+
+
+# ------------------------------------------------------------------------------------------- context
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The positions the model was trained for (``max_position_embeddings``), or ``None`` when unknown."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return int(getattr(config, "max_position_embeddings", 0) or 0) or None
+
+
+def fit_prompt(
+    prompt: Encoded, room: int, context: int | None, overflow: Overflow, name: str
+) -> Encoded | None:
+    """``prompt`` if it and ``room`` answer tokens fit ``context`` positions; otherwise, by ``overflow``, a
+    ``ValueError`` naming the record ``name`` and the lengths (``error``), the prompt cut to fit
+    (``truncate``: :func:`segmask.segments.truncate_prompt`, template and segments kept) or ``None`` (``skip``).
+    """
+    if context is None or len(prompt) + room <= context:
+        return prompt
+    if overflow == "skip":
+        return None
+    if overflow == "truncate":
+        try:
+            return truncate_prompt(prompt, context - room)
+        except ValueError as error:
+            raise ValueError(
+                f"{name}: cannot truncate to the model's context of {context}: {error}"
+            ) from None
+    raise ValueError(
+        f"{name}: its prompt of {len(prompt)} tokens and {room} answer tokens exceed the model's context of "
+        f"{context} positions; choose overflow 'truncate' or 'skip' (segmask eval --overflow)"
+    )
 
 
 # -------------------------------------------------------------------------------------------- loglik
@@ -137,29 +178,37 @@ def loglik_predictions(
     progress: bool = True,
     done: Mapping[int, results.Prediction] | None = None,
     on_prediction: Callable[[results.Prediction], None] | None = None,
+    overflow: Overflow = "error",
 ) -> list[results.Prediction]:
     """Predict each record of ``task`` by the highest-scoring candidate answer (see the module docstring).
 
     Records whose index is in ``done`` keep that prediction (a resumed run); ``on_prediction`` sees each new
-    one as soon as it is made.
+    one as soon as it is made. Every prompt is fitted to the model's context (:func:`fit_prompt`) before the
+    first is scored; a skipped record has no prediction.
     """
     done = done or {}
-    predictions = []
-    for index, (record, labels) in enumerate(
-        tqdm(
-            list(zip(task.records, task.candidates)),
-            desc=f"{task.name} (loglik)",
-            disable=not progress,
-        )
-    ):
+    context = context_length(model)
+    fitted: dict[int, tuple[Encoded, int, dict[str, list[int]]]] = {}
+    for index, (record, labels) in enumerate(zip(task.records, task.candidates)):
         if index in done:
-            predictions.append(done[index])
             continue
         prompt = encode_instruction(tokenizer, record, policy=policy, include_answer=False)
         candidates = {
             label: commonsense.answer_continuation(tokenizer, record, label, policy, prompt)
             for label in labels
         }
+        room = max(len(ids) for ids in candidates.values())
+        kept = fit_prompt(prompt, room, context, overflow, f"{task.name} record {index}")
+        if kept is not None:
+            fitted[index] = (kept, len(prompt) - len(kept), candidates)
+    predictions = []
+    for index in tqdm(range(len(task.records)), desc=f"{task.name} (loglik)", disable=not progress):
+        if index in done:
+            predictions.append(done[index])
+            continue
+        if index not in fitted:
+            continue  # skipped: over the context
+        prompt, cut, candidates = fitted[index]
         best, by_label = rank_candidates(model, prompt, candidates)
         predictions.append(
             results.Prediction(
@@ -168,8 +217,9 @@ def loglik_predictions(
                 prompt=tokenizer.decode(prompt.input_ids),
                 output=commonsense.ANSWER_PREFIX + best,
                 prediction=best,
-                gold=record["answer"],
+                gold=task.records[index]["answer"],
                 scores=by_label,
+                truncated=cut,
             )
         )
         if on_prediction is not None:
@@ -191,45 +241,63 @@ def generate_predictions(
     progress: bool = True,
     done: Mapping[int, results.Prediction] | None = None,
     on_prediction: Callable[[results.Prediction], None] | None = None,
+    overflow: Overflow = "error",
 ) -> list[results.Prediction]:
     """The paper's protocol: MAS prefill, beam search, the first label found in the generated text.
 
-    ``done`` and ``on_prediction`` as in :func:`loglik_predictions`.
+    ``done``, ``on_prediction`` and ``overflow`` as in :func:`loglik_predictions` (the room a prompt needs
+    is ``max_new_tokens``).
     """
     done = done or {}
     by_index = dict(done)
-    todo = [index for index in range(len(task.records)) if index not in done]
+    context = context_length(model)
+    fitted: dict[int, tuple[Encoded, int]] = {}
+    for index, record in enumerate(task.records):
+        if index in done:
+            continue
+        prompt = encode_instruction(tokenizer, record, policy=policy, include_answer=False)
+        kept = fit_prompt(prompt, max_new_tokens, context, overflow, f"{task.name} record {index}")
+        if kept is not None:
+            fitted[index] = (kept, len(prompt) - len(kept))
+    todo = list(fitted)
     bar = tqdm(
         total=len(task.records), initial=len(task.records) - len(todo), desc=f"{task.name} (generate)",
         disable=not progress,
     )  # fmt: skip
     for start in range(0, len(todo), batch_size):
         indices = todo[start : start + batch_size]
-        records = [task.records[index] for index in indices]
-        completions = generate(
-            model,
-            tokenizer,
-            records,
-            policy,
-            num_beams=num_beams,
-            do_sample=False,
-            max_new_tokens=max_new_tokens,
+        prompts = [fitted[index][0] for index in indices]
+        completions = _generate(
+            model, tokenizer, prompts, num_beams=num_beams, do_sample=False, max_new_tokens=max_new_tokens
         )
-        for index, record, completion in zip(indices, records, completions):
-            prompt = encode_instruction(tokenizer, record, policy=policy, include_answer=False)
+        for index, prompt, done_text in zip(indices, prompts, completions):
             by_index[index] = results.Prediction(
                 task=task.name,
                 index=index,
                 prompt=tokenizer.decode(prompt.input_ids),
-                output=completion.text,
-                prediction=commonsense.extract_answer(completion.text, task.labels),
-                gold=record["answer"],
+                output=done_text.text,
+                prediction=commonsense.extract_answer(done_text.text, task.labels),
+                gold=task.records[index]["answer"],
+                truncated=fitted[index][1],
             )
             if on_prediction is not None:
                 on_prediction(by_index[index])
-        bar.update(len(records))
+        bar.update(len(indices))
     bar.close()
-    return [by_index[index] for index in range(len(task.records))]
+    return [by_index[index] for index in range(len(task.records)) if index in by_index]
+
+
+def _generate(model: nn.Module, tokenizer, prompts: Sequence[Encoded], **generation_kwargs) -> list:
+    """:func:`segmask.generation.generate` for prompts already encoded (and fitted to the context)."""
+    pad_id = pad_token_id(tokenizer)
+    batch = left_pad(prompts, pad_id)
+    output = generate_ids(
+        model, batch["input_ids"], batch["segment_ids"], batch["attention_mask"], pad_token_id=pad_id,
+        **generation_kwargs,
+    )  # fmt: skip
+    new_tokens = output[:, batch["input_ids"].shape[1] :]
+    stops = eos_token_ids(model, tokenizer)
+    return [completion(tokenizer, row.tolist(), stops) for row in new_tokens]
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -267,6 +335,13 @@ class EvalConfig:
             "help": "keep the predictions a stopped run with the same arguments left in <stem>.partial.jsonl"
         },
     )
+    overflow: Overflow = field(
+        default="error",
+        metadata={
+            "help": "a prompt and its answer longer than the model's context: error (name the record), "
+            "truncate (cut prompt content) or skip (leave it out); counted per task in the results"
+        },
+    )
 
     def __post_init__(self) -> None:
         check_policy(self.policy)
@@ -274,6 +349,8 @@ class EvalConfig:
             raise ValueError(f"unknown scoring {self.scoring!r}; expected one of {', '.join(SCORINGS)}")
         if self.limit is not None and self.limit <= 0:
             raise ValueError(f"limit must be positive, got {self.limit}")
+        if self.overflow not in OVERFLOWS:
+            raise ValueError(f"unknown overflow {self.overflow!r}; expected one of {', '.join(OVERFLOWS)}")
         for name in ("num_beams", "max_new_tokens", "batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -299,17 +376,32 @@ def evaluate(
     (``resume=True``) keeps those predictions and scores only the rest. A partial file written by another
     config is an error, never mixed in; ``resume=False`` discards it.
     """
+    if config.out is not None:
+        results.check_out(config.out)
     loaded = [commonsense.load_task(config.data_dir, name, config.limit) for name in config.tasks]
     name = model_name or str(getattr(model.config, "_name_or_path", "")) or type(model).__name__
     journal = _journal(config, name, loaded) if config.out is not None else None
     try:
         predictions = _predict_tasks(model, tokenizer, loaded, config, progress, journal)
+        counts = {task.name: {"truncated": 0, "skipped": len(task.records)} for task in loaded}
+        for prediction in predictions:
+            counts[prediction.task]["skipped"] -= 1
+            counts[prediction.task]["truncated"] += prediction.truncated > 0
+        for task in loaded:
+            if counts[task.name]["skipped"] == len(task.records):
+                raise ValueError(
+                    f"every record of {task.name} is longer than the model's context "
+                    f"({context_length(model)} positions); nothing to score"
+                )
     except BaseException:
         if journal is not None:
             journal.close()
         raise
     run = {"model": name, "policy": config.policy, "scoring": config.scoring, "limit": config.limit}
+    run["overflow"] = config.overflow
     report = results.run_results(predictions, run, {task.name: str(task.path) for task in loaded})
+    for task_name, count in counts.items():
+        report["tasks"][task_name] |= count
     if config.scoring == "generate":
         report["generation"] = {"num_beams": config.num_beams, "max_new_tokens": config.max_new_tokens}
     if journal is not None:
@@ -371,9 +463,13 @@ def _predict_tasks(
     predictions: list[results.Prediction] = []
     for task in loaded:
         done = journal.done_for(task.name, [r["answer"] for r in task.records]) if journal else None
+        if done and config.overflow != "truncate":  # a truncated prediction stands only under truncate
+            done = {index: p for index, p in done.items() if not p.truncated}
         record = journal.add if journal else None
         if config.scoring == "loglik":
-            predictions += loglik_predictions(model, tokenizer, task, config.policy, progress, done, record)
+            predictions += loglik_predictions(
+                model, tokenizer, task, config.policy, progress, done, record, config.overflow
+            )
         else:
             predictions += generate_predictions(
                 model,
@@ -386,6 +482,7 @@ def _predict_tasks(
                 progress,
                 done,
                 record,
+                config.overflow,
             )
     return predictions
 

@@ -18,6 +18,7 @@ import math
 import os
 import platform
 import subprocess
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,7 +47,8 @@ def wilson_interval(correct: int, n: int, z: float = Z_95) -> tuple[float, float
 
 @dataclass(frozen=True)
 class Prediction:
-    """One scored record. ``scores`` are the candidates' log-probabilities (``loglik`` scoring only)."""
+    """One scored record. ``scores`` are the candidates' log-probabilities (``loglik`` scoring only);
+    ``truncated`` the prompt tokens cut to fit the model's context (written only when some were)."""
 
     task: str
     index: int
@@ -55,13 +57,17 @@ class Prediction:
     prediction: str | None
     gold: str
     scores: dict[str, float] | None = None
+    truncated: int = 0
 
     @property
     def correct(self) -> bool:
         return self.prediction == self.gold
 
     def to_json(self) -> dict:
-        return {**asdict(self), "correct": self.correct}
+        row = asdict(self)
+        if not self.truncated:
+            del row["truncated"]
+        return {**row, "correct": self.correct}
 
 
 @dataclass(frozen=True)
@@ -174,6 +180,7 @@ class Journal:
         tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
         tmp.replace(self.path)
         self._handle = self.path.open("a", encoding="utf-8")
+        self._added = 0
 
     def done_for(self, task: str, golds: Sequence[str] | None = None) -> dict[int, Prediction]:
         """The loaded predictions of ``task`` by record index. With ``golds`` (each record's answer), a
@@ -188,17 +195,39 @@ class Journal:
         return done
 
     def close(self) -> None:
-        """Close the file and keep it (a stopped run)."""
+        """Close the file and keep it (a stopped run) if it holds a prediction; a run refused before its first
+        prediction leaves no file behind."""
         self._handle.close()
+        if not self.done and not self._added:
+            self.path.unlink(missing_ok=True)
 
     def add(self, prediction: Prediction) -> None:
         self._handle.write(json.dumps(prediction.to_json(), ensure_ascii=False) + "\n")
         self._handle.flush()
+        self._added += 1
 
     def finish(self) -> None:
         """Close and remove the file (the run's results are written)."""
         self._handle.close()
         self.path.unlink(missing_ok=True)
+
+
+def check_out(out: str | Path) -> None:
+    """Refuse (``ValueError``) a results path that cannot be written: a folder, or one below a file or in a
+    folder this user cannot write to. Nothing is left behind."""
+    out = Path(out)
+    if out.is_dir():
+        raise ValueError(f"out {out} is a folder; give the results file's path (e.g. {out / 'results.json'})")
+    folder = out.parent
+    while not folder.exists() and folder != folder.parent:  # the folders a run would create
+        folder = folder.parent
+    try:
+        if not folder.is_dir():
+            raise NotADirectoryError(20, "Not a directory")
+        with tempfile.TemporaryFile(dir=folder):  # written and gone
+            pass
+    except OSError as error:
+        raise ValueError(f"cannot write results to {out}: {error.strerror or error}") from None
 
 
 def predictions_path(out: str | Path) -> Path:

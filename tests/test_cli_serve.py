@@ -44,11 +44,23 @@ def test_defaults_bind_loopback(stories_path):
         (["--port", "70000"], "--port must be in"),
         (["--prefix-cache-mb", "-1"], "prefix_cache_mb must be >= 0"),
         (["--retry-after-s", "0"], "retry_after_s must be >= 1"),
+        (["--api-key", ""], "--api-key is empty"),  # `--api-key "$KEY"` with KEY unset: never serve openly
+        (["--api-key", "sekret "], "leading or trailing whitespace"),  # no client could send it
+        (["--max-messages", "0"], "max_messages must be >= 1"),
+        (["--max-prompt-tokens", "0"], "max_prompt_tokens must be >= 1"),
     ],
 )
-def test_bad_flags_fail_before_loading(stories_path, capsys, flags, message):
+def test_bad_flags_fail_before_loading(stories_path, capsys, flags, message, monkeypatch):
+    monkeypatch.setenv("SEGMASK_API_KEY", "from-the-environment")  # an empty --api-key does not fall back
     assert main(["serve", "--model", str(stories_path), *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_api_key_comes_from_the_environment_unless_empty(stories_path, monkeypatch):
+    monkeypatch.setenv("SEGMASK_API_KEY", "sekret")
+    assert build_parser().parse_args(["serve", "--model", str(stories_path)]).api_key == "sekret"
+    monkeypatch.setenv("SEGMASK_API_KEY", "")  # set but empty: as if unset
+    assert build_parser().parse_args(["serve", "--model", str(stories_path)]).api_key is None
 
 
 def free_port() -> int:

@@ -2,9 +2,11 @@
 
 The handlers run on the event loop and read their state from the app: ``app.state.served`` (fixed when
 the app is made: tokenizer, policy, limits, engine) and ``app.state.scheduler`` (made and stopped by the
-app's lifespan). A completion handler parses and checks the body (:mod:`segmask.serving.protocol`),
-encodes the prompt, submits a job, and answers in its endpoint's :class:`ResponseFormat`, whole or as
-server-sent events. The model runs on the engine's thread (see :mod:`segmask.serving.engine`).
+app's lifespan). A completion handler reads the body (JSON only, bounded in size), then parses and checks
+it (:mod:`segmask.serving.protocol`) and encodes the prompt on a worker thread, one request at a time, so
+that no request's chat template holds up the event loop; it submits a job and answers in its endpoint's
+:class:`ResponseFormat`, whole or as server-sent events. The model runs on the engine's thread (see
+:mod:`segmask.serving.engine`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio
 import torch
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -34,7 +37,6 @@ from segmask.serving.prefix_cache import PrefixCache
 from segmask.serving.protocol import (
     CHAT,
     COMPLETION,
-    DEFAULT_COMPLETION_TOKENS,
     APIError,
     BaseRequest,
     ChatCompletionRequest,
@@ -48,7 +50,7 @@ from segmask.serving.protocol import (
 
 logger = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 16 * 2**20
+MAX_BODY_BYTES = 16 * 2**20  # no body is read past this; a smaller app limit follows from its ServeConfig
 POLL_DISCONNECT_S = 0.25
 
 
@@ -73,10 +75,25 @@ class ServeConfig:
     retry_after_s: int = field(
         default=1, metadata={"help": "seconds a 429 answer asks the client to wait", "metavar": "S"}
     )
+    max_messages: int = field(default=1024, metadata={"help": "messages in one chat request", "metavar": "N"})
+    max_prompt_chars: int | None = field(
+        default=None,
+        metadata={
+            "help": "characters of one prompt (default: more than the context can hold)",
+            "metavar": "N",
+        },
+    )
+    max_prompt_tokens: int | None = field(
+        default=None,
+        metadata={"help": "tokens of one prompt (default: the context less one)", "metavar": "N"},
+    )
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "max_queue", "retry_after_s"):
+        for name in ("max_batch", "max_queue", "retry_after_s", "max_messages"):
             if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_prompt_chars", "max_prompt_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_context is not None and self.max_context < 2:
             raise ValueError(f"max_context must be >= 2, got {self.max_context}")
@@ -84,6 +101,10 @@ class ServeConfig:
             raise ValueError(f"prefix_cache_mb must be >= 0, got {self.prefix_cache_mb}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must be a non-empty string (or None for no key)")
+        if self.api_key is not None and self.api_key != self.api_key.strip():
+            raise ValueError(
+                "api_key has leading or trailing whitespace, which no client can send; remove it"
+            )
         if not self.model_name:
             raise ValueError("model_name must be non-empty")
 
@@ -99,7 +120,9 @@ class Served:
     policy: MaskPolicy
     config: ServeConfig
     max_context: int
-    max_chars: int  # prompts with more characters cannot fit max_context: refused before tokenizing
+    max_chars: int  # max_prompt_chars, at most what max_context can hold: refused before tokenizing
+    max_prompt_tokens: int  # max_prompt_tokens, at most max_context - 1
+    max_body: int  # bytes of a request body: room for max_chars escaped characters and max_messages messages
     vocab_size: int
     engine: Engine
     created: int
@@ -127,13 +150,19 @@ def create_app(
     if config.prefix_cache_mb > 0 and supports_row_caches(model):
         prefix_cache = PrefixCache(model.config, int(config.prefix_cache_mb * 2**20))
     longest_token = max(map(len, tokenizer.get_vocab()), default=1)
-    app = FastAPI(title="segmask", lifespan=_lifespan)
+    fits = 2 * max_context * longest_token  # no prompt with more characters fits the context
+    max_chars = min(fits, config.max_prompt_chars or fits)
+    docs = {} if config.api_key is None else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="segmask", lifespan=_lifespan, **docs)  # a keyed server shows no open pages
     app.state.served = Served(
         tokenizer=tokenizer,
         policy=policy,
         config=config,
         max_context=max_context,
-        max_chars=2 * max_context * longest_token,
+        max_chars=max_chars,
+        max_prompt_tokens=min(max_context - 1, config.max_prompt_tokens or max_context),
+        # a JSON-escaped character takes up to 12 bytes (a surrogate pair), a message's keys ~30
+        max_body=min(MAX_BODY_BYTES, 12 * max_chars + 512 * config.max_messages + 2**16),
         vocab_size=int(model.config.get_text_config(decoder=True).vocab_size),
         engine=Engine(model, tokenizer, prefix_cache),
         created=int(time.time()),
@@ -164,6 +193,7 @@ async def _lifespan(app: FastAPI):
     scheduler = Scheduler(app.state.served.engine, config.max_batch, config.max_queue)
     scheduler.start()
     app.state.scheduler = scheduler
+    app.state.encoding = anyio.CapacityLimiter(1)  # one prompt parsed and encoded at a time, off the loop
     try:
         yield
     finally:
@@ -243,63 +273,85 @@ async def models(request: Request) -> dict:
 
 @router.post("/v1/chat/completions", dependencies=guarded)
 async def chat_completions(request: Request) -> Response:
-    body = await _parse(request, ChatCompletionRequest)
-    max_tokens = body.max_completion_tokens or body.max_tokens
-    return await _complete(request, body, _encode_chat_prompt, "messages", max_tokens, CHAT)
+    return await _complete(request, ChatCompletionRequest, _encode_chat_prompt, "messages", CHAT)
 
 
 @router.post("/v1/completions", dependencies=guarded)
 async def completions(request: Request) -> Response:
-    body = await _parse(request, CompletionRequest)
-    max_tokens = body.max_tokens or DEFAULT_COMPLETION_TOKENS
-    return await _complete(request, body, _encode_completion_prompt, "prompt", max_tokens, COMPLETION)
+    return await _complete(request, CompletionRequest, _encode_completion_prompt, "prompt", COMPLETION)
 
 
 async def _complete(
     request: Request,
-    body: BaseRequest,
+    schema: type[BaseRequest],
     encode: Callable[[Served, Any, MaskPolicy], Encoded],
     prompt_param: str,
-    max_tokens: int | None,
     form: ResponseFormat,
 ) -> Response:
-    """One completion request: check the model name, encode the prompt, enqueue the job, answer in ``form``."""
+    """One completion request: read the body; parse, check and encode it off the event loop; enqueue the
+    job; answer in ``form``."""
     served: Served = request.app.state.served
-    policy = _prepare(served, body)
-    encoded = encode(served, body, policy)
-    job = _submit(served, request.app.state.scheduler, body, encoded, policy, prompt_param, max_tokens)
+    _require_json(request)
+    raw = await _read_body(request, served.max_body)
+    body, policy, encoded = await anyio.to_thread.run_sync(
+        _parse_and_encode, served, raw, schema, encode, limiter=request.app.state.encoding
+    )
+    job = _submit(served, request.app.state.scheduler, body, encoded, policy, prompt_param)
     return await _respond(request, body, job, form)
 
 
 # --------------------------------------------------------------------------------------------- requests
 
 
-async def _read_body(request: Request) -> bytes:
+def _require_json(request: Request) -> None:
+    """Refuse a body that is not declared JSON: a browser page can send text/plain to localhost unasked, but
+    application/json needs a CORS preflight, which this server does not answer."""
+    declared = request.headers.get("content-type", "")
+    if declared.partition(";")[0].strip().lower() != "application/json":
+        raise APIError(
+            415,
+            f"Content-Type must be application/json, got {declared[:100]!r}",
+            param="Content-Type",
+            code="unsupported_media_type",
+        )
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length", "")
     size, chunks = int(declared) if declared.isdigit() else 0, []
-    if size <= MAX_BODY_BYTES:
+    if size <= limit:
         size = 0
         async for chunk in request.stream():
             size += len(chunk)
-            if size > MAX_BODY_BYTES:
+            if size > limit:
                 break
             chunks.append(chunk)
-    if size > MAX_BODY_BYTES:
-        raise APIError(413, f"the request body exceeds {MAX_BODY_BYTES} bytes", code="request_too_large")
+    if size > limit:
+        raise APIError(
+            413,
+            f"the request body exceeds {limit} bytes, more than this server's largest prompt needs",
+            code="request_too_large",
+        )
     return b"".join(chunks)
 
 
-async def _parse(request: Request, schema: type[BaseRequest]) -> Any:
-    raw = await _read_body(request)
+def _parse_and_encode(
+    served: Served,
+    raw: bytes,
+    schema: type[BaseRequest],
+    encode: Callable[[Served, Any, MaskPolicy], Encoded],
+) -> tuple[Any, MaskPolicy, Encoded]:
+    """The checked request, its mask policy and its encoded prompt (on a worker thread: this may take long)."""
     try:
         body = schema.model_validate_json(raw)
     except ValidationError as error:
         raise validation_error(error) from None
     body.check_supported()
-    return body
+    policy = _policy(served, body)
+    return body, policy, encode(served, body, policy)
 
 
-def _prepare(served: Served, body: BaseRequest) -> MaskPolicy:
+def _policy(served: Served, body: BaseRequest) -> MaskPolicy:
     """Check the requested model name; the mask policy the request runs with."""
     if body.model != served.config.model_name:
         raise APIError(
@@ -320,6 +372,14 @@ def _encode_chat_prompt(served: Served, body: ChatCompletionRequest, policy: Mas
             "this model has no chat template; use /v1/completions",
             param="messages",
             code="no_chat_template",
+        )
+    limit = served.config.max_messages
+    if len(body.messages) > limit:
+        raise APIError(
+            400,
+            f"the request has {len(body.messages)} messages; this server accepts at most {limit} (max_messages)",
+            param="messages",
+            code="too_many_messages",
         )
     conversation = [{"role": m.role, "content": m.text()} for m in body.messages]
     _check_chars(served, sum(len(m["content"]) for m in conversation), "messages")
@@ -353,11 +413,12 @@ def _encode_completion_prompt(served: Served, body: CompletionRequest, policy: M
 
 
 def _check_chars(served: Served, chars: int, param: str) -> None:
-    """Refuse a prompt that cannot fit the context whatever its tokens (no token spans more characters)."""
+    """Refuse a prompt over max_prompt_chars, or one that cannot fit the context whatever its tokens."""
     if chars > served.max_chars:
         raise APIError(
             400,
-            f"the prompt has {chars} characters, far more than a context of {served.max_context} tokens holds",
+            f"the prompt has {chars} characters; this server accepts at most {served.max_chars} "
+            "(max_prompt_chars)",
             param=param,
             code="context_length_exceeded",
         )
@@ -370,10 +431,17 @@ def _submit(
     encoded: Encoded,
     policy: MaskPolicy,
     prompt_param: str,
-    max_tokens: int | None,
 ) -> Job:
-    """Check the lengths against the context and enqueue the job (429 when the queue is full)."""
-    prompt_len, context = len(encoded.input_ids), served.max_context
+    """Check the lengths against the limits and the context, and enqueue the job (429 when the queue is full)."""
+    prompt_len, context, max_tokens = len(encoded.input_ids), served.max_context, body.token_limit()
+    if served.max_prompt_tokens < prompt_len < context:
+        raise APIError(
+            400,
+            f"the prompt has {prompt_len} tokens; this server accepts at most {served.max_prompt_tokens} "
+            "(max_prompt_tokens)",
+            param=prompt_param,
+            code="context_length_exceeded",
+        )
     if prompt_len >= context:
         raise APIError(
             400,

@@ -1,8 +1,9 @@
 """The OpenAI wire format that ``segmask serve`` speaks: request schemas and error bodies.
 
 Pure data: no model, no torch, no FastAPI app. A request body is parsed with its schema
-(``ChatCompletionRequest.model_validate_json(raw)``), then ``check_supported()`` refuses the options the
-server does not implement. Every refusal is an :class:`APIError`, answered with OpenAI's error body.
+(``ChatCompletionRequest.model_validate_json(raw)``), then ``check_supported()`` refuses the OpenAI options
+the server does not implement (:data:`UNSUPPORTED`, one table for both endpoints). Every refusal is an
+:class:`APIError`, answered with OpenAI's error body.
 The two endpoints word their answers differently; :data:`CHAT` and :data:`COMPLETION` say how.
 """
 
@@ -22,6 +23,38 @@ from segmask.masks import MaskPolicy
 from segmask.segments import ROLES
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
+INT64 = (-(2**63), 2**63 - 1)  # torch.manual_seed's range includes it; beyond it a seed is refused
+
+# OpenAI request fields segmask serve does not implement, each with the values that mean "not used" (a
+# client may send those). Any other value is refused with a 400 naming the field; fields not listed here
+# and not in the schemas (user, metadata, store, ...) are ignored, as they change nothing in an answer.
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "n": (None, 1),
+    "best_of": (None, 1),
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "logit_bias": (None, {}),
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "echo": (None, False),
+    "suffix": (None, ""),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "parallel_tool_calls": (None,),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+    "modalities": (None, ["text"]),
+    "audio": (None,),
+    "prediction": (None,),
+    "reasoning_effort": (None,),
+    "web_search_options": (None,),
+}
+
+
+def _unused(value: Any, neutral: tuple[Any, ...]) -> bool:
+    """Whether ``value`` is one of the ``neutral`` values, type for type (``true`` is not ``1``)."""
+    return any(value == v and type(value) is type(v) for v in neutral)
 
 
 # --------------------------------------------------------------------------------------------- errors
@@ -99,74 +132,63 @@ class StreamOptions(_Schema):
 
 
 class BaseRequest(_Schema):
-    """Fields shared by both endpoints."""
+    """Fields shared by both endpoints; other fields are kept (``model_extra``) for :meth:`check_supported`."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = None
-    n: int = 1
+    seed: int | None = Field(default=None, ge=INT64[0], le=INT64[1])
     stream: bool = False
     stream_options: StreamOptions | None = None
     mask_policy: MaskPolicy | None = None
-    # accepted only at their default values
-    logprobs: bool | int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
 
     def check_supported(self) -> None:
-        if self.n != 1:
-            raise APIError(400, "only n=1 is supported", param="n", code="unsupported_value")
-        for name in ("logprobs", "logit_bias"):
-            if getattr(self, name):
+        """Refuse any :data:`UNSUPPORTED` field sent with a value that asks for something; too many stops."""
+        extra = self.model_extra or {}
+        for name, neutral in UNSUPPORTED.items():
+            if name in extra and not _unused(extra[name], neutral):
+                accepted = " or ".join(json.dumps(v) for v in neutral if v is not None)
+                hint = f"leave it out or send {accepted}" if accepted else "leave it out"
                 raise APIError(
-                    400, f"{name} is not supported by segmask serve", param=name, code="unsupported_value"
+                    400,
+                    f"{name} is not supported by segmask serve: {hint}",
+                    param=name,
+                    code="unsupported_value",
                 )
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) != 0:
-                raise APIError(
-                    400, f"{name} is not supported by segmask serve", param=name, code="unsupported_value"
-                )
-        stops = self.stops()
-        if len(stops) > 4:
+        if len(self.stops()) > 4:
             raise APIError(400, "at most 4 stop sequences", param="stop", code="invalid_value")
 
     def stops(self) -> tuple[str, ...]:
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         return tuple(s for s in stop if s)
 
+    def token_limit(self) -> int | None:
+        """The completion's ``max_tokens``; None: up to the rest of the context."""
+        return self.max_tokens
+
 
 class ChatCompletionRequest(BaseRequest):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    tools: list[Any] | None = None
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.tools:
-            raise APIError(
-                400, "tools are not supported by segmask serve", param="tools", code="unsupported_value"
-            )
         if not self.messages:
             raise APIError(400, "messages must not be empty", param="messages", code="invalid_value")
+
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
 
 
 class CompletionRequest(BaseRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
-    echo: bool = False
-    suffix: str | None = None
-    best_of: int | None = None
 
-    def check_supported(self) -> None:
-        super().check_supported()
-        if self.echo or self.suffix or (self.best_of not in (None, 1)):
-            name = "echo" if self.echo else "suffix" if self.suffix else "best_of"
-            raise APIError(
-                400, f"{name} is not supported by segmask serve", param=name, code="unsupported_value"
-            )
+    def token_limit(self) -> int | None:
+        return self.max_tokens or DEFAULT_COMPLETION_TOKENS
 
 
 # --------------------------------------------------------------------------------------------- responses

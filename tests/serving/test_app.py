@@ -434,8 +434,23 @@ def test_requests_waiting_together_run_as_one_batch_with_unbatched_outputs(gated
         _, *texts = asyncio.run(main())
         wait_until(lambda: server.health()["running"] == 0)
         health = server.health()
+
+        # each alone again, now with the prefix cache warm (the batch stored the prompts' leading segments)
+        plain = server.client()
+        warm, cached = [], []
+        for kind, prompt, policy in prompts:
+            options = dict(model=NAME, max_tokens=10, temperature=0, extra_body={"mask_policy": policy})
+            if kind == "chat":
+                reply = plain.chat.completions.create(messages=prompt, **options)
+                warm.append(reply.choices[0].message.content)
+            else:
+                reply = plain.completions.create(prompt=prompt, **options)
+                warm.append(reply.choices[0].text)
+            cached.append(reply.usage.prompt_tokens_details.cached_tokens)
     assert (health["batches"], health["completed"]) == (2, 5)
+    # greedy answers are the same alone (generate), in a concurrent batch, and with the prefix cache warm
     assert texts == [reference(model, tokenizer, prompt, 10, policy).text for _, prompt, policy in prompts]
+    assert warm == texts and cached[0] > 0 and cached[1] > 0
 
 
 def test_full_queue_429_disconnects_free_their_place_and_health_answers(gated, model, tokenizer):

@@ -449,3 +449,50 @@ def test_resume_keeps_a_truncated_prediction_only_under_truncate(stories, long_a
     _stopped_run(model, tokenizer, long_arc, out, after=2, overflow="truncate", **settings)
     with pytest.raises(ValueError, match="ARC-Easy record 1: its prompt of 736 tokens"):
         _evaluate(model, tokenizer, long_arc, "ARC-Easy", scoring="loglik", out=out)  # error: rescored
+
+
+# ---------------------------------------------------------------------------------- unwritable results
+
+
+def _eval_argv(stories_path, commonsense_dir, out) -> list[str]:
+    return ["eval", "--model", str(stories_path), "--data-dir", str(commonsense_dir), "--tasks", "boolq",
+            "--limit", "1", "--scoring", "loglik", "--no-progress", "--out", str(out)]  # fmt: skip
+
+
+def test_eval_out_that_cannot_be_written_exits_2_with_one_line(
+    stories_path, commonsense_dir, tmp_path, capsys
+):
+    """--out a folder, or below a file: a path whose parent is a regular file stands in for a read-only
+    folder, which root (the test user here) may write to anyway."""
+    (tmp_path / "notes.txt").write_text("precious")
+    (tmp_path / "results").mkdir()
+    cases = [
+        ("results", "is a folder; give the results file's path"),
+        ("notes.txt/r.json", "Not a directory"),
+    ]
+    for where, message in cases:
+        before = sorted(tmp_path.rglob("*"))
+        assert main(_eval_argv(stories_path, commonsense_dir, tmp_path / where)) == 2
+        error = capsys.readouterr().err
+        assert (
+            error.startswith("segmask eval: error: ") and message in error and str(tmp_path / where) in error
+        )
+        assert error.count("\n") == 1 and sorted(tmp_path.rglob("*")) == before
+
+
+def test_eval_out_in_a_read_only_folder_exits_2(stories_path, commonsense_dir, tmp_path, capsys):
+    """chmod a-w; skipped where the user (root) writes to it anyway."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        try:
+            (folder / "probe").touch()
+        except PermissionError:
+            pass
+        else:
+            pytest.skip("this user writes to read-only folders (root)")
+        assert main(_eval_argv(stories_path, commonsense_dir, folder / "r.json")) == 2
+        assert "cannot write results to" in capsys.readouterr().err and not list(folder.iterdir())
+    finally:
+        folder.chmod(0o755)

@@ -358,6 +358,7 @@ class EvalConfig:
         object.__setattr__(self, "tasks", tuple(commonsense.parse_tasks(self.tasks)))
         if self.out is not None:
             object.__setattr__(self, "out", str(self.out))
+            results.check_out(self.out, probe=False)  # a folder, or below a file: before any model loads
 
 
 def evaluate(

@@ -212,9 +212,9 @@ class Journal:
         self.path.unlink(missing_ok=True)
 
 
-def check_out(out: str | Path) -> None:
-    """Refuse (``ValueError``) a results path that cannot be written: a folder, or one below a file or in a
-    folder this user cannot write to. Nothing is left behind."""
+def check_out(out: str | Path, probe: bool = True) -> None:
+    """Refuse (``ValueError``) a results path that cannot be written: a folder, one below a file, or (with
+    ``probe``: a temporary file is made and removed there) one in a folder this user cannot write to."""
     out = Path(out)
     if out.is_dir():
         raise ValueError(f"out {out} is a folder; give the results file's path (e.g. {out / 'results.json'})")
@@ -224,8 +224,9 @@ def check_out(out: str | Path) -> None:
     try:
         if not folder.is_dir():
             raise NotADirectoryError(20, "Not a directory")
-        with tempfile.TemporaryFile(dir=folder):  # written and gone
-            pass
+        if probe:
+            with tempfile.TemporaryFile(dir=folder):  # written and gone
+                pass
     except OSError as error:
         raise ValueError(f"cannot write results to {out}: {error.strerror or error}") from None
 

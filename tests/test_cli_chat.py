@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import io
 import sys
+from pathlib import Path
 
 import pytest
 
 from segmask.chat import ChatSession
+from segmask.cli import main
 from segmask.cli.chat import loop
 from segmask.loading import load_model
+
+PLAIN_ROLES = Path(__file__).parent / "fixtures" / "chat_templates" / "plain_roles.jinja"
 
 
 def test_chat_through_a_pseudo_terminal(stories_chat):
@@ -88,3 +92,20 @@ def test_ctrl_c_drops_the_reply_or_leaves():
     stdout = io.StringIO()
     assert loop(Interrupted(), CtrlC("Hello\n"), stdout) == 0
     assert stdout.getvalue() == "[mas] you> assistant> Once (interrupted; turn dropped)\n[mas] you> \n"
+
+
+def test_chat_template_flag_lets_a_base_model_chat(stories_path, monkeypatch, capsys):
+    """stories260K has no chat template: `segmask chat` refuses it, and chats with --chat-template FILE,
+    replying as a ChatSession over the tokenizer with that template."""
+    argv = ["chat", "--model", str(stories_path), "--system", "Tell stories.", "--max-new-tokens", "6"]
+    assert main(argv) == 2
+    assert "has no chat template; pass one with --chat-template FILE" in capsys.readouterr().err
+    model, tokenizer, _ = load_model(stories_path)
+    tokenizer.chat_template = PLAIN_ROLES.read_text()
+    expected = ChatSession(model, tokenizer, policy="mas", system="Tell stories.", max_new_tokens=6)
+    first, second = expected.send("A cat?"), expected.send("And then?")
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "stdin", io.StringIO("A cat?\nAnd then?\n/quit\n"))
+    assert main([*argv, "--chat-template", str(PLAIN_ROLES)]) == 0
+    out = capsys.readouterr().out
+    assert f"[mas] you> assistant> {first}\n[mas] you> assistant> {second}\n[mas] you> " in out

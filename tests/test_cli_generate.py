@@ -4,6 +4,7 @@ real chat model (SmolLM2-135M-Instruct from its GGUF file) answering a question.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from segmask.generation import encode_prompt, generate
 from segmask.loading import load_model
 
 STORY = "Once upon a time, there was a little dog named"
+PLAIN_ROLES = Path(__file__).parent / "fixtures" / "chat_templates" / "plain_roles.jinja"
 
 
 def run_json(capsys, *argv: str) -> dict:
@@ -50,6 +52,44 @@ def test_messages_file_and_prompt_use_the_chat_template(stories_chat, tmp_path, 
     plain = main(["generate", *argv, "--messages", str(tmp_path / "record.json")])
     assert plain == 0
     assert capsys.readouterr().out == generate(model, tokenizer, record, max_new_tokens=6)[0].text + "\n"
+
+
+def test_chat_template_flag_lets_a_base_model_take_messages(stories_path, tmp_path, capsys):
+    """stories260K has no chat template; --chat-template FILE gives it one, and the tokens are the library's
+    with that template set (MAS: one segment per message)."""
+    messages = [{"role": "system", "content": "Tell stories."}, {"role": "user", "content": "A cat?"}]
+    (tmp_path / "chat.json").write_text(json.dumps(messages))
+    argv = ["--model", str(stories_path), "--mask", "mas", "--max-new-tokens", "6"]
+    assert main(["generate", *argv, "--messages", str(tmp_path / "chat.json")]) == 2
+    assert "has no chat template; pass one with --chat-template FILE" in capsys.readouterr().err
+    template = ["--chat-template", str(PLAIN_ROLES)]
+    from_file = run_json(capsys, *argv, *template, "--messages", str(tmp_path / "chat.json"))
+    model, tokenizer, _ = load_model(stories_path)
+    tokenizer.chat_template = PLAIN_ROLES.read_text()
+    [expected] = generate(model, tokenizer, [messages], policy="mas", max_new_tokens=6, do_sample=False)
+    assert from_file == {"text": expected.text, "token_ids": expected.token_ids}
+    # --prompt becomes one user message once the model has a template
+    from_prompt = run_json(capsys, *argv, *template, "--prompt", "A cat?")
+    user_only = [{"role": "user", "content": "A cat?"}]
+    [expected] = generate(model, tokenizer, [user_only], policy="mas", max_new_tokens=6, do_sample=False)
+    assert from_prompt["token_ids"] == expected.token_ids
+    inline = run_json(capsys, *argv, "--chat-template", PLAIN_ROLES.read_text(), "--prompt", "A cat?")
+    assert inline == from_prompt
+
+
+def test_a_bad_chat_template_is_a_one_line_error(stories_path, tmp_path, capsys):
+    base = ["generate", "--model", str(stories_path), "--prompt", "x", "--chat-template"]
+    (tmp_path / "bad.jinja").write_text("{% for m in messages %}{{ m['content'] }")
+    for template, message in [
+        ("missing.jinja", "segmask generate: error: chat template missing.jinja not found"),
+        (str(tmp_path / "bad.jinja"), f"segmask generate: error: chat template {tmp_path / 'bad.jinja'} is not valid Jinja (line 1)"),
+        ("{% if %}", "segmask generate: error: the inline chat template is not valid Jinja (line 1)"),
+    ]:  # fmt: skip
+        assert main([*base, template]) == 2
+        captured = capsys.readouterr()
+        # one line, after transformers' progress bar if the weights loaded (a Jinja error needs the tokenizer)
+        assert captured.err.splitlines()[-1].startswith(message), captured.err
+        assert "Traceback" not in captured.err and captured.out == ""
 
 
 def test_sampling_flags(stories_path, capsys, monkeypatch):

@@ -33,6 +33,19 @@ def test_an_unknown_policy_is_refused_by_every_command(command, capsys):
     assert "invalid choice: 'full'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["chat", "generate", "eval", "serve"])
+def test_every_model_command_reads_a_chat_template(command):
+    """One --chat-template definition (options.add_chat_template_argument), on every command that loads a
+    model; its value goes to load_model as is (a file, or an inline template)."""
+    parser = build_parser()
+    required = REQUIRED.get(command, [])
+    assert parser.parse_args([command, "--model", "m", *required]).chat_template is None
+    args = parser.parse_args([command, "--model", "m", "--chat-template", "t.jinja", *required])
+    assert args.chat_template == "t.jinja"
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    assert "--chat-template FILE" in sub.format_help()
+
+
 def _sampling(*argv: str) -> dict:
     parser = argparse.ArgumentParser()
     add_model_arguments(parser)

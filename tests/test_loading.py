@@ -193,3 +193,66 @@ def test_loading_names_at_their_old_training_path_warn():
     for name in ("resolve_model", "load_tokenizer", "merge_adapter"):
         with pytest.warns(DeprecationWarning, match="moved to segmask.loading"):
             assert getattr(training, name) is getattr(loading, name)
+
+
+CHAT_TEMPLATES = Path(__file__).parent / "fixtures" / "chat_templates"
+PLAIN_ROLES = CHAT_TEMPLATES / "plain_roles.jinja"
+
+
+def test_chat_template_from_a_file_or_inline_as_vllm_reads_it(tmp_path):
+    assert loading.read_chat_template(PLAIN_ROLES) == PLAIN_ROLES.read_text()
+    assert loading.read_chat_template(str(PLAIN_ROLES)) == PLAIN_ROLES.read_text()
+    # not a file but Jinja-like: the template itself, its escapes decoded (a shell line has no newlines)
+    assert loading.read_chat_template(r"{{ m }}\n¿ünï 字") == "{{ m }}\n¿ünï 字"
+    with pytest.raises(FileNotFoundError, match=r"chat template no/such\.jinja not found"):
+        loading.read_chat_template("no/such.jinja")  # path-like: never taken as a template
+    with pytest.raises(FileNotFoundError, match="not found"):
+        loading.read_chat_template(tmp_path / "missing{}.jinja")  # a Path is always a file
+    with pytest.raises(ValueError, match="is not a file"):
+        loading.read_chat_template(str(tmp_path))
+    (tmp_path / "empty.jinja").write_text(" \n")
+    with pytest.raises(ValueError, match="empty.jinja is empty"):
+        loading.read_chat_template(str(tmp_path / "empty.jinja"))
+    (tmp_path / "latin1.jinja").write_bytes("{{ 'café' }}".encode("latin-1"))
+    with pytest.raises(ValueError, match="is not UTF-8 text"):
+        loading.read_chat_template(str(tmp_path / "latin1.jinja"))
+
+
+def test_set_chat_template_refuses_invalid_jinja_and_keeps_the_old_one(stories_tokenizer, tmp_path):
+    before = stories_tokenizer.chat_template
+    (tmp_path / "bad.jinja").write_text("{% for m in messages %}\n{{ m['content'] }\n{% endfor %}")
+    with pytest.raises(ValueError, match=r"chat template .*bad\.jinja is not valid Jinja \(line 2\)"):
+        loading.set_chat_template(stories_tokenizer, str(tmp_path / "bad.jinja"))
+    with pytest.raises(ValueError, match=r"the inline chat template is not valid Jinja \(line 1\)"):
+        loading.set_chat_template(stories_tokenizer, "{% if %}")
+    assert stories_tokenizer.chat_template == before
+    # valid Jinja that refuses a conversation is set: each conversation's render says what it refuses
+    refusing = "{{ raise_exception('needs a system message') }}"
+    loading.set_chat_template(stories_tokenizer, refusing)
+    assert stories_tokenizer.chat_template == refusing
+    stories_tokenizer.chat_template = before
+
+
+def test_load_model_with_a_chat_template_lets_a_base_model_chat(stories_path, monkeypatch):
+    from segmask.segments import encode_chat
+
+    _, plain, _ = load_model(stories_path)
+    assert plain.chat_template is None  # stories260K has none
+    model, tokenizer, _ = load_model(stories_path, chat_template=PLAIN_ROLES)
+    assert tokenizer.chat_template == PLAIN_ROLES.read_text()
+    messages = [{"role": "system", "content": "Tell stories."}, {"role": "user", "content": "A cat?"}]
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert rendered == "System: Tell stories.\nUser: A cat?\nAssistant:"
+    encoded = encode_chat(tokenizer, messages, policy="mas", add_generation_prompt=True)
+    assert encoded.input_ids == tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    # MAS: one segment per message, the generation prompt causal
+    assert list(dict.fromkeys(encoded.segment_ids)) == [0, 1, -1]
+    user_start = encoded.segment_ids.index(1)
+    assert tokenizer.decode(encoded.input_ids[user_start:]).startswith("User: A cat?")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the weights loaded before the bad template was found")
+
+    monkeypatch.setattr(loading, "_load_transformers", never)
+    with pytest.raises(FileNotFoundError, match="chat template missing.jinja not found"):
+        load_model(stories_path, chat_template="missing.jinja")

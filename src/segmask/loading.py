@@ -12,6 +12,9 @@
   ``base_model`` (merged on load) or a full model. Its saved policy becomes the default; overriding it warns,
   because evaluating with a mask other than the one a model was trained with hurts.
 
+``chat_template`` (a Jinja file, or an inline template; see :func:`read_chat_template`) replaces the
+tokenizer's chat template, so a base model without one (stories260K) can chat.
+
 Only local files are read (never a hub), only safetensors weights, never remote code. The returned model
 is in eval mode with :func:`segmask.enable` applied.
 """
@@ -29,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from jinja2 import TemplateError, TemplateSyntaxError
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
@@ -39,6 +43,8 @@ from segmask.masks import MaskPolicy, check_policy
 RUN_FILE = "segmask.json"
 CACHE_ENV = "SEGMASK_CACHE"
 DEFAULT_POLICY: MaskPolicy = "mas"
+# a --chat-template value holding one of these is an inline template when no such file exists (as in vLLM)
+JINJA_CHARS = "{}\n"
 # bump when the conversion output changes, so stale cache entries are not reused
 _GGUF_FORMAT = 1
 
@@ -78,6 +84,55 @@ def load_tokenizer(name: str | Path):
     return AutoTokenizer.from_pretrained(
         pretrained_folder(name), trust_remote_code=False, local_files_only=True
     )
+
+
+def read_chat_template(template: str | Path) -> str:
+    """The Jinja source of a chat template, read as vLLM reads ``--chat-template``.
+
+    A ``Path``, or a string naming an existing file, is read from that file (UTF-8). A string that is not a
+    file but holds ``{``, ``}`` or a newline is the template itself, written on one line (its backslash
+    escapes such as ``\\n`` decoded); any other string names a file that does not exist
+    (``FileNotFoundError``). An empty template is a ``ValueError``.
+    """
+    return _chat_template_source(template)[0]
+
+
+def _chat_template_source(template: str | Path) -> tuple[str, str]:
+    """The template's source and how errors name it."""
+    path = Path(os.path.expanduser(template))
+    # os.path.exists, not Path.exists: an inline template may be too long or odd for a file name
+    if isinstance(template, str) and not os.path.exists(path) and any(c in template for c in JINJA_CHARS):
+        # non-Latin-1 characters become \uXXXX escapes, which unicode_escape turns back into themselves
+        source = template.encode("latin-1", "backslashreplace").decode("unicode_escape")
+        name = "the inline chat template"
+    else:
+        name = f"chat template {template}"
+        if not path.exists():
+            raise FileNotFoundError(f"{name} not found (pass a Jinja file, or the template itself)")
+        if not path.is_file():
+            raise ValueError(f"{name} is not a file")
+        try:
+            source = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{name} is not UTF-8 text: {error}") from None
+    if not source.strip():
+        raise ValueError(f"{name} is empty")
+    return source, name
+
+
+def set_chat_template(tokenizer, template: str | Path) -> None:
+    """Give ``tokenizer`` the chat template ``template`` names (see :func:`read_chat_template`) in place of
+    its own. A template that is not valid Jinja is a ``ValueError`` naming the line."""
+    source, name = _chat_template_source(template)
+    try:  # Jinja compiles the template on its first use, in transformers' environment
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hi"}], tokenize=False, chat_template=source
+        )
+    except TemplateSyntaxError as error:
+        raise ValueError(f"{name} is not valid Jinja (line {error.lineno}): {error.message}") from None
+    except TemplateError:
+        pass  # valid, but it refuses this conversation (say, one without a system message): requests will say so
+    tokenizer.chat_template = source
 
 
 def merge_adapter(base: str | Path, adapter_dir: Path, output: Path) -> None:
@@ -205,14 +260,18 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     attn_implementation: str | None = None,
     device: str | torch.device | None = None,
+    chat_template: str | Path | None = None,
 ) -> tuple[torch.nn.Module, object, MaskPolicy]:
     """Load ``(model, tokenizer, policy)`` from a transformers folder, a ``.gguf`` file or a segmask run folder.
 
     ``policy`` defaults to the one saved in the run folder (else ``"mas"``); a different one warns.
     ``attn_implementation`` is passed to transformers (default: its own choice, ``sdpa`` on most models;
-    ``"segmask"``: the exact fast kernel of :mod:`segmask.fast_attention`).
+    ``"segmask"``: the exact fast kernel of :mod:`segmask.fast_attention`). ``chat_template`` (a Jinja file
+    or an inline template, see :func:`set_chat_template`) replaces the tokenizer's own.
     """
     path = resolve_model(path)
+    if chat_template is not None:
+        read_chat_template(chat_template)  # a missing or empty file fails before the weights load
     run = read_run_info(path) if path.is_dir() else None
     policy = resolve_policy(run.policy if run else None, policy)
     if attn_implementation == "segmask":
@@ -227,6 +286,8 @@ def load_model(
         folder = gguf_to_safetensors(path) if path.is_file() else path
         model = _load_transformers(folder, options)
         tokenizer = _load_tokenizer(folder)
+    if chat_template is not None:
+        set_chat_template(tokenizer, chat_template)
     if device is not None:
         model = model.to(device)
     model.eval()

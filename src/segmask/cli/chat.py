@@ -1,6 +1,7 @@
 """``segmask chat``: an interactive terminal chat with MAS prefill and a KV cache kept across turns.
 
     segmask chat --model path/to/model [--mask mas] [--system "You are terse."]
+    segmask chat --model base-model/ --chat-template template.jinja    # a model without a chat template
 
 The prompt line shows the mask policy in use (``[mas] you> ``). Commands: ``/system TEXT`` sets the
 system message (an empty TEXT removes it), ``/reset`` clears the conversation, ``/mask POLICY`` switches the policy, ``/quit`` (or
@@ -29,7 +30,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     kwargs = generation_kwargs(args)
-    model, tokenizer, policy = loading.load_model(args.model, policy=args.mask, attn_implementation=args.attn)
+    model, tokenizer, policy = loading.load_model(
+        args.model, policy=args.mask, attn_implementation=args.attn, chat_template=args.chat_template
+    )
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(f"{args.model} has no chat template; pass one with --chat-template FILE")
     session = ChatSession(model, tokenizer, policy=policy, system=args.system, **kwargs)
     print(f"segmask chat: {args.model} ({HELP})", flush=True)
     return loop(session, sys.stdin, sys.stdout)

@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     config = EvalConfig(**values)  # checked, and every task file found, before the model loads
     for name in config.tasks:
         task_path(config.data_dir, name)
-    model, tokenizer, policy = load_model(args.model, policy=args.mask)
+    model, tokenizer, policy = load_model(args.model, policy=args.mask, chat_template=args.chat_template)
     config = dataclasses.replace(config, policy=policy)
     evaluate(model, tokenizer, config, model_name=args.model, progress=not args.no_progress)
     print(compare_runs([args.out]), end="")

@@ -2,8 +2,10 @@
 
     segmask generate --model path/to/model --mask mas --prompt "What is 2 + 2?" --max-new-tokens 20
     segmask generate --model run/ --messages chat.json --json      # {"text": ..., "token_ids": [...]}
+    segmask generate --model base/ --chat-template chat.jinja --messages chat.json   # a model without one
 
-``--prompt`` becomes a single user message when the tokenizer has a chat template, else raw text.
+``--prompt`` becomes a single user message when the tokenizer has a chat template, else raw text;
+``--chat-template`` (a Jinja file, or the template inline, as vLLM's flag) gives it one or replaces it.
 ``--messages`` is a JSON file holding a conversation (a list of ``{"role", "content"}`` messages) or an
 instruction record (``{"instruction", "input"}``).
 """
@@ -43,6 +45,11 @@ def read_prompt(args: argparse.Namespace, tokenizer):
             raise ValueError(f"{args.messages} is not valid JSON: {error}") from error
         if not isinstance(prompt, (list, dict)):
             raise ValueError(f"{args.messages} must hold a list of messages or an instruction record")
+        if isinstance(prompt, list) and getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError(
+                f"{args.messages} holds a conversation but {args.model} has no chat template; "
+                f"pass one with --chat-template FILE"
+            )
         return prompt
     if getattr(tokenizer, "chat_template", None):
         return [{"role": "user", "content": args.prompt}]
@@ -51,7 +58,9 @@ def read_prompt(args: argparse.Namespace, tokenizer):
 
 def run(args: argparse.Namespace) -> int:
     kwargs = generation_kwargs(args)
-    model, tokenizer, policy = loading.load_model(args.model, policy=args.mask, attn_implementation=args.attn)
+    model, tokenizer, policy = loading.load_model(
+        args.model, policy=args.mask, attn_implementation=args.attn, chat_template=args.chat_template
+    )
     [result] = generation.generate(model, tokenizer, [read_prompt(args, tokenizer)], policy=policy, **kwargs)
     if args.json:
         print(json.dumps({"text": result.text, "token_ids": result.token_ids}))

@@ -94,7 +94,8 @@ def add_model_arguments(
     parser: argparse.ArgumentParser,
     mask_help: str = "mask policy (default: the one the model was trained with, else mas)",
 ) -> None:
-    """``--model PATH`` and ``--mask POLICY``, as :func:`segmask.loading.load_model` reads them."""
+    """``--model PATH``, ``--mask POLICY`` and ``--chat-template FILE``, as :func:`segmask.loading.load_model`
+    reads them."""
     parser.add_argument(
         "--model",
         required=True,
@@ -102,6 +103,19 @@ def add_model_arguments(
         help="transformers folder, .gguf file or segmask output folder",
     )
     parser.add_argument("--mask", choices=POLICIES, default=None, help=mask_help)
+    add_chat_template_argument(parser)
+
+
+def add_chat_template_argument(parser: argparse.ArgumentParser) -> None:
+    """``--chat-template FILE``: a Jinja chat template in place of the model's, as vLLM's flag (a file, or the
+    template itself on one line); :func:`segmask.loading.load_model`'s ``chat_template``."""
+    parser.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="FILE",
+        help="Jinja chat template file (or the template itself, inline) replacing the model's; "
+        "lets a model without one chat (default: the model's)",
+    )
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int = 128) -> None:

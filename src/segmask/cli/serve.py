@@ -56,5 +56,6 @@ def run(args: argparse.Namespace) -> int:
         port=args.port,
         config=config,
         attn_implementation=args.attn,
+        chat_template=args.chat_template,
     )
     return 0

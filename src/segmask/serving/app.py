@@ -556,11 +556,15 @@ def serve(
     port: int = 8000,
     config: ServeConfig | None = None,
     attn_implementation: str | None = None,
+    chat_template: str | Path | None = None,
 ) -> None:
-    """Load a model (see :func:`segmask.load_model`) and serve it until interrupted."""
+    """Load a model (see :func:`segmask.load_model`; ``chat_template`` replaces its own) and serve it until
+    interrupted."""
     config = config or ServeConfig(model_name=default_name(model_path))
     if host not in ("127.0.0.1", "localhost", "::1") and config.api_key is None:
         logger.warning("serving on %s without an API key: anyone who can reach it can use the model", host)
-    model, tokenizer, policy = load_model(model_path, policy=policy, attn_implementation=attn_implementation)
+    model, tokenizer, policy = load_model(
+        model_path, policy=policy, attn_implementation=attn_implementation, chat_template=chat_template
+    )
     app = create_app(model, tokenizer, policy, config)
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -13,7 +13,8 @@ another policy than the model's; every response echoes the policy it ran with.
 
 How a request runs::
 
-    handler (event loop)       validate, encode the prompt (segment ids), enqueue a Job     -> 4xx / 429
+    handler (event loop)       read the JSON body; on a worker thread validate it and encode
+                               the prompt (segment ids); enqueue a Job                     -> 4xx / 429
     Scheduler (event loop)     bounded queue; takes up to max_batch jobs that sample alike
     Engine (one model thread)  per row: prefix-cache lookup, MAS prefill of the rest, store the
                                prompt's whole leading segments; stack the rows (left-padded);
@@ -28,8 +29,10 @@ engine) and :mod:`~segmask.serving.prefix_cache`.
 Prefill and decode are :mod:`segmask.generation`'s: a batch without the prefix cache runs
 :func:`~segmask.generation.generate_ids`; with it, each row runs :func:`~segmask.generation.prefill_for_decoding`
 against its cache hit and the stacked rows :func:`~segmask.generation.decode`. So a greedy request gives the
-tokens of :func:`segmask.generation.generate`. The event loop never runs
-the model, so ``/health`` and validation answer during a long generation.
+tokens of :func:`segmask.generation.generate`. The event loop never runs the model nor a chat template
+(requests are parsed and encoded on a worker thread), so ``/health`` answers during a long generation or a
+long conversation's encoding. Limits (``ServeConfig``: max_messages, max_prompt_chars, max_prompt_tokens,
+the context) and unsupported OpenAI fields (``protocol.UNSUPPORTED``) are 400s naming what was refused.
 """
 
 from segmask.serving.app import ServeConfig, Served, create_app, default_name, serve

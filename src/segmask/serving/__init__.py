@@ -23,8 +23,9 @@ How a request runs::
                                max_tokens, a stop string, or when its client has gone
 
 The package, in the order a request meets it: :mod:`~segmask.serving.protocol` (schemas, errors),
-:mod:`~segmask.serving.app` (the FastAPI app, ``serve``), :mod:`~segmask.serving.engine` (jobs, scheduler,
-engine) and :mod:`~segmask.serving.prefix_cache`.
+:mod:`~segmask.serving.app` (the FastAPI app, ``serve``), :mod:`~segmask.serving.requests` (a body's
+checks and encoding, up to its job), :mod:`~segmask.serving.engine` (jobs, scheduler, engine) and
+:mod:`~segmask.serving.prefix_cache`.
 
 Prefill and decode are :mod:`segmask.generation`'s: a batch without the prefix cache runs
 :func:`~segmask.generation.generate_ids`; with it, each row runs :func:`~segmask.generation.prefill_for_decoding`

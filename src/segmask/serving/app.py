@@ -1,10 +1,10 @@
-"""The FastAPI app of ``segmask serve``: its routes, the checks a request passes, and :func:`serve`.
+"""The FastAPI app of ``segmask serve``: its routes, its answers, and :func:`serve`.
 
 The handlers run on the event loop and read their state from the app: ``app.state.served`` (fixed when
 the app is made: tokenizer, policy, limits, engine) and ``app.state.scheduler`` (made and stopped by the
 app's lifespan). A completion handler reads the body (JSON only, bounded in size), then parses and checks
-it (:mod:`segmask.serving.protocol`) and encodes the prompt on a worker thread, one request at a time, so
-that no request's chat template holds up the event loop; it submits a job and answers in its endpoint's
+it and encodes the prompt on a worker thread, one request at a time, so that no request's chat template
+holds up the event loop (:mod:`segmask.serving.requests`); it submits a job and answers in its endpoint's
 :class:`ResponseFormat`, whole or as server-sent events. The model runs on the engine's thread (see
 :mod:`segmask.serving.engine`).
 """
@@ -26,13 +26,12 @@ import torch
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from segmask.loading import load_model
 from segmask.masks import MaskPolicy, check_policy
-from segmask.segments import Encoded, encode_chat, encode_text, encode_tokens
-from segmask.serving.engine import Engine, Job, QueueFull, Sampling, Scheduler, supports_row_caches
+from segmask.segments import Encoded
+from segmask.serving.engine import Engine, Job, Scheduler, supports_row_caches
 from segmask.serving.prefix_cache import PrefixCache
 from segmask.serving.protocol import (
     CHAT,
@@ -45,7 +44,14 @@ from segmask.serving.protocol import (
     event,
     finish_reason,
     usage,
-    validation_error,
+)
+from segmask.serving.requests import (
+    encode_chat_prompt,
+    encode_completion_prompt,
+    parse_and_encode,
+    read_body,
+    require_json,
+    submit,
 )
 
 logger = logging.getLogger(__name__)
@@ -273,12 +279,12 @@ async def models(request: Request) -> dict:
 
 @router.post("/v1/chat/completions", dependencies=guarded)
 async def chat_completions(request: Request) -> Response:
-    return await _complete(request, ChatCompletionRequest, _encode_chat_prompt, "messages", CHAT)
+    return await _complete(request, ChatCompletionRequest, encode_chat_prompt, "messages", CHAT)
 
 
 @router.post("/v1/completions", dependencies=guarded)
 async def completions(request: Request) -> Response:
-    return await _complete(request, CompletionRequest, _encode_completion_prompt, "prompt", COMPLETION)
+    return await _complete(request, CompletionRequest, encode_completion_prompt, "prompt", COMPLETION)
 
 
 async def _complete(
@@ -291,187 +297,13 @@ async def _complete(
     """One completion request: read the body; parse, check and encode it off the event loop; enqueue the
     job; answer in ``form``."""
     served: Served = request.app.state.served
-    _require_json(request)
-    raw = await _read_body(request, served.max_body)
+    require_json(request)
+    raw = await read_body(request, served.max_body)
     body, policy, encoded = await anyio.to_thread.run_sync(
-        _parse_and_encode, served, raw, schema, encode, limiter=request.app.state.encoding
+        parse_and_encode, served, raw, schema, encode, limiter=request.app.state.encoding
     )
-    job = _submit(served, request.app.state.scheduler, body, encoded, policy, prompt_param)
+    job = submit(served, request.app.state.scheduler, body, encoded, policy, prompt_param)
     return await _respond(request, body, job, form)
-
-
-# --------------------------------------------------------------------------------------------- requests
-
-
-def _require_json(request: Request) -> None:
-    """Refuse a body that is not declared JSON: a browser page can send text/plain to localhost unasked, but
-    application/json needs a CORS preflight, which this server does not answer."""
-    declared = request.headers.get("content-type", "")
-    if declared.partition(";")[0].strip().lower() != "application/json":
-        raise APIError(
-            415,
-            f"Content-Type must be application/json, got {declared[:100]!r}",
-            param="Content-Type",
-            code="unsupported_media_type",
-        )
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length", "")
-    size, chunks = int(declared) if declared.isdigit() else 0, []
-    if size <= limit:
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                break
-            chunks.append(chunk)
-    if size > limit:
-        raise APIError(
-            413,
-            f"the request body exceeds {limit} bytes, more than this server's largest prompt needs",
-            code="request_too_large",
-        )
-    return b"".join(chunks)
-
-
-def _parse_and_encode(
-    served: Served,
-    raw: bytes,
-    schema: type[BaseRequest],
-    encode: Callable[[Served, Any, MaskPolicy], Encoded],
-) -> tuple[Any, MaskPolicy, Encoded]:
-    """The checked request, its mask policy and its encoded prompt (on a worker thread: this may take long)."""
-    try:
-        body = schema.model_validate_json(raw)
-    except ValidationError as error:
-        raise validation_error(error) from None
-    body.check_supported()
-    policy = _policy(served, body)
-    return body, policy, encode(served, body, policy)
-
-
-def _policy(served: Served, body: BaseRequest) -> MaskPolicy:
-    """Check the requested model name; the mask policy the request runs with."""
-    if body.model != served.config.model_name:
-        raise APIError(
-            404,
-            f"model {body.model!r} is not served here; this server serves {served.config.model_name!r}",
-            type="not_found_error",
-            param="model",
-            code="model_not_found",
-        )
-    return body.mask_policy or served.policy
-
-
-def _encode_chat_prompt(served: Served, body: ChatCompletionRequest, policy: MaskPolicy) -> Encoded:
-    """A chat request's messages with the chat template and the assistant header (400 without a template)."""
-    if getattr(served.tokenizer, "chat_template", None) is None:
-        raise APIError(
-            400,
-            "this model has no chat template; use /v1/completions",
-            param="messages",
-            code="no_chat_template",
-        )
-    limit = served.config.max_messages
-    if len(body.messages) > limit:
-        raise APIError(
-            400,
-            f"the request has {len(body.messages)} messages; this server accepts at most {limit} (max_messages)",
-            param="messages",
-            code="too_many_messages",
-        )
-    conversation = [{"role": m.role, "content": m.text()} for m in body.messages]
-    _check_chars(served, sum(len(m["content"]) for m in conversation), "messages")
-    try:
-        return encode_chat(served.tokenizer, conversation, policy=policy, add_generation_prompt=True)
-    except ValueError as error:
-        raise APIError(400, str(error), param="messages", code="invalid_value") from None
-
-
-def _encode_completion_prompt(served: Served, body: CompletionRequest, policy: MaskPolicy) -> Encoded:
-    """A completion prompt (text or token ids; one per request) as raw text: one segment unless causal."""
-    prompt = body.prompt
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-        if len(prompt) != 1:
-            raise APIError(400, "one prompt per request (n=1)", param="prompt", code="unsupported_value")
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        _check_chars(served, len(prompt), "prompt")
-        try:
-            return encode_text(served.tokenizer, prompt, policy)
-        except ValueError as error:
-            raise APIError(400, str(error), param="prompt", code="invalid_value") from None
-    if not prompt:
-        raise APIError(400, "prompt must not be empty", param="prompt", code="invalid_value")
-    bad = [t for t in prompt if not 0 <= t < served.vocab_size]
-    if bad:
-        raise APIError(
-            400, f"token id {bad[0]} is outside the vocabulary [0, {served.vocab_size})", param="prompt"
-        )
-    return encode_tokens(prompt, policy)
-
-
-def _check_chars(served: Served, chars: int, param: str) -> None:
-    """Refuse a prompt over max_prompt_chars, or one that cannot fit the context whatever its tokens."""
-    if chars > served.max_chars:
-        raise APIError(
-            400,
-            f"the prompt has {chars} characters; this server accepts at most {served.max_chars} "
-            "(max_prompt_chars)",
-            param=param,
-            code="context_length_exceeded",
-        )
-
-
-def _submit(
-    served: Served,
-    scheduler: Scheduler,
-    body: BaseRequest,
-    encoded: Encoded,
-    policy: MaskPolicy,
-    prompt_param: str,
-) -> Job:
-    """Check the lengths against the limits and the context, and enqueue the job (429 when the queue is full)."""
-    prompt_len, context, max_tokens = len(encoded.input_ids), served.max_context, body.token_limit()
-    if served.max_prompt_tokens < prompt_len < context:
-        raise APIError(
-            400,
-            f"the prompt has {prompt_len} tokens; this server accepts at most {served.max_prompt_tokens} "
-            "(max_prompt_tokens)",
-            param=prompt_param,
-            code="context_length_exceeded",
-        )
-    if prompt_len >= context:
-        raise APIError(
-            400,
-            f"the prompt has {prompt_len} tokens; this server's context is {context} tokens (prompt + completion)",
-            param=prompt_param,
-            code="context_length_exceeded",
-        )
-    if max_tokens is None:
-        max_tokens = context - prompt_len
-    elif prompt_len + max_tokens > context:
-        raise APIError(
-            400,
-            f"max_tokens {max_tokens} + {prompt_len} prompt tokens exceed the context of {context} tokens",
-            param="max_tokens",
-            code="context_length_exceeded",
-        )
-    sampling = Sampling(max_tokens, body.temperature, body.top_p, body.seed, body.stops())
-    job = served.engine.new_job(encoded, policy, sampling)
-    try:
-        scheduler.submit(job)
-    except QueueFull as full:
-        retry = served.config.retry_after_s
-        raise APIError(
-            429,
-            f"the server is busy ({full.waiting} requests waiting); retry after {retry} s",
-            type="rate_limit_error",
-            code="queue_full",
-            headers={"Retry-After": str(retry)},
-        ) from None
-    return job
 
 
 # --------------------------------------------------------------------------------------------- responses

@@ -15,10 +15,8 @@ suite (:mod:`segmask.tasks.commonsense`) from one :class:`EvalConfig`. Two ways 
                target ``"the correct answer is <label>"`` with its EOS, is then scored causally against that
                KV cache and the candidate with the highest summed log-probability is the prediction.
 
-A prompt whose answer would not fit the model's context (``max_position_embeddings``) is never scored as
-is: the ``overflow`` policy refuses it (``error``, naming the record), cuts prompt content from the start of
-its longest turn until it fits (``truncate``, as training's ``truncate_prompt``), or leaves it out (``skip``);
-each task's ``truncated`` and ``skipped`` counts are in the results.
+A prompt whose answer would not fit the model's context is never scored as is: the ``overflow`` policy of
+:mod:`segmask.eval_overflow` refuses, truncates or skips it; each task's counts are in the results.
 
 Accuracy comes with a 95% Wilson interval; the suite's score is the unweighted mean over tasks. Each run
 writes ``results.json`` and ``results.predictions.jsonl`` (one line per record, for audit and for the paired
@@ -41,48 +39,14 @@ from tqdm.auto import tqdm
 from segmask import compat, results
 from segmask.attention import enable
 from segmask.collate import pad_token_id
+from segmask.eval_overflow import OVERFLOWS, Overflow, context_length, fit_prompt, overflow_counts, resumable
 from segmask.generation import completion, eos_token_ids, generate_ids, left_pad, prefill
 from segmask.masks import check_policy
-from segmask.segments import Encoded, encode_chat, encode_instruction, truncate_prompt
+from segmask.segments import Encoded, encode_chat, encode_instruction
 from segmask.tasks import commonsense
 
 Scoring = Literal["generate", "loglik"]
 SCORINGS: tuple[str, ...] = get_args(Scoring)
-Overflow = Literal["error", "truncate", "skip"]
-OVERFLOWS: tuple[str, ...] = get_args(Overflow)
-
-
-# ------------------------------------------------------------------------------------------- context
-
-
-def context_length(model: nn.Module) -> int | None:
-    """The positions the model was trained for (``max_position_embeddings``), or ``None`` when unknown."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return int(getattr(config, "max_position_embeddings", 0) or 0) or None
-
-
-def fit_prompt(
-    prompt: Encoded, room: int, context: int | None, overflow: Overflow, name: str
-) -> Encoded | None:
-    """``prompt`` if it and ``room`` answer tokens fit ``context`` positions; otherwise, by ``overflow``, a
-    ``ValueError`` naming the record ``name`` and the lengths (``error``), the prompt cut to fit
-    (``truncate``: :func:`segmask.segments.truncate_prompt`, template and segments kept) or ``None`` (``skip``).
-    """
-    if context is None or len(prompt) + room <= context:
-        return prompt
-    if overflow == "skip":
-        return None
-    if overflow == "truncate":
-        try:
-            return truncate_prompt(prompt, context - room)
-        except ValueError as error:
-            raise ValueError(
-                f"{name}: cannot truncate to the model's context of {context}: {error}"
-            ) from None
-    raise ValueError(
-        f"{name}: its prompt of {len(prompt)} tokens and {room} answer tokens exceed the model's context of "
-        f"{context} positions; choose overflow 'truncate' or 'skip' (segmask eval --overflow)"
-    )
 
 
 # -------------------------------------------------------------------------------------------- loglik
@@ -384,16 +348,7 @@ def evaluate(
     journal = _journal(config, name, loaded) if config.out is not None else None
     try:
         predictions = _predict_tasks(model, tokenizer, loaded, config, progress, journal)
-        counts = {task.name: {"truncated": 0, "skipped": len(task.records)} for task in loaded}
-        for prediction in predictions:
-            counts[prediction.task]["skipped"] -= 1
-            counts[prediction.task]["truncated"] += prediction.truncated > 0
-        for task in loaded:
-            if counts[task.name]["skipped"] == len(task.records):
-                raise ValueError(
-                    f"every record of {task.name} is longer than the model's context "
-                    f"({context_length(model)} positions); nothing to score"
-                )
+        counts = overflow_counts(loaded, predictions, context_length(model))
     except BaseException:
         if journal is not None:
             journal.close()
@@ -464,8 +419,7 @@ def _predict_tasks(
     predictions: list[results.Prediction] = []
     for task in loaded:
         done = journal.done_for(task.name, [r["answer"] for r in task.records]) if journal else None
-        if done and config.overflow != "truncate":  # a truncated prediction stands only under truncate
-            done = {index: p for index, p in done.items() if not p.truncated}
+        done = resumable(done, config.overflow)
         record = journal.add if journal else None
         if config.scoring == "loglik":
             predictions += loglik_predictions(

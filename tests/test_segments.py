@@ -26,6 +26,7 @@ from segmask.segments import (
     encode_text,
     encode_tokens,
     instruction_messages,
+    sink_segments,
 )
 from segmask.turns import chat_layout, token_layout
 
@@ -272,6 +273,67 @@ def test_literal_segment_ids_per_policy(smollm2_tokenizer, policy, column):
     assert encoded.segment_ids == [row[column] for row in SHORT_CHAT_TOKENS]
     labelled = [row[4] for row in SHORT_CHAT_TOKENS]
     assert encoded.labels == [t if y else IGNORE_INDEX for t, y in zip(encoded.input_ids, labelled)]
+
+
+# ------------------------------------------------------------------------------------- causal sink
+
+
+def test_sink_segments_is_token_zero_causal():
+    assert sink_segments([0, 0, 0, 1, 1, -1, -1]) == [-1, 0, 0, 1, 1, -1, -1]
+    assert sink_segments([-1, -1]) == [-1, -1] and sink_segments([0]) == [-1]
+
+
+@pytest.mark.parametrize("policy", ["mas", "prefix", "causal"])
+def test_causal_sink_without_bos(smollm2_tokenizer, policy):
+    """SmolLM2 adds no BOS: the first prompt token (``<|im_start|>`` of the system turn) becomes causal."""
+    plain = encode_chat(smollm2_tokenizer, SHORT_CHAT, policy=policy)
+    assert (
+        encode_chat(smollm2_tokenizer, SHORT_CHAT, policy=policy, causal_sink=False) == plain
+    )  # default off
+    sink = encode_chat(smollm2_tokenizer, SHORT_CHAT, policy=policy, causal_sink=True)
+    expected = {
+        "mas": [-1] + [0] * 7 + [1] * 7 + [-1] * 8,
+        "prefix": [-1] + [0] * 14 + [-1] * 8,
+        "causal": [-1] * 23,
+    }[policy]
+    assert sink.segment_ids == expected
+    assert sink.input_ids == plain.input_ids and sink.labels == plain.labels
+    record = encode_instruction(smollm2_tokenizer, RECORD, policy=policy, causal_sink=True)
+    assert smollm2_tokenizer.decode(record.input_ids[:1]) == "Below"
+    assert record.segment_ids[:3] == ([-1, -1, -1] if policy == "causal" else [-1, 0, 0])
+
+
+def test_causal_sink_with_bos(family_tokenizers, stories_tokenizer):
+    """Llama-3's template opens with its BOS: that token becomes causal, the system turn stays segment 0."""
+    tokenizer = family_tokenizers["llama3"]
+    sink = encode_chat(tokenizer, SHORT_CHAT, policy="mas", causal_sink=True)
+    assert tokenizer.decode(sink.input_ids[:2]) == "<|begin_of_text|><|start_header_id|>"
+    assert sink.segment_ids == [-1] + [0] * 9 + [1] * 8 + [-1] * 9
+    assert encode_chat(tokenizer, SHORT_CHAT, policy="mas").segment_ids == [0] * 10 + [1] * 8 + [-1] * 9
+    # stories260K's tokenizer adds <s>: the paper's template and a raw text keep it causal
+    record = encode_instruction(stories_tokenizer, RECORD, policy="mas", causal_sink=True)
+    assert record.input_ids[0] == stories_tokenizer.bos_token_id
+    assert runs(record.segment_ids) == [-1, 0, 1, -1] and record.segment_ids[:3] == [-1, 0, 0]
+    text = encode_text(stories_tokenizer, "Once upon a time", "prefix", causal_sink=True)
+    assert text.input_ids == [1, 403, 407, 261, 378] and text.segment_ids == [-1, 0, 0, 0, 0]
+    assert encode_tokens([5, 6, 7], "mas", causal_sink=True) == Encoded([5, 6, 7], [-1, 0, 0], [-100] * 3)
+    assert encode_tokens([5, 6, 7], "causal", causal_sink=True) == encode_tokens([5, 6, 7], "causal")
+
+
+def test_truncate_prompt_never_cuts_the_sink(smollm2_tokenizer):
+    """Without a BOS the sink is the system sentence's first word; prompt truncation cuts after it."""
+    full = encode_instruction(smollm2_tokenizer, RECORD, policy="mas", causal_sink=True)
+    cut = encode_instruction(
+        smollm2_tokenizer,
+        RECORD,
+        policy="mas",
+        causal_sink=True,
+        cutoff=len(full) - 5,
+        overflow="truncate_prompt",
+    )
+    assert len(cut) == len(full) - 5
+    assert cut.input_ids[0] == full.input_ids[0] and cut.segment_ids[:2] == [-1, 0]
+    assert cut.input_ids[1] != full.input_ids[1]  # the system sentence (the longest turn) lost its start
 
 
 def test_literal_generation_prompt(smollm2_tokenizer):

@@ -22,6 +22,14 @@ turns and the generation prompt are causal (-1); labels fall on assistant conten
 Policies (see :mod:`segmask.masks`): ``mas`` as above; ``prefix``: every token before the final assistant
 turn (or the generation prompt) is segment 0, so only that final turn is trained; ``causal``: all -1.
 
+``causal_sink=True`` (every encoder; off by default) keeps token 0 causal under ``mas`` and ``prefix``: the
+tokenizer's BOS, or the first prompt token when the tokenizer adds none. That token is a causally
+pretrained model's attention sink; inside a bidirectional segment its keys and values would depend on the
+rest of the segment. The rule is :func:`sink_segments`::
+
+    mas                   0  0  0  1  1 -1 -1
+    mas, causal_sink     -1  0  0  1  1 -1 -1
+
 How turns are found in any chat template (and tokens mapped to turns): :mod:`segmask.turns`.
 
 Instruction records (LLM-Adapters: ``instruction``, ``input``, ``output``, ``answer``) use the Alpaca
@@ -169,6 +177,23 @@ def _encode(
     return Encoded(list(ids), segment_ids, labels, prompt_turns)  # checks that labelled tokens are causal
 
 
+def sink_segments(segment_ids: Sequence[int]) -> list[int]:
+    """``segment_ids`` with token 0 (the attention sink: BOS, else the first prompt token) made causal (-1).
+
+    ``[0, 0, 0, 1, 1, -1, -1]`` -> ``[-1, 0, 0, 1, 1, -1, -1]``. The one place the sink rule is written.
+    """
+    return [-1, *segment_ids[1:]]
+
+
+def _with_sink(encoded: Encoded, policy: MaskPolicy, causal_sink: bool) -> Encoded:
+    """``encoded`` with :func:`sink_segments` applied under ``mas`` and ``prefix`` when ``causal_sink``;
+    the sink is then no prompt content, so :func:`truncate_prompt` never cuts it."""
+    if not causal_sink or policy == "causal" or not encoded.input_ids:
+        return encoded
+    turns_ = [-1, *encoded.prompt_turns[1:]] if encoded.prompt_turns else []
+    return Encoded(encoded.input_ids, sink_segments(encoded.segment_ids), encoded.labels, turns_)
+
+
 def _labelled_turns(roles: list[str], train_on: TrainOn) -> set[int]:
     if train_on not in ("all", "last"):
         raise ValueError(f"train_on must be 'all' or 'last', got {train_on!r}")
@@ -186,6 +211,7 @@ def encode_chat(
     overflow: Overflow = "raise",
     chat_template: str | None = None,
     template_kwargs: Mapping[str, Any] | None = None,
+    causal_sink: bool = False,
 ) -> Encoded | None:
     """Tokens, segment ids and labels of a conversation under the tokenizer's chat template.
 
@@ -194,7 +220,7 @@ def encode_chat(
     content and end-of-turn (``train_on="last"``: only the last), but only turns that are causal under the
     policy (under ``prefix`` the final one). ``chat_template`` overrides the tokenizer's template;
     ``template_kwargs`` go to the template. With ``cutoff`` see :func:`apply_cutoff` (``None`` only for a
-    dropped conversation).
+    dropped conversation). ``causal_sink``: token 0 causal under ``mas``/``prefix`` (:func:`sink_segments`).
     """
     policy = check_policy(policy)
     messages = check_messages(messages)
@@ -218,7 +244,8 @@ def encode_chat(
     labelled = _labelled_turns(roles, train_on)
     if add_generation_prompt:
         roles.append("assistant")  # the generation prompt (turn len(messages)) opens an answer
-    return apply_cutoff(_encode(ids, token_turns, token_kinds, roles, policy, labelled), cutoff, overflow)
+    encoded = _with_sink(_encode(ids, token_turns, token_kinds, roles, policy, labelled), policy, causal_sink)
+    return apply_cutoff(encoded, cutoff, overflow)
 
 
 # --------------------------------------------------------------------------------------- instructions
@@ -274,6 +301,7 @@ def encode_instruction(
     chat_template: bool | str = False,
     cutoff: int | None = None,
     overflow: Overflow = "raise",
+    causal_sink: bool = False,
 ) -> Encoded | None:
     """Tokens, segment ids and labels of an LLM-Adapters record (``instruction``, ``input``, ``output``).
 
@@ -282,7 +310,8 @@ def encode_instruction(
     sentence is segment 0, instruction and input segment 1, ``### Response:`` and the answer causal.
     ``include_answer=False`` ends at ``### Response:\\n`` (a prompt for generation). ``chat_template=True``
     (or a Jinja string) renders the record as system, user and assistant turns with a chat template instead.
-    Labels fall on the answer (and EOS) only. With ``cutoff`` see :func:`apply_cutoff`.
+    Labels fall on the answer (and EOS) only. With ``cutoff`` see :func:`apply_cutoff`. ``causal_sink``:
+    the BOS (else the first token) causal under ``mas``/``prefix`` (:func:`sink_segments`).
     """
     policy = check_policy(policy)
     if chat_template is not False:
@@ -294,6 +323,7 @@ def encode_instruction(
             cutoff=cutoff,
             overflow=overflow,
             chat_template=chat_template if isinstance(chat_template, str) else None,
+            causal_sink=causal_sink,
         )
     pieces = instruction_pieces(record, include_answer)
     text = "".join(piece for piece, _, _ in pieces)
@@ -307,30 +337,31 @@ def encode_instruction(
         ids, token_turns, token_kinds = ids + [eos], token_turns + [2], token_kinds + [END]
     labelled = {2} if include_answer else set()
     encoded = _encode(ids, token_turns, token_kinds, ["system", "user", "assistant"], policy, labelled)
-    return apply_cutoff(encoded, cutoff, overflow)
+    return apply_cutoff(_with_sink(encoded, policy, causal_sink), cutoff, overflow)
 
 
 # ------------------------------------------------------------------------------------------- raw text
 
 
-def encode_tokens(input_ids: Sequence[int], policy: MaskPolicy = "mas") -> Encoded:
+def encode_tokens(input_ids: Sequence[int], policy: MaskPolicy = "mas", causal_sink: bool = False) -> Encoded:
     """Raw token ids as a prompt, without labels: one bidirectional segment (0), all causal under ``causal``.
 
     This is the only place raw text meets a policy: a text has no turns, so ``mas`` and ``prefix`` both
-    make the whole of it one prompt segment.
+    make the whole of it one prompt segment (with ``causal_sink``, all but token 0: :func:`sink_segments`).
     """
     policy = check_policy(policy)
     ids = list(input_ids)
     segment = -1 if policy == "causal" else 0
-    return Encoded(input_ids=ids, segment_ids=[segment] * len(ids), labels=[IGNORE_INDEX] * len(ids))
+    encoded = Encoded(input_ids=ids, segment_ids=[segment] * len(ids), labels=[IGNORE_INDEX] * len(ids))
+    return _with_sink(encoded, policy, causal_sink)
 
 
-def encode_text(tokenizer, text: str, policy: MaskPolicy = "mas") -> Encoded:
+def encode_text(tokenizer, text: str, policy: MaskPolicy = "mas", causal_sink: bool = False) -> Encoded:
     """A raw text (no template) as a prompt: tokenized as is, then :func:`encode_tokens`."""
     ids = tokenizer(text)["input_ids"]
     if not ids:
         raise ValueError("empty prompt: the text tokenizes to no tokens")
-    return encode_tokens(ids, policy)
+    return encode_tokens(ids, policy, causal_sink)
 
 
 # ------------------------------------------------------------------------------------------- cutoff

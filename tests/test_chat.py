@@ -78,6 +78,23 @@ def test_chat_session_reuses_cache_and_equals_full_reprefill(stories, tokenizer)
     assert [m["role"] for m in session.messages] == ["system"] + ["user", "assistant"] * 3
 
 
+def test_chat_session_with_a_causal_sink_reuses_cache_and_equals_full_reprefill(stories, tokenizer):
+    session = ChatSession(
+        stories, tokenizer, policy="mas", system=CHAT[0]["content"], causal_sink=True, max_new_tokens=6
+    )
+    for turn, user in enumerate(["Tell me about a cat.", "What was its name?"]):
+        before = session.messages + [{"role": "user", "content": user}]
+        expected = generate(stories, tokenizer, [before], policy="mas", causal_sink=True, max_new_tokens=6)[0]
+        assert session.send(user) == expected.text
+        encoded = encode_chat(tokenizer, before, policy="mas", add_generation_prompt=True, causal_sink=True)
+        assert encoded.segment_ids[:2] == [-1, 0]
+        ids, segments = torch.tensor([encoded.input_ids]), torch.tensor([encoded.segment_ids])
+        _, reference = prefill(stories, ids, segments)
+        assert_caches_close(session._cache, reference, len(encoded.input_ids) - 1)
+        if turn:
+            assert session.last_turn.reused > session.last_turn.prefilled > 0
+
+
 def test_chat_session_on_a_sliding_window_model(tokenizer):
     """Prompts longer than the window: a cache that cannot be cropped back is re-prefilled, still exact."""
     mistral = tiny("mistral")

@@ -114,6 +114,26 @@ def test_mas_greedy_equals_naive_full_forward(model, tokenizer):
     assert encode_prompt(tokenizer, CHAT, "mas").segment_ids[-1] == -1
 
 
+def test_causal_sink_greedy_equals_naive_full_forward(stories, tokenizer):
+    """With ``causal_sink`` every prompt's token 0 is causal (<s> of a text or record; the chat template
+    adds none, so there its first token), batched and streamed."""
+    eos = {tokenizer.eos_token_id}
+    prompts = [CHAT, STORY, {"instruction": "Tell me about a cat."}]
+    encoded = [encode_prompt(tokenizer, p, "mas", causal_sink=True) for p in prompts]
+    assert [e.segment_ids[:2] for e in encoded] == [[-1, 0]] * 3
+    assert [e.input_ids[0] == tokenizer.bos_token_id for e in encoded] == [False, True, True]
+    options = dict(do_sample=False, max_new_tokens=8)
+    results = generate(stories, tokenizer, prompts, policy="mas", causal_sink=True, **options)
+    for e, result in zip(encoded, results):
+        assert result.token_ids == naive_greedy(stories, e, 8, eos)
+    assert (
+        "".join(stream(stories, tokenizer, STORY, policy="mas", causal_sink=True, **options))
+        == results[1].text
+    )
+    plain = generate(stories, tokenizer, STORY, policy="mas", **options)[0]
+    assert generate(stories, tokenizer, STORY, policy="mas", causal_sink=False, **options)[0] == plain
+
+
 def test_mas_changes_the_output_of_a_real_model(stories, tokenizer):
     """Guard against a silently causal pipeline: MAS prefill must change the prompt's continuation."""
     causal = generate(stories, tokenizer, STORY, policy="causal", do_sample=False, max_new_tokens=10)

@@ -75,8 +75,10 @@ class ChatSession:
     prefix that :func:`reusable_prefix` allows, and prefills only the rest (normally the new user turn),
     so the result equals re-prefilling the whole conversation. Under ``prefix`` the whole prompt is one
     segment, so every earlier token would have to see the new turn: the cache cannot be reused and each
-    turn re-prefills the conversation (exact, slower). ``policy``, ``system`` and the messages can be
-    changed between turns; the cache follows.
+    turn re-prefills the conversation (exact, slower). ``causal_sink`` keeps token 0 causal under
+    ``mas``/``prefix`` (:func:`segmask.segments.sink_segments`); as it is a leading causal token, the cache
+    after it is reused as before. ``policy``, ``causal_sink``, ``system`` and the messages can be changed
+    between turns; the cache follows.
     """
 
     def __init__(
@@ -85,6 +87,7 @@ class ChatSession:
         tokenizer,
         policy: MaskPolicy = "mas",
         system: str | None = None,
+        causal_sink: bool = False,
         **generation_kwargs,
     ) -> None:
         if getattr(tokenizer, "chat_template", None) is None:
@@ -92,6 +95,7 @@ class ChatSession:
         self.model = model
         self.tokenizer = tokenizer
         self.policy: MaskPolicy = check_policy(policy)
+        self.causal_sink = causal_sink
         self.system = system
         generation_kwargs.setdefault("pad_token_id", pad_token_id(tokenizer))
         if "max_new_tokens" not in generation_kwargs and "max_length" not in generation_kwargs:
@@ -165,6 +169,7 @@ class ChatSession:
             self.messages + [{"role": "user", "content": text}],
             policy=self.policy,
             add_generation_prompt=True,
+            causal_sink=self.causal_sink,
         )
         ids, segments = encoded.input_ids, encoded.segment_ids
         # Keeping at most all tokens but the last is exact even inside the last token's segment: the cached

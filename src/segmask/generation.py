@@ -70,20 +70,25 @@ def __getattr__(name: str) -> Any:
 # --------------------------------------------------------------------------------------------- encoding
 
 
-def encode_prompt(tokenizer, prompt: Prompt, policy: MaskPolicy) -> Encoded:
+def encode_prompt(tokenizer, prompt: Prompt, policy: MaskPolicy, causal_sink: bool = False) -> Encoded:
     """Tokens and segment ids of one prompt, ready for generation.
 
     A conversation gets the chat template and the generation prompt (the assistant header, causal); an
     instruction record gets the instruction template without its answer; a raw string is tokenized as is
-    and forms one prompt segment (all causal under ``causal``).
+    and forms one prompt segment (all causal under ``causal``). ``causal_sink``: token 0 causal under
+    ``mas``/``prefix`` (:func:`segmask.segments.sink_segments`).
     """
     check_policy(policy)
     if isinstance(prompt, str):
-        return encode_text(tokenizer, prompt, policy)
+        return encode_text(tokenizer, prompt, policy, causal_sink=causal_sink)
     if isinstance(prompt, dict):
-        return encode_instruction(tokenizer, prompt, policy=policy, include_answer=False)
+        return encode_instruction(
+            tokenizer, prompt, policy=policy, include_answer=False, causal_sink=causal_sink
+        )
     if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
-        return encode_chat(tokenizer, prompt, policy=policy, add_generation_prompt=True)
+        return encode_chat(
+            tokenizer, prompt, policy=policy, add_generation_prompt=True, causal_sink=causal_sink
+        )
     raise ValueError(
         "a prompt must be a string, a conversation (a non-empty list of {'role', 'content'} messages) "
         f"or an instruction record (a dict); got {type(prompt).__name__}"
@@ -257,6 +262,7 @@ def generate(
     tokenizer,
     inputs: Prompt | Sequence[Prompt],
     policy: MaskPolicy = "mas",
+    causal_sink: bool = False,
     **generation_kwargs,
 ) -> list[Completion]:
     """Generate for one prompt or a list of them with MAS prefill; returns one :class:`Completion` per row.
@@ -264,12 +270,13 @@ def generate(
     A prompt is a conversation (list of ``{"role", "content"}`` messages), an instruction record or a raw
     string (see :func:`encode_prompt`). Prompts are batched with left padding. ``generation_kwargs`` go
     to transformers' ``generate`` (``max_new_tokens``, ``do_sample``, ``num_beams``, ...); with
-    ``num_return_sequences=R`` the list holds ``R`` consecutive completions per prompt.
+    ``num_return_sequences=R`` the list holds ``R`` consecutive completions per prompt. ``causal_sink``
+    keeps each prompt's token 0 causal under ``mas``/``prefix`` (:func:`segmask.segments.sink_segments`).
     """
     policy = check_policy(policy)
     prompts = as_prompt_list(inputs)
     pad_id = pad_token_id(tokenizer)
-    batch = left_pad([encode_prompt(tokenizer, p, policy) for p in prompts], pad_id)
+    batch = left_pad([encode_prompt(tokenizer, p, policy, causal_sink) for p in prompts], pad_id)
     generation_kwargs.setdefault("pad_token_id", pad_id)
     output = generate_ids(
         model, batch["input_ids"], batch["segment_ids"], batch["attention_mask"], **generation_kwargs
@@ -306,11 +313,12 @@ def stream(
     tokenizer,
     prompt: Prompt,
     policy: MaskPolicy = "mas",
+    causal_sink: bool = False,
     **generation_kwargs,
 ) -> Iterator[str]:
-    """Generate for one prompt, yielding text pieces as they are decoded."""
+    """Generate for one prompt, yielding text pieces as they are decoded (``causal_sink`` as in :func:`generate`)."""
     policy = check_policy(policy)
-    encoded = encode_prompt(tokenizer, prompt, policy)
+    encoded = encode_prompt(tokenizer, prompt, policy, causal_sink)
     input_ids = torch.tensor([encoded.input_ids])
     segment_ids = torch.tensor([encoded.segment_ids])
     generation_kwargs.setdefault("pad_token_id", pad_token_id(tokenizer))

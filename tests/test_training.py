@@ -256,6 +256,7 @@ def prefix_run(stories_path, data_file, tmp_path_factory) -> Path:
 def test_output_folder_records_the_run(prefix_run, stories_path, data_file, records):
     info = json.loads((prefix_run / "segmask.json").read_text())
     assert info["policy"] == "prefix" and info["template"] == "alpaca" and info["adapter"] is False
+    assert info["causal_sink"] is False and loading.resolve_causal_sink(prefix_run) is False
     assert info["base_model"] == str(stories_path.resolve())
     assert info["data_fingerprint"] == training.data.fingerprint(records)
     assert info["train_config"]["mask"] == "prefix" and info["train_config"]["data"] == [str(data_file)]
@@ -287,6 +288,35 @@ def test_output_folders_load_with_their_recorded_policy(prefix_run, stories_path
         b = from_adapter(tokens, segment_ids=segment_ids).logits
         assert not torch.allclose(a, base(tokens).logits, atol=1e-4)  # the fine-tuned weights, not the base
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_causal_sink_is_trained_recorded_and_given_back(stories_path, data_file, records, tmp_path):
+    encoded = training.data.encode_records(
+        loading.load_tokenizer(stories_path), records[:2], "mas", 128, causal_sink=True
+    )
+    assert [row[:3] for row in encoded["segment_ids"]] == [[-1, 0, 0]] * 2  # <s> causal, the system segment 0
+    output = train(
+        tiny(stories_path, data_file, tmp_path / "sink", mask="mas", causal_sink=True, max_steps=2)
+    )
+    info = json.loads((output / "segmask.json").read_text())
+    assert info["causal_sink"] is True and info["train_config"]["causal_sink"] is True
+    assert loading.read_run_info(output).causal_sink is True
+    assert loading.resolve_causal_sink(output) is True
+    with pytest.warns(UserWarning, match="causal_sink=True"):
+        assert loading.resolve_causal_sink(output, False) is False
+    _, _, policy = loading.load_model(output)
+    assert policy == "mas"
+    assert loading.resolve_causal_sink(stories_path) is False  # not a run: off
+
+
+def test_a_run_saved_before_causal_sink_existed_resumes_without_it(stories_path, data_file, tmp_path):
+    config = tiny(stories_path, data_file, tmp_path / "run")
+    saved = {k: v for k, v in config.to_dict().items() if k != "causal_sink"}
+    training._check_same_run(config, saved, tmp_path)
+    with pytest.raises(ValueError, match="causal_sink changed"):
+        training._check_same_run(
+            tiny(stories_path, data_file, tmp_path / "run", causal_sink=True), saved, tmp_path
+        )
 
 
 def test_full_fine_tuning_writes_full_safetensors_weights(stories_path, data_file, tmp_path):

@@ -217,16 +217,21 @@ def template_name(records: Iterable[Record]) -> str:
 # ---- encoding ------------------------------------------------------------------------------------
 
 
-def encode_record(tokenizer, record: Record, policy: str, train_on_inputs: bool = False):
+def encode_record(
+    tokenizer, record: Record, policy: str, train_on_inputs: bool = False, causal_sink: bool = False
+):
     """One record as a :class:`segmask.segments.Encoded` (no length limit), or ``None`` if nothing is supervised.
 
     ``train_on_inputs`` (causal policy only: ``Encoded`` refuses labels on segment tokens) puts the loss
-    on the prompt too, as LLM-Adapters does by default.
+    on the prompt too, as LLM-Adapters does by default. ``causal_sink``: token 0 causal under ``mas`` and
+    ``prefix`` (:func:`segmask.segments.sink_segments`).
     """
     if record_kind(record) == "chat":
-        encoded = segments.encode_chat(tokenizer, record["messages"], policy=policy)
+        encoded = segments.encode_chat(tokenizer, record["messages"], policy=policy, causal_sink=causal_sink)
     else:
-        encoded = segments.encode_instruction(tokenizer, record, policy=policy, include_answer=True)
+        encoded = segments.encode_instruction(
+            tokenizer, record, policy=policy, include_answer=True, causal_sink=causal_sink
+        )
     if train_on_inputs:
         encoded = segments.Encoded(
             encoded.input_ids, encoded.segment_ids, list(encoded.input_ids), encoded.prompt_turns
@@ -276,20 +281,21 @@ def encode_records(
     cutoff_len: int,
     overflow: str = "drop",
     train_on_inputs: bool = False,
+    causal_sink: bool = False,
 ):
     """Encode and check every record: a ``datasets.Dataset`` with ``input_ids``, ``segment_ids``, ``labels``
     and ``length``, one row per record (packing happens per batch, in :class:`DataCollator`).
 
     Records longer than ``cutoff_len`` follow ``overflow`` (``raise``, ``drop``, ``truncate_prompt``: see
     :func:`segmask.segments.apply_cutoff_all`); answers are never cut. Records without a supervised token
-    are dropped; none left is a ``ValueError``.
+    are dropped; none left is a ``ValueError``. ``causal_sink`` as in :func:`encode_record`.
     """
     import datasets
 
     encoded = [
         e
         for record in records
-        if (e := encode_record(tokenizer, record, policy, train_on_inputs)) is not None
+        if (e := encode_record(tokenizer, record, policy, train_on_inputs, causal_sink)) is not None
     ]
     if not encoded:
         raise ValueError("no record has a supervised answer token")

@@ -8,9 +8,10 @@
 - a ``.gguf`` file, converted once to a safetensors folder in the user cache (``$SEGMASK_CACHE``, else
   ``$XDG_CACHE_HOME/segmask`` or ``~/.cache/segmask``), so later loads take a fraction of a second;
 - a segmask fine-tuned output folder holding ``segmask.json``
-  (``{"policy": ..., "base_model": ..., "template": ..., "adapter": true|false}``): a LoRA adapter over
-  ``base_model`` (merged on load) or a full model. Its saved policy becomes the default; overriding it warns,
-  because evaluating with a mask other than the one a model was trained with hurts.
+  (``{"policy": ..., "causal_sink": ..., "base_model": ..., "template": ..., "adapter": true|false}``): a LoRA
+  adapter over ``base_model`` (merged on load) or a full model. Its saved policy becomes the default; overriding
+  it warns, because evaluating with a mask other than the one a model was trained with hurts. Its saved
+  ``causal_sink`` is read by :func:`resolve_causal_sink` (default when absent: off).
 
 ``chat_template`` (a Jinja file, or an inline template; see :func:`read_chat_template`) replaces the
 tokenizer's chat template, so a base model without one (stories260K) can chat.
@@ -154,13 +155,15 @@ class RunInfo:
     base_model: str
     adapter: bool
     template: str | None = None
+    causal_sink: bool = False
 
     def __post_init__(self) -> None:
         check_policy(self.policy)
         if not isinstance(self.base_model, str) or not self.base_model:
             raise ValueError(f"{RUN_FILE}: 'base_model' must be a non-empty path, got {self.base_model!r}")
-        if not isinstance(self.adapter, bool):
-            raise ValueError(f"{RUN_FILE}: 'adapter' must be true or false, got {self.adapter!r}")
+        for name in ("adapter", "causal_sink"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{RUN_FILE}: {name!r} must be true or false, got {getattr(self, name)!r}")
 
 
 def read_run_info(folder: str | Path) -> RunInfo | None:
@@ -180,6 +183,7 @@ def read_run_info(folder: str | Path) -> RunInfo | None:
         base_model=data["base_model"],
         adapter=data.get("adapter", False),
         template=data.get("template"),
+        causal_sink=data.get("causal_sink", False),  # runs saved before the option had none
     )
 
 
@@ -196,6 +200,24 @@ def resolve_policy(saved: str | None, requested: str | None) -> MaskPolicy:
             )
         return requested  # type: ignore[return-value]
     return check_policy(saved) if saved is not None else DEFAULT_POLICY
+
+
+def resolve_causal_sink(path: str | Path, requested: bool | None = None) -> bool:
+    """Whether to keep token 0 causal (:func:`segmask.segments.sink_segments`) when running the model at
+    ``path``: ``requested`` if given, else what its run folder's ``segmask.json`` saved, else ``False``.
+    Overriding a saved value warns, as a policy override does."""
+    path = resolve_model(path)
+    run = read_run_info(path) if path.is_dir() else None
+    saved = run.causal_sink if run is not None else None
+    if requested is None:
+        return bool(saved)
+    if saved is not None and requested != saved:
+        warnings.warn(
+            f"this model was trained with causal_sink={saved}; running it with causal_sink={requested} instead",
+            UserWarning,
+            stacklevel=2,
+        )
+    return bool(requested)
 
 
 def cache_dir() -> Path:

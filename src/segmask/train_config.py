@@ -48,6 +48,10 @@ class TrainConfig:
     )
     output: str = _help("output folder (checkpoints, final weights, segmask.json, metrics)", "runs/train")
     mask: str = _help("mask policy: causal, mas or prefix", "mas")
+    causal_sink: bool = _help(
+        "keep token 0 (the BOS, else the first prompt token: the attention sink) causal under mas and prefix",
+        False,
+    )
     # data
     cutoff_len: int = _help("most tokens per example (prompt + answer)", 256)
     overflow: str = _help(

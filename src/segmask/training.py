@@ -13,7 +13,7 @@ What is written to ``output``::
 
     adapter_model.safetensors + adapter_config.json   (LoRA; with --merge: model.safetensors + config.json,
     model.safetensors + config.json                     the adapter kept in adapter/)   (full fine-tuning)
-    tokenizer files, segmask.json (policy, template, base model, config, data fingerprint)
+    tokenizer files, segmask.json (policy, causal_sink, template, base model, config, data fingerprint)
     checkpoint-N/ (atomic: written as checkpoint-N.tmp, then renamed), metrics.jsonl, loss_curve.png
 
 ``resume: true`` continues from the last complete checkpoint with the same data order, so the loss curve
@@ -71,6 +71,8 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # fields that may change between an interrupted run and its --resume: the flags themselves, and where the
 # run lives (a moved folder resumes); everything else defines the run
 RESUMABLE_CHANGES = frozenset({"resume", "overwrite", "merge", "output"})
+# fields added after runs were saved, with the value such a run had: it resumes unless the new one differs
+ADDED_FIELDS: dict[str, Any] = {"causal_sink": False}
 
 
 # ---- the run -------------------------------------------------------------------------------------
@@ -108,6 +110,7 @@ def train(config: TrainConfig, callbacks: Sequence[TrainerCallback] = ()) -> Pat
         cutoff_len=config.cutoff_len,
         overflow=config.overflow,
         train_on_inputs=config.train_on_inputs,
+        causal_sink=config.causal_sink,
     )
     train_set = data.encode_records(tokenizer, train_records, **encode)
     eval_set = data.encode_records(tokenizer, eval_records, **encode) if eval_records else None
@@ -149,6 +152,7 @@ def train(config: TrainConfig, callbacks: Sequence[TrainerCallback] = ()) -> Pat
 
     info = {
         "policy": config.mask,
+        "causal_sink": config.causal_sink,
         "template": data.template_name(records),
         "base_model": str(loading.resolve_model(config.model).resolve()),
         "adapter": config.lora_r > 0,
@@ -230,7 +234,9 @@ def saved_config(output: Path) -> dict[str, Any] | None:
 def _check_same_run(config: TrainConfig, saved: dict[str, Any], output: Path) -> None:
     """Refuse to resume with a config that changes the run (the data order and schedule depend on it)."""
     changed = sorted(
-        k for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES and saved.get(k) != v
+        k
+        for k, v in config.to_dict().items()
+        if k not in RESUMABLE_CHANGES and saved.get(k, ADDED_FIELDS.get(k)) != v
     )
     if changed:
         raise ValueError(

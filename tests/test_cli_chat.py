@@ -109,3 +109,21 @@ def test_chat_template_flag_lets_a_base_model_chat(stories_path, monkeypatch, ca
     assert main([*argv, "--chat-template", str(PLAIN_ROLES)]) == 0
     out = capsys.readouterr().out
     assert f"[mas] you> assistant> {first}\n[mas] you> assistant> {second}\n[mas] you> " in out
+
+
+def test_causal_sink_flag_chats_as_a_session_with_the_sink(stories_path, monkeypatch, capsys):
+    model, tokenizer, _ = load_model(stories_path)
+    tokenizer.chat_template = PLAIN_ROLES.read_text()
+    expected = ChatSession(model, tokenizer, policy="mas", causal_sink=True, max_new_tokens=6).send("A cat?")
+    argv = [
+        "chat",
+        "--model",
+        str(stories_path),
+        "--max-new-tokens",
+        "6",
+        "--chat-template",
+        str(PLAIN_ROLES),
+    ]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("A cat?\n/quit\n"))
+    assert main([*argv, "--causal-sink"]) == 0
+    assert f"[mas] you> assistant> {expected}\n" in capsys.readouterr().out

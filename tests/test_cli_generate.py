@@ -37,6 +37,17 @@ def test_raw_prompt_json_equals_library(stories_path, capsys):
     assert causal["token_ids"] != result["token_ids"]
 
 
+def test_causal_sink_flag_equals_library(stories_path, capsys):
+    argv = ["--model", str(stories_path), "--mask", "mas", "--prompt", STORY, "--max-new-tokens", "8"]
+    result = run_json(capsys, *argv, "--causal-sink")
+    model, tokenizer, _ = load_model(stories_path)
+    [expected] = generate(
+        model, tokenizer, STORY, policy="mas", causal_sink=True, max_new_tokens=8, do_sample=False
+    )
+    assert result == {"text": expected.text, "token_ids": expected.token_ids}
+    assert run_json(capsys, *argv, "--no-causal-sink") == run_json(capsys, *argv)  # off unless asked
+
+
 def test_messages_file_and_prompt_use_the_chat_template(stories_chat, tmp_path, capsys):
     messages = [{"role": "system", "content": "Tell stories."}, {"role": "user", "content": "A cat?"}]
     (tmp_path / "chat.json").write_text(json.dumps(messages))
@@ -105,10 +116,12 @@ def test_sampling_flags(stories_path, capsys, monkeypatch):
     monkeypatch.setattr(segmask.generation, "generate", spy)
     base = ["generate", "--model", str(stories_path), "--prompt", STORY, "--max-new-tokens", "3"]
     assert main([*base, "--temperature", "0.7", "--top-p", "0.9"]) == 0
-    assert seen == dict(max_new_tokens=3, do_sample=True, temperature=0.7, top_p=0.9, policy="mas")
+    assert seen == dict(
+        max_new_tokens=3, do_sample=True, temperature=0.7, top_p=0.9, policy="mas", causal_sink=False
+    )
     seen.clear()
     assert main([*base, "--greedy", "--mask", "prefix"]) == 0
-    assert seen == dict(max_new_tokens=3, do_sample=False, policy="prefix")
+    assert seen == dict(max_new_tokens=3, do_sample=False, policy="prefix", causal_sink=False)
     capsys.readouterr()
 
 

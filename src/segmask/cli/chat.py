@@ -16,7 +16,12 @@ from typing import TextIO
 
 from segmask import loading
 from segmask.chat import ChatSession
-from segmask.cli.options import add_model_arguments, add_sampling_arguments, generation_kwargs
+from segmask.cli.options import (
+    add_causal_sink_argument,
+    add_model_arguments,
+    add_sampling_arguments,
+    generation_kwargs,
+)
 from segmask.masks import POLICIES
 
 HELP = "commands: /system TEXT, /reset, /mask {" + ",".join(POLICIES) + "}, /quit"
@@ -24,6 +29,7 @@ HELP = "commands: /system TEXT, /reset, /mask {" + ",".join(POLICIES) + "}, /qui
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
+    add_causal_sink_argument(parser)
     parser.add_argument("--system", default=None, metavar="TEXT", help="system message")
     add_sampling_arguments(parser, max_new_tokens=256)
 
@@ -35,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
     )
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError(f"{args.model} has no chat template; pass one with --chat-template FILE")
-    session = ChatSession(model, tokenizer, policy=policy, system=args.system, **kwargs)
+    sink = loading.resolve_causal_sink(args.model, args.causal_sink)
+    session = ChatSession(model, tokenizer, policy=policy, system=args.system, causal_sink=sink, **kwargs)
     print(f"segmask chat: {args.model} ({HELP})", flush=True)
     return loop(session, sys.stdin, sys.stdout)
 

@@ -17,11 +17,17 @@ import json
 from pathlib import Path
 
 from segmask import generation, loading
-from segmask.cli.options import add_model_arguments, add_sampling_arguments, generation_kwargs
+from segmask.cli.options import (
+    add_causal_sink_argument,
+    add_model_arguments,
+    add_sampling_arguments,
+    generation_kwargs,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
+    add_causal_sink_argument(parser)
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument(
         "--prompt", metavar="TEXT", help="the user message (raw text if the model has no chat template)"
@@ -61,7 +67,9 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer, policy = loading.load_model(
         args.model, policy=args.mask, attn_implementation=args.attn, chat_template=args.chat_template
     )
-    [result] = generation.generate(model, tokenizer, [read_prompt(args, tokenizer)], policy=policy, **kwargs)
+    sink = loading.resolve_causal_sink(args.model, args.causal_sink)
+    prompt = read_prompt(args, tokenizer)
+    [result] = generation.generate(model, tokenizer, [prompt], policy=policy, causal_sink=sink, **kwargs)
     if args.json:
         print(json.dumps({"text": result.text, "token_ids": result.token_ids}))
     else:

@@ -106,6 +106,18 @@ def add_model_arguments(
     add_chat_template_argument(parser)
 
 
+def add_causal_sink_argument(parser: argparse.ArgumentParser) -> None:
+    """``--causal-sink / --no-causal-sink``: token 0 causal under mas and prefix
+    (:func:`segmask.segments.sink_segments`); absent, :func:`segmask.loading.resolve_causal_sink` decides."""
+    parser.add_argument(
+        "--causal-sink",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep token 0 (the BOS, else the first prompt token: the attention sink) causal under mas and "
+        "prefix (default: as the model was trained, else off)",
+    )
+
+
 def add_chat_template_argument(parser: argparse.ArgumentParser) -> None:
     """``--chat-template FILE``: a Jinja chat template in place of the model's, as vLLM's flag (a file, or the
     template itself on one line); :func:`segmask.loading.load_model`'s ``chat_template``."""

@@ -109,6 +109,14 @@ CASES = {
         torch.tensor([[0, 1, 1, 1, 2, 2, 2, 2, 2, 2], [0, 0, 0, 0, 1, 1, 1, 1, 1, 1]]),
         7,
     ),
+    # issue 20: the attention sink (token 0) kept causal in front of the system segment
+    "causal sink": (torch.tensor([[-1, 0, 0, 1, 1, 1, -1, -1]]), None, None, None),
+    "causal sink, left padded": (
+        torch.tensor([[-1, -1, -1, 0, 0, 1, -1, -1], [-1, 0, 0, 0, 1, 1, 1, -1]]),
+        torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 1]]),
+        None,
+        None,
+    ),
     "many short turns": (
         torch.tensor([[0, 1, 1, -1, -1, 2, 2, -1, 3, 3, 3, 3, -1, 4, -1]]),
         None,

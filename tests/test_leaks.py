@@ -29,6 +29,7 @@ def example(segment_ids: list[int]) -> Encoded:
 
 
 def test_leak_cuts_are_segment_boundaries_and_causal_positions():
+    assert leak_cuts([-1, 0, 0, 1, 1, -1, -1]) == [1, 3, 5, 6]  # a causal sink is a cut of its own
     assert leak_cuts([0, 0, 0, 1, 1, -1, -1, -1]) == [3, 5, 6, 7]
     assert leak_cuts([0, 0, 0, 0]) == []
     assert leak_cuts([-1, -1, -1]) == [1, 2]
@@ -43,7 +44,16 @@ def test_leak_check_accepts_a_recurring_segment_and_restores_training_mode():
     assert model.training
 
 
-@pytest.mark.parametrize("segment_ids", [[0, 0, 0, 1, 1, 1, -1, -1, -1], [-1] * 9, [0] * 6 + [-1] * 3])
+@pytest.mark.parametrize(
+    "segment_ids",
+    [
+        [0, 0, 0, 1, 1, 1, -1, -1, -1],
+        [-1] * 9,
+        [0] * 6 + [-1] * 3,
+        [-1, 0, 0, 1, 1, 1, -1, -1, -1],  # causal_sink: token 0 causal (issue 20)
+        [-1] + [0] * 5 + [-1] * 3,  # causal_sink under prefix
+    ],
+)
 def test_leak_check_passes_on_a_masked_model(segment_ids):
     assert leak_check(tiny_model(), example(segment_ids)) <= 1e-4
 

@@ -34,8 +34,10 @@ def model(stories_path):
     return segmask.enable(AutoModelForCausalLM.from_pretrained(stories_path).eval())
 
 
-def encode(tokenizer, messages, policy="mas"):
-    encoded = encode_chat(tokenizer, messages, policy=policy, add_generation_prompt=True)
+def encode(tokenizer, messages, policy="mas", causal_sink=False):
+    encoded = encode_chat(
+        tokenizer, messages, policy=policy, add_generation_prompt=True, causal_sink=causal_sink
+    )
     return encoded.input_ids, encoded.segment_ids
 
 
@@ -89,6 +91,26 @@ def test_reuse_of_the_system_segment_is_exact(model, tokenizer):
     output = decode(model, ids_tensor, torch.ones_like(ids_tensor), cache, max_new_tokens=12, do_sample=False)
     [reference] = generate(model, tokenizer, DOG, policy="mas", max_new_tokens=12, do_sample=False)
     assert output[0, len(ids) :].tolist()[: len(reference.token_ids)] == reference.token_ids
+
+
+def test_reuse_after_a_causal_sink_is_exact(model, tokenizer):
+    """With causal_sink the reusable prefix is the sink and the whole system segment after it (issue 20)."""
+    store = PrefixCache(model.config, max_bytes=1 << 30)
+    cat_ids, cat_segments = encode(tokenizer, CAT, causal_sink=True)
+    store.store(cat_ids, cat_segments, prompt_cache(model, cat_ids, cat_segments))
+    ids, segments = encode(tokenizer, DOG, causal_sink=True)
+    assert segments[:2] == [-1, 0]
+    hit = store.lookup(ids, segments)
+    assert hit is not None and hit.length == segments.index(1) > 1
+    assert store.lookup(*encode(tokenizer, DOG)) is None  # the same tokens without the sink: another key
+    full_logits, full_cache = prefill(model, torch.tensor([ids]), torch.tensor([segments]))
+    rest_logits, rest_cache = prefill(
+        model, torch.tensor([ids[hit.length :]]), torch.tensor([segments[hit.length :]]), None, hit.cache
+    )
+    torch.testing.assert_close(rest_logits, full_logits[:, hit.length :], atol=5e-5, rtol=1e-4)
+    for (keys, values, _), (ref_keys, ref_values, _) in zip(rest_cache, full_cache):
+        torch.testing.assert_close(keys, ref_keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(values, ref_values, atol=1e-5, rtol=1e-5)
 
 
 def test_lookup_backs_off_where_a_segment_continues(model, tokenizer):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -449,6 +451,117 @@ def test_resume_keeps_a_truncated_prediction_only_under_truncate(stories, long_a
     _stopped_run(model, tokenizer, long_arc, out, after=2, overflow="truncate", **settings)
     with pytest.raises(ValueError, match="ARC-Easy record 1: its prompt of 736 tokens"):
         _evaluate(model, tokenizer, long_arc, "ARC-Easy", scoring="loglik", out=out)  # error: rescored
+
+
+# ------------------------------------------------------------------------------------------ causal sink
+
+SKY = {
+    "instruction": "Is the sky blue?",
+    "input": "",
+    "output": "the correct answer is true",
+    "answer": "true",
+}
+# stories260K's loglik scores of SKY before causal_sink existed (commit 9ad9b3d): the option off changes none
+SKY_SCORES = {
+    "mas": {"true": -91.39106750488281, "false": -105.88955688476562},
+    "prefix": {"true": -91.02953338623047, "false": -105.28988647460938},
+    "causal": {"true": -90.68704223632812, "false": -104.1987075805664},
+}
+
+
+@pytest.fixture
+def sky(tmp_path) -> Path:
+    """A boolq task of one short record: a 107-token prompt (BOS, system 68, instruction 27, 11 causal)."""
+    folder = tmp_path / "sky"
+    folder.mkdir()
+    (folder / "boolq_test.json").write_text(json.dumps([SKY]))
+    return folder
+
+
+def _evaluated_segments(model, tokenizer, data_dir, **settings) -> tuple[list[int], dict]:
+    """The segment ids of the first prompt a run prefills (row 0 of the first call with them), and its report."""
+    seen = []
+    handle = model.register_forward_pre_hook(
+        lambda module, args, kwargs: (
+            seen.append(kwargs["segment_ids"][0].tolist()) if "segment_ids" in kwargs else None
+        ),
+        with_kwargs=True,
+    )
+    try:
+        report = _evaluate(model, tokenizer, data_dir, "boolq", **settings)
+    finally:
+        handle.remove()
+    return seen[0], report
+
+
+@pytest.mark.parametrize("scoring", ["loglik", "generate"])
+def test_the_causal_sink_keeps_token_0_of_an_evaluated_prompt_causal(stories, sky, tmp_path, scoring):
+    """stories260K adds a BOS: with the sink it is segment -1 under mas and prefix, the rest as before."""
+    model, tokenizer = stories
+    expected = {
+        ("mas", False): [0] * 69 + [1] * 27 + [-1] * 11,
+        ("mas", True): [-1] + [0] * 68 + [1] * 27 + [-1] * 11,
+        ("prefix", False): [0] * 96 + [-1] * 11,
+        ("prefix", True): [-1] + [0] * 95 + [-1] * 11,
+        ("causal", True): [-1] * 107,
+    }
+    for (policy, sink), segments in expected.items():
+        out = tmp_path / f"{policy}-{sink}.json"
+        seen, report = _evaluated_segments(
+            model, tokenizer, sky, policy=policy, scoring=scoring, max_new_tokens=2, causal_sink=sink, out=out
+        )
+        # generate prefills all but the last (causal) prompt token, which decoding then feeds
+        assert seen == (segments if scoring == "loglik" else segments[:-1]), (policy, sink)
+        assert report["causal_sink"] is sink and json.loads(out.read_text())["causal_sink"] is sink
+
+
+def test_scores_with_the_sink_off_are_unchanged(stories, sky, tmp_path):
+    model, tokenizer = stories
+    for policy, scores in SKY_SCORES.items():
+        for sink in (None, False):
+            out = tmp_path / f"{policy}-{sink}.json"
+            report = _evaluate(
+                model, tokenizer, sky, "boolq", policy=policy, scoring="loglik", causal_sink=sink, out=out
+            )
+            assert report["causal_sink"] is False  # None: off (segmask eval resolves it from the run)
+            [row] = _read_jsonl(tmp_path / f"{policy}-{sink}.predictions.jsonl")
+            assert row["scores"] == pytest.approx(scores, abs=1e-4), (policy, sink)
+    on = loglik_predictions(model, tokenizer, load_task(sky, "boolq"), "mas", False, causal_sink=True)
+    assert abs(on[0].scores["true"] - SKY_SCORES["mas"]["true"]) > 1e-3  # the sink changes mas scores
+    causal = loglik_predictions(model, tokenizer, load_task(sky, "boolq"), "causal", False, causal_sink=True)
+    assert causal[0].scores == pytest.approx(SKY_SCORES["causal"], abs=1e-4)  # and nothing under causal
+    with pytest.raises(ValueError, match="causal_sink must be true, false or None"):
+        EvalConfig(sky, "boolq", causal_sink="yes")
+
+
+def test_a_journal_of_the_other_sink_is_refused(stories, sky, tmp_path):
+    model, tokenizer = stories
+    out = tmp_path / "j.json"
+    settings = dict(policy="mas", scoring="loglik", tasks="boolq")
+    _stopped_run(model, tokenizer, sky, out, after=1, causal_sink=True, **settings)
+    with pytest.raises(ValueError, match="'causal_sink': True"):
+        _evaluate(model, tokenizer, sky, "boolq", scoring="loglik", out=out, causal_sink=False)
+
+
+def test_eval_cli_causal_sink_flag_and_the_runs_saved_value(stories_path, sky, tmp_path, capsys):
+    """--causal-sink / --no-causal-sink; absent, a run folder's saved causal_sink, else off."""
+    run = tmp_path / "run"
+    shutil.copytree(stories_path, run)
+    info = {"policy": "mas", "base_model": str(stories_path), "adapter": False, "causal_sink": True}
+    (run / "segmask.json").write_text(json.dumps(info))
+    for model, flags, sink in [
+        (stories_path, [], False),
+        (stories_path, ["--causal-sink"], True),
+        (run, [], True),
+        (run, ["--no-causal-sink"], False),
+    ]:
+        out = tmp_path / f"{model.name}{flags}.json"
+        argv = ["eval", "--model", str(model), "--data-dir", str(sky), "--tasks", "boolq", "--scoring"]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # overriding a saved value warns
+            assert main([*argv, "loglik", "--no-progress", "--out", str(out), *flags]) == 0
+        assert json.loads(out.read_text())["causal_sink"] is sink, (model, flags)
+    capsys.readouterr()
 
 
 # ---------------------------------------------------------------------------------- unwritable results

@@ -119,15 +119,23 @@ def rank_candidates(
 
 
 def chat_candidates(
-    tokenizer, messages: list[dict[str, str]], choices: Sequence[str], policy: str
+    tokenizer,
+    messages: list[dict[str, str]],
+    choices: Sequence[str],
+    policy: str,
+    causal_sink: bool = False,
 ) -> tuple[Encoded, dict[str, list[int]]]:
     """A chat prompt (``messages``, then the assistant header) and each choice's answer tokens as the
-    assistant's turn, exactly as training encodes them: the input of :func:`rank_candidates`."""
-    prompt = encode_chat(tokenizer, messages, policy=policy, add_generation_prompt=True)
+    assistant's turn, exactly as training encodes them: the input of :func:`rank_candidates`.
+    ``causal_sink``: token 0 causal under ``mas``/``prefix`` (:func:`segmask.segments.sink_segments`)."""
+    prompt = encode_chat(
+        tokenizer, messages, policy=policy, add_generation_prompt=True, causal_sink=causal_sink
+    )
     cut = len(prompt.input_ids)
     candidates = {}
     for choice in choices:
-        full = encode_chat(tokenizer, [*messages, {"role": "assistant", "content": choice}], policy)
+        conversation = [*messages, {"role": "assistant", "content": choice}]
+        full = encode_chat(tokenizer, conversation, policy, causal_sink=causal_sink)
         if full.input_ids[:cut] != prompt.input_ids or any(s != -1 for s in full.segment_ids[cut:]):
             raise ValueError("the prompt is not a prefix of prompt + answer, or the answer is not causal")
         candidates[choice] = full.input_ids[cut:]
@@ -143,12 +151,14 @@ def loglik_predictions(
     done: Mapping[int, results.Prediction] | None = None,
     on_prediction: Callable[[results.Prediction], None] | None = None,
     overflow: Overflow = "error",
+    causal_sink: bool = False,
 ) -> list[results.Prediction]:
     """Predict each record of ``task`` by the highest-scoring candidate answer (see the module docstring).
 
     Records whose index is in ``done`` keep that prediction (a resumed run); ``on_prediction`` sees each new
     one as soon as it is made. Every prompt is fitted to the model's context (:func:`fit_prompt`) before the
-    first is scored; a skipped record has no prediction.
+    first is scored; a skipped record has no prediction. ``causal_sink``: each prompt's token 0 causal under
+    ``mas``/``prefix`` (:func:`segmask.segments.sink_segments`).
     """
     done = done or {}
     context = context_length(model)
@@ -156,9 +166,11 @@ def loglik_predictions(
     for index, (record, labels) in enumerate(zip(task.records, task.candidates)):
         if index in done:
             continue
-        prompt = encode_instruction(tokenizer, record, policy=policy, include_answer=False)
+        prompt = encode_instruction(
+            tokenizer, record, policy=policy, include_answer=False, causal_sink=causal_sink
+        )
         candidates = {
-            label: commonsense.answer_continuation(tokenizer, record, label, policy, prompt)
+            label: commonsense.answer_continuation(tokenizer, record, label, policy, prompt, causal_sink)
             for label in labels
         }
         room = max(len(ids) for ids in candidates.values())
@@ -206,11 +218,12 @@ def generate_predictions(
     done: Mapping[int, results.Prediction] | None = None,
     on_prediction: Callable[[results.Prediction], None] | None = None,
     overflow: Overflow = "error",
+    causal_sink: bool = False,
 ) -> list[results.Prediction]:
     """The paper's protocol: MAS prefill, beam search, the first label found in the generated text.
 
-    ``done``, ``on_prediction`` and ``overflow`` as in :func:`loglik_predictions` (the room a prompt needs
-    is ``max_new_tokens``).
+    ``done``, ``on_prediction``, ``overflow`` and ``causal_sink`` as in :func:`loglik_predictions` (the room
+    a prompt needs is ``max_new_tokens``).
     """
     done = done or {}
     by_index = dict(done)
@@ -219,7 +232,9 @@ def generate_predictions(
     for index, record in enumerate(task.records):
         if index in done:
             continue
-        prompt = encode_instruction(tokenizer, record, policy=policy, include_answer=False)
+        prompt = encode_instruction(
+            tokenizer, record, policy=policy, include_answer=False, causal_sink=causal_sink
+        )
         kept = fit_prompt(prompt, max_new_tokens, context, overflow, f"{task.name} record {index}")
         if kept is not None:
             fitted[index] = (kept, len(prompt) - len(kept))
@@ -275,7 +290,9 @@ class EvalConfig:
     first N records of each task, so runs with the same limit share their records. With ``out`` the results
     go to that JSON file, the predictions beside it, and an unfinished run's predictions to a journal that
     ``resume`` picks up (see :func:`evaluate`). ``num_beams``, ``max_new_tokens`` and ``batch_size`` are the
-    decoding settings of ``generate`` scoring.
+    decoding settings of ``generate`` scoring. ``causal_sink`` keeps each prompt's token 0 causal under
+    ``mas``/``prefix`` (:func:`segmask.segments.sink_segments`); ``None`` is off here, and ``segmask eval``
+    resolves it to the run's saved value (:func:`segmask.loading.resolve_causal_sink`).
     """
 
     # metadata["help"] is each field's line in `segmask eval --help`
@@ -306,6 +323,13 @@ class EvalConfig:
             "truncate (cut prompt content) or skip (leave it out); counted per task in the results"
         },
     )
+    causal_sink: bool | None = field(
+        default=None,
+        metadata={
+            "help": "keep token 0 (the BOS, else the first prompt token: the attention sink) causal under mas "
+            "and prefix (default: as the model was trained, else off)"
+        },
+    )
 
     def __post_init__(self) -> None:
         check_policy(self.policy)
@@ -318,6 +342,8 @@ class EvalConfig:
         for name in ("num_beams", "max_new_tokens", "batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.causal_sink is not None and not isinstance(self.causal_sink, bool):
+            raise ValueError(f"causal_sink must be true, false or None, got {self.causal_sink!r}")
         object.__setattr__(self, "data_dir", str(self.data_dir))
         object.__setattr__(self, "tasks", tuple(commonsense.parse_tasks(self.tasks)))
         if self.out is not None:
@@ -333,7 +359,7 @@ def evaluate(
     Every task file is read and validated before the model runs, so a bad file fails fast. The results hold
     per-task ``accuracy``, ``ci_low``/``ci_high`` (95% Wilson), ``n``, ``correct``, ``unparseable``; the
     unweighted ``average``; ``model`` (``model_name``, else the model's own name), ``policy``, ``scoring``,
-    ``limit`` and the git ``commit``. With ``out``, predictions go to ``<out stem>.predictions.jsonl`` next
+    ``limit``, ``overflow``, ``causal_sink`` (``None`` counts as off) and the git ``commit``. With ``out``, predictions go to ``<out stem>.predictions.jsonl`` next
     to it.
 
     With ``out``, every prediction is also appended to ``<out stem>.partial.jsonl`` as soon as it is made,
@@ -355,6 +381,7 @@ def evaluate(
         raise
     run = {"model": name, "policy": config.policy, "scoring": config.scoring, "limit": config.limit}
     run["overflow"] = config.overflow
+    run["causal_sink"] = bool(config.causal_sink)
     report = results.run_results(predictions, run, {task.name: str(task.path) for task in loaded})
     for task_name, count in counts.items():
         report["tasks"][task_name] |= count
@@ -370,6 +397,8 @@ def _journal(config: EvalConfig, model_name: str, loaded: Sequence[commonsense.T
     """The run's journal; its header holds every setting that changes a prediction."""
     header = {"model": model_name, "tasks": list(config.tasks), "policy": config.policy}
     header |= {"scoring": config.scoring, "limit": config.limit}
+    if config.causal_sink:  # only when on: a journal written before the option resumes as off
+        header["causal_sink"] = True
     if config.scoring == "generate":  # decoding settings do not change loglik predictions
         header |= {key: getattr(config, key) for key in ("num_beams", "max_new_tokens", "batch_size")}
     header["files"] = [str(task.path.resolve()) for task in loaded]
@@ -416,6 +445,7 @@ def _predict_tasks(
     """Every task's predictions, keeping those ``journal`` already holds and recording the new ones."""
     enable(model)
     model.eval()
+    sink = bool(config.causal_sink)
     predictions: list[results.Prediction] = []
     for task in loaded:
         done = journal.done_for(task.name, [r["answer"] for r in task.records]) if journal else None
@@ -423,7 +453,7 @@ def _predict_tasks(
         record = journal.add if journal else None
         if config.scoring == "loglik":
             predictions += loglik_predictions(
-                model, tokenizer, task, config.policy, progress, done, record, config.overflow
+                model, tokenizer, task, config.policy, progress, done, record, config.overflow, sink
             )
         else:
             predictions += generate_predictions(
@@ -438,6 +468,7 @@ def _predict_tasks(
                 done,
                 record,
                 config.overflow,
+                sink,
             )
     return predictions
 

@@ -1,7 +1,8 @@
 """``segmask eval``: accuracy on the commonsense suite under a mask policy (see :mod:`segmask.evaluation`).
 
 Every :class:`segmask.evaluation.EvalConfig` field but ``policy`` is a flag (``num_beams`` -> ``--num-beams``);
-``--mask`` picks the policy, as in every command that loads a model.
+``--mask`` picks the policy, as in every command that loads a model. ``--causal-sink/--no-causal-sink``
+absent is the run's saved value, else off (:func:`segmask.loading.resolve_causal_sink`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import dataclasses
 from segmask.cli.options import add_config_arguments, add_model_arguments, config_values
 from segmask.compare import compare_runs
 from segmask.evaluation import EvalConfig, evaluate
-from segmask.loading import load_model
+from segmask.loading import load_model, resolve_causal_sink
 from segmask.tasks.commonsense import task_path
 
 
@@ -34,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
     for name in config.tasks:
         task_path(config.data_dir, name)
     model, tokenizer, policy = load_model(args.model, policy=args.mask, chat_template=args.chat_template)
-    config = dataclasses.replace(config, policy=policy)
+    sink = resolve_causal_sink(args.model, config.causal_sink)
+    config = dataclasses.replace(config, policy=policy, causal_sink=sink)
     evaluate(model, tokenizer, config, model_name=args.model, progress=not args.no_progress)
     print(compare_runs([args.out]), end="")
     print(f"results: {args.out}")

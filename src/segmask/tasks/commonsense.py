@@ -165,13 +165,17 @@ def extract_answer(text: str, labels: Sequence[str]) -> str | None:
     return None if match is None else by_lower[match.group(1)]
 
 
-def answer_continuation(tokenizer, record: dict, label: str, policy: str, prompt: Encoded) -> list[int]:
-    """Token ids of ``ANSWER_PREFIX + label`` after ``prompt``, exactly as training would see them."""
+def answer_continuation(
+    tokenizer, record: dict, label: str, policy: str, prompt: Encoded, causal_sink: bool = False
+) -> list[int]:
+    """Token ids of ``ANSWER_PREFIX + label`` after ``prompt``, exactly as training would see them
+    (``causal_sink`` as the prompt was encoded: :func:`segmask.segments.sink_segments`)."""
     full = encode_instruction(
         tokenizer,
         {**record, "output": ANSWER_PREFIX + label, "answer": label},
         policy=policy,
         include_answer=True,
+        causal_sink=causal_sink,
     )
     cut = len(prompt.input_ids)
     if full.input_ids[:cut] != prompt.input_ids:

@@ -400,6 +400,71 @@ def test_prefix_cache_reports_cached_tokens_and_keeps_the_text(server, uncached,
         assert reply.usage.prompt_tokens_details.cached_tokens == 0
 
 
+# ------------------------------------------------------------------------------------------ causal sink
+
+
+def test_greedy_requests_with_the_causal_sink_equal_generate_cold_and_warm(model, tokenizer):
+    """ServeConfig(causal_sink=True): a greedy chat request returns generate(..., causal_sink=True)'s tokens
+    with the prefix cache cold and warm (the sink and the system segment reused, then the whole prompt);
+    completions of text or of token ids too."""
+    system = {"role": "system", "content": "You tell short stories."}
+    first = [system, {"role": "user", "content": "A cat?"}]
+    second = [system, {"role": "user", "content": "Tell me about a boat."}]
+    park = "Lily and Tom went to the park"
+    segments = encode_chat(
+        tokenizer, second, policy="mas", add_generation_prompt=True, causal_sink=True
+    ).segment_ids
+    assert segments[:2] == [-1, 0]  # the BOS is the sink
+
+    def expected(prompt, max_tokens, causal_sink=True):
+        [completion] = generate(
+            model, tokenizer, [prompt], policy="mas", causal_sink=causal_sink, max_new_tokens=max_tokens,
+            do_sample=False,
+        )  # fmt: skip
+        return completion
+
+    for prompt in (first, second, park):  # the sink changes these greedy tokens, so the checks below can fail
+        assert expected(prompt, 16).token_ids != expected(prompt, 16, causal_sink=False).token_ids
+    with live(model, tokenizer, causal_sink=True) as server:
+        client = server.client()
+
+        def ask(messages):
+            return client.chat.completions.create(model=NAME, messages=messages, max_tokens=16, temperature=0)
+
+        for messages, cached in [(first, 0), (second, segments.index(1)), (second, len(segments) - 1)]:
+            reply = ask(messages)
+            want = expected(messages, 16)
+            assert reply.usage.prompt_tokens_details.cached_tokens == cached
+            assert reply.choices[0].message.content == want.text
+            assert reply.usage.completion_tokens == len(want.token_ids)
+        story = expected(park, 16)
+        for prompt in (park, tokenizer(park)["input_ids"]):
+            completion = client.completions.create(model=NAME, prompt=prompt, max_tokens=16, temperature=0)
+            assert completion.choices[0].text == story.text
+
+
+def test_serve_resolves_the_causal_sink_from_the_models_run(stories_path, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    import segmask.serving.app as app_module
+
+    run = tmp_path / "run"
+    shutil.copytree(stories_path, run)
+    info = {"policy": "mas", "base_model": str(stories_path), "adapter": False, "causal_sink": True}
+    (run / "segmask.json").write_text(json.dumps(info))
+    seen = []
+    monkeypatch.setattr(app_module.uvicorn, "run", lambda app, **_: seen.append(app.state.served.causal_sink))
+    for path, requested, sink in [(stories_path, None, False), (run, None, True), (stories_path, True, True)]:
+        app_module.serve(path, config=ServeConfig(model_name=NAME, causal_sink=requested))
+        assert seen.pop() is sink, (path, requested)
+    with pytest.warns(UserWarning, match="trained with causal_sink=True"):
+        app_module.serve(run, config=ServeConfig(model_name=NAME, causal_sink=False))
+    assert seen.pop() is False
+    with pytest.raises(ValueError, match="causal_sink must be true, false or None"):
+        ServeConfig(causal_sink="on")
+
+
 # ------------------------------------------------------------------------------------------ concurrency
 
 

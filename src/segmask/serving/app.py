@@ -12,6 +12,7 @@ holds up the event loop (:mod:`segmask.serving.requests`); it submits a job and 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import logging
 import time
@@ -28,7 +29,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from segmask.loading import load_model
+from segmask.loading import load_model, resolve_causal_sink
 from segmask.masks import MaskPolicy, check_policy
 from segmask.segments import Encoded
 from segmask.serving.engine import Engine, Job, Scheduler, supports_row_caches
@@ -65,7 +66,13 @@ POLL_DISCONNECT_S = 0.25
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """Server limits. ``max_context`` defaults to the model's ``max_position_embeddings``."""
+    """Server limits, and ``causal_sink``. ``max_context`` defaults to the model's
+    ``max_position_embeddings``.
+
+    ``causal_sink`` keeps token 0 of every prompt causal under ``mas``/``prefix``
+    (:func:`segmask.segments.sink_segments`); ``None`` is off in :func:`create_app`, and :func:`serve`
+    resolves it to the model's run value, else off (:func:`segmask.loading.resolve_causal_sink`).
+    """
 
     # metadata: each field's line in `segmask serve --help`
     max_batch: int = field(default=8, metadata={"help": "requests decoded together", "metavar": "N"})
@@ -93,6 +100,13 @@ class ServeConfig:
         default=None,
         metadata={"help": "tokens of one prompt (default: the context less one)", "metavar": "N"},
     )
+    causal_sink: bool | None = field(
+        default=None,
+        metadata={
+            "help": "keep token 0 (the BOS, else the first prompt token: the attention sink) causal "
+            "under mas and prefix (default: as the model was trained, else off)"
+        },
+    )
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_queue", "retry_after_s", "max_messages"):
@@ -113,6 +127,8 @@ class ServeConfig:
             )
         if not self.model_name:
             raise ValueError("model_name must be non-empty")
+        if self.causal_sink is not None and not isinstance(self.causal_sink, bool):
+            raise ValueError(f"causal_sink must be true, false or None, got {self.causal_sink!r}")
 
 
 # --------------------------------------------------------------------------------------------- app
@@ -136,6 +152,11 @@ class Served:
     @property
     def prefix_cache(self) -> PrefixCache | None:
         return self.engine.prefix_cache
+
+    @property
+    def causal_sink(self) -> bool:
+        """Whether every prompt keeps token 0 causal (``ServeConfig.causal_sink``; ``None``: off)."""
+        return bool(self.config.causal_sink)
 
 
 def create_app(
@@ -391,12 +412,13 @@ def serve(
     chat_template: str | Path | None = None,
 ) -> None:
     """Load a model (see :func:`segmask.load_model`; ``chat_template`` replaces its own) and serve it until
-    interrupted."""
+    interrupted. ``config.causal_sink`` ``None`` becomes the model's run value, else off."""
     config = config or ServeConfig(model_name=default_name(model_path))
     if host not in ("127.0.0.1", "localhost", "::1") and config.api_key is None:
         logger.warning("serving on %s without an API key: anyone who can reach it can use the model", host)
     model, tokenizer, policy = load_model(
         model_path, policy=policy, attn_implementation=attn_implementation, chat_template=chat_template
     )
+    config = dataclasses.replace(config, causal_sink=resolve_causal_sink(model_path, config.causal_sink))
     app = create_app(model, tokenizer, policy, config)
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -3,9 +3,10 @@
 :func:`require_json` and :func:`read_body` run on the event loop (the Content-Type, the body's size);
 :func:`parse_and_encode` runs on a worker thread, since a chat template may take long: it parses the body
 (:mod:`segmask.serving.protocol`), checks the model name and the prompt limits (max_messages,
-max_prompt_chars) and encodes the prompt with its mask policy. :func:`submit` checks the token lengths
-against max_prompt_tokens and the context and enqueues the job (429 when the queue is full). Each refusal is
-an :class:`~segmask.serving.protocol.APIError` naming what was refused.
+max_prompt_chars) and encodes the prompt with its mask policy (and the server's ``causal_sink``).
+:func:`submit` checks the token lengths against max_prompt_tokens and the context and enqueues the job (429
+when the queue is full). Each refusal is an :class:`~segmask.serving.protocol.APIError` naming what was
+refused.
 """
 
 from __future__ import annotations
@@ -113,7 +114,13 @@ def encode_chat_prompt(served: Served, body: ChatCompletionRequest, policy: Mask
     conversation = [{"role": m.role, "content": m.text()} for m in body.messages]
     _check_chars(served, sum(len(m["content"]) for m in conversation), "messages")
     try:
-        return encode_chat(served.tokenizer, conversation, policy=policy, add_generation_prompt=True)
+        return encode_chat(
+            served.tokenizer,
+            conversation,
+            policy=policy,
+            add_generation_prompt=True,
+            causal_sink=served.causal_sink,
+        )
     except ValueError as error:
         raise APIError(400, str(error), param="messages", code="invalid_value") from None
 
@@ -128,7 +135,7 @@ def encode_completion_prompt(served: Served, body: CompletionRequest, policy: Ma
     if isinstance(prompt, str):
         _check_chars(served, len(prompt), "prompt")
         try:
-            return encode_text(served.tokenizer, prompt, policy)
+            return encode_text(served.tokenizer, prompt, policy, causal_sink=served.causal_sink)
         except ValueError as error:
             raise APIError(400, str(error), param="prompt", code="invalid_value") from None
     if not prompt:
@@ -138,7 +145,7 @@ def encode_completion_prompt(served: Served, body: CompletionRequest, policy: Ma
         raise APIError(
             400, f"token id {bad[0]} is outside the vocabulary [0, {served.vocab_size})", param="prompt"
         )
-    return encode_tokens(prompt, policy)
+    return encode_tokens(prompt, policy, causal_sink=served.causal_sink)
 
 
 def _check_chars(served: Served, chars: int, param: str) -> None:

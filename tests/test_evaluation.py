@@ -479,7 +479,8 @@ def sky(tmp_path) -> Path:
 
 
 def _evaluated_segments(model, tokenizer, data_dir, **settings) -> tuple[list[int], dict]:
-    """The segment ids of the first prompt a run prefills (row 0 of the first call with them), and its report."""
+    """The segment ids of the first prompt a run prefills (row 0 of the first call with them) and the
+    run's report."""
     seen = []
     handle = model.register_forward_pre_hook(
         lambda module, args, kwargs: (

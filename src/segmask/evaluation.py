@@ -326,8 +326,8 @@ class EvalConfig:
     causal_sink: bool | None = field(
         default=None,
         metadata={
-            "help": "keep token 0 (the BOS, else the first prompt token: the attention sink) causal under mas "
-            "and prefix (default: as the model was trained, else off)"
+            "help": "keep token 0 (the BOS, else the first prompt token: the attention sink) causal "
+            "under mas and prefix (default: as the model was trained, else off)"
         },
     )
 

@@ -157,6 +157,107 @@ def test_generate_until_prefills_the_context(lm):
     assert _cut("true.\nfalse", ["\n", "."]) == "true"
 
 
+# ------------------------------------------------------------------------------------------ causal sink
+
+
+@pytest.fixture(scope="module")
+def sink_lm(stories_path) -> SegmaskLM:
+    """The backend as lm_eval makes it from ``--model_args ...,causal_sink=true``."""
+    args = f"pretrained={stories_path},mask=mas,causal_sink=true,device=cpu"
+    return get_model("segmask").create_from_arg_string(args)
+
+
+def test_causal_sink_model_argument(stories_path, sink_lm, lm):
+    assert sink_lm.causal_sink is True and lm.causal_sink is False  # absent: the run's value, else off
+    off = get_model("segmask").create_from_arg_string(
+        f"pretrained={stories_path},causal_sink=false,device=cpu"
+    )
+    assert off.causal_sink is False
+    assert SegmaskLM(pretrained=str(stories_path), causal_sink="True", device="cpu").causal_sink is True
+    with pytest.raises(ValueError, match="causal_sink must be true or false, got 'maybe'"):
+        SegmaskLM(pretrained=str(stories_path), causal_sink="maybe", device="cpu")
+
+
+def test_causal_sink_keeps_token_0_of_a_context_causal_and_after_a_cut(sink_lm, lm):
+    """stories260K adds a BOS: it is the sink; a context cut from the left makes its new token 0 the sink."""
+    context = "Is water wet?"
+    ids = [1, 359, 419, 273, 413, 285, 263, 316, 450]
+    assert [1, *lm.tok_encode(context)] == ids
+    with_sink, plain = sink_lm.prompt(context, ids[1:]), lm.prompt(context, ids[1:])
+    assert (with_sink.input_ids, with_sink.segment_ids) == (ids, [-1, 0, 0, 0, 0, 0, 0, 0, 0])
+    assert (plain.input_ids, plain.segment_ids) == (ids, [0, 0, 0, 0, 0, 0, 0, 0, 0])
+    sink_lm._max_length = lm._max_length = 8
+    try:
+        # a 3-token continuation leaves room for the last 5 context tokens
+        assert sink_lm._fit(with_sink, 3) == ([413, 285, 263, 316, 450], [-1, 0, 0, 0, 0])
+        assert lm._fit(plain, 3) == ([413, 285, 263, 316, 450], [0, 0, 0, 0, 0])
+        assert sink_lm._fit(with_sink, 1) == (ids[2:], [-1, 0, 0, 0, 0, 0, 0])
+        # the scored request runs under exactly those segments
+        [(logprob, _)] = sink_lm.loglikelihood(_requests("loglikelihood", [(context, " yes")]), True)
+        _, continuation = sink_lm._encode_pair(context, " yes")
+        keep = 8 - len(continuation)
+        segments = torch.tensor([[-1] + [0] * (keep - 1) + [-1] * len(continuation)])
+        expected = _logprob(sink_lm.model, ids[-keep:] + continuation, keep, segment_ids=segments)
+        assert logprob == pytest.approx(expected, abs=1e-4)
+    finally:
+        sink_lm._max_length = lm._max_length = 512
+    [(uncut, _)] = sink_lm.loglikelihood(_requests("loglikelihood", [(context, " yes")]), True)
+    [(off, _)] = lm.loglikelihood(_requests("loglikelihood", [(context, " yes")]), True)
+    segments = torch.tensor([[-1] + [0] * 8 + [-1] * len(continuation)])
+    assert uncut == pytest.approx(
+        _logprob(sink_lm.model, ids + continuation, len(ids), segment_ids=segments), abs=1e-4
+    )
+    assert abs(uncut - off) > 1e-4  # the sink changes the score
+
+
+def test_causal_sink_in_a_chat_context_and_after_a_cut(sink_lm):
+    template = (FIXTURES / "chat_templates" / "chatml_smollm2.jinja").read_text()
+    previous = sink_lm.tokenizer.chat_template
+    sink_lm.tokenizer.chat_template = template
+    try:
+        messages = [
+            {"role": "system", "content": "Answer true or false."},
+            {"role": "user", "content": "Is ice cold?"},
+        ]
+        rendered = sink_lm.apply_chat_template(messages, add_generation_prompt=True)
+        prompt = sink_lm.prompt(rendered, sink_lm.tok_encode(rendered))
+        # this template renders no BOS: the sink is its first token, then the rest of the system turn, the
+        # user turn and the assistant header
+        assert prompt.segment_ids == [-1] + [0] * 39 + [1] * 30 + [-1] * 17
+        plain = encode_chat(sink_lm.tokenizer, messages, policy="mas", add_generation_prompt=True)
+        assert plain.input_ids == prompt.input_ids and plain.input_ids[0] != sink_lm.tokenizer.bos_token_id
+        assert plain.segment_ids == [0] * 40 + [1] * 30 + [-1] * 17
+        sink_lm._max_length = 23  # 3 continuation tokens: the last 3 user tokens and the header are kept
+        try:
+            ids, segments = sink_lm._fit(prompt, 3)
+        finally:
+            sink_lm._max_length = 512
+        assert ids == prompt.input_ids[-20:] and segments == [-1, 1, 1] + [-1] * 17
+    finally:
+        sink_lm.tokenizer.chat_template = previous
+
+
+def test_generate_until_with_the_causal_sink_equals_generate(sink_lm):
+    settings = {"until": ["\n"], "max_gen_toks": 16, "do_sample": False}
+    contexts = ["Lily and Tom went to the park", "The sun was"]
+    outputs = sink_lm.generate_until(_requests("generate_until", [(c, settings) for c in contexts]), True)
+    for context, output in zip(contexts, outputs):
+        [expected] = generate(
+            sink_lm.model,
+            sink_lm.tokenizer,
+            context,
+            "mas",
+            causal_sink=True,
+            max_new_tokens=16,
+            do_sample=False,
+        )
+        [without] = generate(
+            sink_lm.model, sink_lm.tokenizer, context, "mas", max_new_tokens=16, do_sample=False
+        )
+        assert output == _cut(expected.text, ["\n"])
+        assert expected.token_ids != without.token_ids  # the sink matters here, so the check above can fail
+
+
 def test_simple_evaluate_on_local_tasks(lm, task_dir):
     import lm_eval
     from lm_eval.tasks import TaskManager

@@ -20,8 +20,11 @@ Requests map onto MAS like this:
                            (:func:`segmask.generation.generate_ids`), and cut at the first stop string.
 
 ``model_args``: ``pretrained`` (a path :func:`segmask.load_model` reads), ``mask`` (``causal``, ``mas``,
-``prefix``; default: the model's own), ``batch_size`` (prompts per generate call), ``max_length`` (default:
-the model's context), ``add_bos_token`` (default: whatever the tokenizer does), ``dtype``, ``device``.
+``prefix``; default: the model's own), ``causal_sink`` (``true``: token 0 causal under ``mas`` and ``prefix``,
+:func:`segmask.segments.sink_segments`; default: the model's run value, else off), ``batch_size`` (prompts per
+generate call), ``max_length`` (default: the model's context), ``add_bos_token`` (default: whatever the
+tokenizer does), ``dtype``, ``device``. A context cut from the left to fit ``max_length`` keeps the sink: its
+new token 0 is made causal.
 """
 
 from __future__ import annotations
@@ -39,8 +42,8 @@ from tqdm.auto import tqdm
 
 from segmask.evaluation import continuation_logprobs
 from segmask.generation import completion, eos_token_ids, generate_ids, left_pad, pad_token_id
-from segmask.loading import load_model
-from segmask.segments import IGNORE_INDEX, Encoded, encode_chat, encode_tokens
+from segmask.loading import load_model, resolve_causal_sink
+from segmask.segments import IGNORE_INDEX, Encoded, encode_chat, encode_tokens, sink_segments
 
 NAME = "segmask"
 logger = logging.getLogger(__name__)
@@ -58,6 +61,7 @@ class SegmaskLM(TemplateLM):
         add_bos_token: bool | None = None,
         dtype: str = "float32",
         device: str | None = None,
+        causal_sink: bool | str | None = None,
         **_unused,
     ) -> None:
         super().__init__()
@@ -68,6 +72,7 @@ class SegmaskLM(TemplateLM):
             pretrained, policy=mask, dtype=torch_dtype, device=_device(device)
         )
         self.model, self.tokenizer, self.policy = model, tokenizer, policy
+        self.causal_sink = resolve_causal_sink(pretrained, _flag(causal_sink, "causal_sink"))
         self._batch_size = int(batch_size) if str(batch_size).isdigit() else 1
         self._max_length = int(max_length) if max_length else _context_length(model, tokenizer)
         bos = tokenizer.bos_token_id
@@ -125,20 +130,30 @@ class SegmaskLM(TemplateLM):
         """The context as a prompt under the policy: its chat turns if lm_eval rendered a chat, else one segment."""
         chat = self._chats.get(context)
         if chat is not None:
-            return encode_chat(self.tokenizer, chat[0], policy=self.policy, add_generation_prompt=chat[1])
+            return encode_chat(
+                self.tokenizer,
+                chat[0],
+                policy=self.policy,
+                add_generation_prompt=chat[1],
+                causal_sink=self.causal_sink,
+            )
         ids = list(context_ids)
         if self.add_bos_token and ids[:1] != [self.tokenizer.bos_token_id]:
             ids = [self.tokenizer.bos_token_id, *ids]
-        return encode_tokens(ids, self.policy)
+        return encode_tokens(ids, self.policy, causal_sink=self.causal_sink)
 
     def _fit(self, prompt: Encoded, longest: int) -> tuple[list[int], list[int]]:
-        """Drop the prompt's oldest tokens so that prompt plus the longest continuation fit ``max_length``."""
+        """Drop the prompt's oldest tokens so that prompt plus the longest continuation fit ``max_length``;
+        with ``causal_sink`` the first token kept becomes the sink (causal), as the cut one was."""
         if longest >= self.max_length:
             raise ValueError(
                 f"a continuation of {longest} tokens does not fit the context of {self.max_length}"
             )
         keep = self.max_length - longest
-        return prompt.input_ids[-keep:], prompt.segment_ids[-keep:]
+        ids, segments = prompt.input_ids[-keep:], prompt.segment_ids[-keep:]
+        if self.causal_sink and len(ids) < len(prompt.input_ids):
+            segments = sink_segments(segments)
+        return ids, segments
 
     # ---- requests --------------------------------------------------------------------------------
 
@@ -224,6 +239,18 @@ def _device(requested: str | None) -> str:
         logger.warning("device %r requested but CUDA is not available; running on the CPU", requested)
         return "cpu"
     return str(requested)
+
+
+def _flag(value: bool | str | None, name: str) -> bool | None:
+    """A boolean model argument: lm_eval passes ``true``/``false`` as booleans, a direct caller maybe text."""
+    if value is None or isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise ValueError(f"{name} must be true or false, got {value!r}")
 
 
 def _context_length(model, tokenizer) -> int:

@@ -42,7 +42,7 @@ from segmask.collate import pad_token_id
 from segmask.eval_overflow import OVERFLOWS, Overflow, context_length, fit_prompt, overflow_counts, resumable
 from segmask.generation import completion, eos_token_ids, generate_ids, left_pad, prefill
 from segmask.masks import check_policy
-from segmask.segments import Encoded, encode_chat, encode_instruction
+from segmask.segments import CAUSAL_SINK_HELP_RUN, Encoded, encode_chat, encode_instruction
 from segmask.tasks import commonsense
 
 Scoring = Literal["generate", "loglik"]
@@ -323,13 +323,7 @@ class EvalConfig:
             "truncate (cut prompt content) or skip (leave it out); counted per task in the results"
         },
     )
-    causal_sink: bool | None = field(
-        default=None,
-        metadata={
-            "help": "keep token 0 (the BOS, else the first prompt token: the attention sink) causal "
-            "under mas and prefix (default: as the model was trained, else off)"
-        },
-    )
+    causal_sink: bool | None = field(default=None, metadata={"help": CAUSAL_SINK_HELP_RUN})
 
     def __post_init__(self) -> None:
         check_policy(self.policy)

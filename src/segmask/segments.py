@@ -177,6 +177,14 @@ def _encode(
     return Encoded(list(ids), segment_ids, labels, prompt_turns)  # checks that labelled tokens are causal
 
 
+#: what the ``causal_sink`` option does, in the words every flag and config field shows
+CAUSAL_SINK_HELP = (
+    "keep token 0 (the BOS, else the first prompt token: the attention sink) causal under mas and prefix"
+)
+#: the same, for an option whose absence means "as the model was trained"
+CAUSAL_SINK_HELP_RUN = f"{CAUSAL_SINK_HELP} (default: as the model was trained, else off)"
+
+
 def sink_segments(segment_ids: Sequence[int]) -> list[int]:
     """``segment_ids`` with token 0 (the attention sink: BOS, else the first prompt token) made causal (-1).
 

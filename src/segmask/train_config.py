@@ -25,7 +25,7 @@ from transformers import SchedulerType
 
 from segmask import masks
 from segmask.attention import SUPPORTED
-from segmask.segments import OVERFLOWS
+from segmask.segments import CAUSAL_SINK_HELP, OVERFLOWS
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -48,10 +48,7 @@ class TrainConfig:
     )
     output: str = _help("output folder (checkpoints, final weights, segmask.json, metrics)", "runs/train")
     mask: str = _help("mask policy: causal, mas or prefix", "mas")
-    causal_sink: bool = _help(
-        "keep token 0 (the BOS, else the first prompt token: the attention sink) causal under mas and prefix",
-        False,
-    )
+    causal_sink: bool = _help(CAUSAL_SINK_HELP, False)
     # data
     cutoff_len: int = _help("most tokens per example (prompt + answer)", 256)
     overflow: str = _help(

@@ -11,6 +11,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from segmask.attention import SUPPORTED
 from segmask.masks import POLICIES
+from segmask.segments import CAUSAL_SINK_HELP_RUN
 
 
 def add_config_arguments(
@@ -113,8 +114,7 @@ def add_causal_sink_argument(parser: argparse.ArgumentParser) -> None:
         "--causal-sink",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="keep token 0 (the BOS, else the first prompt token: the attention sink) causal under mas and "
-        "prefix (default: as the model was trained, else off)",
+        help=CAUSAL_SINK_HELP_RUN,
     )
 
 

@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException
 
 from segmask.loading import load_model, resolve_causal_sink
 from segmask.masks import MaskPolicy, check_policy
-from segmask.segments import Encoded
+from segmask.segments import CAUSAL_SINK_HELP_RUN, Encoded
 from segmask.serving.engine import Engine, Job, Scheduler, supports_row_caches
 from segmask.serving.prefix_cache import PrefixCache
 from segmask.serving.protocol import (
@@ -100,13 +100,7 @@ class ServeConfig:
         default=None,
         metadata={"help": "tokens of one prompt (default: the context less one)", "metavar": "N"},
     )
-    causal_sink: bool | None = field(
-        default=None,
-        metadata={
-            "help": "keep token 0 (the BOS, else the first prompt token: the attention sink) causal "
-            "under mas and prefix (default: as the model was trained, else off)"
-        },
-    )
+    causal_sink: bool | None = field(default=None, metadata={"help": CAUSAL_SINK_HELP_RUN})
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_queue", "retry_after_s", "max_messages"):

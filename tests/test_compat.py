@@ -221,3 +221,23 @@ def test_peft_wrapping_emits_no_deprecation_warning():
         warnings.simplefilter("error", FutureWarning)
         with compat.quiet_peft():
             get_peft_model(model(), LoraConfig(r=2, target_modules=["q_proj"]))
+
+
+def test_the_cache_argument_of_a_peft_wrapped_model_is_its_base_models():
+    """peft's forward takes ``**kwargs``: the name comes from the wrapped model, and KV reuse stays exact."""
+    from peft import LoraConfig, get_peft_model
+
+    with compat.quiet_peft():
+        wrapped = get_peft_model(model(), LoraConfig(r=2, target_modules=["q_proj"]))
+    assert compat.cache_argument(wrapped) == compat.cache_argument(wrapped.get_base_model())
+    segmask.enable(wrapped)
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    segments = torch.tensor([[0, 0, 0, 1, 1, -1]])
+    with torch.no_grad():
+        full = wrapped(ids, segment_ids=segments).logits
+        first = wrapped(ids[:, :3], segment_ids=segments[:, :3], use_cache=True)
+        cache = compat.output_cache(first)
+        second = wrapped(
+            ids[:, 3:], segment_ids=segments[:, 3:], **compat.cache_kwargs(wrapped, cache)
+        ).logits
+    assert (torch.cat([first.logits, second], 1) - full).abs().max() < 1e-5

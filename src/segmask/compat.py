@@ -61,7 +61,10 @@ def check_version(version: str | None = None) -> None:
 
 def cache_argument(model: torch.nn.Module) -> str:
     """The name under which ``model``'s forward takes the KV cache (``cache`` from 5.24, else ``past_key_values``)."""
-    parameters = inspect.signature(model.forward).parameters
+    base = (
+        model.get_base_model() if hasattr(model, "get_base_model") else model
+    )  # a peft wrapper takes **kwargs
+    parameters = inspect.signature(base.forward).parameters
     for name in CACHE_ARGUMENTS:
         if name in parameters:
             return name

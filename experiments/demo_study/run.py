@@ -64,6 +64,7 @@ from demo import TASK, DemoConfig, train_config, write_data  # noqa: E402  (expe
 
 from segmask import data as segdata  # noqa: E402
 from segmask.evaluation import EvalConfig, evaluate  # noqa: E402
+from segmask.files import write_json_atomic  # noqa: E402
 from segmask.leaks import leak_check  # noqa: E402
 from segmask.loading import load_model, load_tokenizer  # noqa: E402
 from segmask.results import git_commit, machine, predictions_path  # noqa: E402
@@ -178,13 +179,6 @@ def eval_masks(args: argparse.Namespace, condition: str) -> list[str]:
 
 
 # ---- files ----------------------------------------------------------------------------------------
-
-
-def write_json_atomic(path: Path, value) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def append_row(path: Path, row: dict) -> None:

@@ -150,10 +150,11 @@ def _pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict
     document_ids = kwargs.pop("document_ids", None)
     if segment_ids is None and document_ids is None:
         return (), kwargs
-    mask = prepare_mask(module, kwargs, segment_ids, document_ids)
-    cache = compat.find_cache(kwargs)
+    cache = compat.find_cache(kwargs)  # by type, whatever the installed version calls the argument
+    past = int(cache.get_seq_length()) if cache is not None else 0
+    mask = prepare_mask(module, kwargs, segment_ids, document_ids, cache, past)
     _expected.calls = getattr(_expected, "calls", {})
-    _expected.calls[id(module)] = (cache, (int(cache.get_seq_length()) if cache is not None else 0))
+    _expected.calls[id(module)] = (cache, past)
     if isinstance(mask, _FastMask):
         mask, kwargs["segmask_layout"] = mask.placeholder, mask.layout
     elif isinstance(mask, dict) and any(isinstance(value, _FastMask) for value in mask.values()):
@@ -179,7 +180,7 @@ def _post_hook(module: nn.Module, args: tuple, output) -> None:
     returned = compat.output_cache(output) if hasattr(output, "keys") else None
     if returned is None:
         return
-    if cache is None and returned is not None:
+    if cache is None:
         cache, past = returned, 0
     q_len = output[0].shape[1]
     if returned is not cache or int(cache.get_seq_length()) != past + q_len:
@@ -201,8 +202,12 @@ def prepare_mask(
     kwargs: dict,
     segment_ids: torch.Tensor | None,
     document_ids: torch.Tensor | None,
+    cache=None,
+    past: int = 0,
 ):
-    """Build the backend's mask(s) for one forward call of ``decoder`` from token-level ids."""
+    """Build the backend's mask(s) for one forward call of ``decoder`` from token-level ids.
+
+    ``cache``: the KV cache of the call (or None), holding ``past`` tokens before it."""
     inputs = kwargs.get("input_ids")
     if inputs is None:
         inputs = kwargs.get("inputs_embeds")
@@ -210,8 +215,6 @@ def prepare_mask(
         raise ValueError("segment_ids given but neither input_ids nor inputs_embeds")
     batch_size, q_len = inputs.shape[:2]
     device = inputs.device
-    cache = compat.find_cache(kwargs)  # by type, whatever the installed version calls the argument
-    past = int(cache.get_seq_length()) if cache is not None else 0
     kv_len = past + q_len
 
     attention_mask = kwargs.get("attention_mask")

@@ -14,6 +14,7 @@ fails loudly there rather than producing wrong tokens.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import warnings
 from collections.abc import Iterator
@@ -47,9 +48,9 @@ def release(version: str) -> tuple[int, int]:
 
 
 def check_version(version: str | None = None) -> None:
-    """Refuse a transformers older than the supported range: there MAS is known to run silently wrong
-    (5.17 mis-sizes masks against a cache; before 5.18 GPT-2 ignores a prepared mask and sliding-window
-    caches cannot be cropped). A newer one is allowed: the run-time checks of this module and of
+    """Refuse a transformers older than the supported range, where exactness tests fail (5.0: GPT-2
+    silently ignores a prepared mask; up to 5.16: sliding-window caches cannot be cropped after a prefill;
+    5.17: masks mis-sized against a cache). A newer one is allowed: the run-time checks of this module and of
     :mod:`segmask.attention` refuse what they cannot verify, and ``tests/test_compat.py`` names what moved."""
     version = version or transformers.__version__
     if release(version) < OLDEST:
@@ -61,15 +62,20 @@ def check_version(version: str | None = None) -> None:
 
 def cache_argument(model: torch.nn.Module) -> str:
     """The name under which ``model``'s forward takes the KV cache (``cache`` from 5.24, else ``past_key_values``)."""
-    base = (
-        model.get_base_model() if hasattr(model, "get_base_model") else model
-    )  # a peft wrapper takes **kwargs
-    parameters = inspect.signature(base.forward).parameters
+    # a peft wrapper's forward takes **kwargs: the name is the wrapped model's
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return _cache_parameter(type(base))
+
+
+@functools.cache
+def _cache_parameter(model_class: type) -> str:
+    """The cache parameter of ``model_class.forward``, looked up once per class (this runs on every prefill)."""
+    parameters = inspect.signature(model_class.forward).parameters
     for name in CACHE_ARGUMENTS:
         if name in parameters:
             return name
     raise TransformersChangedError(
-        f"{type(model).__name__}.forward takes none of {CACHE_ARGUMENTS}; the KV-cache argument was renamed"
+        f"{model_class.__name__}.forward takes none of {CACHE_ARGUMENTS}; the KV-cache argument was renamed"
     )
 
 

@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from segmask.files import write_text_atomic
+
 Z_95 = 1.959963984540054  # the 97.5% quantile of the standard normal
 
 
@@ -174,11 +176,8 @@ class Journal:
                         "over with resume=False (segmask eval --no-resume)"
                     ) from None
                 self.done[(prediction.task, prediction.index)] = prediction
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         rows = [self.header, *(p.to_json() for p in self.done.values())]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
-        tmp.replace(self.path)
+        write_text_atomic(self.path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
         self._handle = self.path.open("a", encoding="utf-8")
         self._added = 0
 

@@ -5,13 +5,14 @@ curve. Trainer callbacks and the file helpers; :func:`segmask.training.train` in
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
+
+from segmask.files import write_text_atomic
 
 
 class MetricsFile(TrainerCallback):
@@ -115,9 +116,7 @@ def truncate_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
     rows = [row for row in read_metrics(path) if row["step"] <= step]
-    tmp = path.with_name(path.name + ".tmp")  # then a rename: a kill never leaves half the rows
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))  # a kill never leaves half
 
 
 def plot_loss_curve(metrics_path: Path, png_path: Path) -> None:

@@ -47,6 +47,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from segmask import __version__, compat, data, loading
 from segmask.attention import enable
+from segmask.files import write_json_atomic
 from segmask.train_config import TrainConfig
 from segmask.train_metrics import MetricsFile, ProgressBar, plot_loss_curve, truncate_metrics
 from segmask.train_metrics import read_metrics as read_metrics  # its import path before train_metrics
@@ -135,7 +136,7 @@ def train(config: TrainConfig, callbacks: Sequence[TrainerCallback] = ()) -> Pat
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     if trainer.is_world_process_zero():
-        _write_json(output / RUN_CONFIG_FILE, config.to_dict())
+        write_json_atomic(output / RUN_CONFIG_FILE, config.to_dict())
         if config.resume:
             truncate_metrics(output / METRICS_FILE, _checkpoint_step(checkpoint) if checkpoint else 0)
     if checkpoint is not None and _trained_to_the_end(checkpoint):
@@ -469,23 +470,12 @@ def save_final(trainer: Trainer, config: TrainConfig, output: Path, info: dict[s
     if not trainer.is_world_process_zero():
         return
     if config.merge:
-        _write_json(weights_dir / SEGMASK_FILE, info)
+        write_json_atomic(weights_dir / SEGMASK_FILE, info)
         loading.merge_adapter(config.model, weights_dir, output)
         info = {**info, "adapter": False}
     plot_loss_curve(output / METRICS_FILE, output / LOSS_CURVE_FILE)
-    _write_json(output / SEGMASK_FILE, info)
+    write_json_atomic(output / SEGMASK_FILE, info)
 
 
 def _version() -> str:
     return __version__
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so a kill never leaves a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, value: Any) -> None:
-    _write_text(path, json.dumps(value, indent=2) + "\n")

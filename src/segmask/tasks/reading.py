@@ -24,12 +24,12 @@ Two exports of the same story:
 from __future__ import annotations
 
 import json
-import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from segmask.files import write_text_atomic
 from segmask.tasks.commonsense import ANSWER_PREFIX  # records in the LLM-Adapters format
 
 PEOPLE: tuple[str, ...] = ("Mary", "John", "Sandra", "Daniel", "Emma", "Oliver")
@@ -161,19 +161,10 @@ def to_messages(story: Story, include_answer: bool = True, answer_prefix: str = 
 
 def write_json(records: Sequence[dict], path: str | Path) -> Path:
     """Write records as a JSON list (the LLM-Adapters file format) and return the path."""
-    return _write_atomic(Path(path), json.dumps(list(records), indent=1, ensure_ascii=False) + "\n")
+    return write_text_atomic(path, json.dumps(list(records), indent=1, ensure_ascii=False) + "\n")
 
 
 def write_jsonl(conversations: Sequence[list[dict[str, str]]], path: str | Path) -> Path:
     """Write chat conversations as ``{"messages": [...]}`` lines (the chat JSONL training format)."""
     lines = [json.dumps({"messages": messages}, ensure_ascii=False) for messages in conversations]
-    return _write_atomic(Path(path), "\n".join(lines) + "\n")
-
-
-def _write_atomic(path: Path, text: str) -> Path:
-    """Write via a temporary file and a rename, so a concurrent reader never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, "\n".join(lines) + "\n")

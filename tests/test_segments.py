@@ -735,3 +735,159 @@ def test_bad_arguments(smollm2_tokenizer, stories_tokenizer, family_tokenizers):
         Encoded(input_ids=[5, 6], segment_ids=[0, 0], labels=[-100, 6])
     with pytest.raises(ValueError, match="labels has 1 entries but input_ids has 2"):
         Encoded(input_ids=[5, 6], segment_ids=[0, -1], labels=[-100])
+
+
+# ------------------------------------------------------------------- the paper template, real Llama-3.2
+
+
+def test_llama3_tokenizer_constants(llama3_tokenizer):
+    """The ids the official commonsense partition names (modeling_mas_llama.py): ###, ' ###', BOS."""
+    assert llama3_tokenizer("###", add_special_tokens=False).input_ids == [14711]
+    assert llama3_tokenizer(" ###", add_special_tokens=False).input_ids == [17010]
+    assert llama3_tokenizer.bos_token_id == 128000 and llama3_tokenizer.eos_token_id == 128001
+
+
+# 20 ids: "<|begin_of_text|>Below is an instruction that describes a task. Write a response that
+# appropriately completes the request." -- then the eval (4815: " \n\n") or training (19124: "  \n\n") gap
+SYSTEM_IDS = [128000, 39314, 374, 459, 7754, 430, 16964, 264, 3465, 13, 9842, 264, 2077, 430, 36001, 45695]
+SYSTEM_IDS += [279, 1715, 13]
+# " Instruction:\n" + 15 spaces (394) ... then ' ###' (17010) closes each block
+INSTRUCTION_IDS = [17010, 30151, 512, 394]
+RESPONSE_EVAL, RESPONSE_TRAIN = [17010, 6075, 512, 338], [17010, 6075, 512, 394]
+
+# (file, index, instruction ids, eval tail, training tail + answer ids with EOS 128001, segment run lengths)
+PAPER_RECORDS = [
+    (
+        "boolq_test.json",
+        1774,
+        "Please answer the following question with true or false, question: is nba playoffs 2-3-2?"
+        "\n\nAnswer format: true/false",
+        [5321, 4320, 279, 2768, 3488, 449, 837, 477, 905, 11, 3488, 25, 374, 308, 4749, 31855, 220, 17, 12]
+        + [18, 12, 17, 1980, 16533, 3645, 25, 837, 92333],
+        ([271, 394], [35235, 394]),
+        [279, 4495, 4320, 374, 905, 128001],
+        (22, 34),
+    ),
+    (
+        "ARC-Challenge_test.json",
+        553,
+        "Please choose the correct answer to the question: Planets orbit\n\nAnswer1: Earth. Answer2: the Moon. "
+        "Answer3: the galaxy. Answer4: the Sun.\n\nAnswer format: answer1/answer2/answer3/answer4",
+        [5321, 5268, 279, 4495, 4320, 311, 279, 3488, 25, 9878, 1441, 27605, 271, 16533, 16, 25, 9420, 13]
+        + [22559, 17, 25, 279, 17781, 13, 22559, 18, 25, 279, 34261, 13, 22559, 19, 25, 279, 8219, 382]
+        + [16533, 3645, 25, 4320, 16, 14, 9399, 17, 14, 9399, 18, 14, 9399, 19],
+        ([271, 394], [35235, 394]),
+        [279, 4495, 4320, 374, 4320, 19, 128001],
+        (22, 56),
+    ),
+    (
+        "social_i_qa_test.json",
+        114,
+        "Please choose the correct answer to the question: Riley was in pain. How would Riley feel afterwards?"
+        "\n\nAnswer1: aware Answer2: Painful Answer3: Great\n\nAnswer format: answer1/answer2/answer3",
+        [5321, 5268, 279, 4495, 4320, 311, 279, 3488, 25, 47935, 574, 304, 6784, 13, 2650, 1053, 47935]
+        + [2733, 27905, 1980, 16533, 16, 25, 8010, 22559, 17, 25, 35567, 1285, 22559, 18, 25, 8681, 271]
+        + [16533, 3645, 25, 4320, 16, 14, 9399, 17, 14, 9399, 18],
+        ([271, 394], [35235, 394]),
+        [279, 4495, 4320, 374, 4320, 17, 128001],
+        (22, 51),
+    ),
+]
+
+
+@pytest.mark.parametrize("case", PAPER_RECORDS, ids=lambda case: case[0].split("_")[0])
+def test_paper_template_literal_ids_on_real_records(llama3_tokenizer, commonsense_dir, case):
+    """The official evaluation prompt and training text of real records, token for token, and the official
+    commonsense partition: segment 0 = BOS .. ' ###', segment 1 = ' Instruction:' .. ' ###', the rest causal."""
+    name, index, instruction, instruction_ids, (eval_gap, train_gap), answer_ids, (n0, n1) = case
+    record = json.loads((commonsense_dir / name).read_text())[index]
+    assert record["instruction"] == instruction and record["input"] == ""
+
+    prompt = encode_instruction(llama3_tokenizer, record, template="paper", include_answer=False)
+    expected = SYSTEM_IDS + [4815, 394] + INSTRUCTION_IDS + instruction_ids + eval_gap + RESPONSE_EVAL
+    assert prompt.input_ids == expected
+    assert prompt.segment_ids == [0] * n0 + [1] * n1 + [-1] * 3
+    assert prompt.input_ids[n0 - 1] == prompt.input_ids[n0 + n1 - 1] == 17010
+    assert prompt.labels == [IGNORE_INDEX] * len(expected)
+
+    full = encode_instruction(llama3_tokenizer, record, template="paper", include_answer=True)
+    expected = SYSTEM_IDS + [19124, 394] + INSTRUCTION_IDS + instruction_ids + train_gap + RESPONSE_TRAIN
+    assert full.input_ids == expected + answer_ids
+    assert full.segment_ids == [0] * n0 + [1] * n1 + [-1] * (3 + len(answer_ids))
+    assert full.labels == [IGNORE_INDEX] * len(expected) + answer_ids  # the answer and EOS only
+
+    sunk = encode_instruction(
+        llama3_tokenizer, record, template="paper", include_answer=False, causal_sink=True
+    )
+    assert sunk.segment_ids == [-1] + [0] * (n0 - 1) + [1] * n1 + [-1] * 3
+
+
+def test_paper_template_text_is_the_official_text(llama3_tokenizer):
+    """Tokenized as one text, exactly as the official tokenize() does (BOS first, EOS appended)."""
+    record = {"instruction": "Is the sky blue?", "input": "", "output": "the correct answer is true"}
+    train = (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the "
+    )
+    train += (
+        "request.  \n\n                ### Instruction:\n                Is the sky blue?\n                \n"
+    )
+    train += "                ### Response:\n                the correct answer is true"
+    full = encode_instruction(llama3_tokenizer, record, template="paper")
+    assert full.input_ids == llama3_tokenizer(train).input_ids + [128001]
+    evaluation = train.replace("request.  ", "request. ").replace("?\n                \n", "?\n\n")
+    evaluation = evaluation.removesuffix("the correct answer is true")
+    prompt = encode_instruction(llama3_tokenizer, record, template="paper", include_answer=False)
+    assert prompt.input_ids == llama3_tokenizer(evaluation).input_ids
+    # the default stays the plain Alpaca text: 5 tokens shorter here
+    alpaca = encode_instruction(llama3_tokenizer, record, include_answer=False)
+    assert len(prompt) - len(alpaca) == 5
+
+
+def test_paper_template_with_input_has_three_segments(llama3_tokenizer):
+    record = {"instruction": "Add them.", "input": "2 and 3", "output": "5"}
+    for include_answer in (False, True):
+        encoded = encode_instruction(
+            llama3_tokenizer, record, template="paper", include_answer=include_answer
+        )
+        assert runs(encoded.segment_ids) == [0, 1, 2, -1]
+        cut = [i for i, (a, b) in enumerate(zip(encoded.segment_ids, encoded.segment_ids[1:])) if a != b]
+        assert [encoded.input_ids[i] for i in cut] == [17010, 17010, 17010]
+
+
+def test_paper_blocks_on_a_tokenizer_that_splits_space_hashes(stories_tokenizer):
+    """stories260K splits ' ###' into '▁' and three '#' bytes (id 38): each ends inside ' ###', so all four
+    close the block; the next block starts at '▁I' of ' Instruction'."""
+    record = {"instruction": "Say hi.", "input": "", "output": "hi"}
+    encoded = encode_instruction(stories_tokenizer, record, template="paper")
+    assert runs(encoded.segment_ids) == [0, 1, -1]
+    first_1, first_causal = encoded.segment_ids.index(1), encoded.segment_ids.index(-1)
+    assert encoded.input_ids[first_1 - 4 : first_1 + 1] == [410, 38, 38, 38, 359]  # ▁ # # # | ▁I
+    assert encoded.input_ids[first_causal - 4 : first_causal + 2] == [410, 38, 38, 38, 410, 461]  # | ▁ R
+    assert encoded.labels[-3:] == [270, 417, 2]  # ▁h i </s>
+
+
+def test_paper_blocks_when_a_token_straddles_the_hashes():
+    """A token that reaches past ' ###' ('# ' here) takes the block of its last character: the next one."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "#": 1, "# ": 2, " ": 3, "\n": 4, "</s>": 5}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"# |#|\s|[^\s#]+"), behavior="isolated")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", eos_token="</s>")
+    encoded = encode_instruction(
+        tokenizer, {"instruction": "Q", "input": "", "output": "A"}, template="paper"
+    )
+    tokens = tokenizer.convert_ids_to_tokens(encoded.input_ids)
+    first_1 = encoded.segment_ids.index(1)
+    assert tokens[first_1 - 3 : first_1 + 1] == [" ", "#", "#", "# "]  # '# ' ends in ' Instruction'
+    assert encoded.segment_ids[first_1 - 3 : first_1 + 1] == [0, 0, 0, 1]
+    assert runs(encoded.segment_ids) == [0, 1, -1]
+
+
+def test_unknown_template_and_template_with_chat_template(smollm2_tokenizer, stories_tokenizer):
+    record = {"instruction": "Q", "input": "", "output": "A"}
+    with pytest.raises(ValueError, match=r"^unknown template 'official'; expected one of alpaca, paper$"):
+        encode_instruction(stories_tokenizer, record, template="official")
+    with pytest.raises(ValueError, match="cannot be combined with a chat template"):
+        encode_instruction(smollm2_tokenizer, record, template="paper", chat_template=True)

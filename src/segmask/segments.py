@@ -32,8 +32,10 @@ rest of the segment. The rule is :func:`sink_segments`::
 
 How turns are found in any chat template (and tokens mapped to turns): :mod:`segmask.turns`.
 
-Instruction records (LLM-Adapters: ``instruction``, ``input``, ``output``, ``answer``) use the Alpaca
-template of the paper, or a model's chat template with ``chat_template=True``::
+Instruction records (LLM-Adapters: ``instruction``, ``input``, ``output``, ``answer``) use an instruction
+template of :mod:`segmask.templates` (``template="alpaca"``, the default, or ``"paper"``: the official
+LLM-Adapters text and `` ###`` blocks of the paper's runs), or a model's chat template with
+``chat_template=True``. The default ``alpaca``::
 
     Below is an instruction that describes a task. Write a response ...\\n\\n   segment 0 (system)
     ### Instruction:\\n{instruction}\\n\\n                                    segment 1 (user)
@@ -52,8 +54,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
-from segmask import turns
+from segmask import templates, turns
 from segmask.masks import MaskPolicy, check_policy
+from segmask.templates import (  # noqa: F401  (PAPER_SYSTEM*: their import path before templates)
+    DEFAULT_TEMPLATE,
+    PAPER_SYSTEM,
+    PAPER_SYSTEM_WITH_INPUT,
+)
 from segmask.turns import CONTENT, END, HEADER
 
 _MOVED = ("chat_layout", "token_layout", "MARKER")  # to segmask.turns; old path kept for one release
@@ -72,12 +79,6 @@ PROMPT_ROLES: tuple[str, ...] = ("system", "user", "tool")
 Overflow = Literal["raise", "drop", "truncate_prompt"]
 OVERFLOWS: tuple[str, ...] = get_args(Overflow)
 TrainOn = Literal["all", "last"]
-
-PAPER_SYSTEM = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
-PAPER_SYSTEM_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request."
-)
 
 
 @dataclass(frozen=True)
@@ -287,18 +288,12 @@ def instruction_messages(record: Mapping[str, Any], include_answer: bool = True)
     return messages
 
 
-def instruction_pieces(record: Mapping[str, Any], include_answer: bool = True) -> list[tuple[str, int, int]]:
-    """The paper's Alpaca template as ``(text, turn, kind)`` pieces: turn 0 system, 1 user, 2 response."""
-    fields = check_record(record, include_answer)
-    system = PAPER_SYSTEM_WITH_INPUT if fields["input"] else PAPER_SYSTEM
-    pieces = [(system, 0, CONTENT), ("\n\n", 0, END), ("### Instruction:\n", 1, HEADER)]
-    pieces += [(fields["instruction"], 1, CONTENT), ("\n\n", 1, END)]
-    if fields["input"]:
-        pieces += [("### Input:\n", 1, HEADER), (fields["input"], 1, CONTENT), ("\n\n", 1, END)]
-    pieces.append(("### Response:\n", 2, HEADER))
-    if include_answer:
-        pieces.append((fields["output"], 2, CONTENT))
-    return pieces
+def instruction_pieces(
+    record: Mapping[str, Any], include_answer: bool = True, template: str = DEFAULT_TEMPLATE
+) -> list[tuple[str, int, int]]:
+    """The record in an instruction template as ``(text, turn, kind)`` pieces (:mod:`segmask.templates`);
+    ``alpaca``: turn 0 system, 1 user, 2 response."""
+    return templates.instruction_pieces(check_record(record, include_answer), template, include_answer)[0]
 
 
 def encode_instruction(
@@ -310,19 +305,28 @@ def encode_instruction(
     cutoff: int | None = None,
     overflow: Overflow = "raise",
     causal_sink: bool = False,
+    template: str = DEFAULT_TEMPLATE,
 ) -> Encoded | None:
     """Tokens, segment ids and labels of an LLM-Adapters record (``instruction``, ``input``, ``output``).
 
-    Default: the paper's Alpaca template, tokenized as one text as LLM-Adapters does (with the tokenizer's
-    BOS, and EOS after the answer); works for base models without a chat template. ``mas``: the system
-    sentence is segment 0, instruction and input segment 1, ``### Response:`` and the answer causal.
-    ``include_answer=False`` ends at ``### Response:\\n`` (a prompt for generation). ``chat_template=True``
-    (or a Jinja string) renders the record as system, user and assistant turns with a chat template instead.
-    Labels fall on the answer (and EOS) only. With ``cutoff`` see :func:`apply_cutoff`. ``causal_sink``:
-    the BOS (else the first token) causal under ``mas``/``prefix`` (:func:`sink_segments`).
+    The text of ``template`` (:mod:`segmask.templates`), tokenized as one text as LLM-Adapters does (with
+    the tokenizer's BOS, and EOS after the answer); works for base models without a chat template.
+    ``alpaca`` (default) under ``mas``: the system sentence is segment 0, instruction and input segment 1,
+    ``### Response:`` and the answer causal. ``paper``: the official training text (with the answer) or
+    evaluation prompt (``include_answer=False``), one segment per block closed by `` ###``: system 0,
+    instruction 1 (input 2), `` Response:`` and the answer causal. ``include_answer=False`` ends after the
+    response header (a prompt for generation). ``chat_template=True`` (or a Jinja string) renders the record
+    as system, user and assistant turns with a chat template instead (``template`` must then be
+    ``alpaca``). Labels fall on the answer (and EOS) only. With ``cutoff`` see :func:`apply_cutoff`.
+    ``causal_sink``: the BOS (else the first token) causal under ``mas``/``prefix`` (:func:`sink_segments`).
     """
     policy = check_policy(policy)
+    template = templates.check_template(template)
     if chat_template is not False:
+        if template != DEFAULT_TEMPLATE:
+            raise ValueError(
+                f"template {template!r} is an instruction text; it cannot be combined with a chat template"
+            )
         return encode_chat(
             tokenizer,
             instruction_messages(record, include_answer),
@@ -333,18 +337,20 @@ def encode_instruction(
             chat_template=chat_template if isinstance(chat_template, str) else None,
             causal_sink=causal_sink,
         )
-    pieces = instruction_pieces(record, include_answer)
+    pieces, roles = templates.instruction_pieces(
+        check_record(record, include_answer), template, include_answer
+    )
     text = "".join(piece for piece, _, _ in pieces)
     char_turns = [turn for piece, turn, _ in pieces for _ in piece]
     kinds = [kind for piece, _, kind in pieces for _ in piece]
     ids, token_turns, token_kinds = turns.token_layout(
         tokenizer, text, char_turns, kinds, add_special_tokens=True
     )
-    eos = tokenizer.eos_token_id
+    eos, answer = tokenizer.eos_token_id, len(roles) - 1
     if include_answer and eos is not None and ids[-1] != eos:
-        ids, token_turns, token_kinds = ids + [eos], token_turns + [2], token_kinds + [END]
-    labelled = {2} if include_answer else set()
-    encoded = _encode(ids, token_turns, token_kinds, ["system", "user", "assistant"], policy, labelled)
+        ids, token_turns, token_kinds = ids + [eos], token_turns + [answer], token_kinds + [END]
+    labelled = {answer} if include_answer else set()
+    encoded = _encode(ids, token_turns, token_kinds, roles, policy, labelled)
     return apply_cutoff(_with_sink(encoded, policy, causal_sink), cutoff, overflow)
 
 

@@ -458,8 +458,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     try:
         data_dir, digest = prepare_data(args, out)
-        for condition in args.conditions:
-            for seed in args.seeds:
+        # seed-major: a stopped study holds whole seeds (every condition of a seed), so its partial
+        # results are already paired comparisons
+        for seed in args.seeds:
+            for condition in args.conditions:
                 result = run_unit(args, out, data_dir, digest, condition, seed)
                 print(f"[study] {condition} seed {seed}: {result}", flush=True)
     except ValueError as error:

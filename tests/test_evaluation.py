@@ -610,3 +610,86 @@ def test_eval_out_in_a_read_only_folder_exits_2(stories_path, commonsense_dir, t
         assert "cannot write results to" in capsys.readouterr().err and not list(folder.iterdir())
     finally:
         folder.chmod(0o755)
+
+
+# ------------------------------------------------------------------------- the paper's template and extractor
+
+
+def test_generate_with_the_paper_template_and_either_extractor(stories, sky, tmp_path, monkeypatch):
+    """template paper prompts with the official evaluation text and blocks; the extractor reads the same
+    generation two ways; the results file records both settings."""
+    import segmask.evaluation as evaluation
+    from segmask.generation import Completion
+
+    model, tokenizer = stories
+    prompts = []
+
+    def fake_generate(model, tokenizer, encoded, **kwargs):
+        prompts.extend(encoded)
+        return [Completion("that is untrue", [])] * len(encoded)
+
+    monkeypatch.setattr(evaluation, "_generate", fake_generate)
+    for extract, prediction in [("official", "true"), ("strict", None)]:
+        out = tmp_path / f"{extract}.json"
+        _evaluate(model, tokenizer, sky, "boolq", template="paper", extract=extract, out=out)
+        saved = json.loads(out.read_text())
+        assert (saved["template"], saved["extract"]) == ("paper", extract)
+        [row] = _read_jsonl(tmp_path / f"{extract}.predictions.jsonl")
+        assert row["prediction"] == prediction and row["output"] == "that is untrue"
+    # stories260K: segment 0 is alpaca's 69 tokens + '▁' (the space after "request.") + 16 '▁' + 3 '#'
+    assert prompts[0].segment_ids == [0] * 89 + [1] * 58 + [-1] * 24
+    assert prompts[0].input_ids[86:89] == [38, 38, 38] and prompts[0].input_ids[144:147] == [38, 38, 38]
+    default = _evaluate(model, tokenizer, sky, "boolq", scoring="loglik")
+    assert default["template"] == "alpaca" and "extract" not in default  # extract: generate scoring only
+
+
+def test_paper_template_settings_are_checked(sky):
+    with pytest.raises(ValueError, match=r"^unknown template 'official'; expected one of alpaca, paper$"):
+        EvalConfig(sky, "boolq", template="official")
+    with pytest.raises(ValueError, match=r"^unknown extractor 'loose'; expected one of official, strict$"):
+        EvalConfig(sky, "boolq", extract="loose")
+    with pytest.raises(ValueError, match="loglik scoring needs template alpaca, got 'paper'"):
+        EvalConfig(sky, "boolq", scoring="loglik", template="paper")
+
+
+def test_a_journal_of_another_template_or_extractor_is_refused(stories, sky, tmp_path):
+    model, tokenizer = stories
+    out = tmp_path / "j.json"
+    _stopped_run(model, tokenizer, sky, out, after=1, tasks="boolq", max_new_tokens=1, extract="official")
+    with pytest.raises(ValueError, match="'extract': 'official'"):
+        _evaluate(model, tokenizer, sky, "boolq", max_new_tokens=1, out=out)
+
+
+def test_eval_cli_template_and_extract_flags(stories_path, sky, tmp_path, capsys):
+    """--template (absent: the run's saved template, else alpaca) and --extract; bad values exit 2."""
+    run = tmp_path / "run"
+    shutil.copytree(stories_path, run)
+    info = {"policy": "mas", "base_model": str(stories_path), "adapter": False, "template": "paper"}
+    (run / "segmask.json").write_text(json.dumps(info))
+    argv = ["eval", "--data-dir", str(sky), "--tasks", "boolq", "--max-new-tokens", "1", "--greedy"]
+    for model, flags, template, extract in [
+        (stories_path, [], "alpaca", "strict"),
+        (stories_path, ["--template", "paper", "--extract", "official"], "paper", "official"),
+        (run, [], "paper", "strict"),
+    ]:
+        out = tmp_path / f"{model.name}{len(flags)}.json"
+        assert main([*argv, "--model", str(model), "--no-progress", "--out", str(out), *flags]) == 0
+        saved = json.loads(out.read_text())
+        assert (saved["template"], saved["extract"]) == (template, extract), (model, flags)
+    capsys.readouterr()
+    out = str(tmp_path / "bad.json")
+    for flags in (["--extract", "loose"], ["--template", "official"]):
+        with pytest.raises(SystemExit) as stop:
+            main([*argv, "--model", str(stories_path), "--out", out, *flags])
+        assert stop.value.code == 2 and "invalid choice" in capsys.readouterr().err
+    assert (
+        main(
+            [*argv, "--model", str(stories_path), "--out", out, "--scoring", "loglik", "--template", "paper"]
+        )
+        == 2
+    )
+    error = capsys.readouterr().err
+    assert (
+        error.startswith("segmask eval: error: loglik scoring needs template alpaca")
+        and error.count("\n") == 1
+    )

@@ -9,8 +9,9 @@ policy) and the token ids of each candidate answer; a task format (:mod:`segmask
 suite (:mod:`segmask.tasks.commonsense`) from one :class:`EvalConfig`. Two ways to score a record:
 
     generate   the paper's protocol: the instruction template, beam search (4 beams, at most 32 new tokens,
-               greedy as an option) after a MAS prefill of the prompt; the prediction is the first label of
-               the task's vocabulary found in the generated text (none found: unparseable, counted wrong).
+               greedy as an option) after a MAS prefill of the prompt; the prediction is the first label
+               found in the generated text (``extract``: ``strict``, segmask's whole-word, any-case reading,
+               or ``official``, the paper's; none found: unparseable, counted wrong).
     loglik     the prompt is prefilled once under its mask policy; every candidate answer, the training
                target ``"the correct answer is <label>"`` with its EOS, is then scored causally against that
                KV cache and the candidate with the highest summed log-probability is the prediction.
@@ -44,6 +45,7 @@ from segmask.generation import completion, eos_token_ids, generate_ids, left_pad
 from segmask.masks import check_policy
 from segmask.segments import CAUSAL_SINK_HELP_RUN, Encoded, encode_chat, encode_instruction
 from segmask.tasks import commonsense
+from segmask.templates import DEFAULT_TEMPLATE, TEMPLATE_HELP, InstructionTemplate, check_template
 
 Scoring = Literal["generate", "loglik"]
 SCORINGS: tuple[str, ...] = get_args(Scoring)
@@ -152,14 +154,22 @@ def loglik_predictions(
     on_prediction: Callable[[results.Prediction], None] | None = None,
     overflow: Overflow = "error",
     causal_sink: bool = False,
+    template: str = DEFAULT_TEMPLATE,
 ) -> list[results.Prediction]:
     """Predict each record of ``task`` by the highest-scoring candidate answer (see the module docstring).
 
     Records whose index is in ``done`` keep that prediction (a resumed run); ``on_prediction`` sees each new
     one as soon as it is made. Every prompt is fitted to the model's context (:func:`fit_prompt`) before the
     first is scored; a skipped record has no prediction. ``causal_sink``: each prompt's token 0 causal under
-    ``mas``/``prefix`` (:func:`segmask.segments.sink_segments`).
+    ``mas``/``prefix`` (:func:`segmask.segments.sink_segments`). ``template`` must be ``alpaca``: the
+    ``paper`` evaluation prompt is no prefix of its training text (it ends in 16 spaces that the training
+    text tokenizes otherwise), so no candidate answer continues it as training did.
     """
+    if check_template(template) != "alpaca":
+        raise ValueError(
+            f"loglik scoring needs template alpaca, got {template!r}: the paper's evaluation prompt is no prefix "
+            "of its training text; score it with generate (the paper's protocol)"
+        )
     done = done or {}
     context = context_length(model)
     fitted: dict[int, tuple[Encoded, int, dict[str, list[int]]]] = {}
@@ -219,12 +229,17 @@ def generate_predictions(
     on_prediction: Callable[[results.Prediction], None] | None = None,
     overflow: Overflow = "error",
     causal_sink: bool = False,
+    template: str = DEFAULT_TEMPLATE,
+    extractor: str = "strict",
 ) -> list[results.Prediction]:
     """The paper's protocol: MAS prefill, beam search, the first label found in the generated text.
 
     ``done``, ``on_prediction``, ``overflow`` and ``causal_sink`` as in :func:`loglik_predictions` (the room
-    a prompt needs is ``max_new_tokens``).
+    a prompt needs is ``max_new_tokens``). ``template``: the instruction template of the prompts
+    (:mod:`segmask.templates`; ``paper`` gives the official evaluation prompt); ``extractor``: how the label
+    is read back (:func:`segmask.tasks.commonsense.extract`: ``strict`` or ``official``).
     """
+    check_template(template)
     done = done or {}
     by_index = dict(done)
     context = context_length(model)
@@ -233,7 +248,7 @@ def generate_predictions(
         if index in done:
             continue
         prompt = encode_instruction(
-            tokenizer, record, policy=policy, include_answer=False, causal_sink=causal_sink
+            tokenizer, record, policy=policy, include_answer=False, causal_sink=causal_sink, template=template
         )
         kept = fit_prompt(prompt, max_new_tokens, context, overflow, f"{task.name} record {index}")
         if kept is not None:
@@ -255,7 +270,7 @@ def generate_predictions(
                 index=index,
                 prompt=tokenizer.decode(prompt.input_ids),
                 output=done_text.text,
-                prediction=commonsense.extract_answer(done_text.text, task.labels),
+                prediction=commonsense.extract(done_text.text, task.name, task.labels, extractor),
                 gold=task.records[index]["answer"],
                 truncated=fitted[index][1],
             )
@@ -292,7 +307,11 @@ class EvalConfig:
     ``resume`` picks up (see :func:`evaluate`). ``num_beams``, ``max_new_tokens`` and ``batch_size`` are the
     decoding settings of ``generate`` scoring. ``causal_sink`` keeps each prompt's token 0 causal under
     ``mas``/``prefix`` (:func:`segmask.segments.sink_segments`); ``None`` is off here, and ``segmask eval``
-    resolves it to the run's saved value (:func:`segmask.loading.resolve_causal_sink`).
+    resolves it to the run's saved value (:func:`segmask.loading.resolve_causal_sink`). ``template`` is the
+    instruction template of the prompts (:mod:`segmask.templates`; ``None`` is ``alpaca`` here, and ``segmask
+    eval`` resolves it to the run's saved template); ``paper`` needs ``generate`` scoring. ``extract`` is how
+    ``generate`` scoring reads a label (:func:`segmask.tasks.commonsense.extract`): ``strict`` (segmask's,
+    the default) or ``official`` (the paper's).
     """
 
     # metadata["help"] is each field's line in `segmask eval --help`
@@ -324,9 +343,31 @@ class EvalConfig:
         },
     )
     causal_sink: bool | None = field(default=None, metadata={"help": CAUSAL_SINK_HELP_RUN})
+    template: InstructionTemplate | None = field(
+        default=None,
+        metadata={"help": f"{TEMPLATE_HELP} (default: as the model was trained, else alpaca)"},
+    )
+    extract: commonsense.Extractor = field(
+        default="strict",
+        metadata={
+            "help": "how generate scoring reads the label: strict (whole word, any case) or official "
+            "(the paper's: first match, case-sensitive, no word boundary)"
+        },
+    )
 
     def __post_init__(self) -> None:
         check_policy(self.policy)
+        if self.template is not None:
+            check_template(self.template)
+        if self.extract not in commonsense.EXTRACTORS:
+            raise ValueError(
+                f"unknown extractor {self.extract!r}; expected one of {', '.join(commonsense.EXTRACTORS)}"
+            )
+        if self.scoring == "loglik" and self.template not in (None, "alpaca"):
+            raise ValueError(
+                f"loglik scoring needs template alpaca, got {self.template!r}: the paper's evaluation prompt is "
+                "no prefix of its training text; use scoring generate"
+            )
         if self.scoring not in SCORINGS:
             raise ValueError(f"unknown scoring {self.scoring!r}; expected one of {', '.join(SCORINGS)}")
         if self.limit is not None and self.limit <= 0:
@@ -353,7 +394,8 @@ def evaluate(
     Every task file is read and validated before the model runs, so a bad file fails fast. The results hold
     per-task ``accuracy``, ``ci_low``/``ci_high`` (95% Wilson), ``n``, ``correct``, ``unparseable``; the
     unweighted ``average``; ``model`` (``model_name``, else the model's own name), ``policy``, ``scoring``,
-    ``limit``, ``overflow``, ``causal_sink`` (``None`` counts as off) and the git ``commit``. With ``out``, predictions go to ``<out stem>.predictions.jsonl`` next
+    ``limit``, ``overflow``, ``causal_sink`` (``None`` counts as off), ``template`` (``None`` counts as
+    ``alpaca``), ``extract`` (``generate`` scoring only) and the git ``commit``. With ``out``, predictions go to ``<out stem>.predictions.jsonl`` next
     to it.
 
     With ``out``, every prediction is also appended to ``<out stem>.partial.jsonl`` as soon as it is made,
@@ -376,6 +418,9 @@ def evaluate(
     run = {"model": name, "policy": config.policy, "scoring": config.scoring, "limit": config.limit}
     run["overflow"] = config.overflow
     run["causal_sink"] = bool(config.causal_sink)
+    run["template"] = config.template or DEFAULT_TEMPLATE
+    if config.scoring == "generate":
+        run["extract"] = config.extract
     report = results.run_results(predictions, run, {task.name: str(task.path) for task in loaded})
     for task_name, count in counts.items():
         report["tasks"][task_name] |= count
@@ -393,6 +438,10 @@ def _journal(config: EvalConfig, model_name: str, loaded: Sequence[commonsense.T
     header |= {"scoring": config.scoring, "limit": config.limit}
     if config.causal_sink:  # only when on: a journal written before the option resumes as off
         header["causal_sink"] = True
+    if (config.template or DEFAULT_TEMPLATE) != DEFAULT_TEMPLATE:  # likewise: an older journal is alpaca
+        header["template"] = config.template
+    if config.scoring == "generate" and config.extract != "strict":  # and strict
+        header["extract"] = config.extract
     if config.scoring == "generate":  # decoding settings do not change loglik predictions
         header |= {key: getattr(config, key) for key in ("num_beams", "max_new_tokens", "batch_size")}
     header["files"] = [str(task.path.resolve()) for task in loaded]
@@ -448,7 +497,7 @@ def _predict_tasks(
         if config.scoring == "loglik":
             predictions += loglik_predictions(
                 model, tokenizer, task, config.policy, progress, done, record, config.overflow, sink
-            )
+            )  # template: alpaca (EvalConfig refuses loglik with another)
         else:
             predictions += generate_predictions(
                 model,
@@ -463,6 +512,8 @@ def _predict_tasks(
                 record,
                 config.overflow,
                 sink,
+                config.template or DEFAULT_TEMPLATE,
+                config.extract,
             )
     return predictions
 

@@ -40,6 +40,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 from segmask import compat, fast_attention
 from segmask.attention import enable
 from segmask.masks import MaskPolicy, check_policy
+from segmask.templates import DEFAULT_TEMPLATE, TEMPLATES, check_template
 
 RUN_FILE = "segmask.json"
 CACHE_ENV = "SEGMASK_CACHE"
@@ -218,6 +219,26 @@ def resolve_causal_sink(path: str | Path, requested: bool | None = None) -> bool
             stacklevel=2,
         )
     return bool(requested)
+
+
+def resolve_template(path: str | Path, requested: str | None = None) -> str:
+    """The instruction template (:mod:`segmask.templates`) to prompt the model at ``path`` with:
+    ``requested`` if given, else the one its run folder's ``segmask.json`` saved (when it names one
+    template of :data:`segmask.templates.TEMPLATES`), else ``alpaca``. Overriding a saved one warns."""
+    if requested is not None:
+        check_template(requested)
+    path = resolve_model(path)
+    run = read_run_info(path) if path.is_dir() else None
+    saved = run.template if run is not None and run.template in TEMPLATES else None
+    if requested is None:
+        return saved or DEFAULT_TEMPLATE
+    if saved is not None and requested != saved:
+        warnings.warn(
+            f"this model was trained with template {saved!r}; prompting it with {requested!r} instead",
+            UserWarning,
+            stacklevel=2,
+        )
+    return requested
 
 
 def cache_dir() -> Path:

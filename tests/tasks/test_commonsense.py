@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from segmask.tasks.commonsense import Task, available_tasks, extract_answer, load_task
+from segmask.tasks.commonsense import (
+    TASK_LABELS,
+    Task,
+    available_tasks,
+    extract,
+    extract_answer,
+    extract_answer_official,
+    load_task,
+)
 
 ANSWERS = ("answer1", "answer2", "answer3", "answer4", "answer5")
 
@@ -36,6 +44,46 @@ ANSWERS = ("answer1", "answer2", "answer3", "answer4", "answer5")
 )
 def test_extract_answer(text, labels, expected):
     assert extract_answer(text, labels) == expected
+
+
+# issue 17's table of real generations: (task, generation, official, strict)
+EXTRACTOR_TABLE = [
+    ("boolq", "untrue", "true", None),
+    ("boolq", "True", None, "true"),
+    ("ARC-Easy", "answer12", "answer1", None),
+    ("social_i_qa", "the correct answer is answer4, not answer2", "answer4", "answer2"),
+    ("social_i_qa", "answer2 or answer1", "answer2", "answer2"),
+    ("boolq", "the correct answer is false", "false", "false"),
+    ("piqa", "Solution2", None, "solution2"),
+    ("winogrande", "option3option2", "option2", None),
+    ("hellaswag", "", None, None),
+]
+
+
+@pytest.mark.parametrize("task, text, official, strict", EXTRACTOR_TABLE)
+def test_official_and_strict_extractors(task, text, official, strict):
+    assert extract_answer_official(text, task) == official
+    assert extract(text, task, TASK_LABELS[task], "official") == official
+    assert extract(text, task, TASK_LABELS[task], "strict") == strict
+    assert extract(text, task, TASK_LABELS[task]) == strict  # strict stays the default
+
+
+def test_official_extractor_reads_after_the_last_response_header():
+    """As the official evaluate(): output.split("### Response:")[-1].strip() before the regex."""
+    assert extract_answer_official("true ### Response:\n  false", "boolq") == "false"
+    assert extract_answer_official("### Response: nothing", "boolq") is None
+
+
+def test_official_extractor_outside_the_suite_uses_the_task_labels_in_order():
+    assert extract_answer_official("pick B or A", "mytask", ("A", "B")) == "B"  # first match in the text
+    assert extract_answer_official("AB", "mytask", ("A", "AB")) == "A"  # alternation order, as re does
+    with pytest.raises(ValueError, match="not in the official suite and has no labels"):
+        extract_answer_official("A", "mytask")
+
+
+def test_unknown_extractor():
+    with pytest.raises(ValueError, match=r"^unknown extractor 'loose'; expected one of official, strict$"):
+        extract("true", "boolq", ("true", "false"), "loose")
 
 
 # ------------------------------------------------------------------------------------------------ tasks

@@ -2,7 +2,9 @@
 
 Every :class:`segmask.evaluation.EvalConfig` field but ``policy`` is a flag (``num_beams`` -> ``--num-beams``);
 ``--mask`` picks the policy, as in every command that loads a model. ``--causal-sink/--no-causal-sink``
-absent is the run's saved value, else off (:func:`segmask.loading.resolve_causal_sink`).
+absent is the run's saved value, else off (:func:`segmask.loading.resolve_causal_sink`); ``--template``
+absent is the run's saved template, else alpaca (:func:`segmask.loading.resolve_template`). The paper's
+protocol: ``--template paper --extract official`` (scoring generate, 4 beams, 32 new tokens).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import dataclasses
 from segmask.cli.options import add_config_arguments, add_model_arguments, config_values
 from segmask.compare import compare_runs
 from segmask.evaluation import EvalConfig, evaluate
-from segmask.loading import load_model, resolve_causal_sink
+from segmask.loading import load_model, resolve_causal_sink, resolve_template
 from segmask.tasks.commonsense import task_path
 
 
@@ -36,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
         task_path(config.data_dir, name)
     model, tokenizer, policy = load_model(args.model, policy=args.mask, chat_template=args.chat_template)
     sink = resolve_causal_sink(args.model, config.causal_sink)
-    config = dataclasses.replace(config, policy=policy, causal_sink=sink)
+    template = resolve_template(args.model, config.template)
+    config = dataclasses.replace(config, policy=policy, causal_sink=sink, template=template)
     evaluate(model, tokenizer, config, model_name=args.model, progress=not args.no_progress)
     print(compare_runs([args.out]), end="")
     print(f"results: {args.out}")

@@ -8,7 +8,8 @@ A task is a JSON list of records ``{"instruction", "input", "output", "answer"}`
 or ``DIR/<task>/test.json``; ``answer`` is a label of the task's answer vocabulary (``true``/``false``,
 ``answer1``..``answer5``, ...). A record's ``Answer format: a/b/c`` line names the labels it offers. The
 training target is ``ANSWER_PREFIX + label``: :func:`answer_continuation` gives its tokens for the ``loglik``
-scoring of :mod:`segmask.evaluation`, :func:`extract_answer` reads a label back from generated text.
+scoring of :mod:`segmask.evaluation`, :func:`extract` reads a label back from generated text with segmask's
+``strict`` extractor (:func:`extract_answer`) or the paper's ``official`` one (:func:`extract_answer_official`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from segmask.files import read_json
 from segmask.segments import Encoded, encode_instruction
@@ -152,7 +153,8 @@ def _labels_from_records(records: list[dict]) -> tuple[str, ...]:
 
 
 def extract_answer(text: str, labels: Sequence[str]) -> str | None:
-    """The first label of ``labels`` that occurs in ``text`` as a whole word, case-insensitive, else ``None``.
+    """The ``strict`` extractor (segmask's; see :func:`extract_answer_official` for the paper's): the first
+    label of ``labels`` that occurs in ``text`` as a whole word, case-insensitive, else ``None``.
 
     ``"The correct answer is Answer2."`` gives ``"answer2"``; ``"answer1 or answer3"`` gives ``"answer1"``;
     ``"untrue"`` contains no ``"true"``.
@@ -163,6 +165,54 @@ def extract_answer(text: str, labels: Sequence[str]) -> str | None:
     alternatives = "|".join(re.escape(label) for label in sorted(by_lower, key=len, reverse=True))
     match = re.search(rf"(?<![0-9a-z_])({alternatives})(?![0-9a-z_])", text.lower())
     return None if match is None else by_lower[match.group(1)]
+
+
+Extractor = Literal["official", "strict"]
+EXTRACTORS: tuple[str, ...] = get_args(Extractor)
+#: the official extractor's alternatives per task, in its order (``extract_answer`` of LLM-Adapters
+#: ``commonsense_evaluate.py``, copied unchanged into DoRA's and the MAS repo's): Social IQa, ARC and
+#: OpenBookQA all take answer1..answer5
+OFFICIAL_LABELS: dict[str, tuple[str, ...]] = {
+    "boolq": ("true", "false"),
+    "piqa": ("solution1", "solution2"),
+    **dict.fromkeys(
+        ("social_i_qa", "ARC-Challenge", "ARC-Easy", "openbookqa"),
+        ("answer1", "answer2", "answer3", "answer4", "answer5"),
+    ),
+    "hellaswag": ("ending1", "ending2", "ending3", "ending4"),
+    "winogrande": ("option1", "option2"),
+}
+
+
+def extract_answer_official(text: str, task: str, labels: Sequence[str] = ()) -> str | None:
+    """The official extractor exactly: the first match of ``label1|label2|...`` (case-sensitive, no word
+    boundary) in the text after the last ``### Response:``, stripped; ``None`` where it finds none (the
+    official code returns ``""``, counted wrong).
+
+    Reproduces ``extract_answer`` of AGI-Edgerunners/LLM-Adapters ``commonsense_evaluate.py`` (the MAS
+    repo's ``commonsense/commonsense_evaluate.py`` and NVlabs/DoRA's are the same) after its
+    ``output.split("### Response:")[-1].strip()``. A task of the official suite uses its official
+    alternatives (:data:`OFFICIAL_LABELS`: Social IQa takes answer1..answer5); any other task its
+    ``labels``, in their order. ``"untrue"`` gives ``"true"``, ``"True"`` nothing, ``"answer12"``
+    ``"answer1"``.
+    """
+    alternatives = OFFICIAL_LABELS.get(task) or tuple(labels)
+    if not alternatives:
+        raise ValueError(
+            f"extract_answer_official: task {task!r} is not in the official suite and has no labels"
+        )
+    match = re.search("|".join(map(re.escape, alternatives)), text.split("### Response:")[-1].strip())
+    return None if match is None else match.group(0)
+
+
+def extract(text: str, task: str, labels: Sequence[str], extractor: str = "strict") -> str | None:
+    """The label a generation names, read by ``extractor``: ``strict`` (:func:`extract_answer`: whole word,
+    case-insensitive, the task's labels) or ``official`` (:func:`extract_answer_official`)."""
+    if extractor == "official":
+        return extract_answer_official(text, task, labels)
+    if extractor == "strict":
+        return extract_answer(text, labels)
+    raise ValueError(f"unknown extractor {extractor!r}; expected one of {', '.join(EXTRACTORS)}")
 
 
 def answer_continuation(

@@ -9,7 +9,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from segmask import attention_plan, masks
-from segmask.attention_plan import Block, Layout, Plan, Upper, plan_layout, plan_row
+from segmask.attention_plan import (
+    Block,
+    Layout,
+    Plan,
+    Squares,
+    Upper,
+    batch_calls,
+    plan_layout,
+    plan_row,
+)
 
 pytestmark = pytest.mark.exactness
 
@@ -85,8 +94,9 @@ def test_plan_work_is_the_pair_count():
 
 
 def test_one_causal_call_when_the_batch_shares_a_causal_stretch():
-    """Short segments only: the batch's plan is one causal call over everything plus the reversed squares;
-    with different rows, each row's stretch is cut into blocks of at most a quarter of the keys."""
+    """Short segments only: the batch's plan is one causal call over everything plus the reversed squares,
+    also when the rows' short segments differ (their blocks are the same); rows whose blocks differ cut each
+    stretch into blocks of at most a quarter of the keys."""
     ids = [0, 0, -1, 1, 1, 1, -1, -1, 2, 2, 2, -1, -1, -1, -1, -1]
     ((first, last, plan),) = plan_layout(torch.tensor([ids, ids]), None, None, 16, piece=4)
     assert (first, last) == (0, 2)
@@ -94,7 +104,14 @@ def test_one_causal_call_when_the_batch_shares_a_causal_stretch():
     assert [s for upper in plan.uppers for s in upper.segments] == [(3, 6), (8, 11), (0, 2)]
     groups = plan_layout(torch.tensor([ids, ids[::-1]]), None, None, 16, piece=4)
     assert [group[:2] for group in groups] == [(0, 1), (1, 2)]
-    assert all(b.q_end - b.q_start <= 4 for _, _, plan in groups for b in plan.blocks)
+    assert all(plan.blocks == (Block(0, 16, 0, 16, causal=True),) for _, _, plan in groups)
+    calls = batch_calls(groups, budget=2 * 4)
+    assert calls.blocks == ((0, 2, Block(0, 16, 0, 16, causal=True)),)
+    padded = plan_layout(
+        torch.tensor([ids, ids]), torch.tensor([[1] * 16, [0] + [1] * 15]), None, 16, piece=4
+    )
+    assert [group[:2] for group in padded] == [(0, 1), (1, 2)]
+    assert all(b.q_end - b.q_start <= 4 for _, _, plan in padded for b in plan.blocks)
 
 
 def test_a_layout_plans_once(monkeypatch):
@@ -174,3 +191,94 @@ def test_plan_covers_each_allowed_pair_exactly_once(layout, piece):
     count = coverage(segment_ids, attention_mask, document_ids, q_len, piece)
     expected = masks.sdpa_mask(segment_ids, attention_mask, document_ids, q_len)[:, 0]
     assert torch.equal(count, expected.long())
+
+
+def test_literal_calls_of_a_batch():
+    """A block shared by neighbouring row groups runs once over their rows; writes come before merges; the
+    reversed squares of both rows are batched together, largest first, within the budget."""
+    row = ([0, 0, 0, 1, 1, 1, -1, -1], [0, 0, 0, 1, 1, -1, -1, -1])
+    groups = plan_layout(torch.tensor(row), None, None, 8, piece=3)
+    assert [group[:2] for group in groups] == [(0, 1), (1, 2)]
+    calls = batch_calls(groups, budget=16)
+    assert calls.blocks == (
+        (0, 2, Block(0, 3, 0, 3)),
+        (0, 1, Block(3, 6, 0, 6)),
+        (0, 1, Block(6, 8, 0, 6)),
+        (1, 2, Block(3, 5, 0, 3)),
+        (1, 2, Block(5, 8, 0, 5)),
+        (0, 1, Block(6, 8, 6, 8, causal=True, merge=True)),
+        (1, 2, Block(3, 5, 3, 5, causal=True, merge=True)),
+        (1, 2, Block(5, 8, 5, 8, causal=True, merge=True)),
+    )
+    assert calls.squares == (Squares(8, ((1, 3, 5),)),)
+    assert calls.count() == 9
+
+
+def calls_coverage(segment_ids, attention_mask=None, document_ids=None, q_len=None, piece=3, budget=8):
+    """Like :func:`coverage`, through :func:`batch_calls`; also checks that every query is written (by a
+    non-merging block or as a self) exactly once and before any merge into it."""
+    batch, kv_len = segment_ids.shape
+    q_len = kv_len if q_len is None else q_len
+    offset = kv_len - q_len
+    count = torch.zeros(batch, q_len, kv_len, dtype=torch.long)
+    written = torch.zeros(batch, q_len, dtype=torch.long)
+    groups = plan_layout(segment_ids, attention_mask, document_ids, q_len, piece)
+    calls = batch_calls(groups, budget)
+    for first, last, start, end in calls.selfs:
+        for i in range(start, end):
+            count[first:last, i - offset, i] += 1
+        written[first:last, start - offset : end - offset] += 1
+    merging = False
+    for first, last, block in calls.blocks:
+        rows, queries = slice(first, last), slice(block.q_start - offset, block.q_end - offset)
+        assert not (merging and not block.merge), "a block writes after a merge"
+        merging = block.merge
+        if block.merge:
+            assert (written[rows, queries] == 1).all()
+        else:
+            written[rows, queries] += 1
+        area = torch.ones(block.q_end - block.q_start, block.k_end - block.k_start, dtype=torch.long)
+        count[rows, queries, block.k_start : block.k_end] += area.tril() if block.causal else area
+    for squares in calls.squares:
+        assert len(squares.segments) == 1 or len(squares.segments) * squares.size <= budget
+        for row, start, end in squares.segments:
+            assert end - 1 - start <= squares.size
+            assert (written[row, start - offset : end - 1 - offset] == 1).all()
+            for i in range(start, end - 1):
+                count[row, i - offset, i + 1 : end] += 1
+    assert (written == 1).all()
+    return count
+
+
+@settings(max_examples=80, deadline=None)
+@given(layout=layouts(), piece=st.sampled_from([1, 3, 256]), budget=st.sampled_from([1, 8, 64]))
+def test_calls_cover_each_allowed_pair_exactly_once(layout, piece, budget):
+    segment_ids, attention_mask, document_ids, q_len = layout
+    count = calls_coverage(segment_ids, attention_mask, document_ids, q_len, piece, budget)
+    expected = masks.sdpa_mask(segment_ids, attention_mask, document_ids, q_len)[:, 0]
+    assert torch.equal(count, expected.long())
+
+
+def equal_segments(count: int, length: int, answer: int) -> torch.Tensor:
+    """``count`` segments of ``length`` tokens, each followed by ``answer`` causal tokens: ``[1, L]``."""
+    return torch.tensor([sum(([s] * length + [-1] * answer for s in range(count)), [])])
+
+
+def test_many_equal_short_segments_take_few_calls():
+    """64 few-shot examples of 16 tokens (+ 4 answer tokens) at 1280 tokens: one causal call and the 64
+    reversed squares (15 queries, side 16) in batches of 256 queries, so 1 + 4 calls, not 64."""
+    segment_ids = equal_segments(64, 16, 4)
+    layout = Layout(segment_ids)
+    calls = layout.calls(1280, 256)
+    assert calls.blocks == ((0, 1, Block(0, 1280, 0, 1280, causal=True)),)
+    assert [(s.size, len(s.segments)) for s in calls.squares] == [(16, 16)] * 4
+    assert calls.count() == 5 < 64
+    # four rows, shifted by 0, 5, 10, 15 causal tokens: still one causal call, and the 256 squares in
+    # batches of 4 x 256 queries (each row alone: 7 blocks and 4 batches, 44 calls in all)
+    rows = torch.full((4, 1280), -1)
+    for row, shift in enumerate((0, 5, 10, 15)):
+        rows[row, shift : shift + 1260] = equal_segments(63, 16, 4)
+    calls = Layout(rows).calls(1280, 256)
+    assert calls.blocks == ((0, 4, Block(0, 1280, 0, 1280, causal=True)),)
+    assert [(s.size, len(s.segments)) for s in calls.squares] == [(16, 64)] * 3 + [(16, 60)]
+    assert calls.count() == 5

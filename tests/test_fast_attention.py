@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import random
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from transformers import AutoModelForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import segmask
-from segmask import fast_attention, masks
+from segmask import attention_plan, fast_attention, kernels, masks
 from segmask.attention_plan import Layout, plan_layout
 from segmask.fast_attention import mas_attention, segmask_attention_forward
 
@@ -53,13 +54,15 @@ def outputs_and_grads(fn, q, k, v, grad):
     return out.detach(), q.grad, k.grad, v.grad
 
 
-def assert_matches_dense(segment_ids, attention_mask=None, document_ids=None, q_len=None, **shape):
+def assert_matches_dense(
+    segment_ids, attention_mask=None, document_ids=None, q_len=None, kernel=None, **shape
+):
     batch, kv_len = segment_ids.shape
     q_len = kv_len if q_len is None else q_len
     assert plan_layout(segment_ids, attention_mask, document_ids, q_len) is not None, "fast path not taken"
     q, k, v, grad = random_qkv(batch, q_len, kv_len, **shape)
     fast = outputs_and_grads(
-        lambda *t: mas_attention(*t, segment_ids, attention_mask, document_ids), q, k, v, grad
+        lambda *t: mas_attention(*t, segment_ids, attention_mask, document_ids, kernel=kernel), q, k, v, grad
     )
     dense = outputs_and_grads(
         lambda *t: reference(*t, segment_ids, attention_mask, document_ids), q, k, v, grad
@@ -126,12 +129,14 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("kernel", ["cpu-flash", "reference"])
 @pytest.mark.parametrize("heads", [(4, 4), (4, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
 @pytest.mark.parametrize("case", CASES)
-def test_matches_dense_reference(case, heads):
+def test_matches_dense_reference(case, heads, kernel):
+    """Through either kernel: the reference kernel checks the plan-and-merge machinery on its own."""
     segment_ids, attention_mask, document_ids, q_len = CASES[case]
     assert_matches_dense(
-        segment_ids, attention_mask, document_ids, q_len, q_heads=heads[0], kv_heads=heads[1]
+        segment_ids, attention_mask, document_ids, q_len, kernel, q_heads=heads[0], kv_heads=heads[1]
     )
 
 
@@ -183,12 +188,14 @@ def test_causal_token_never_sees_a_later_token():
 
 
 @settings(max_examples=120, deadline=None)
-@given(layout=layouts(), piece=st.sampled_from([1, 3, 256]))
-def test_random_layouts_match_dense(layout, piece):
+@given(
+    layout=layouts(), piece=st.sampled_from([1, 3, 256]), kernel=st.sampled_from(["cpu-flash", "reference"])
+)
+def test_random_layouts_match_dense(layout, piece, kernel):
     fast_attention.PIECE = piece
     try:
         segment_ids, attention_mask, document_ids, q_len = layout
-        assert_matches_dense(segment_ids, attention_mask, document_ids, q_len)
+        assert_matches_dense(segment_ids, attention_mask, document_ids, q_len, kernel)
     finally:
         fast_attention.PIECE = 3
 
@@ -379,3 +386,196 @@ def test_planner_names_at_their_old_path_warn():
     for name in ("Plan", "plan_row", "plan_layout"):
         with pytest.warns(DeprecationWarning, match="moved to segmask.attention_plan"):
             assert getattr(fast_attention, name) is getattr(segmask.attention_plan, name)
+
+
+# ------------------------------------------------------------------------------------ the kernel seam
+
+
+def test_reference_kernel_equals_cpu_flash():
+    """Both kernels' outputs, log-sum-exps and backward (given another call's merged output and lse)."""
+    q, k, v, grad = random_qkv(2, 12, 12, 3, 3)
+    for causal in (False, True):
+        flash = kernels.CPU_FLASH.forward(q, k, v, causal, 0.3)
+        ref = kernels.REFERENCE.forward(q, k, v, causal, 0.3)
+        for a, b in zip(flash, ref):
+            assert (a - b).abs().max() < TOLERANCE
+        # a merged output and lse over more keys than this call's: each backward returns its share
+        out, lse = flash[0] * 0.5, flash[1] + 0.7
+        for a, b in zip(
+            kernels.CPU_FLASH.backward(grad, q, k, v, out, lse, causal, 0.3),
+            kernels.REFERENCE.backward(grad, q, k, v, out, lse, causal, 0.3),
+        ):
+            assert (a - b).abs().max() < TOLERANCE
+
+
+def test_default_kernel_is_cpu_flash_and_cuda_is_never_the_default():
+    assert kernels.select(torch.device("cpu")) is kernels.CPU_FLASH
+    with pytest.raises(
+        kernels.KernelUnavailable, match="no segment-blocked kernel is enabled by default on cuda"
+    ):
+        kernels.select(torch.device("cuda"))
+    with pytest.raises(kernels.KernelUnavailable, match="unknown kernel 'triton'"):
+        kernels.select(torch.device("cpu"), "triton")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_asking_for_the_cuda_kernel_without_cuda_raises():
+    q, k, v, _ = random_qkv(1, 4, 4)
+    with pytest.raises(kernels.KernelUnavailable, match="cuda-flash kernel needs CUDA"):
+        mas_attention(q, k, v, torch.zeros(1, 4, dtype=torch.long), kernel="cuda-flash")
+
+
+def test_a_changed_flash_operator_raises(monkeypatch):
+    """The merge relies on the CPU operator's lse being [B, H, Q] float32: anything else raises, naming it."""
+    real = kernels._FLASH_CPU
+
+    def changed(*args, **kwargs):
+        out, lse = real(*args, **kwargs)
+        return out, lse.transpose(1, 2)  # as if the operator now returned [B, Q, H]
+
+    monkeypatch.setattr(kernels, "_FLASH_CPU", changed)
+    q, k, v, _ = random_qkv(1, 5, 5, 2, 2)
+    with pytest.raises(kernels.KernelChangedError, match=r"log-sum-exp \[B, H, Q\] float32"):
+        mas_attention(q, k, v, torch.tensor([[0, 0, 1, -1, -1]]))
+
+
+class CountingKernel:
+    """A kernel that counts its forward and backward calls (through the seam every call goes through)."""
+
+    def __init__(self, inner=kernels.CPU_FLASH):
+        self.forward_calls = self.backward_calls = 0
+
+        def forward(*args):
+            self.forward_calls += 1
+            return inner.forward(*args)
+
+        def backward(*args):
+            self.backward_calls += 1
+            return inner.backward(*args)
+
+        self.kernel = kernels.Kernel("counting", forward, backward, inner.device)
+
+
+# ------------------------------------------------------------------------- many short segments
+
+
+def few_shot(seq_len: int, seed: int, answer=(1, 8)) -> list[int]:
+    """Few-shot examples: segments of 8-32 tokens, each followed by a short causal answer."""
+    rng = random.Random(seed)
+    ids, segment = [], 0
+    while len(ids) < seq_len:
+        ids += [segment] * rng.randint(8, 32) + [-1] * rng.randint(*answer)
+        segment += 1
+    return ids[:seq_len]
+
+
+def chat(seq_len: int, seed: int) -> list[int]:
+    """A 32-token system segment, then user segments and causal answers of 16-128 tokens."""
+    rng = random.Random(seed)
+    ids, segment = [0] * 32, 1
+    while len(ids) < seq_len:
+        ids += [segment] * rng.randint(16, 128) + [-1] * rng.randint(16, 128)
+        segment += 1
+    return ids[:seq_len]
+
+
+def _many_short(name: str):
+    """``(segment_ids, attention_mask, document_ids)`` of a realistic many-short-segment batch."""
+    L = 384
+    if name == "few-shot":
+        return torch.tensor([few_shot(L, 0)]), None, None
+    if name == "few-shot, rows differ":
+        return torch.tensor([few_shot(L, seed) for seed in range(3)]), None, None
+    if name == "few-shot, padded":
+        rows = torch.tensor(
+            [few_shot(L, 0), [-1] * 40 + few_shot(L - 40, 1), few_shot(L - 24, 2) + [-1] * 24]
+        )
+        padding = torch.ones(3, L, dtype=torch.long)
+        padding[1, :40] = padding[2, L - 24 :] = 0
+        return rows, padding, None
+    if name == "chat":
+        return torch.tensor([chat(L, 0), chat(L, 1)]), None, None
+    if name == "packed documents":
+        rows = torch.tensor([few_shot(150, 0) + chat(234, 1), chat(200, 2) + few_shot(184, 3)])
+        documents = torch.tensor([[0] * 150 + [1] * 234, [0] * 200 + [1] * 184])
+        return rows, None, documents
+    raise KeyError(name)
+
+
+MANY_SHORT = ("few-shot", "few-shot, rows differ", "few-shot, padded", "chat", "packed documents")
+
+
+@pytest.mark.parametrize("kernel", ["cpu-flash", "reference"])
+@pytest.mark.parametrize("name", MANY_SHORT)
+def test_many_short_segments_match_dense(monkeypatch, name, kernel):
+    """Segments of 8-32 tokens at the real piece (256): the batched reversed squares and shared causal
+    calls equal the dense mask, forward and backward, through either kernel."""
+    monkeypatch.setattr(fast_attention, "PIECE", 256)
+    segment_ids, attention_mask, document_ids = _many_short(name)
+    assert_matches_dense(segment_ids, attention_mask, document_ids, None, kernel, q_heads=2, kv_heads=1)
+    assert_matches_dense(segment_ids, attention_mask, document_ids, 100, kernel, q_heads=2, kv_heads=1)
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_many_equal_short_segments_take_fewer_calls_than_segments(monkeypatch, batch):
+    """64 segments of 16 tokens (+ 4 answer tokens) at 1280 tokens: 1 causal call + 4 batches of 16
+    reversed squares, forward and backward, counted through the kernel seam; 4 such rows, each shifted:
+    still 5 calls each way (1 causal call + 4 batches of 64 squares; each row alone would take 11)."""
+    monkeypatch.setattr(fast_attention, "PIECE", 256)
+    one = sum(([s] * 16 + [-1] * 4 for s in range(64)), [])
+    segment_ids = torch.full((batch, 1280), -1)
+    for row, shift in enumerate((0, 5, 10, 15)[:batch]):
+        segment_ids[row, shift : shift + 1260] = torch.tensor(one[:1260])  # 63 examples
+    counting = CountingKernel()
+    q, k, v, grad = random_qkv(batch, 1280, 1280, 2, 2, 8)
+    fast = outputs_and_grads(lambda *t: mas_attention(*t, segment_ids, kernel=counting.kernel), q, k, v, grad)
+    assert (counting.forward_calls, counting.backward_calls) == (5, 5)
+    dense = outputs_and_grads(lambda *t: reference(*t, segment_ids), q, k, v, grad)
+    for a, b in zip(fast, dense):
+        assert (a - b).abs().max() < TOLERANCE
+
+
+# --------------------------------------------------------------------------- once per forward
+
+
+@pytest.mark.parametrize(
+    "family, plans, dense_masks",
+    [("llama", 1, 0), ("gemma3", 1, 1), ("mistral", 0, 1)],
+    ids=["full attention", "full and sliding layers", "sliding layers"],
+)
+def test_one_plan_and_one_mask_per_forward(monkeypatch, family, plans, dense_masks):
+    """Four decoder layers share one plan (full attention) and one dense mask (sliding window) per forward
+    call, forward and backward; the next forward call builds its own."""
+    layers = dict(TINY, num_hidden_layers=4)
+    config = {
+        "llama": lambda: transformers.LlamaConfig(num_key_value_heads=2, **layers),
+        "gemma3": lambda: transformers.Gemma3TextConfig(
+            num_key_value_heads=2,
+            head_dim=16,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention"] * 2,
+            **layers,
+        ),
+        "mistral": lambda: transformers.MistralConfig(num_key_value_heads=2, sliding_window=4, **layers),
+    }[family]()
+    fast, _ = twin_models(config)
+    fast = segmask.enable(fast)
+    assert fast.config._attn_implementation == "segmask"
+    counts = {"plan": 0, "dense": 0}
+    plan, dense = attention_plan.plan_layout, masks.dense
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            counts[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(attention_plan, "plan_layout", counted("plan", plan))
+    monkeypatch.setattr(masks, "dense", counted("dense", dense))
+    segment_ids = torch.tensor([[0, 0, 0, 1, 1, 1, -1, -1, -1, -1], [0, 0, -1, 1, 1, -1, 2, 2, -1, -1]])
+    input_ids = torch.randint(1, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    fast(input_ids, segment_ids=segment_ids).logits.square().mean().backward()
+    assert counts == {"plan": plans, "dense": dense_masks}
+    fast(input_ids, segment_ids=segment_ids)
+    assert counts == {"plan": 2 * plans, "dense": 2 * dense_masks}

@@ -20,8 +20,10 @@ later tokens of short segments::
       7     P P P P P P C C ⬚   C  Block(6, 9, 6, 9, causal=True, merge=True)
       8     P P P P P P C C C
 
-:func:`plan_layout` plans a batch (rows sharing a plan grouped); :class:`Layout` carries one forward call's
-ids and computes its plan once for every layer. :mod:`segmask.fast_attention` runs a plan on a kernel.
+:func:`plan_layout` plans a batch (rows sharing a plan grouped); :func:`batch_calls` turns the batch's plans
+into as few kernel calls as it can (a block shared by neighbouring rows runs once over them; the reversed
+squares of every row go in a few padded batches); :class:`Layout` carries one forward call's ids and
+computes its plan and calls once for every layer. :mod:`segmask.fast_attention` runs the calls on a kernel.
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ class Layout:
     _plans: dict[tuple[int, int], tuple[RowGroup, ...] | None] = field(
         default_factory=dict, init=False, repr=False
     )
+    _calls: dict[tuple[int, int], Calls | None] = field(default_factory=dict, init=False, repr=False)
+    _masks: dict[tuple, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         masks.validate_layout(self.segment_ids, self.attention_mask, self.document_ids)
@@ -68,6 +72,28 @@ class Layout:
                 self.segment_ids, self.attention_mask, self.document_ids, q_len, piece
             )
         return self._plans[(q_len, piece)]
+
+    def calls(self, q_len: int, piece: int = PIECE) -> Calls | None:
+        """:func:`batch_calls` of :meth:`plan`, computed once for every layer of the forward call."""
+        if (q_len, piece) not in self._calls:
+            groups = self.plan(q_len, piece)
+            batch, kv_len = self.segment_ids.shape
+            budget = batch * max(piece, block_rows(kv_len, piece) // 4)
+            self._calls[(q_len, piece)] = None if groups is None else batch_calls(groups, budget)
+        return self._calls[(q_len, piece)]
+
+    def dense(
+        self, q_len: int, window: int | None, kv_offset: int, kv_len: int, device: torch.device
+    ) -> torch.Tensor:
+        """The SDPA mask :func:`segmask.masks.dense` ``[B, 1, Q, kv_len]`` (empty rows made safe) on ``device``,
+        built once: every layer of the forward call with this window shares it."""
+        key = (q_len, window, kv_offset, kv_len, torch.device(device))
+        if key not in self._masks:
+            mask = masks.dense(
+                self.segment_ids, self.attention_mask, self.document_ids, q_len, window, kv_offset, kv_len
+            )
+            self._masks[key] = masks.never_empty(mask).to(device)
+        return self._masks[key]
 
     def check_keys(self, keys: int, window: int | None) -> None:
         """Raise unless a layer (with sliding ``window`` or None) holding ``keys`` keys is what the mask is for."""
@@ -120,6 +146,34 @@ class Plan:
 
 RowGroup = tuple[int, int, Plan]
 """Rows ``[first, last)`` of a batch that share one plan."""
+
+
+@dataclass(frozen=True)
+class Squares:
+    """Reversed causal squares (see :class:`Upper`) of short segments of any rows, in one batched call: each
+    ``(row, start, end)`` of ``segments`` a square of side ``size``, padded at its end."""
+
+    size: int
+    segments: tuple[tuple[int, int, int], ...]
+
+
+@dataclass(frozen=True)
+class Calls:
+    """The kernel calls that compute a batch's plans.
+
+    ``blocks``: ``(first, last, block)``, the block over rows ``[first, last)``; every block that writes its
+    queries (``merge`` False) comes before any that merges into them. ``squares``: batched reversed squares,
+    merged after the blocks. ``selfs``: ``(first, last, start, end)``, queries of rows ``[first, last)`` that
+    attend to their own position only.
+    """
+
+    blocks: tuple[tuple[int, int, Block], ...]
+    squares: tuple[Squares, ...] = ()
+    selfs: tuple[tuple[int, int, int, int], ...] = ()
+
+    def count(self) -> int:
+        """Kernel calls of a forward pass."""
+        return len(self.blocks) + len(self.squares)
 
 
 @dataclass(frozen=True)
@@ -176,20 +230,25 @@ def _square_size(segments: list[tuple[int, int]]) -> int:
     return _padded_size(max(end - 1 - start for start, end in segments))
 
 
-def _group_uppers(segments: list[tuple[int, int]], budget: int) -> tuple[Upper, ...]:
-    """Batch the reversed squares of short segments, largest first, each batch padded to its largest square
-    and holding at most ``budget`` queries (or one square), which bounds the memory of its gathered queries,
-    keys and values."""
-    uppers: list[Upper] = []
-    group: list[tuple[int, int]] = []
-    for start, end in sorted(segments, key=lambda s: s[0] - s[1]):
-        if group and (len(group) + 1) * _square_size(group) > budget:
-            uppers.append(Upper(_square_size(group), tuple(group)))
+def _batches(segments: list[tuple], budget: int) -> list[tuple[int, tuple]]:
+    """Batch the reversed squares of short segments (tuples ending in ``start, end``), largest first, each
+    batch padded to its largest square and holding at most ``budget`` queries (or one square), which bounds
+    the memory of its gathered queries, keys and values: ``(side, segments)`` per batch."""
+    batches: list[tuple[int, tuple]] = []
+    group: list[tuple] = []
+    for segment in sorted(segments, key=lambda s: s[-2] - s[-1]):
+        if group and (len(group) + 1) * _square_size([s[-2:] for s in group]) > budget:
+            batches.append((_square_size([s[-2:] for s in group]), tuple(group)))
             group = []
-        group.append((start, end))
+        group.append(segment)
     if group:
-        uppers.append(Upper(_square_size(group), tuple(group)))
-    return tuple(uppers)
+        batches.append((_square_size([s[-2:] for s in group]), tuple(group)))
+    return batches
+
+
+def _group_uppers(segments: list[tuple[int, int]], budget: int) -> tuple[Upper, ...]:
+    """One row's reversed squares in batches of at most ``budget`` queries (see :func:`_batches`)."""
+    return tuple(Upper(size, group) for size, group in _batches(segments, budget))
 
 
 def _spans(runs: list[_Run]) -> tuple[dict[int, list[int]], dict[tuple[int, int], tuple[int, int]]] | None:
@@ -351,12 +410,46 @@ def plan_layout(
             groups[-1] = (groups[-1][0], b + 1, plan)
         else:
             groups.append((b, b + 1, plan))
-    if len(groups) == 1:  # one plan for the whole batch
-        whole = plan_row(
-            segment_ids[0], _row(attention_mask, 0), _row(document_ids, 0), q_len, piece, whole=True
-        )
-        groups = [(0, segment_ids.shape[0], whole)]
+    first = groups[0][2]
+    if all((p.blocks, p.selfs) == (first.blocks, first.selfs) for _, _, p in groups):
+        # every row has the same blocks (rows may differ in their short segments): plan them for the whole
+        # batch, where a causal stretch over every query and key is one call
+        groups = [
+            (
+                a,
+                b,
+                plan_row(segment_ids[a], _row(attention_mask, a), _row(document_ids, a), q_len, piece, True),
+            )
+            for a, b, _ in groups
+        ]
     return tuple(groups)
+
+
+def batch_calls(groups: tuple[RowGroup, ...], budget: int) -> Calls:
+    """The kernel calls of a batch's plans: the same block in neighbouring row groups becomes one call over
+    their rows, and the reversed squares of every row are batched anew, at most ``budget`` queries per call
+    (summed over rows). Blocks that write come before blocks that merge, so each query is written once
+    (by its one non-merging block or as a self-attending query) before anything merges into it."""
+    ranges: dict[Block, list[list[int]]] = {}
+    for first, last, plan in groups:
+        for block in plan.blocks:
+            spans = ranges.setdefault(block, [])
+            if spans and spans[-1][1] == first:
+                spans[-1][1] = last
+            else:
+                spans.append([first, last])
+    blocks = [(a, b, block) for block, spans in ranges.items() for a, b in spans]
+    blocks.sort(key=lambda call: call[2].merge)  # stable: writes first, in plan order
+    segments = [
+        (row, start, end)
+        for first, last, plan in groups
+        for upper in plan.uppers
+        for start, end in upper.segments
+        for row in range(first, last)
+    ]
+    squares = tuple(Squares(size, group) for size, group in _batches(segments, budget))
+    selfs = tuple((first, last, start, end) for first, last, plan in groups for start, end in plan.selfs)
+    return Calls(tuple(blocks), squares, selfs)
 
 
 def _row(ids: torch.Tensor | None, b: int) -> torch.Tensor | None:

@@ -19,18 +19,19 @@ except inside the diagonal tiles of a causal square (as causal attention itself 
       7     P P P P P C C C   causal square                 7     C C C C C C C C   batched in one call
 
 A query covered by several calls (P and C, C and U) gets their softmaxes merged through their
-log-sum-exps, which public ``scaled_dot_product_attention`` does not return; the kernel therefore calls
-the CPU flash-attention operators that SDPA itself dispatches to on CPU
-(``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward) inside one ``autograd.Function``.
-The backward of each call, given the merged output and log-sum-exp, is exactly that call's share of the
-gradients (as in ring attention). Calls have at most a quarter of the sequence as query rows, which keeps
-the extra memory to a fraction of the output; nothing grows as L x L.
+log-sum-exps, which public ``scaled_dot_product_attention`` does not return; each call therefore goes to
+a :class:`segmask.kernels.Kernel` (on CPU the flash-attention operators SDPA itself dispatches to, which
+return the log-sum-exp), all inside one ``autograd.Function``. The backward of each call, given the merged
+output and log-sum-exp, is exactly that call's share of the gradients (as in ring attention). Calls have
+at most a quarter of the sequence as query rows, which keeps the extra memory to a fraction of the
+output; nothing grows as L x L.
 
 Where this is not exact or not available (a segment id repeated inside a document, padding or a document
-split in the middle of a row, dropout, a non-CPU device, tracing) :func:`mas_attention` logs the reason
-once and runs SDPA with the dense mask of :func:`segmask.masks.sdpa_mask` instead.
+split in the middle of a row, dropout, a device without a default kernel, tracing) :func:`mas_attention`
+logs the reason once and runs SDPA with the dense mask of :func:`segmask.masks.sdpa_mask` instead.
 
-The plan (which calls, over which ranges) comes from :mod:`segmask.attention_plan`; this module runs it.
+The calls (which kernel calls, over which rows and ranges) come from :mod:`segmask.attention_plan`; the
+kernel that runs each from :mod:`segmask.kernels`; this module runs the one on the other.
 Layers of a transformers model reach this through :func:`segmask_attention_forward`, registered as the
 attention implementation ``"segmask"`` by :func:`register`; ``segmask.enable`` hands each call the
 token-level :class:`Layout`.
@@ -48,16 +49,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from segmask import attention_plan, masks
-from segmask.attention_plan import (
-    PIECE,
-    Block,
-    Layout,
-    RowGroup,
-    Upper,
-    block_rows,
-    split_range,
-)
+from segmask import attention_plan, kernels
+from segmask.attention_plan import PIECE, Block, Calls, Layout, Squares, block_rows, split_range
+from segmask.kernels import Kernel
 
 logger = logging.getLogger(__name__)
 
@@ -76,61 +70,59 @@ def __getattr__(name: str):
 IMPLEMENTATION = "segmask"
 """Name of the transformers attention implementation registered by :func:`register`."""
 
-_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-_FLASH_CPU_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
-
-
 # ------------------------------------------------------------------------------------------------ kernel
 
 
 @dataclass(frozen=True)
 class _Reversed:
-    """Index tensors of an :class:`Upper` group: its squares one after another, each reversed and padded."""
+    """Index tensors of a :class:`Squares` batch: its squares one after another, each reversed and padded.
 
-    queries: torch.Tensor  # [count * size] query positions
-    keys: torch.Tensor  # [count * size] key positions
-    padding: torch.Tensor  # [count * size] True where an entry only pads a square
-    real: torch.Tensor  # indices of the other entries
+    Entries are ``(row, position)`` pairs, ``count * size`` of them; gathered from ``x [B, H, n, ...]`` they
+    form ``[count, H, size, ...]``, the kernel's batch of squares."""
+
+    rows: Tensor  # [count * size] batch rows
+    queries: Tensor  # [count * size] query positions (absolute)
+    keys: Tensor  # [count * size] key positions
+    padding: Tensor  # [count * size] True where an entry only pads a square
+    real: Tensor  # indices of the other entries
     count: int
 
-    def gather(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """``x [b, H, n, ...]`` at ``positions`` -> ``[b * count, H, size, ...]``."""
-        x = x.index_select(2, positions)
-        b, h, n = x.shape[:3]
-        x = x.reshape(b, h, self.count, n // self.count, *x.shape[3:]).transpose(1, 2)
-        return x.reshape(b * self.count, h, n // self.count, *x.shape[4:])
+    def gather(self, x: Tensor, positions: Tensor, fill: float | None = None) -> Tensor:
+        """``x [B, H, n, ...]`` at ``(rows, positions)`` -> ``[count, H, size, ...]``; ``fill`` at the padding."""
+        x = x[self.rows, :, positions]  # [count * size, H, ...]
+        if fill is not None:
+            x = x.masked_fill(self.padding.view(-1, *([1] * (x.ndim - 1))), fill)
+        return x.view(self.count, -1, *x.shape[1:]).transpose(1, 2)
 
-    def fill_padding(self, x: torch.Tensor, value: float) -> torch.Tensor:
-        """``x [b * count, H, size, ...]`` with ``value`` at the padding entries."""
-        padding = self.padding.view(1, self.count, 1, -1).expand(x.shape[0] // self.count, -1, -1, -1)
-        padding = padding.reshape(x.shape[0], 1, -1, *([1] * (x.ndim - 3)))
-        return x.masked_fill(padding, value)
-
-    def scatter(self, x: torch.Tensor) -> torch.Tensor:
-        """``[b * count, H, size, ...]`` -> ``[b, H, real entries, ...]``, in the order of ``real``."""
-        bc, h, size = x.shape[:3]
-        x = x.reshape(bc // self.count, self.count, h, size, *x.shape[3:]).transpose(1, 2)
-        return x.reshape(bc // self.count, h, self.count * size, *x.shape[4:]).index_select(2, self.real)
+    def entries(self, x: Tensor) -> Tensor:
+        """``[count, H, size, ...]`` -> the real entries ``[m, H, ...]``, in the order of ``real``."""
+        x = x.transpose(1, 2)
+        return x.reshape(-1, *x.shape[2:]).index_select(0, self.real)
 
 
 @functools.lru_cache(maxsize=256)
-def _reversed(upper: Upper) -> _Reversed:
-    """The index tensors of ``upper``, built once per group (every layer and step reuses them)."""
+def _reversed(squares: Squares, device: torch.device) -> _Reversed:
+    """The index tensors of ``squares`` on ``device``, built once per batch (every layer and step reuses them)."""
+    rows: list[int] = []
     queries: list[int] = []
     keys: list[int] = []
     padding: list[bool] = []
-    for start, end in upper.segments:
+    for row, start, end in squares.segments:
         n = end - 1 - start
-        queries += list(range(end - 2, start - 1, -1)) + [start] * (upper.size - n)
-        keys += list(range(end - 1, start, -1)) + [start + 1] * (upper.size - n)
-        padding += [False] * n + [True] * (upper.size - n)
+        rows += [row] * squares.size
+        queries += list(range(end - 2, start - 1, -1)) + [start] * (squares.size - n)
+        keys += list(range(end - 1, start, -1)) + [start + 1] * (squares.size - n)
+        padding += [False] * n + [True] * (squares.size - n)
     pad = torch.tensor(padding)
     return _Reversed(
-        torch.tensor(queries), torch.tensor(keys), pad, torch.nonzero(~pad).flatten(), len(upper.segments)
+        *(torch.tensor(t, device=device) for t in (rows, queries, keys)),
+        pad.to(device),
+        torch.nonzero(~pad).flatten().to(device),
+        len(squares.segments),
     )
 
 
-def _merge(out: torch.Tensor, lse: torch.Tensor, part_out: torch.Tensor, part_lse: torch.Tensor) -> None:
+def _merge(out: Tensor, lse: Tensor, part_out: Tensor, part_lse: Tensor) -> None:
     """Fold a call's softmax over more keys into the running ``out [.., n, D]`` and ``lse [.., n]``, in place.
 
     The part's share of the joint softmax is ``exp(part_lse) / (exp(lse) + exp(part_lse))``, a sigmoid.
@@ -141,7 +133,7 @@ def _merge(out: torch.Tensor, lse: torch.Tensor, part_out: torch.Tensor, part_ls
 
 @dataclass(frozen=True)
 class _Rows:
-    """One row group of a call: ``q [b, H, n, D]``, ``k, v [b, H, K, D]``, and the running ``out [b, H, n, D]``
+    """Rows of a call: ``q [b, H, n, D]``, ``k, v [b, H, K, D]``, and the running ``out [b, H, n, D]``
     and ``lse [b, H, n]`` its blocks write or merge into; query ``i`` is key position ``i + q_offset``."""
 
     q: Tensor
@@ -157,11 +149,11 @@ class _Rows:
         return slice(start - self.q_offset, end - self.q_offset)
 
 
-def _block_forward(block: Block, rows: _Rows) -> None:
-    """Run one block of a row group and write or merge it into ``rows.out`` and ``rows.lse``."""
+def _block_forward(kernel: Kernel, block: Block, rows: _Rows) -> None:
+    """Run one block over its rows and write or merge it into ``rows.out`` and ``rows.lse``."""
     queries, keys = rows.queries(block.q_start, block.q_end), slice(block.k_start, block.k_end)
-    part_out, part_lse = _FLASH_CPU(
-        rows.q[:, :, queries], rows.k[:, :, keys], rows.v[:, :, keys], 0.0, block.causal, scale=rows.scale
+    part_out, part_lse = kernel.forward(
+        rows.q[:, :, queries], rows.k[:, :, keys], rows.v[:, :, keys], block.causal, rows.scale
     )
     if block.merge:
         _merge(rows.out[:, :, queries], rows.lse[:, :, queries], part_out, part_lse)
@@ -170,32 +162,31 @@ def _block_forward(block: Block, rows: _Rows) -> None:
         rows.lse[:, :, queries] = part_lse
 
 
-def _upper_forward(upper: Upper, rows: _Rows) -> None:
-    """Run one group of reversed squares and merge it into ``rows.out`` and ``rows.lse`` at its queries."""
-    squares = _reversed(upper)
-    positions = squares.queries - rows.q_offset
-    part_out, part_lse = _FLASH_CPU(
-        squares.gather(rows.q, positions),
-        squares.gather(rows.k, squares.keys),
-        squares.gather(rows.v, squares.keys),
-        0.0,
+def _squares_forward(kernel: Kernel, squares: Squares, rows: _Rows) -> None:
+    """Run one batch of reversed squares and merge it into ``rows.out`` and ``rows.lse`` at its queries."""
+    index = _reversed(squares, rows.q.device)
+    positions = index.queries - rows.q_offset
+    part_out, part_lse = kernel.forward(
+        index.gather(rows.q, positions),
+        index.gather(rows.k, index.keys),
+        index.gather(rows.v, index.keys),
         True,
-        scale=rows.scale,
+        rows.scale,
     )
-    index = positions.index_select(0, squares.real)
-    running_out, running_lse = rows.out.index_select(2, index), rows.lse.index_select(2, index)
-    _merge(running_out, running_lse, squares.scatter(part_out), squares.scatter(part_lse))
-    rows.out.index_copy_(2, index, running_out)
-    rows.lse.index_copy_(2, index, running_lse)
+    real_rows, real_queries = index.rows[index.real], positions[index.real]
+    running_out, running_lse = rows.out[real_rows, :, real_queries], rows.lse[real_rows, :, real_queries]
+    _merge(running_out, running_lse, index.entries(part_out), index.entries(part_lse))
+    rows.out[real_rows, :, real_queries] = running_out
+    rows.lse[real_rows, :, real_queries] = running_lse
 
 
 def _block_backward(
-    block: Block, rows: _Rows, grad_out: Tensor, grads: tuple[Tensor, Tensor, Tensor], size: int
+    kernel: Kernel, block: Block, rows: _Rows, grad_out: Tensor, grads: tuple[Tensor, ...], size: int
 ) -> None:
-    """Add one block's share of the gradients to ``grads`` (``dq, dk, dv`` views of the row group).
+    """Add one block's share of the gradients to ``grads`` (``dq, dk, dv`` views of its rows).
 
-    The flash backward of a call given the merged output and log-sum-exp is exactly that call's share; a long
-    key range goes in pieces, which bounds the temporary key gradients."""
+    The backward of a call given the merged output and log-sum-exp is exactly that call's share; a long key
+    range goes in pieces, which bounds the temporary key gradients."""
     grad_q, grad_k, grad_v = grads
     queries = rows.queries(block.q_start, block.q_end)
     pieces = (
@@ -203,16 +194,15 @@ def _block_backward(
     )
     for k_start, k_end in pieces:
         keys = slice(k_start, k_end)
-        dq, dk, dv = _FLASH_CPU_BACKWARD(
+        dq, dk, dv = kernel.backward(
             grad_out[:, :, queries],
             rows.q[:, :, queries],
             rows.k[:, :, keys],
             rows.v[:, :, keys],
             rows.out[:, :, queries],
             rows.lse[:, :, queries],
-            0.0,
             block.causal,
-            scale=rows.scale,
+            rows.scale,
         )
         grad_q[:, :, queries] += dq
         grad_k[:, :, keys] += dk
@@ -220,96 +210,106 @@ def _block_backward(
         del dq, dk, dv  # before the next piece allocates its own
 
 
-def _upper_backward(
-    upper: Upper, rows: _Rows, grad_out: Tensor, grads: tuple[Tensor, Tensor, Tensor]
+def _squares_backward(
+    kernel: Kernel, squares: Squares, rows: _Rows, grad_out: Tensor, grads: tuple[Tensor, ...]
 ) -> None:
-    """Add one group of reversed squares' share of the gradients to ``grads``."""
-    grad_q, grad_k, grad_v = grads
-    squares = _reversed(upper)
-    positions = squares.queries - rows.q_offset
+    """Add one batch of reversed squares' share of the gradients to ``grads``."""
+    index = _reversed(squares, rows.q.device)
+    positions = index.queries - rows.q_offset
     # padding entries: no gradient, and a log-sum-exp that makes their probabilities 0
-    dq, dk, dv = _FLASH_CPU_BACKWARD(
-        squares.fill_padding(squares.gather(grad_out, positions), 0.0),
-        squares.gather(rows.q, positions),
-        squares.gather(rows.k, squares.keys),
-        squares.gather(rows.v, squares.keys),
-        squares.gather(rows.out, positions),
-        squares.fill_padding(squares.gather(rows.lse, positions), torch.finfo(torch.float32).max),
-        0.0,
+    dq, dk, dv = kernel.backward(
+        index.gather(grad_out, positions, 0.0),
+        index.gather(rows.q, positions),
+        index.gather(rows.k, index.keys),
+        index.gather(rows.v, index.keys),
+        index.gather(rows.out, positions),
+        index.gather(rows.lse, positions, torch.finfo(torch.float32).max),
         True,
-        scale=rows.scale,
+        rows.scale,
     )
-    keys = squares.keys.index_select(0, squares.real)
-    grad_q.index_add_(2, positions.index_select(0, squares.real), squares.scatter(dq).to(grad_q.dtype))
-    grad_k.index_add_(2, keys, squares.scatter(dk).to(grad_k.dtype))
-    grad_v.index_add_(2, keys, squares.scatter(dv).to(grad_v.dtype))
+    real_rows = index.rows[index.real].unsqueeze(1)
+    heads = torch.arange(rows.q.shape[1], device=real_rows.device).unsqueeze(0)
+    for grad, part, positions_ in (
+        (grads[0], dq, positions),
+        (grads[1], dk, index.keys),
+        (grads[2], dv, index.keys),
+    ):
+        where = (real_rows, heads, positions_[index.real].unsqueeze(1))
+        grad.index_put_(where, index.entries(part).to(grad.dtype), accumulate=True)
 
 
-def _covering_block(groups: tuple[RowGroup, ...], batch: int, kv_len: int) -> Block | None:
-    """The first block of a plan for the whole batch, if it covers every query and key."""
-    if len(groups) != 1 or groups[0][:2] != (0, batch) or not groups[0][2].blocks:
+def _covering_block(calls: Calls, batch: int, kv_len: int) -> Block | None:
+    """The first block of the calls, if it covers every row, query and key."""
+    if not calls.blocks:
         return None
-    block = groups[0][2].blocks[0]
-    return (
-        block if (block.q_start, block.k_start, block.q_end, block.k_end) == (0, 0, kv_len, kv_len) else None
+    first, last, block = calls.blocks[0]
+    whole = (first, last, block.q_start, block.k_start, block.q_end, block.k_end) == (
+        0,
+        batch,
+        0,
+        0,
+        kv_len,
+        kv_len,
     )
+    return block if whole else None
 
 
 class _PlannedAttention(torch.autograd.Function):
-    """Attention of ``q [B, H, Q, D]`` over ``k, v [B, H, K, D]`` as the pieces of a plan, forward and backward."""
+    """Attention of ``q [B, H, Q, D]`` over ``k, v [B, H, K, D]`` as a plan's kernel calls, forward and backward."""
 
     @staticmethod
-    def forward(ctx, query, key, value, groups, scale, size):
+    def forward(ctx, query, key, value, calls, scale, size, kernel):
         batch, heads, q_len, head_dim = query.shape
         q_offset = key.shape[2] - q_len
-        covering = _covering_block(groups, batch, key.shape[2])
+        covering = _covering_block(calls, batch, key.shape[2])
         if covering is not None:  # its output is the whole output: no copy
-            out, lse = _FLASH_CPU(query, key, value, 0.0, covering.causal, scale=scale)
+            out, lse = kernel.forward(query, key, value, covering.causal, scale)
             out = out.float()
         else:
             # the kernel's own layout [B, Q, H, D], so callers that transpose back get a contiguous tensor;
             # every query is written by its first block (or as a self-attending padded query), then merged into
             out = query.new_empty(batch, q_len, heads, head_dim, dtype=torch.float32).transpose(1, 2)
             lse = query.new_empty(batch, q_len, heads, dtype=torch.float32).transpose(1, 2)
-        for first, last, plan in groups:
+        for first, last, block in calls.blocks[covering is not None :]:
             rows = _Rows(*(t[first:last] for t in (query, key, value, out, lse)), q_offset, scale)
-            for block in plan.blocks[covering is not None :]:
-                _block_forward(block, rows)
-            for upper in plan.uppers:
-                _upper_forward(upper, rows)
-            for start, end in plan.selfs:  # attends to itself only
-                rows.out[:, :, rows.queries(start, end)] = rows.v[:, :, start:end]
-                rows.lse[:, :, rows.queries(start, end)] = 0.0
+            _block_forward(kernel, block, rows)
+        everything = _Rows(query, key, value, out, lse, q_offset, scale)
+        for squares in calls.squares:
+            _squares_forward(kernel, squares, everything)
+        for first, last, start, end in calls.selfs:  # attends to itself only
+            queries = everything.queries(start, end)
+            out[first:last, :, queries] = value[first:last, :, start:end]
+            lse[first:last, :, queries] = 0.0
         out = out.to(query.dtype)
         ctx.save_for_backward(query, key, value, out, lse)
-        ctx.groups, ctx.scale, ctx.size = groups, scale, size
+        ctx.calls, ctx.scale, ctx.size, ctx.kernel = calls, scale, size, kernel
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         query, key, value, out, lse = ctx.saved_tensors
+        kernel, calls = ctx.kernel, ctx.calls
         if grad_out.stride(-1) != 1 or 0 in grad_out.stride():
             grad_out = grad_out.contiguous()
         accumulate = torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
-        covering = _covering_block(ctx.groups, query.shape[0], key.shape[2])
+        covering = _covering_block(calls, query.shape[0], key.shape[2])
         if covering is not None:  # its gradients are the whole gradients, to add the rest to
-            grads = _FLASH_CPU_BACKWARD(
-                grad_out, query, key, value, out, lse, 0.0, covering.causal, scale=ctx.scale
-            )
+            grads = kernel.backward(grad_out, query, key, value, out, lse, covering.causal, ctx.scale)
             grads = tuple(g.to(accumulate) for g in grads)
         else:
             grads = tuple(torch.zeros_like(t, dtype=accumulate) for t in (query, key, value))
         q_offset = key.shape[2] - query.shape[2]
-        for first, last, plan in ctx.groups:
+        for first, last, block in calls.blocks[covering is not None :]:
             rows = _Rows(*(t[first:last] for t in (query, key, value, out, lse)), q_offset, ctx.scale)
-            group_out, group_grads = grad_out[first:last], tuple(g[first:last] for g in grads)
-            for block in plan.blocks[covering is not None :]:
-                _block_backward(block, rows, group_out, group_grads, ctx.size)
-            for upper in plan.uppers:
-                _upper_backward(upper, rows, group_out, group_grads)
-            for start, end in plan.selfs:
-                group_grads[2][:, :, start:end] += group_out[:, :, rows.queries(start, end)]
-        return *(g.to(t.dtype) for g, t in zip(grads, (query, key, value))), None, None, None
+            _block_backward(
+                kernel, block, rows, grad_out[first:last], tuple(g[first:last] for g in grads), ctx.size
+            )
+        everything = _Rows(query, key, value, out, lse, q_offset, ctx.scale)
+        for squares in calls.squares:
+            _squares_backward(kernel, squares, everything, grad_out, grads)
+        for first, last, start, end in calls.selfs:
+            grads[2][first:last, :, start:end] += grad_out[first:last, :, everything.queries(start, end)]
+        return *(g.to(t.dtype) for g, t in zip(grads, (query, key, value))), None, None, None, None
 
 
 # -------------------------------------------------------------------------------------------- public API
@@ -346,12 +346,22 @@ def _check_shapes(query: Tensor, key: Tensor, value: Tensor, segment_ids: Tensor
         )
 
 
+def _choose_kernel(query: Tensor, kernel: str | Kernel | None) -> Kernel | str:
+    """The kernel to run (``kernel`` itself, the named one, or the device's default), or why there is none.
+
+    A kernel asked for by name that cannot run here raises: only the default falls back."""
+    if isinstance(kernel, Kernel):
+        return kernel
+    try:
+        return kernels.select(query.device, kernel)
+    except kernels.KernelUnavailable as error:
+        if kernel is not None:
+            raise
+        return str(error)
+
+
 def _fast_path_blocker(query: Tensor, key: Tensor, value: Tensor, dropout: float) -> str | None:
     """Why the segment-blocked kernel cannot run on these inputs, or None if it can."""
-    if _FLASH_CPU is None or _FLASH_CPU_BACKWARD is None:
-        return "this torch has no CPU flash-attention operator"
-    if query.device.type != "cpu":
-        return f"the segment-blocked kernel runs on CPU only (got {query.device.type})"
     if dropout > 0:
         return "attention dropout is not supported by the segment-blocked kernel"
     if not query.shape[-1] == key.shape[-1] == value.shape[-1]:
@@ -375,17 +385,13 @@ def dense_attention(
     Same shapes as :func:`mas_attention`; for a sliding window the key positions are the last ``key.shape[2]``
     of the ``K`` positions the layout's ids cover.
     """
-    segment_ids, attention_mask, document_ids = layout.segment_ids, layout.attention_mask, layout.document_ids
-    kv_offset = segment_ids.shape[1] - key.shape[2]
-    mask = masks.dense(
-        segment_ids, attention_mask, document_ids, query.shape[2], sliding_window, kv_offset, key.shape[2]
-    )
-    mask = masks.never_empty(mask)
+    kv_offset = layout.segment_ids.shape[1] - key.shape[2]
+    mask = layout.dense(query.shape[2], sliding_window, kv_offset, key.shape[2], query.device)
     return F.scaled_dot_product_attention(
         query,
         key,
         value,
-        attn_mask=mask.to(query.device),
+        attn_mask=mask,
         dropout_p=dropout,
         scale=scaling,
         enable_gqa=query.shape[1] != key.shape[1],
@@ -401,6 +407,7 @@ def mas_attention(
     document_ids: torch.Tensor | None = None,
     scaling: float | None = None,
     dropout: float = 0.0,
+    kernel: str | Kernel | None = None,
 ) -> torch.Tensor:
     """MAS attention, exactly SDPA with :func:`segmask.masks.sdpa_mask`, without building an L x L mask.
 
@@ -408,9 +415,13 @@ def mas_attention(
     with ``Hq`` a multiple of ``Hkv`` (grouped-query attention); ``segment_ids``, ``attention_mask`` (1 real,
     0 padding) and ``document_ids``: ``[B, K]``. Returns ``[B, Hq, Q, D]``. A padded query that sees no key
     attends to itself. Differentiable in ``query``, ``key`` and ``value``.
+
+    ``kernel``: a :class:`segmask.kernels.Kernel` or its name (``"cpu-flash"``, ``"reference"``,
+    ``"cuda-flash"``); None: the device's default (CPU flash on CPU; elsewhere none, so SDPA with the
+    dense mask). A named kernel that cannot run on this device raises.
     """
     layout = Layout(segment_ids, attention_mask, document_ids)  # validates the ids
-    return layout_attention(query, key, value, layout, scaling, dropout)
+    return layout_attention(query, key, value, layout, scaling, dropout, kernel)
 
 
 def layout_attention(
@@ -420,14 +431,16 @@ def layout_attention(
     layout: Layout,
     scaling: float | None = None,
     dropout: float = 0.0,
+    kernel: str | Kernel | None = None,
 ) -> Tensor:
     """:func:`mas_attention` over a :class:`Layout`, whose plan is computed once for all the calls sharing it."""
     _check_shapes(query, key, value, layout.segment_ids)
-    reason = _fast_path_blocker(query, key, value, dropout)
-    groups = None
+    chosen = _choose_kernel(query, kernel)
+    reason = chosen if isinstance(chosen, str) else _fast_path_blocker(query, key, value, dropout)
+    calls = None
     if reason is None:
-        groups = layout.plan(query.shape[2], PIECE)
-        if groups is None:
+        calls = layout.calls(query.shape[2], PIECE)
+        if calls is None:
             reason = "a segment id repeats within a document, or padding or a document is not contiguous"
     if reason is not None:
         _log_fallback(reason)
@@ -442,8 +455,8 @@ def layout_attention(
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))):
         # no graph to record (inference mode, no_grad, frozen inputs): run the forward without autograd,
         # which also keeps inference tensors out of save_for_backward
-        return _PlannedAttention.forward(_NoGraph(), query, key, value, groups, scale, size)
-    return _PlannedAttention.apply(query, key, value, groups, scale, size)
+        return _PlannedAttention.forward(_NoGraph(), query, key, value, calls, scale, size, chosen)
+    return _PlannedAttention.apply(query, key, value, calls, scale, size, chosen)
 
 
 class _NoGraph:

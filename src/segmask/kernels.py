@@ -1,0 +1,201 @@
+"""Per-device attention kernels that also return the log-sum-exp: the one device-dependent part of the fast path.
+
+The segment-blocked plan (:mod:`segmask.attention_plan`) is pure and device-neutral; what runs each of its
+pieces is a :class:`Kernel`, two small functions per device:
+
+    forward(q, k, v, causal, scale) -> (out, lse)
+        q ``[B, H, Q, D]``, k and v ``[B, H, K, D]`` (same heads); every query sees every key, or, when
+        ``causal`` (then ``Q == K``), query ``i`` sees keys ``<= i``. Returns out ``[B, H, Q, D]`` in q's
+        dtype and the log-sum-exp ``lse [B, H, Q]`` float32 of each query's scaled scores.
+    backward(grad_out, q, k, v, out, lse, causal, scale) -> (dq, dk, dv)
+        Given the MERGED output and log-sum-exp of every call covering these queries, exactly this call's
+        share of the gradients (as in ring attention), in q's dtype.
+
+Kernels (choose with :func:`select`; the default for a device is the only place one is picked):
+
+    cpu-flash   torch's CPU flash-attention operators, the ones SDPA itself dispatches to on CPU: the default
+    reference   plain PyTorch (matmul + logsumexp, float32 accumulation), any device; for tests, L x L memory
+    cuda-flash  torch's CUDA flash-attention operators (fp16 / bf16). NOT the default: no CUDA machine has
+                run it yet, so it runs only when asked for by name (``benchmarks/gpu.sh`` checks it)
+
+Every torch internal a kernel leans on (operator names, the log-sum-exp's shape and dtype) is checked at
+run time; a mismatch raises :class:`KernelChangedError` naming the assumption.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+class KernelChangedError(RuntimeError):
+    """A torch operator a kernel relies on is missing or no longer returns what the kernel assumes."""
+
+
+class KernelUnavailable(ValueError):
+    """No kernel of this name (or none by default) for this device."""
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One device's attention kernel: see the module docstring for the two functions' contracts."""
+
+    name: str
+    forward: Callable[[Tensor, Tensor, Tensor, bool, float], tuple[Tensor, Tensor]]
+    backward: Callable[
+        [Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, bool, float], tuple[Tensor, Tensor, Tensor]
+    ]
+    device: str | None
+    """The device type it runs on; None: any."""
+
+
+def _check_output(name: str, q: Tensor, out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
+    """Raise unless ``out`` is ``[B, H, Q, D]`` and ``lse`` ``[B, H, Q]`` float32, as the merge assumes."""
+    if out.shape != q.shape or lse.shape != q.shape[:3] or lse.dtype != torch.float32:
+        raise KernelChangedError(
+            f"{name} returned output {tuple(out.shape)} and log-sum-exp {tuple(lse.shape)} {lse.dtype} for "
+            f"query {tuple(q.shape)}; segmask assumes output [B, H, Q, D] and log-sum-exp [B, H, Q] float32 "
+            f"(this torch version changed the operator)"
+        )
+    return out, lse
+
+
+def _check_causal(q: Tensor, k: Tensor, causal: bool) -> None:
+    if causal and q.shape[2] != k.shape[2]:
+        raise ValueError(f"a causal call needs as many queries as keys, got {q.shape[2]} and {k.shape[2]}")
+
+
+# --------------------------------------------------------------------------------------------- CPU flash
+
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_CPU_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+def _cpu_flash_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    out, lse = _FLASH_CPU(q, k, v, 0.0, causal, scale=scale)
+    return _check_output("aten._scaled_dot_product_flash_attention_for_cpu", q, out, lse)
+
+
+def _cpu_flash_backward(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _FLASH_CPU_BACKWARD(grad_out, q, k, v, out, lse, 0.0, causal, scale=scale)
+
+
+CPU_FLASH = Kernel("cpu-flash", _cpu_flash_forward, _cpu_flash_backward, "cpu")
+
+
+# --------------------------------------------------------------------------------------------- reference
+
+
+def _scores(q: Tensor, k: Tensor, causal: bool, scale: float) -> Tensor:
+    """Scaled scores ``[B, H, Q, K]`` in float32, ``-inf`` above the diagonal when causal."""
+    _check_causal(q, k, causal)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if causal:
+        above = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(above, float("-inf"))
+    return scores
+
+
+def _reference_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    scores = _scores(q, k, causal, scale)
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.matmul(torch.exp(scores - lse.unsqueeze(-1)), v.float())
+    return out.to(q.dtype), lse
+
+
+def _reference_backward(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    # this call's probabilities under the merged softmax, then the usual softmax backward, whose row term
+    # (grad_out . out) is that of the merged output
+    probs = torch.exp(_scores(q, k, causal, scale) - lse.float().unsqueeze(-1))
+    grad_out = grad_out.float()
+    grad_v = torch.matmul(probs.transpose(-1, -2), grad_out)
+    grad_probs = torch.matmul(grad_out, v.float().transpose(-1, -2))
+    row = (grad_out * out.float()).sum(-1, keepdim=True)
+    grad_scores = probs * (grad_probs - row) * scale
+    grad_q = torch.matmul(grad_scores, k.float())
+    grad_k = torch.matmul(grad_scores.transpose(-1, -2), q.float())
+    return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype)
+
+
+REFERENCE = Kernel("reference", _reference_forward, _reference_backward, None)
+
+
+# -------------------------------------------------------------------------------------------- CUDA flash
+# Untested: no CUDA machine has run it. select() gives it only by name, never by default.
+
+_FLASH_CUDA = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention", None)
+_FLASH_CUDA_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_backward", None)
+
+
+def _cuda_flash_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    _check_causal(q, k, causal)
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"the cuda-flash kernel needs float16 or bfloat16 inputs, got {q.dtype}")
+    out, lse = _FLASH_CUDA(q, k, v, 0.0, causal, False, scale=scale)[:2]
+    return _check_output("aten._scaled_dot_product_flash_attention", q, out, lse)
+
+
+def _cuda_flash_backward(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    # dropout 0: the random-state arguments are not read; no cumulative lengths (not varlen)
+    empty = q.new_empty(0, dtype=torch.int64)
+    grads = _FLASH_CUDA_BACKWARD(
+        grad_out.contiguous(),
+        q,
+        k,
+        v,
+        out,
+        lse.contiguous(),
+        empty,
+        empty,
+        q.shape[2],
+        k.shape[2],
+        0.0,
+        causal,
+        empty,
+        empty,
+        scale=scale,
+    )
+    return grads[0], grads[1], grads[2]
+
+
+CUDA_FLASH = Kernel("cuda-flash", _cuda_flash_forward, _cuda_flash_backward, "cuda")
+
+KERNELS = {kernel.name: kernel for kernel in (CPU_FLASH, REFERENCE, CUDA_FLASH)}
+
+
+def select(device: torch.device, name: str | None = None) -> Kernel:
+    """The kernel ``name`` for ``device`` (None: the device's default), or raise :class:`KernelUnavailable`.
+
+    The default is ``cpu-flash`` on CPU and nothing elsewhere: the CUDA kernel is untested, so it runs only
+    when named."""
+    device = torch.device(device)
+    if name is None:
+        if device.type != "cpu":
+            raise KernelUnavailable(
+                f"no segment-blocked kernel is enabled by default on {device.type} (the cuda-flash kernel is "
+                f"untested; name it to use it)"
+            )
+        name = CPU_FLASH.name
+    if name not in KERNELS:
+        raise KernelUnavailable(f"unknown kernel {name!r}; choose one of {sorted(KERNELS)}")
+    kernel = KERNELS[name]
+    if kernel.device == "cuda" and not torch.cuda.is_available():
+        raise KernelUnavailable(f"the {name} kernel needs CUDA, and torch.cuda.is_available() is False here")
+    if kernel.device is not None and kernel.device != device.type:
+        raise KernelUnavailable(f"the {name} kernel runs on {kernel.device}, not on {device.type}")
+    operators = {
+        "cpu-flash": (_FLASH_CPU, _FLASH_CPU_BACKWARD),
+        "cuda-flash": (_FLASH_CUDA, _FLASH_CUDA_BACKWARD),
+    }.get(name, ())
+    if any(op is None for op in operators):
+        raise KernelUnavailable(f"this torch has no flash-attention operator for the {name} kernel")
+    return kernel

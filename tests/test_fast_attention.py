@@ -55,12 +55,15 @@ def outputs_and_grads(fn, q, k, v, grad):
 
 
 def assert_matches_dense(
-    segment_ids, attention_mask=None, document_ids=None, q_len=None, kernel=None, **shape
+    segment_ids, attention_mask=None, document_ids=None, q_len=None, kernel=None, blhd=False, **shape
 ):
+    """``blhd``: q, k, v stored as ``[B, L, H, D]`` (transposed views, as transformers' layers pass them)."""
     batch, kv_len = segment_ids.shape
     q_len = kv_len if q_len is None else q_len
     assert plan_layout(segment_ids, attention_mask, document_ids, q_len) is not None, "fast path not taken"
     q, k, v, grad = random_qkv(batch, q_len, kv_len, **shape)
+    if blhd:
+        q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
     fast = outputs_and_grads(
         lambda *t: mas_attention(*t, segment_ids, attention_mask, document_ids, kernel=kernel), q, k, v, grad
     )
@@ -505,15 +508,18 @@ def _many_short(name: str):
 MANY_SHORT = ("few-shot", "few-shot, rows differ", "few-shot, padded", "chat", "packed documents")
 
 
+@pytest.mark.parametrize("blhd", [False, True], ids=["BHLD", "BLHD"])
 @pytest.mark.parametrize("kernel", ["cpu-flash", "reference"])
 @pytest.mark.parametrize("name", MANY_SHORT)
-def test_many_short_segments_match_dense(monkeypatch, name, kernel):
+def test_many_short_segments_match_dense(monkeypatch, name, kernel, blhd):
     """Segments of 8-32 tokens at the real piece (256): the batched reversed squares and shared causal
-    calls equal the dense mask, forward and backward, through either kernel."""
+    calls equal the dense mask, forward and backward, through either kernel and either memory layout."""
     monkeypatch.setattr(fast_attention, "PIECE", 256)
     segment_ids, attention_mask, document_ids = _many_short(name)
-    assert_matches_dense(segment_ids, attention_mask, document_ids, None, kernel, q_heads=2, kv_heads=1)
-    assert_matches_dense(segment_ids, attention_mask, document_ids, 100, kernel, q_heads=2, kv_heads=1)
+    for q_len in (None, 100):
+        assert_matches_dense(
+            segment_ids, attention_mask, document_ids, q_len, kernel, blhd, q_heads=2, kv_heads=1
+        )
 
 
 @pytest.mark.parametrize("batch", [1, 4])

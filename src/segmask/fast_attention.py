@@ -73,11 +73,39 @@ IMPLEMENTATION = "segmask"
 # ------------------------------------------------------------------------------------------------ kernel
 
 
+def _take(x: Tensor, rows: Tensor, positions: Tensor) -> Tensor:
+    """``x [B, H, K, ...]`` at the entries ``(rows, positions)`` -> ``[H, n, ...]``.
+
+    One ``index_select`` where the layout allows it (one row; or rows and positions adjacent in memory, as in
+    the kernel's ``[B, K, H, D]`` outputs), which is 2-3x faster on CPU than advanced indexing."""
+    if x.shape[0] == 1:
+        return x[0].index_select(1, positions)
+    if x.stride(0) == x.shape[2] * x.stride(2):  # [B * K, H, ...] is a view
+        flat = x.transpose(1, 2).view(-1, *x.shape[1:2], *x.shape[3:])
+        return flat.index_select(0, rows * x.shape[2] + positions).transpose(0, 1)
+    return x[rows, :, positions].transpose(0, 1)
+
+
+def _put(x: Tensor, rows: Tensor, positions: Tensor, values: Tensor, add: bool) -> None:
+    """Write (or with ``add``, add) ``values [H, n, ...]`` into ``x [B, H, K, ...]`` at the entries
+    ``(rows, positions)``, which are distinct."""
+    if x.shape[0] == 1:
+        (x[0].index_add_ if add else x[0].index_copy_)(1, positions, values.to(x.dtype))
+    elif x.stride(0) == x.shape[2] * x.stride(2):
+        flat = x.transpose(1, 2).view(-1, *x.shape[1:2], *x.shape[3:])
+        index = rows * x.shape[2] + positions
+        (flat.index_add_ if add else flat.index_copy_)(0, index, values.transpose(0, 1).to(x.dtype))
+    else:
+        heads = torch.arange(x.shape[1], device=x.device)
+        where = (rows.unsqueeze(1), heads.unsqueeze(0), positions.unsqueeze(1))
+        x.index_put_(where, values.transpose(0, 1).to(x.dtype), accumulate=add)
+
+
 @dataclass(frozen=True)
 class _Reversed:
     """Index tensors of a :class:`Squares` batch: its squares one after another, each reversed and padded.
 
-    Entries are ``(row, position)`` pairs, ``count * size`` of them; gathered from ``x [B, H, n, ...]`` they
+    Entries are ``(row, position)`` pairs, ``count * size`` of them; gathered from ``x [B, H, K, ...]`` they
     form ``[count, H, size, ...]``, the kernel's batch of squares."""
 
     rows: Tensor  # [count * size] batch rows
@@ -88,16 +116,16 @@ class _Reversed:
     count: int
 
     def gather(self, x: Tensor, positions: Tensor, fill: float | None = None) -> Tensor:
-        """``x [B, H, n, ...]`` at ``(rows, positions)`` -> ``[count, H, size, ...]``; ``fill`` at the padding."""
-        x = x[self.rows, :, positions]  # [count * size, H, ...]
+        """``x [B, H, K, ...]`` at ``(rows, positions)`` -> ``[count, H, size, ...]``; ``fill`` at the padding."""
+        x = _take(x, self.rows, positions)  # [H, count * size, ...]
         if fill is not None:
-            x = x.masked_fill(self.padding.view(-1, *([1] * (x.ndim - 1))), fill)
-        return x.view(self.count, -1, *x.shape[1:]).transpose(1, 2)
+            x = x.masked_fill(self.padding.view(-1, *([1] * (x.ndim - 2))), fill)
+        return x.view(x.shape[0], self.count, -1, *x.shape[2:]).transpose(0, 1)
 
     def entries(self, x: Tensor) -> Tensor:
-        """``[count, H, size, ...]`` -> the real entries ``[m, H, ...]``, in the order of ``real``."""
-        x = x.transpose(1, 2)
-        return x.reshape(-1, *x.shape[2:]).index_select(0, self.real)
+        """``[count, H, size, ...]`` -> the real entries ``[H, m, ...]``, in the order of ``real``."""
+        x = x.transpose(0, 1)
+        return x.reshape(x.shape[0], -1, *x.shape[3:]).index_select(1, self.real)
 
 
 @functools.lru_cache(maxsize=256)
@@ -174,10 +202,11 @@ def _squares_forward(kernel: Kernel, squares: Squares, rows: _Rows) -> None:
         rows.scale,
     )
     real_rows, real_queries = index.rows[index.real], positions[index.real]
-    running_out, running_lse = rows.out[real_rows, :, real_queries], rows.lse[real_rows, :, real_queries]
+    running_out = _take(rows.out, real_rows, real_queries)  # [H, m, D]
+    running_lse = _take(rows.lse, real_rows, real_queries)
     _merge(running_out, running_lse, index.entries(part_out), index.entries(part_lse))
-    rows.out[real_rows, :, real_queries] = running_out
-    rows.lse[real_rows, :, real_queries] = running_lse
+    _put(rows.out, real_rows, real_queries, running_out, add=False)
+    _put(rows.lse, real_rows, real_queries, running_lse, add=False)
 
 
 def _block_backward(
@@ -227,15 +256,13 @@ def _squares_backward(
         True,
         rows.scale,
     )
-    real_rows = index.rows[index.real].unsqueeze(1)
-    heads = torch.arange(rows.q.shape[1], device=real_rows.device).unsqueeze(0)
-    for grad, part, positions_ in (
+    real_rows = index.rows[index.real]
+    for grad, part, where in (
         (grads[0], dq, positions),
         (grads[1], dk, index.keys),
         (grads[2], dv, index.keys),
     ):
-        where = (real_rows, heads, positions_[index.real].unsqueeze(1))
-        grad.index_put_(where, index.entries(part).to(grad.dtype), accumulate=True)
+        _put(grad, real_rows, where[index.real], index.entries(part), add=True)
 
 
 def _covering_block(calls: Calls, batch: int, kv_len: int) -> Block | None:

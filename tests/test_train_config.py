@@ -82,7 +82,7 @@ def test_yaml_unknown_key_and_overrides(tmp_path):
         TrainConfig.from_yaml(tmp_path / "missing.yaml")
 
 
-@pytest.mark.parametrize("name", ["paper_llama3.2-1b.yaml", "cpu_smollm2.yaml"])
+@pytest.mark.parametrize("name", ["paper_llama3.2-1b.yaml", "paper_qwen2.5-3b.yaml", "cpu_smollm2.yaml"])
 def test_shipped_recipes_are_valid_configs(name):
     config = TrainConfig.from_yaml(ROOT / "configs" / name)
     assert (config.lora_r, config.lora_alpha, config.cutoff_len, config.learning_rate) == (32, 64, 256, 2e-4)
@@ -91,3 +91,33 @@ def test_shipped_recipes_are_valid_configs(name):
 
 def test_old_import_paths_name_the_same_class():
     assert segmask.TrainConfig is training.TrainConfig is TrainConfig
+
+
+# the official recipe (issue 17): released adapter_config.json, utils_dora.py, ft_utils.py, DoRA finetune.py
+PAPER_RECIPE = dict(
+    template="paper", mask="mas", lora_r=32, lora_alpha=64, lora_dropout=0.05,
+    lora_target_modules=("q_proj", "v_proj"), learning_rate=2e-4, epochs=3.0, seed=42, cutoff_len=256,
+    warmup_steps=100, eval_size=120, eval_steps=80, save_steps=80, save_total_limit=3,
+    load_best_model_at_end=True, group_by_length=False, lr_scheduler="linear", weight_decay=0.0,
+    train_on_inputs=False,  # deliberate: answer-only loss (the official whole-prompt loss leaks under MAS)
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("name", "precision"), [("paper_llama3.2-1b.yaml", "fp16"), ("paper_qwen2.5-3b.yaml", "bf16")]
+)
+def test_paper_configs_are_the_official_recipe(name, precision):
+    config = TrainConfig.from_yaml(ROOT / "configs" / name)
+    assert {key: getattr(config, key) for key in PAPER_RECIPE} == PAPER_RECIPE
+    assert config.batch_size * config.gradient_accumulation_steps == 16 and config.precision == precision
+    text = (ROOT / "configs" / name).read_text()
+    assert "# Differences that remain, and why:" in text and "# - loss:" in text
+
+
+def test_template_and_best_model_fields_are_checked():
+    base = dict(model="m", data=("d.json",))
+    assert TrainConfig(**base).template == "alpaca" and TrainConfig(**base).load_best_model_at_end is False
+    with pytest.raises(ValueError, match=r"^unknown template 'official'; expected one of alpaca, paper$"):
+        TrainConfig(**base, template="official")
+    with pytest.raises(ValueError, match="load_best_model_at_end needs an eval split"):
+        TrainConfig(**base, load_best_model_at_end="true")

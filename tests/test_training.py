@@ -432,3 +432,65 @@ def test_a_read_only_output_folder_is_refused(stories_path, data_file, tmp_path,
         assert snapshot(run) == before
     finally:
         run.chmod(0o755)
+
+
+# ----------------------------------------------------------------- the paper's recipe: best model, template
+
+
+class ForcedEvalLoss(TrainerCallback):
+    """Replaces each eval loss by a given one (Trainer picks the best from the same dict)."""
+
+    def __init__(self, by_step: dict[int, float]):
+        self.by_step = by_step
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        metrics["eval_loss"] = self.by_step[state.global_step]
+
+
+def test_load_best_model_at_end_keeps_the_lowest_eval_loss(stories_path, data_file, tmp_path):
+    """Eval losses 3, 1, 2 at steps 1-3: the final adapter is checkpoint-2's, which the
+    atomic checkpoints keep findable (best_model_checkpoint points at the renamed folder)."""
+    config = tiny(
+        stories_path, data_file, tmp_path / "best", max_steps=3, eval_size=4, eval_steps=1, save_steps=1,
+        load_best_model_at_end=True,
+    )  # fmt: skip
+    output = train(config, callbacks=[ForcedEvalLoss({1: 3.0, 2: 1.0, 3: 2.0})])
+    final = load_file(output / "adapter_model.safetensors")
+    for step, same in [(1, False), (2, True), (3, False)]:
+        saved = load_file(output / f"checkpoint-{step}" / "adapter_model.safetensors")
+        assert all(torch.equal(final[k], saved[k]) for k in final) is same, step
+    state = json.loads((output / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["best_model_checkpoint"] == str(output / "checkpoint-2") and state["best_global_step"] == 2
+    with pytest.raises(ValueError, match="load_best_model_at_end needs an eval split"):
+        tiny(stories_path, data_file, tmp_path / "x", load_best_model_at_end=True)
+    with pytest.raises(ValueError, match=r"save_steps \(3\) to be a multiple of eval_steps \(2\)"):
+        tiny(
+            stories_path,
+            data_file,
+            tmp_path / "x",
+            eval_size=4,
+            eval_steps=2,
+            save_steps=3,
+            load_best_model_at_end=True,
+        )
+
+
+def test_the_paper_template_is_trained_and_recorded(stories_path, data_file, records, tmp_path):
+    tokenizer = loading.load_tokenizer(stories_path)
+    [row] = training.data.encode_records(tokenizer, records[:1], "mas", 256, template="paper")["input_ids"]
+    text = tokenizer.decode(row, skip_special_tokens=True)
+    assert "request.  \n\n                ### Instruction:\n                What did" in text
+    output = train(
+        tiny(stories_path, data_file, tmp_path / "paper", template="paper", max_steps=1, cutoff_len=256)
+    )
+    info = json.loads((output / "segmask.json").read_text())
+    assert info["template"] == "paper" and info["train_config"]["template"] == "paper"
+    assert loading.resolve_template(output) == "paper" and loading.resolve_template(stories_path) == "alpaca"
+    with pytest.warns(UserWarning, match="trained with template 'paper'"):
+        assert loading.resolve_template(output, "alpaca") == "alpaca"
+    with pytest.raises(ValueError, match=r"^unknown template 'plain'; expected one of alpaca, paper$"):
+        tiny(stories_path, data_file, tmp_path / "x", template="plain")
+    # a run saved before the fields existed resumes with their defaults
+    config = tiny(stories_path, data_file, tmp_path / "run")
+    saved = {k: v for k, v in config.to_dict().items() if k not in ("template", "load_best_model_at_end")}
+    training._check_same_run(config, saved, tmp_path)

@@ -208,29 +208,36 @@ def split_records(
     return train, held_out
 
 
-def template_name(records: Iterable[Record]) -> str:
-    """The prompt template(s) the records use: ``alpaca`` (LLM-Adapters), ``chat_template``, or both."""
-    kinds = sorted({TEMPLATE_NAMES[record_kind(record)] for record in records})
-    return "+".join(kinds)
+def template_name(records: Iterable[Record], template: str = "alpaca") -> str:
+    """The prompt template(s) the records use: ``template`` (the instruction template of LLM-Adapters
+    records: ``alpaca`` or ``paper``), ``chat_template``, or both joined by ``+``."""
+    names = {"instruction": template, "chat": TEMPLATE_NAMES["chat"]}
+    return "+".join(sorted({names[record_kind(record)] for record in records}))
 
 
 # ---- encoding ------------------------------------------------------------------------------------
 
 
 def encode_record(
-    tokenizer, record: Record, policy: str, train_on_inputs: bool = False, causal_sink: bool = False
+    tokenizer,
+    record: Record,
+    policy: str,
+    train_on_inputs: bool = False,
+    causal_sink: bool = False,
+    template: str = "alpaca",
 ):
     """One record as a :class:`segmask.segments.Encoded` (no length limit), or ``None`` if nothing is supervised.
 
     ``train_on_inputs`` (causal policy only: ``Encoded`` refuses labels on segment tokens) puts the loss
     on the prompt too, as LLM-Adapters does by default. ``causal_sink``: token 0 causal under ``mas`` and
-    ``prefix`` (:func:`segmask.segments.sink_segments`).
+    ``prefix`` (:func:`segmask.segments.sink_segments`). ``template``: the instruction template of an
+    LLM-Adapters record (:mod:`segmask.templates`; ``paper`` gives the official training text).
     """
     if record_kind(record) == "chat":
         encoded = segments.encode_chat(tokenizer, record["messages"], policy=policy, causal_sink=causal_sink)
     else:
         encoded = segments.encode_instruction(
-            tokenizer, record, policy=policy, include_answer=True, causal_sink=causal_sink
+            tokenizer, record, policy=policy, include_answer=True, causal_sink=causal_sink, template=template
         )
     if train_on_inputs:
         encoded = segments.Encoded(
@@ -282,20 +289,21 @@ def encode_records(
     overflow: str = "drop",
     train_on_inputs: bool = False,
     causal_sink: bool = False,
+    template: str = "alpaca",
 ):
     """Encode and check every record: a ``datasets.Dataset`` with ``input_ids``, ``segment_ids``, ``labels``
     and ``length``, one row per record (packing happens per batch, in :class:`DataCollator`).
 
     Records longer than ``cutoff_len`` follow ``overflow`` (``raise``, ``drop``, ``truncate_prompt``: see
     :func:`segmask.segments.apply_cutoff_all`); answers are never cut. Records without a supervised token
-    are dropped; none left is a ``ValueError``. ``causal_sink`` as in :func:`encode_record`.
+    are dropped; none left is a ``ValueError``. ``causal_sink`` and ``template`` as in :func:`encode_record`.
     """
     import datasets
 
     encoded = [
         e
         for record in records
-        if (e := encode_record(tokenizer, record, policy, train_on_inputs, causal_sink)) is not None
+        if (e := encode_record(tokenizer, record, policy, train_on_inputs, causal_sink, template)) is not None
     ]
     if not encoded:
         raise ValueError("no record has a supervised answer token")
@@ -311,14 +319,16 @@ def encode_records(
     return datasets.Dataset.from_list(examples)
 
 
-def template_length(tokenizer, kinds: Iterable[RecordKind], policy: str) -> int:
+def template_length(tokenizer, kinds: Iterable[RecordKind], policy: str, template: str = "alpaca") -> int:
     """Tokens of the shortest possible example: the instruction template with empty fields, or a chat
     template with one-character user and assistant turns. A cutoff must leave room beyond it."""
     lengths = [0]
     for kind in set(kinds):
         if kind == "instruction":
             empty = {"instruction": "", "input": "", "output": ""}
-            lengths.append(len(segments.encode_instruction(tokenizer, empty, policy=policy)))
+            lengths.append(
+                len(segments.encode_instruction(tokenizer, empty, policy=policy, template=template))
+            )
         else:
             turns = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "."}]
             lengths.append(len(segments.encode_chat(tokenizer, turns, policy=policy)))

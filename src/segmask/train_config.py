@@ -26,6 +26,7 @@ from transformers import SchedulerType
 from segmask import masks
 from segmask.attention import SUPPORTED
 from segmask.segments import CAUSAL_SINK_HELP, OVERFLOWS
+from segmask.templates import TEMPLATE_HELP, check_template
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -49,6 +50,7 @@ class TrainConfig:
     output: str = _help("output folder (checkpoints, final weights, segmask.json, metrics)", "runs/train")
     mask: str = _help("mask policy: causal, mas or prefix", "mas")
     causal_sink: bool = _help(CAUSAL_SINK_HELP, False)
+    template: str = _help(f"{TEMPLATE_HELP}; for LLM-Adapters records", "alpaca")
     # data
     cutoff_len: int = _help("most tokens per example (prompt + answer)", 256)
     overflow: str = _help(
@@ -86,6 +88,11 @@ class TrainConfig:
     eval_steps: int = _help("eval loss every N steps (with eval_size > 0)", 80)
     save_steps: int = _help("checkpoint every N steps", 80)
     save_total_limit: int | None = _help("keep at most this many checkpoints", 3)
+    load_best_model_at_end: bool = _help(
+        "end with the checkpoint of the lowest eval loss (needs eval_size > 0, save_steps a multiple of "
+        "eval_steps)",
+        False,
+    )
     resume: bool = _help("continue from the last complete checkpoint in output", False)
     merge: bool = _help("also write the LoRA adapter merged into the base weights", False)
     overwrite: bool = _help("replace an existing run in output", False)
@@ -138,6 +145,15 @@ class TrainConfig:
             )
         if self.overflow not in OVERFLOWS:
             raise ValueError(f"overflow must be one of {', '.join(OVERFLOWS)}, got {self.overflow!r}")
+        check_template(self.template)
+        if self.load_best_model_at_end:
+            if self.eval_size == 0:
+                raise ValueError("load_best_model_at_end needs an eval split: set eval_size > 0")
+            if self.save_steps % self.eval_steps:
+                raise ValueError(
+                    f"load_best_model_at_end needs save_steps ({self.save_steps}) to be a multiple of "
+                    f"eval_steps ({self.eval_steps}): only evaluated steps can be the best"
+                )
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.train_on_inputs and self.mask != "causal":

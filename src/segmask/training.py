@@ -73,7 +73,7 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # run lives (a moved folder resumes); everything else defines the run
 RESUMABLE_CHANGES = frozenset({"resume", "overwrite", "merge", "output"})
 # fields added after runs were saved, with the value such a run had: it resumes unless the new one differs
-ADDED_FIELDS: dict[str, Any] = {"causal_sink": False}
+ADDED_FIELDS: dict[str, Any] = {"causal_sink": False, "template": "alpaca", "load_best_model_at_end": False}
 
 
 # ---- the run -------------------------------------------------------------------------------------
@@ -112,6 +112,7 @@ def train(config: TrainConfig, callbacks: Sequence[TrainerCallback] = ()) -> Pat
         overflow=config.overflow,
         train_on_inputs=config.train_on_inputs,
         causal_sink=config.causal_sink,
+        template=config.template,
     )
     train_set = data.encode_records(tokenizer, train_records, **encode)
     eval_set = data.encode_records(tokenizer, eval_records, **encode) if eval_records else None
@@ -144,6 +145,9 @@ def train(config: TrainConfig, callbacks: Sequence[TrainerCallback] = ()) -> Pat
         # the checkpoint; Trainer would run one step past max_steps when resumed there
         trainer._load_from_checkpoint(str(checkpoint))
         trainer.state = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE_NAME))
+        best = trainer.state.best_model_checkpoint
+        if config.load_best_model_at_end and best is not None and Path(best).is_dir():
+            trainer._load_best_model()  # what the uninterrupted run's end would have loaded
     else:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if trainer.state.global_step < trainer.state.max_steps:
@@ -154,7 +158,7 @@ def train(config: TrainConfig, callbacks: Sequence[TrainerCallback] = ()) -> Pat
     info = {
         "policy": config.mask,
         "causal_sink": config.causal_sink,
-        "template": data.template_name(records),
+        "template": data.template_name(records, config.template),
         "base_model": str(loading.resolve_model(config.model).resolve()),
         "adapter": config.lora_r > 0,
         "train_config": config.to_dict(),
@@ -280,7 +284,7 @@ def _checkpoint_step(checkpoint: Path) -> int:
 def check_cutoff(tokenizer, records: Sequence[data.Record], config: TrainConfig) -> None:
     """Refuse a ``cutoff_len`` that the prompt template alone fills (no room for an answer)."""
     kinds = {data.record_kind(record) for record in records}
-    needed = data.template_length(tokenizer, kinds, config.mask)
+    needed = data.template_length(tokenizer, kinds, config.mask, config.template)
     if config.cutoff_len <= needed:
         raise ValueError(
             f"cutoff_len {config.cutoff_len} is shorter than the prompt template ({needed} tokens for an "
@@ -360,6 +364,10 @@ def training_arguments(config: TrainConfig, output: Path, has_eval: bool):
         save_strategy="steps",
         save_steps=config.save_steps,
         save_total_limit=config.save_total_limit,
+        # the official recipe (DoRA finetune.py): keep the checkpoint of the lowest eval loss, reload it at the end
+        load_best_model_at_end=config.load_best_model_at_end and has_eval,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
         report_to="none",
         disable_tqdm=True,  # ProgressBar below shows loss and tokens/s
         ddp_find_unused_parameters=False,
@@ -450,6 +458,7 @@ class SegmaskTrainer(Trainer):
                 shutil.rmtree(final)
             os.replace(staging / name, final)
             shutil.rmtree(staging)
+            self._point_at_the_best(run_dir, final)
             rotate_checkpoints(
                 output_dir=str(run_dir),
                 save_total_limit=self.args.save_total_limit,
@@ -457,6 +466,17 @@ class SegmaskTrainer(Trainer):
                 use_mtime=False,
             )
         self.accelerator.wait_for_everyone()
+
+    def _point_at_the_best(self, run_dir: Path, final: Path) -> None:
+        """Trainer recorded the best checkpoint under the staging folder (or not at all, when it was an
+        earlier one); point ``best_model_checkpoint`` at ``run_dir/checkpoint-<best step>`` and save that in
+        the new checkpoint's state, so the best-model reload and ``resume`` find it."""
+        step = self.state.best_global_step
+        best = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{step}" if step else None
+        if best is None or not best.is_dir():
+            return
+        self.state.best_model_checkpoint = str(best)
+        self.state.save_to_json(str(final / TRAINER_STATE_NAME))
 
 
 # ---- final outputs --------------------------------------------------------------------------------

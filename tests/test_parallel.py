@@ -93,3 +93,21 @@ def test_enable_refuses_a_live_accelerator_state_with_sequence_parallelism(clean
     clean_env.setitem(sys.modules, "accelerate.state", fake_state)
     with pytest.raises(SequenceShardingError, match=r"the accelerator state\.sp_size=2"):
         segmask.enable(model)
+
+
+def test_segmask_train_refuses_context_parallelism_before_the_first_step(
+    clean_env, stories_path, tmp_path, capsys
+):
+    """`accelerate launch --parallelism_config_cp_size 2 -m segmask train ...` exports this to every process."""
+    import json
+
+    from segmask.cli import main
+
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps([{"instruction": "What did Tom see?", "input": "", "output": "A dog."}]))
+    clean_env.setenv("PARALLELISM_CONFIG_CP_SIZE", "2")
+    argv = ["train", "--model", str(stories_path), "--data", str(data), "--output", str(tmp_path / "run")]
+    assert main([*argv, "--max-steps", "1", "--mask", "mas"]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]  # after the weight-loading bar
+    assert last.startswith("segmask train: error: segmask cannot run under context parallelism")
+    assert "PARALLELISM_CONFIG_CP_SIZE=2" in last and not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -191,3 +191,29 @@ def test_output_is_free_of_library_warnings(stories_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
     assert "deprecated" not in result.stderr.lower() and "warning" not in result.stderr.lower(), result.stderr
+
+
+def test_template_flag_renders_an_instruction_record(stories_path, tmp_path, capsys):
+    """--template paper prompts a record with the official evaluation text; absent, alpaca; bad, exit 2."""
+    record = tmp_path / "record.json"
+    record.write_text(json.dumps({"instruction": "Is the sky blue?", "input": ""}))
+    argv = ["--model", str(stories_path), "--mask", "mas", "--messages", str(record), "--max-new-tokens", "4"]
+    model, tokenizer, _ = load_model(stories_path)
+    seen = []
+    for flags, template in [(["--template", "paper"], "paper"), ([], "alpaca")]:
+        result = run_json(capsys, *argv, *flags)
+        [expected] = generate(
+            model, tokenizer, {"instruction": "Is the sky blue?", "input": ""}, policy="mas",
+            template=template, max_new_tokens=4, do_sample=False,
+        )  # fmt: skip
+        assert result == {"text": expected.text, "token_ids": expected.token_ids}
+        seen.append(
+            encode_prompt(
+                tokenizer, {"instruction": "Is the sky blue?", "input": ""}, "mas", template=template
+            )
+        )
+    assert seen[0].segment_ids == [0] * 89 + [1] * 58 + [-1] * 24  # the paper's blocks (see test_evaluation)
+    assert len(seen[1]) == 107
+    with pytest.raises(SystemExit) as stop:
+        main(["generate", *argv, "--template", "official"])
+    assert stop.value.code == 2 and "invalid choice: 'official'" in capsys.readouterr().err

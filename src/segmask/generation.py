@@ -40,6 +40,7 @@ from segmask import compat
 from segmask.collate import Collator, pad_token_id
 from segmask.masks import MaskPolicy, check_policy
 from segmask.segments import Encoded, encode_chat, encode_instruction, encode_text
+from segmask.templates import DEFAULT_TEMPLATE
 
 Conversation = list[dict[str, str]]
 # a raw text (no chat template), a conversation (list of messages) or an instruction record
@@ -70,20 +71,23 @@ def __getattr__(name: str) -> Any:
 # --------------------------------------------------------------------------------------------- encoding
 
 
-def encode_prompt(tokenizer, prompt: Prompt, policy: MaskPolicy, causal_sink: bool = False) -> Encoded:
+def encode_prompt(
+    tokenizer, prompt: Prompt, policy: MaskPolicy, causal_sink: bool = False, template: str = DEFAULT_TEMPLATE
+) -> Encoded:
     """Tokens and segment ids of one prompt, ready for generation.
 
     A conversation gets the chat template and the generation prompt (the assistant header, causal); an
     instruction record gets the instruction template without its answer; a raw string is tokenized as is
     and forms one prompt segment (all causal under ``causal``). ``causal_sink``: token 0 causal under
-    ``mas``/``prefix`` (:func:`segmask.segments.sink_segments`).
+    ``mas``/``prefix`` (:func:`segmask.segments.sink_segments`). ``template``: the instruction template of
+    a record (:mod:`segmask.templates`; ``paper`` gives the official evaluation prompt).
     """
     check_policy(policy)
     if isinstance(prompt, str):
         return encode_text(tokenizer, prompt, policy, causal_sink=causal_sink)
     if isinstance(prompt, dict):
         return encode_instruction(
-            tokenizer, prompt, policy=policy, include_answer=False, causal_sink=causal_sink
+            tokenizer, prompt, policy=policy, include_answer=False, causal_sink=causal_sink, template=template
         )
     if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
         return encode_chat(
@@ -263,6 +267,7 @@ def generate(
     inputs: Prompt | Sequence[Prompt],
     policy: MaskPolicy = "mas",
     causal_sink: bool = False,
+    template: str = DEFAULT_TEMPLATE,
     **generation_kwargs,
 ) -> list[Completion]:
     """Generate for one prompt or a list of them with MAS prefill; returns one :class:`Completion` per row.
@@ -271,12 +276,13 @@ def generate(
     string (see :func:`encode_prompt`). Prompts are batched with left padding. ``generation_kwargs`` go
     to transformers' ``generate`` (``max_new_tokens``, ``do_sample``, ``num_beams``, ...); with
     ``num_return_sequences=R`` the list holds ``R`` consecutive completions per prompt. ``causal_sink``
-    keeps each prompt's token 0 causal under ``mas``/``prefix`` (:func:`segmask.segments.sink_segments`).
+    keeps each prompt's token 0 causal under ``mas``/``prefix`` (:func:`segmask.segments.sink_segments`);
+    ``template`` is the instruction template of record prompts (:mod:`segmask.templates`).
     """
     policy = check_policy(policy)
     prompts = as_prompt_list(inputs)
     pad_id = pad_token_id(tokenizer)
-    batch = left_pad([encode_prompt(tokenizer, p, policy, causal_sink) for p in prompts], pad_id)
+    batch = left_pad([encode_prompt(tokenizer, p, policy, causal_sink, template) for p in prompts], pad_id)
     generation_kwargs.setdefault("pad_token_id", pad_id)
     output = generate_ids(
         model, batch["input_ids"], batch["segment_ids"], batch["attention_mask"], **generation_kwargs

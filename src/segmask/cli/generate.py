@@ -7,7 +7,8 @@
 ``--prompt`` becomes a single user message when the tokenizer has a chat template, else raw text;
 ``--chat-template`` (a Jinja file, or the template inline, as vLLM's flag) gives it one or replaces it.
 ``--messages`` is a JSON file holding a conversation (a list of ``{"role", "content"}`` messages) or an
-instruction record (``{"instruction", "input"}``).
+instruction record (``{"instruction", "input"}``), rendered in ``--template`` (``paper``: the official
+evaluation prompt of the paper's runs; absent: the run's saved template, else ``alpaca``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from segmask.cli.options import (
     add_sampling_arguments,
     generation_kwargs,
 )
+from segmask.templates import TEMPLATE_HELP, TEMPLATES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,6 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         metavar="FILE.json",
         help="JSON file: a list of messages or an instruction record",
+    )
+    parser.add_argument(
+        "--template",
+        choices=TEMPLATES,
+        default=None,
+        help=f"{TEMPLATE_HELP}, for an instruction record (default: as the model was trained, else alpaca)",
     )
     add_sampling_arguments(parser)
     parser.add_argument("--json", action="store_true", help='print {"text": ..., "token_ids": [...]}')
@@ -68,8 +76,11 @@ def run(args: argparse.Namespace) -> int:
         args.model, policy=args.mask, attn_implementation=args.attn, chat_template=args.chat_template
     )
     sink = loading.resolve_causal_sink(args.model, args.causal_sink)
+    template = loading.resolve_template(args.model, args.template)
     prompt = read_prompt(args, tokenizer)
-    [result] = generation.generate(model, tokenizer, [prompt], policy=policy, causal_sink=sink, **kwargs)
+    [result] = generation.generate(
+        model, tokenizer, [prompt], policy=policy, causal_sink=sink, template=template, **kwargs
+    )
     if args.json:
         print(json.dumps({"text": result.text, "token_ids": result.token_ids}))
     else:

@@ -326,3 +326,20 @@ def test_old_module_path_warns_and_is_the_same_backend():
     with pytest.warns(DeprecationWarning, match="moved to segmask.integrations.lm_eval"):
         old = importlib.import_module("segmask.lm_eval_backend")
     assert old.SegmaskLM is SegmaskLM and old.main is lm_eval_main
+
+
+def test_template_model_argument(stories_path, lm):
+    """template=paper: a plain context is the instruction of a record in the official evaluation prompt,
+    with its ' ###' blocks; absent (none), the raw context is one segment; a bad name is refused."""
+    paper = get_model("segmask").create_from_arg_string(
+        f"pretrained={stories_path},template=paper,device=cpu"
+    )
+    assert paper.template == "paper" and lm.template is None
+    prompt = paper.prompt("Is the sky blue?", paper.tok_encode("Is the sky blue?"))
+    # stories260K: the same prompt as segmask eval --template paper builds for this instruction
+    assert prompt.segment_ids == [0] * 89 + [1] * 58 + [-1] * 24
+    assert paper.tokenizer.decode(prompt.input_ids[-27:-24]) == "###"
+    raw = lm.prompt("Is the sky blue?", lm.tok_encode("Is the sky blue?"))
+    assert set(raw.segment_ids) == {0}
+    with pytest.raises(ValueError, match=r"^unknown template 'official'; expected one of alpaca, paper$"):
+        SegmaskLM(pretrained=str(stories_path), template="official", device="cpu")

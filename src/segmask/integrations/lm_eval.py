@@ -23,8 +23,11 @@ Requests map onto MAS like this:
 ``prefix``; default: the model's own), ``causal_sink`` (``true``: token 0 causal under ``mas`` and ``prefix``,
 :func:`segmask.segments.sink_segments`; default: the model's run value, else off), ``batch_size`` (prompts per
 generate call), ``max_length`` (default: the model's context), ``add_bos_token`` (default: whatever the
-tokenizer does), ``dtype``, ``device``. A context cut from the left to fit ``max_length`` keeps the sink: its
-new token 0 is made causal.
+tokenizer does), ``dtype``, ``device``, ``template`` (``alpaca`` or ``paper``: a plain context is the
+``instruction`` of an LLM-Adapters record, prompted in that template with its segments, :mod:`segmask.templates`
+-- ``paper`` gives the official evaluation prompt and `` ###`` blocks; default ``none``: the context as raw
+text, one segment). The continuation is scored as lm_eval tokenized it after the raw context. A context cut
+from the left to fit ``max_length`` keeps the sink: its new token 0 is made causal.
 """
 
 from __future__ import annotations
@@ -43,7 +46,15 @@ from tqdm.auto import tqdm
 from segmask.evaluation import continuation_logprobs
 from segmask.generation import completion, eos_token_ids, generate_ids, left_pad, pad_token_id
 from segmask.loading import load_model, resolve_causal_sink
-from segmask.segments import IGNORE_INDEX, Encoded, encode_chat, encode_tokens, sink_segments
+from segmask.segments import (
+    IGNORE_INDEX,
+    Encoded,
+    encode_chat,
+    encode_instruction,
+    encode_tokens,
+    sink_segments,
+)
+from segmask.templates import check_template
 
 NAME = "segmask"
 logger = logging.getLogger(__name__)
@@ -62,6 +73,7 @@ class SegmaskLM(TemplateLM):
         dtype: str = "float32",
         device: str | None = None,
         causal_sink: bool | str | None = None,
+        template: str | None = None,
         **_unused,
     ) -> None:
         super().__init__()
@@ -73,6 +85,8 @@ class SegmaskLM(TemplateLM):
         )
         self.model, self.tokenizer, self.policy = model, tokenizer, policy
         self.causal_sink = resolve_causal_sink(pretrained, _flag(causal_sink, "causal_sink"))
+        # None/"none": a plain context is raw text (one segment); alpaca/paper: it is an instruction
+        self.template = None if template in (None, "", "none") else check_template(template)
         self._batch_size = int(batch_size) if str(batch_size).isdigit() else 1
         self._max_length = int(max_length) if max_length else _context_length(model, tokenizer)
         bos = tokenizer.bos_token_id
@@ -127,7 +141,8 @@ class SegmaskLM(TemplateLM):
     # ---- prompts ---------------------------------------------------------------------------------
 
     def prompt(self, context: str, context_ids: Sequence[int]) -> Encoded:
-        """The context as a prompt under the policy: its chat turns if lm_eval rendered a chat, else one segment."""
+        """The context as a prompt under the policy: its chat turns if lm_eval rendered a chat; with
+        ``template`` the instruction of a record in that template; else one segment."""
         chat = self._chats.get(context)
         if chat is not None:
             return encode_chat(
@@ -137,6 +152,12 @@ class SegmaskLM(TemplateLM):
                 add_generation_prompt=chat[1],
                 causal_sink=self.causal_sink,
             )
+        if self.template is not None:
+            record = {"instruction": context, "input": ""}
+            return encode_instruction(
+                self.tokenizer, record, policy=self.policy, include_answer=False,
+                causal_sink=self.causal_sink, template=self.template,
+            )  # fmt: skip
         ids = list(context_ids)
         if self.add_bos_token and ids[:1] != [self.tokenizer.bos_token_id]:
             ids = [self.tokenizer.bos_token_id, *ids]

@@ -2,6 +2,8 @@
 
     python benchmarks/attention.py --quick                       # 512-2048 tokens, a few minutes on 2 cores
     python benchmarks/attention.py --json benchmarks/attention.json
+    python benchmarks/attention.py --check --lengths 1024        # exactness of mas-fast against the dense mask
+    benchmarks/gpu.sh                                            # the same on CUDA, bf16, 2k-16k tokens
 
 For each sequence length and segment layout, forward ("fwd") and forward + backward ("fwd+bwd") of
     causal-sdpa   scaled_dot_product_attention(is_causal=True): the floor MAS is compared to
@@ -15,7 +17,15 @@ is that of tensors during one step: q, k, v and the mask plus the largest total 
 not yet freed (torch profiler memory events: outputs, temporaries, saved tensors, gradients). Masks (and
 the fast path's plan, on its first call) are built once per layout and length, outside the timed steps,
 as a model builds them once per forward for all its layers. ``pair_ratio`` is the number of allowed query-key pairs over causal's, so
-``ratio_to_causal / pair_ratio`` is the cost per pair of work relative to causal.
+``ratio_to_causal / pair_ratio`` is the cost per pair of work relative to causal; ``calls`` counts the
+fast path's kernel calls per forward (the same in the backward).
+
+Layouts (``--batch`` > 1: prompt rows repeat, chat and few-shot rows differ):
+    prompt    10% system segment, 60% user segment, 30% causal answer
+    chat      a 32-token system segment, then user segments and causal answers of 16-128 tokens
+    fewshot   many short segments: examples of 8-32 tokens, each followed by a 1-8 token causal answer
+On CUDA (``--device cuda``) times are wall clock after a synchronize and the peak is
+``torch.cuda.max_memory_allocated``; ``--kernel`` names the fast path's kernel (see segmask.kernels).
 """
 
 from __future__ import annotations
@@ -36,10 +46,11 @@ from torch.nn.attention.flex_attention import flex_attention
 from torch.profiler import ProfilerActivity, profile
 
 from segmask import masks
+from segmask.attention_plan import PIECE, Layout
 from segmask.fast_attention import mas_attention
 
 IMPLS = ("causal-sdpa", "mas-dense", "mas-fast", "mas-flex")
-LAYOUTS = ("prompt", "chat")
+LAYOUTS = ("prompt", "chat", "fewshot")
 
 
 def prompt_layout(seq_len: int) -> torch.Tensor:
@@ -65,14 +76,47 @@ def chat_layout(seq_len: int, seed: int = 0) -> torch.Tensor:
     return ids
 
 
+def fewshot_layout(seq_len: int, seed: int = 0) -> torch.Tensor:
+    """Few-shot examples: segments of 8-32 tokens, each followed by a causal answer of 1-8 tokens."""
+    rng = random.Random(seed)
+    ids = torch.full((1, seq_len), -1, dtype=torch.long)
+    position, segment = 0, 0
+    while position < seq_len:
+        length = rng.randint(8, 32)
+        ids[0, position : position + length] = segment
+        position += length + rng.randint(1, 8)
+        segment += 1
+    return ids
+
+
+def layout_ids(layout: str, seq_len: int, batch: int = 1) -> torch.Tensor:
+    """``[batch, L]`` segment ids of ``layout``: prompt rows repeat, chat and few-shot rows differ (seeds)."""
+    if layout == "prompt":
+        return prompt_layout(seq_len).expand(batch, -1).clone()
+    make = {"chat": chat_layout, "fewshot": fewshot_layout}[layout]
+    return torch.cat([make(seq_len, seed) for seed in range(batch)])
+
+
 def pair_ratio(segment_ids: torch.Tensor) -> float:
-    """Allowed query-key pairs under MAS over those of causal attention."""
-    seq_len = segment_ids.shape[-1]
-    return float(masks.dense_mask(segment_ids).sum()) / (seq_len * (seq_len + 1) / 2)
+    """Allowed query-key pairs under MAS over those of causal attention (from the plan: no L x L mask)."""
+    batch, seq_len = segment_ids.shape
+    pairs = 0
+    for first, last, plan in Layout(segment_ids).plan(seq_len, PIECE):
+        for b in plan.blocks:
+            n = b.q_end - b.q_start
+            pairs += (last - first) * (n * (n + 1) // 2 if b.causal else n * (b.k_end - b.k_start))
+        for upper in plan.uppers:
+            pairs += (last - first) * sum((e - s) * (e - s - 1) // 2 for s, e in upper.segments)
+    return pairs / (batch * seq_len * (seq_len + 1) / 2)
 
 
-def implementations(segment_ids: torch.Tensor) -> dict[str, tuple[Callable, int]]:
-    """Each implementation as ``(f(q, k, v) -> out, bytes of its mask)``.
+def fast_calls(segment_ids: torch.Tensor) -> int:
+    """Kernel calls of the fast path per forward (and per backward) for these ids."""
+    return Layout(segment_ids).calls(segment_ids.shape[1], PIECE).count()
+
+
+def implementations(segment_ids: torch.Tensor, kernel: str | None = None) -> dict[str, tuple[Callable, int]]:
+    """Each implementation as ``(f(q, k, v) -> out, bytes of its mask)``, masks on the ids' device.
 
     Masks are built once here, as a model builds them once per forward for all its layers (the fast path's
     plan likewise, on its first call); their memory counts towards each step's peak.
@@ -89,7 +133,7 @@ def implementations(segment_ids: torch.Tensor) -> dict[str, tuple[Callable, int]
             lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask),
             dense_mask.numel() * dense_mask.element_size(),
         ),
-        "mas-fast": (lambda q, k, v: mas_attention(q, k, v, segment_ids), 0),
+        "mas-fast": (lambda q, k, v: mas_attention(q, k, v, segment_ids, kernel=kernel), 0),
         "mas-flex": (lambda q, k, v: compiled_flex(q, k, v, block_mask=flex_mask), flex_bytes),
     }
 
@@ -98,16 +142,23 @@ def step(fn: Callable, inputs: tuple[torch.Tensor, ...], backward: bool) -> None
     if not backward:
         with torch.no_grad():
             fn(*inputs)
-        return
-    out = fn(*inputs)
-    out.backward(torch.ones_like(out))
-    for t in inputs:
-        t.grad = None
+    else:
+        out = fn(*inputs)
+        out.backward(torch.ones_like(out))
+        for t in inputs:
+            t.grad = None
+    if inputs[0].is_cuda:
+        torch.cuda.synchronize()
 
 
 def peak_mib(fn: Callable, inputs: tuple[torch.Tensor, ...], backward: bool, mask_bytes: int) -> float:
     """Peak tensor memory of one step: inputs and mask plus the largest total of tensors allocated and not
-    yet freed during the step (outputs, temporaries, saved tensors, gradients), from profiler memory events."""
+    yet freed during the step (outputs, temporaries, saved tensors, gradients), from profiler memory events
+    (on CUDA: ``max_memory_allocated``, which holds the inputs and the mask already)."""
+    if inputs[0].is_cuda:
+        torch.cuda.reset_peak_memory_stats()
+        step(fn, inputs, backward)
+        return torch.cuda.max_memory_allocated() / 2**20
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step(fn, inputs, backward)
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
@@ -118,13 +169,49 @@ def peak_mib(fn: Callable, inputs: tuple[torch.Tensor, ...], backward: bool, mas
     return (peak + mask_bytes + sum(t.numel() * t.element_size() for t in inputs)) / 2**20
 
 
+def check(args: argparse.Namespace, layout: str, seq_len: int) -> bool:
+    """mas-fast against SDPA with the dense mask, output and gradients, both in ``args.dtype`` and against a
+    float32 dense reference: exact up to the dense route's own rounding. Prints one line; True if it passes."""
+    segment_ids = layout_ids(layout, seq_len, args.batch)
+    mask = masks.sdpa_mask(segment_ids.to(args.device))
+    generator = torch.Generator(device=args.device).manual_seed(0)
+    shape = (args.batch, args.heads, seq_len, args.head_dim)
+    q, k, v, grad = (torch.randn(shape, generator=generator, device=args.device) for _ in range(4))
+
+    def run(fn, dtype):
+        inputs = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        out = fn(*inputs)
+        out.backward(grad.to(dtype))
+        return [t.float() for t in (out, *(i.grad for i in inputs))]
+
+    exact = run(lambda *t: F.scaled_dot_product_attention(*t, attn_mask=mask), torch.float32)
+    dense = run(lambda *t: F.scaled_dot_product_attention(*t, attn_mask=mask), args.dtype)
+    fast = run(lambda *t: mas_attention(*t, segment_ids.to(args.device), kernel=args.kernel), args.dtype)
+    fast_error = max((a - b).abs().max().item() for a, b in zip(fast, exact))
+    dense_error = max((a - b).abs().max().item() for a, b in zip(dense, exact))
+    tolerance = 1e-4 if args.dtype == torch.float32 else 2 * dense_error + 1e-3
+    ok = fast_error <= tolerance and all(not t.isnan().any() for t in fast)
+    print(
+        f"  check {layout} L={seq_len}: mas-fast max error {fast_error:.2e}, mas-dense {dense_error:.2e} "
+        f"(against float32 dense; tolerance {tolerance:.2e}): {'ok' if ok else 'FAILED'}",
+        flush=True,
+    )
+    return ok
+
+
 def measure(args: argparse.Namespace, layout: str, seq_len: int, backward: bool) -> list[dict]:
-    segment_ids = prompt_layout(seq_len) if layout == "prompt" else chat_layout(seq_len)
-    ratio = pair_ratio(segment_ids)
+    segment_ids = layout_ids(layout, seq_len, args.batch)
+    ratio, calls = pair_ratio(segment_ids), fast_calls(segment_ids)
     torch.manual_seed(0)
     shape = (args.batch, args.heads, seq_len, args.head_dim)
-    inputs = tuple(torch.randn(shape, dtype=args.dtype, requires_grad=backward) for _ in range(3))
-    built = {name: impl for name, impl in implementations(segment_ids).items() if name in args.impls}
+    inputs = tuple(
+        torch.randn(shape, dtype=args.dtype, device=args.device, requires_grad=backward) for _ in range(3)
+    )
+    built = {
+        name: impl
+        for name, impl in implementations(segment_ids.to(args.device), args.kernel).items()
+        if name in args.impls
+    }
     fns = {name: fn for name, (fn, _) in built.items()}
     # warm up (compiles flex) and drop what cannot run
     for name in list(fns):
@@ -165,6 +252,7 @@ def measure(args: argparse.Namespace, layout: str, seq_len: int, backward: bool)
                     else None
                 ),
                 "pair_ratio": round(ratio, 4),
+                "calls": calls if name == "mas-fast" else None,
             }
         )
     for r in records:  # progress
@@ -172,9 +260,10 @@ def measure(args: argparse.Namespace, layout: str, seq_len: int, backward: bool)
     return records
 
 
-def machine() -> str:
+def machine(device: str = "cpu") -> str:
+    gpu = f", {torch.cuda.get_device_name()}" if device == "cuda" else ""
     return (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}"
     )
 
@@ -182,7 +271,7 @@ def machine() -> str:
 def print_table(records: list[dict]) -> None:
     header = (
         f"{'layout':7} {'L':>5} {'pass':8} {'impl':12} {'ms':>9} {'x causal':>9} {'pairs':>6} {'/pairs':>7} "
-        f"{'cpu ms':>9} {'x causal':>9} {'peak MiB':>9}"
+        f"{'cpu ms':>9} {'x causal':>9} {'peak MiB':>9} {'calls':>5}"
     )
     print(header)
     print("-" * len(header))
@@ -192,7 +281,8 @@ def print_table(records: list[dict]) -> None:
         print(
             f"{r['layout']:7} {r['seq_len']:>5} {r['pass']:8} {r['impl']:12} {r['ms']:>9.1f} "
             f"{'' if ratio is None else f'{ratio:.2f}':>9} {r['pair_ratio']:>6.2f} {per_pair:>7} "
-            f"{r['cpu_ms']:>9.1f} {'' if cpu_ratio is None else f'{cpu_ratio:.2f}':>9} {r['peak_mib']:>9.1f}"
+            f"{r['cpu_ms']:>9.1f} {'' if cpu_ratio is None else f'{cpu_ratio:.2f}':>9} {r['peak_mib']:>9.1f} "
+            f"{'' if r['calls'] is None else r['calls']:>5}"
         )
 
 
@@ -205,7 +295,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument(
+        "--kernel",
+        default=None,
+        help="the fast path's kernel (segmask.kernels; default: the device's default)",
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="check mas-fast against the dense mask first; exit 1 if it fails"
+    )
+    parser.add_argument("--check-only", action="store_true", help="only the check, no timing")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--quick", action="store_true", help="512-2048 tokens, 5 repeats")
@@ -219,11 +319,20 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     torch._dynamo.config.cache_size_limit = 64
 
-    print(machine())
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here (torch.cuda.is_available() is False)")
+    print(machine(args.device))
     print(
-        f"batch {args.batch}, {args.heads} heads, head dim {args.head_dim}, {args.dtype}, "
-        f"median of {args.repeats} interleaved repeats"
+        f"batch {args.batch}, {args.heads} heads, head dim {args.head_dim}, {args.dtype}, {args.device}, "
+        f"fast kernel {args.kernel or 'default'}, median of {args.repeats} interleaved repeats"
     )
+    if args.check or args.check_only:
+        results = [check(args, layout, seq_len) for layout in args.layouts for seq_len in args.lengths]
+        if not all(results):
+            print("mas-fast does not match the dense mask: not timing it")
+            return 1
+        if args.check_only:
+            return 0
     records = []
     for layout in args.layouts:
         for seq_len in args.lengths:

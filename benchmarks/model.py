@@ -1,14 +1,16 @@
 """Whole-model cost of MAS: prefill and a LoRA training step of SmolLM2-135M-Instruct, causal against MAS.
 
-    python benchmarks/model.py                                   # 512 and 2048 tokens
+    python benchmarks/model.py                                   # 512, 2048 and 4096 tokens
     python benchmarks/model.py --lengths 512 --repeats 3 --json benchmarks/model.json
+    python benchmarks/model.py --layouts chat fewshot --threads 2
 
 Variants, all on one model loaded with ``segmask.loading.load_model`` (so ``segmask.enable`` is on):
     causal      attention implementation "sdpa", no segment ids: plain transformers
     mas-fast    "segmask" with segment_ids: the exact kernel of segmask.fast_attention
     mas-dense   "sdpa" with segment_ids: SDPA with the dense MAS mask
-Each row is one sequence: a 10% system segment, a 60% user segment and a 30% causal answer that carries
-the loss. "prefill" is a no-grad forward that fills the KV cache and keeps the last position's logits (as
+Each row is one sequence of a layout of ``benchmarks/attention.py`` (default ``prompt``: a 10% system
+segment, a 60% user segment and a 30% causal answer; ``chat``; ``fewshot``: many 8-32 token segments);
+the causal tokens carry the loss. "prefill" is a no-grad forward that fills the KV cache and keeps the last position's logits (as
 ``generate`` does); "lora-step" is forward, backward and an AdamW step of a rank-8 LoRA on the attention
 projections. Times are medians over repeats in which the variants take turns, wall-clock ``ms`` and the
 process's CPU time ``cpu_ms`` (steadier when other processes share the cores); ``ratio_to_causal``
@@ -28,6 +30,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from attention import LAYOUTS, layout_ids  # benchmarks/attention.py, next to this script
 
 VARIANTS = {"causal": ("sdpa", False), "mas-fast": ("segmask", True), "mas-dense": ("sdpa", True)}
 
@@ -40,14 +43,11 @@ def default_model() -> Path:
     return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def batch_for(seq_len: int, batch: int, vocab: int) -> dict[str, torch.Tensor]:
-    """Random tokens with the 10% / 60% / 30% layout; labels on the answer only."""
+def batch_for(seq_len: int, batch: int, vocab: int, layout: str = "prompt") -> dict[str, torch.Tensor]:
+    """Random tokens with ``layout``'s segment ids; labels on the causal tokens only."""
     generator = torch.Generator().manual_seed(seq_len)
     input_ids = torch.randint(100, vocab, (batch, seq_len), generator=generator)
-    system, user = seq_len // 10, seq_len * 6 // 10
-    segment_ids = torch.full((batch, seq_len), -1)
-    segment_ids[:, :system] = 0
-    segment_ids[:, system : system + user] = 1
+    segment_ids = layout_ids(layout, seq_len, batch)
     labels = torch.where(segment_ids < 0, input_ids, -100)
     return {"input_ids": input_ids, "segment_ids": segment_ids, "labels": labels}
 
@@ -66,8 +66,8 @@ def lora_step(model, optimizer, inputs: dict[str, torch.Tensor], mas: bool) -> N
     optimizer.step()
 
 
-def measure(model, optimizer, args: argparse.Namespace, seq_len: int, task: str) -> list[dict]:
-    inputs = batch_for(seq_len, args.batch, model.config.vocab_size)
+def measure(model, optimizer, args: argparse.Namespace, layout: str, seq_len: int, task: str) -> list[dict]:
+    inputs = batch_for(seq_len, args.batch, model.config.vocab_size, layout)
     run = (
         (lambda mas: prefill(model, inputs, mas))
         if task == "prefill"
@@ -90,6 +90,7 @@ def measure(model, optimizer, args: argparse.Namespace, seq_len: int, task: str)
         {
             "variant": name,
             "task": task,
+            "layout": layout,
             "seq_len": seq_len,
             "batch": args.batch,
             "ms": round(medians[name] * 1000, 1),
@@ -109,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--model", type=Path, default=None, help="model folder or .gguf (default: SmolLM2-135M)"
     )
-    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 4096])
+    parser.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=["prompt"])
     parser.add_argument(
         "--tasks", nargs="+", choices=("prefill", "lora-step"), default=["prefill", "lora-step"]
     )
@@ -144,17 +146,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{path.name}, batch {args.batch}, median of {args.repeats} interleaved repeats")
     records = []
     for task in args.tasks:
-        for seq_len in args.lengths:
-            model.train(task == "lora-step")
-            records.extend(measure(model, optimizer, args, seq_len, task))
-    header = f"{'task':10} {'L':>5} {'variant':10} {'ms':>9} {'tokens/s':>9} {'x causal':>9} {'cpu ms':>9} {'x causal':>9}"
+        for layout in args.layouts:
+            for seq_len in args.lengths:
+                model.train(task == "lora-step")
+                records.extend(measure(model, optimizer, args, layout, seq_len, task))
+    header = (
+        f"{'task':10} {'layout':7} {'L':>5} {'variant':10} {'ms':>9} {'tokens/s':>9} {'x causal':>9} "
+        f"{'cpu ms':>9} {'x causal':>9}"
+    )
     print(header)
     print("-" * len(header))
     for r in records:
         ratio = "" if r["ratio_to_causal"] is None else f"{r['ratio_to_causal']:.2f}"
         cpu_ratio = "" if r["cpu_ratio_to_causal"] is None else f"{r['cpu_ratio_to_causal']:.2f}"
         print(
-            f"{r['task']:10} {r['seq_len']:>5} {r['variant']:10} {r['ms']:>9.1f} {r['tokens_per_s']:>9.1f} {ratio:>9} "
+            f"{r['task']:10} {r['layout']:7} {r['seq_len']:>5} {r['variant']:10} {r['ms']:>9.1f} {r['tokens_per_s']:>9.1f} {ratio:>9} "
             f"{r['cpu_ms']:>9.1f} {cpu_ratio:>9}"
         )
     if args.json:

@@ -891,3 +891,25 @@ def test_unknown_template_and_template_with_chat_template(smollm2_tokenizer, sto
         encode_instruction(stories_tokenizer, record, template="official")
     with pytest.raises(ValueError, match="cannot be combined with a chat template"):
         encode_instruction(smollm2_tokenizer, record, template="paper", chat_template=True)
+
+
+def test_llama3_chat_bos_is_segment_0_and_causal_with_the_sink(llama3_tokenizer):
+    """The official Llama-3 chat masks (calculate_attention_mask_v1/v2) open a block at each
+    <|start_header_id|> (128006) of a system/user turn and close it at its <|eot_id|> (128009), so BOS
+    stays causal; segmask's mas puts BOS in segment 0 unless causal_sink=True, which gives those blocks."""
+    import copy as copy_
+
+    tokenizer = copy_.copy(llama3_tokenizer)
+    tokenizer.chat_template = (TEMPLATES / "llama3.jinja").read_text()
+    chat = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello!"},
+    ]
+    ids = [128000, 128006, 9125, 128007, 271, 3513, 10015, 13, 128009, 128006, 882, 128007, 271, 13347, 1070]
+    ids += [128009, 128006, 78191, 128007, 271, 9906, 0, 128009]
+    default = encode_chat(tokenizer, chat, policy="mas")
+    sunk = encode_chat(tokenizer, chat, policy="mas", causal_sink=True)
+    assert default.input_ids == sunk.input_ids == ids
+    assert default.segment_ids == [0] * 9 + [1] * 7 + [-1] * 7
+    assert sunk.segment_ids == [-1] + [0] * 8 + [1] * 7 + [-1] * 7  # the official blocks: 128006 .. 128009

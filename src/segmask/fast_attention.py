@@ -3,8 +3,9 @@
 Under the MAS rule (:func:`segmask.masks.mask_function`) every query sees ONE contiguous key range when
 segments, documents and padding are contiguous: a token of a prompt segment sees its document up to the
 end of its segment, a causal token its document up to itself. So the mask is a union of rectangles and
-causal triangles, each one call of the CPU flash-attention kernel, and no call computes a masked pair
-except inside the diagonal tiles of a causal square (as causal attention itself does)::
+causal triangles, each one kernel call (the reversed squares of many short segments batched into few
+calls, over every row of the batch), and no call computes a masked pair except inside the diagonal tiles
+of a causal square (as causal attention itself does)::
 
     long segments: [0, 0, 1, 1, 1, -1, -1, -1]        short segments: [0, 0, -1, 1, 1, 1, -1, -1]
 

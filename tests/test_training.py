@@ -494,3 +494,45 @@ def test_the_paper_template_is_trained_and_recorded(stories_path, data_file, rec
     config = tiny(stories_path, data_file, tmp_path / "run")
     saved = {k: v for k, v in config.to_dict().items() if k not in ("template", "load_best_model_at_end")}
     training._check_same_run(config, saved, tmp_path)
+
+
+@pytest.mark.parametrize("where", ["arguments", "accelerator"])
+def test_context_parallelism_is_refused_before_anything_is_written(
+    where, stories_path, data_file, tmp_path, monkeypatch
+):
+    """A ParallelismConfig with cp_size > 1 on the TrainingArguments or on the Trainer's accelerator (as an
+    accelerate config file sets it) stops a MAS run before the output folder exists: context parallelism
+    drops the mask and would train causally."""
+    from accelerate.parallelism_config import ParallelismConfig
+
+    real_arguments = training.training_arguments
+    sharded = ParallelismConfig(cp_size=2)
+    if where == "arguments":
+
+        def arguments(*args, **kwargs):
+            result = real_arguments(*args, **kwargs)
+            result.parallelism_config = sharded
+            return result
+
+        monkeypatch.setattr(training, "training_arguments", arguments)
+    else:  # set after the accelerator is built (building it with cp_size=2 needs a distributed launch)
+        real_init = SegmaskTrainer.__init__
+
+        class ShardedAccelerator:
+            parallelism_config = sharded
+
+            def __init__(self, accelerator):
+                self.accelerator = accelerator
+
+            def __getattr__(self, name):
+                return getattr(self.accelerator, name)
+
+        def init(self, *args, **kwargs):
+            real_init(self, *args, **kwargs)
+            self.accelerator = ShardedAccelerator(self.accelerator)
+
+        monkeypatch.setattr(SegmaskTrainer, "__init__", init)
+    output = tmp_path / "run"
+    with pytest.raises(ValueError, match="context parallelism"):
+        train(tiny(stories_path, data_file, output, mask="mas", max_steps=1))
+    assert not (output / "segmask.json").exists() and not list(output.glob("checkpoint-*"))

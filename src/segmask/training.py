@@ -48,6 +48,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from segmask import __version__, compat, data, loading
 from segmask.attention import enable
 from segmask.files import write_json_atomic
+from segmask.parallel import check_sequence_sharding
 from segmask.train_config import TrainConfig
 from segmask.train_metrics import MetricsFile, ProgressBar, plot_loss_curve, truncate_metrics
 from segmask.train_metrics import read_metrics as read_metrics  # its import path before train_metrics
@@ -95,6 +96,8 @@ def train(config: TrainConfig, callbacks: Sequence[TrainerCallback] = ()) -> Pat
         records, config.eval_size, config.order_seed, config.max_records
     )
     arguments = training_arguments(config, output, has_eval=bool(eval_records))  # sets up the processes
+    if config.uses_segment_ids:  # context/sequence parallelism drops the mask: it would train causally
+        check_sequence_sharding(getattr(arguments, "parallelism_config", None))
     with arguments.main_process_first(local=False, desc="checking the output folder"):
         if arguments.should_save:
             finished = prepare_output(config, output)
@@ -134,6 +137,8 @@ def train(config: TrainConfig, callbacks: Sequence[TrainerCallback] = ()) -> Pat
         callbacks=[MetricsFile(output / METRICS_FILE), ProgressBar(), *callbacks],
     )
 
+    if config.uses_segment_ids:  # also set from an accelerate config file, which the arguments do not see
+        check_sequence_sharding(getattr(trainer.accelerator, "parallelism_config", None))
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     if trainer.is_world_process_zero():

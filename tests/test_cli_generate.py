@@ -117,11 +117,19 @@ def test_sampling_flags(stories_path, capsys, monkeypatch):
     base = ["generate", "--model", str(stories_path), "--prompt", STORY, "--max-new-tokens", "3"]
     assert main([*base, "--temperature", "0.7", "--top-p", "0.9"]) == 0
     assert seen == dict(
-        max_new_tokens=3, do_sample=True, temperature=0.7, top_p=0.9, policy="mas", causal_sink=False
+        max_new_tokens=3,
+        do_sample=True,
+        temperature=0.7,
+        top_p=0.9,
+        policy="mas",
+        causal_sink=False,
+        template="alpaca",
     )
     seen.clear()
     assert main([*base, "--greedy", "--mask", "prefix"]) == 0
-    assert seen == dict(max_new_tokens=3, do_sample=False, policy="prefix", causal_sink=False)
+    assert seen == dict(
+        max_new_tokens=3, do_sample=False, policy="prefix", causal_sink=False, template="alpaca"
+    )
     capsys.readouterr()
 
 

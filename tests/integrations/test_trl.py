@@ -243,3 +243,38 @@ def test_bad_configurations_are_refused_in_one_line(stories_chat, tokenizer, tmp
             model=model_of(stories_chat), args=config(tmp_path), data_collator=MASDataCollator(pad_token_id=2),
             train_dataset=Dataset.from_list([{"messages": HI_YO}]), processing_class=tokenizer,
         )  # fmt: skip
+
+
+def test_lora_from_peft_config_and_an_eval_set_train_under_mas(stories_chat, tokenizer, tmp_path):
+    """The usual TRL setup: LoRA through ``peft_config`` and an ``eval_dataset``. The adapter trains (only
+    LoRA weights move), the eval loss is the MAS loss of the eval conversations (a causal trainer's
+    differs), and the trained PeftModel passes the leak check."""
+    from peft import LoraConfig
+
+    rows = [{"messages": c} for c in CONVERSATIONS]
+
+    def lora_trainer(policy, folder):
+        return MASSFTTrainer(
+            model=model_of(stories_chat),
+            args=config(tmp_path / folder, max_steps=2, eval_strategy="no"),
+            train_dataset=Dataset.from_list(rows),
+            eval_dataset=Dataset.from_list(rows[2:]),
+            processing_class=tokenizer,
+            peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]),
+            policy=policy,
+        )
+
+    trainer = lora_trainer("mas", "mas")
+    assert type(trainer.model).__name__.startswith("Peft")
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    moved = {n for n, p in trainer.model.named_parameters() if not torch.equal(before[n], p)}
+    assert moved and all("lora_" in n for n in moved)
+    evaluated = trainer.evaluate()["eval_loss"]
+    eval_batch = trainer.data_collator([trainer.eval_dataset[i] for i in range(len(trainer.eval_dataset))])
+    assert set(eval_batch) >= {"segment_ids", "labels"}
+    assert evaluated == pytest.approx(batch_loss(trainer, eval_batch), rel=1e-5)
+    causal = lora_trainer("causal", "causal")
+    assert abs(causal.evaluate()["eval_loss"] - lora_trainer("mas", "mas0").evaluate()["eval_loss"]) > 1e-4
+    for conversation in CONVERSATIONS[2:]:
+        assert leak_check(trainer.model, segmask.encode_chat(tokenizer, conversation, policy="mas")) <= 1e-4

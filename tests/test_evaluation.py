@@ -1,4 +1,5 @@
-"""segmask.evaluation: answer extraction, loglik scoring, and `segmask eval` runs."""
+"""segmask.evaluation: `segmask eval` runs (settings, results files, resume, context overflow, causal sink,
+templates) and the old import paths of the names that moved. The scoring itself: tests/test_scoring.py."""
 
 from __future__ import annotations
 
@@ -8,112 +9,27 @@ import warnings
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from segmask.cli import main
-from segmask.evaluation import (
-    EvalConfig,
-    context_length,
-    continuation_logprobs,
-    evaluate,
-    evaluate_tasks,
-    fit_prompt,
-    loglik_predictions,
-    mas_prefill,
-)
+from segmask.eval_overflow import context_length, fit_prompt
+from segmask.evaluation import EvalConfig, evaluate, evaluate_tasks, mas_prefill
 from segmask.generation import generate
 from segmask.loading import load_model
 from segmask.results import Journal, wilson_interval
+from segmask.scoring import loglik_predictions
 from segmask.segments import encode_instruction
-from segmask.tasks.commonsense import (
-    ANSWER_PREFIX,
-    SUITE,
-    answer_continuation,
-    available_tasks,
-    extract_answer,
-    load_task,
-)
+from segmask.tasks.commonsense import SUITE, available_tasks, extract_answer, load_task
 
 ANSWERS = ("answer1", "answer2", "answer3", "answer4", "answer5")
 
 
-# ----------------------------------------------------------------------------------------------- loglik
+# --------------------------------------------------------------------------------------------- settings
 
 
 @pytest.fixture(scope="module")
 def stories(stories_path):
     model, tokenizer, _ = load_model(stories_path)
     return model, tokenizer
-
-
-@pytest.fixture(scope="module")
-def boolq_task(commonsense_dir):
-    return load_task(commonsense_dir, "boolq", limit=3)
-
-
-def _plain_logprob(model, ids: list[int], start: int) -> float:
-    """Sum of log p(ids[t] | ids[:t]) for t >= start from one plain forward pass."""
-    logits = model(torch.tensor([ids])).logits[0].float()
-    logprobs = logits[:-1].log_softmax(-1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
-    return float(logprobs[start - 1 :].sum())
-
-
-@torch.inference_mode()
-def test_loglik_under_causal_equals_plain_transformers(stories, stories_path, boolq_task):
-    model, tokenizer = stories
-    plain = AutoModelForCausalLM.from_pretrained(stories_path)  # never enabled, no segment ids
-    tokenizer = AutoTokenizer.from_pretrained(stories_path)
-    for record, labels in zip(boolq_task.records, boolq_task.candidates):
-        prompt = encode_instruction(tokenizer, record, policy="causal", include_answer=False)
-        assert set(prompt.segment_ids) == {-1}
-        continuations = [answer_continuation(tokenizer, record, label, "causal", prompt) for label in labels]
-        scores = continuation_logprobs(model, prompt.input_ids, prompt.segment_ids, continuations)
-        for continuation, score in zip(continuations, scores):
-            expected = _plain_logprob(plain, prompt.input_ids + continuation, len(prompt.input_ids))
-            assert score.logprob == pytest.approx(expected, abs=1e-4)
-
-
-@torch.inference_mode()
-def test_loglik_under_mas_equals_one_uncached_forward(stories, boolq_task):
-    """Prefill once + cached candidates == one forward over prompt + answer with the full segment ids."""
-    model, tokenizer = stories
-    record, labels = boolq_task.records[0], boolq_task.candidates[0]
-    prompt = encode_instruction(tokenizer, record, policy="mas", include_answer=False)
-    assert {0, 1} <= set(prompt.segment_ids)  # system and instruction segments
-    continuations = [answer_continuation(tokenizer, record, label, "mas", prompt) for label in labels]
-    scores = continuation_logprobs(model, prompt.input_ids, prompt.segment_ids, continuations)
-    causal = continuation_logprobs(model, prompt.input_ids, [-1] * len(prompt.input_ids), continuations)
-    for continuation, score, causal_score in zip(continuations, scores, causal):
-        ids = prompt.input_ids + continuation
-        segments = prompt.segment_ids + [-1] * len(continuation)
-        logits = model(torch.tensor([ids]), segment_ids=torch.tensor([segments])).logits[0].float()
-        token_logprobs = logits[:-1].log_softmax(-1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
-        start = len(prompt.input_ids) - 1
-        assert score.logprob == pytest.approx(float(token_logprobs[start:].sum()), abs=1e-4)
-        greedy = logits[start:-1].argmax(-1).tolist() == continuation
-        assert score.is_greedy == greedy
-        assert abs(score.logprob - causal_score.logprob) > 1e-3  # the mask changes the scores
-
-
-def test_loglik_prefills_each_prompt_once(stories, boolq_task):
-    model, tokenizer = stories
-    calls = []
-    handle = model.register_forward_pre_hook(
-        lambda module, args, kwargs: calls.append(kwargs), with_kwargs=True
-    )
-    try:
-        predictions = loglik_predictions(model, tokenizer, boolq_task, "mas", progress=False)
-    finally:
-        handle.remove()
-    # per record: one prefill of the prompt under its segments, one batch of both candidates against its cache
-    assert len(calls) == 2 * len(boolq_task.records)
-    assert all("segment_ids" in c for c in calls[0::2]) and not any("segment_ids" in c for c in calls[1::2])
-    assert [c["input_ids"].shape[0] for c in calls[1::2]] == [2] * len(boolq_task.records)
-    for prediction in predictions:
-        assert set(prediction.scores) == {"true", "false"}
-        assert prediction.prediction == max(prediction.scores, key=prediction.scores.get)
-        assert prediction.output == ANSWER_PREFIX + prediction.prediction
 
 
 def _evaluate(model, tokenizer, data_dir, tasks, **settings):
@@ -362,6 +278,18 @@ def test_mas_prefill_is_a_deprecated_prefill(stories):
     with pytest.warns(DeprecationWarning, match="use segmask.generation.prefill"):
         last, cache = mas_prefill(model, [1, 2, 3], [0, 0, -1])
     assert last.shape == (1, model.config.vocab_size) and cache.get_seq_length() == 3
+
+
+def test_the_scoring_names_resolve_through_evaluation_with_a_warning():
+    import segmask.evaluation as evaluation
+    import segmask.scoring as scoring
+
+    moved = ("ContinuationScore", "continuation_logprobs", "rank_candidates", "chat_candidates")
+    for name in (*moved, "loglik_predictions", "generate_predictions"):
+        with pytest.warns(
+            DeprecationWarning, match=rf"^segmask\.evaluation\.{name} moved to segmask\.scoring\.{name}$"
+        ):
+            assert getattr(evaluation, name) is getattr(scoring, name)
 
 
 # -------------------------------------------------------------------------------------- context overflow
@@ -618,7 +546,6 @@ def test_eval_out_in_a_read_only_folder_exits_2(stories_path, commonsense_dir, t
 def test_generate_with_the_paper_template_and_either_extractor(stories, sky, tmp_path, monkeypatch):
     """template paper prompts with the official evaluation text and blocks; the extractor reads the same
     generation two ways; the results file records both settings."""
-    import segmask.evaluation as evaluation
     from segmask.generation import Completion
 
     model, tokenizer = stories
@@ -628,7 +555,7 @@ def test_generate_with_the_paper_template_and_either_extractor(stories, sky, tmp
         prompts.extend(encoded)
         return [Completion("that is untrue", [])] * len(encoded)
 
-    monkeypatch.setattr(evaluation, "_generate", fake_generate)
+    monkeypatch.setattr("segmask.scoring._generate", fake_generate)
     for extract, prediction in [("official", "true"), ("strict", None)]:
         out = tmp_path / f"{extract}.json"
         _evaluate(model, tokenizer, sky, "boolq", template="paper", extract=extract, out=out)

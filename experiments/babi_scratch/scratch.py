@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from segmask.evaluation import chat_candidates, rank_candidates
 from segmask.results import Prediction, run_results, write_results
+from segmask.scoring import chat_candidates, rank_candidates
 from segmask.tasks.babi import Question, story_messages
 from segmask.tasks.reading import Story, to_messages
 

@@ -43,9 +43,9 @@ from lm_eval.api.registry import model_registry, register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
-from segmask.evaluation import continuation_logprobs
 from segmask.generation import completion, eos_token_ids, generate_ids, left_pad, pad_token_id
 from segmask.loading import load_model, resolve_causal_sink
+from segmask.scoring import continuation_logprobs
 from segmask.segments import (
     IGNORE_INDEX,
     Encoded,

@@ -1,5 +1,5 @@
 """Building blocks of the from-scratch bAbI experiment (see run.py): a word-level tokenizer with a chat
-template, a randomly initialised Llama, and chat-format scoring (segmask.evaluation) that writes segmask
+template, a randomly initialised Llama, and chat-format scoring (segmask.scoring) that writes segmask
 results files (segmask.results).
 
 The tokenizer splits on whitespace and punctuation and knows every word of the bAbI files it was built

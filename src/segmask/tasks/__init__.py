@@ -1,4 +1,4 @@
-"""Task formats and their readers, apart from scoring (:mod:`segmask.evaluation`) and run bookkeeping
+"""Task formats and their readers, apart from scoring (:mod:`segmask.scoring`) and run bookkeeping
 (:mod:`segmask.results`).
 
     commonsense  the LLM-Adapters commonsense suite: records, answer vocabularies, candidates, answers

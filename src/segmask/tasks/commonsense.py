@@ -8,7 +8,7 @@ A task is a JSON list of records ``{"instruction", "input", "output", "answer"}`
 or ``DIR/<task>/test.json``; ``answer`` is a label of the task's answer vocabulary (``true``/``false``,
 ``answer1``..``answer5``, ...). A record's ``Answer format: a/b/c`` line names the labels it offers. The
 training target is ``ANSWER_PREFIX + label``: :func:`answer_continuation` gives its tokens for the ``loglik``
-scoring of :mod:`segmask.evaluation`, :func:`extract` reads a label back from generated text with segmask's
+scoring of :mod:`segmask.scoring`, :func:`extract` reads a label back from generated text with segmask's
 ``strict`` extractor (:func:`extract_answer`) or the paper's ``official`` one (:func:`extract_answer_official`).
 """
 

@@ -87,3 +87,58 @@ def test_loglik_prefills_each_prompt_once(stories, boolq_task):
         assert set(prediction.scores) == {"true", "false"}
         assert prediction.prediction == max(prediction.scores, key=prediction.scores.get)
         assert prediction.output == ANSWER_PREFIX + prediction.prediction
+
+
+# ------------------------------------------------------------------------------------------ candidates
+
+# stories260K with STORIES_CHAT_TEMPLATE: "<|user|>\nHi</s>\n" then the header "<|assistant|>\n"
+HI_PROMPT = [410, 504, 506, 425, 419, 285, 506, 505, 13, 440, 417, 2, 410, 13,
+             504, 506, 412, 419, 419, 293, 413, 303, 413, 506, 505, 13]  # fmt: skip
+HI_SEGMENTS = [0] * 14 + [-1] * 12  # the user turn one segment; the assistant header causal
+
+
+def chat_tokenizer(stories_path):
+    from conftest import STORIES_CHAT_TEMPLATE
+
+    tokenizer = AutoTokenizer.from_pretrained(stories_path)
+    tokenizer.chat_template = STORIES_CHAT_TEMPLATE
+    return tokenizer
+
+
+def test_chat_candidates_are_the_answer_tokens_after_the_header(stories_path):
+    from segmask.scoring import chat_candidates
+
+    tokenizer = chat_tokenizer(stories_path)
+    prompt, candidates = chat_candidates(tokenizer, [{"role": "user", "content": "Hi"}], ["Yo", "No"], "mas")
+    assert prompt.input_ids == HI_PROMPT and prompt.segment_ids == HI_SEGMENTS
+    assert candidates["Yo"] == [452, 414, 2, 410, 13]  # "Yo</s>" and the turn's closing newline
+    assert tokenizer.decode(candidates["No"]).startswith("No")
+    sink, _ = chat_candidates(tokenizer, [{"role": "user", "content": "Hi"}], ["Yo"], "mas", causal_sink=True)
+    assert sink.segment_ids == [-1] + HI_SEGMENTS[1:]
+
+
+@torch.inference_mode()
+def test_rank_candidates_sums_each_answer_under_the_prompt_mask(stories_path):
+    """Each label's score is the summed log-probability of its tokens after the prompt, from one dense-mask
+    forward of prompt + answer (an independent computation); the best label is the highest."""
+    from segmask.attention import enable
+    from segmask.masks import dense_mask
+    from segmask.scoring import chat_candidates, rank_candidates
+
+    tokenizer = chat_tokenizer(stories_path)
+    model = enable(AutoModelForCausalLM.from_pretrained(stories_path, attn_implementation="eager"))
+    plain = AutoModelForCausalLM.from_pretrained(stories_path, attn_implementation="eager")
+    prompt, candidates = chat_candidates(
+        tokenizer, [{"role": "user", "content": "Once upon a time"}], ["Lily", "Tom", "a big dog"], "mas"
+    )
+    best, scores = rank_candidates(model, prompt, candidates)
+    expected = {}
+    for label, answer in candidates.items():
+        ids = prompt.input_ids + answer
+        segments = torch.tensor([prompt.segment_ids + [-1] * len(answer)])
+        additive = torch.zeros(1, 1, len(ids), len(ids)).masked_fill(~dense_mask(segments), float("-inf"))
+        logits = plain(torch.tensor([ids]), attention_mask=additive).logits[0].float()
+        logprobs = logits[:-1].log_softmax(-1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+        expected[label] = float(logprobs[len(prompt.input_ids) - 1 :].sum())
+    assert scores == pytest.approx(expected, abs=1e-4)
+    assert best == max(expected, key=expected.__getitem__)

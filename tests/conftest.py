@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -17,6 +18,16 @@ SHARED = ROOT.parent / "shared"
 STORIES = SHARED / "models" / "stories260K"
 COMMONSENSE = SHARED / "data" / "commonsense"
 BABI = SHARED / "data" / "babi"
+
+
+def write_recipe(folder: Path, model: Path, records: list[dict], settings: str) -> Path:
+    """Write ``records`` to ``folder/train.json`` and a training recipe ``folder/tiny.yaml`` for them:
+    ``model`` and that data, then ``settings`` (YAML lines as they stand in the file)."""
+    data = folder / "train.json"
+    data.write_text(json.dumps(records))
+    path = folder / "tiny.yaml"
+    path.write_text(f"model: {model}\ndata: [{data}]\n" + settings)
+    return path
 
 
 def require_shared(path: Path) -> Path:
@@ -97,3 +108,13 @@ def stories_tokenizer(stories_path):
     tokenizer = AutoTokenizer.from_pretrained(stories_path)
     tokenizer.chat_template = STORIES_CHAT_TEMPLATE
     return tokenizer
+
+
+@pytest.fixture(scope="module")
+def stories_model(stories_path):
+    """stories260K with MAS enabled, in eval mode (one per test module, like ``stories_tokenizer``)."""
+    from transformers import AutoModelForCausalLM
+
+    import segmask
+
+    return segmask.enable(AutoModelForCausalLM.from_pretrained(stories_path).eval())

@@ -8,9 +8,8 @@ import threading
 import pytest
 import torch
 from test_generation import CHAT, assert_caches_close, full_prefill, tiny
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
-import segmask
 from segmask import chat, generation
 from segmask.chat import ChatSession, reusable_prefix
 from segmask.generation import generate, prefill
@@ -19,26 +18,16 @@ from segmask.segments import encode_chat
 pytestmark = pytest.mark.exactness
 
 
-@pytest.fixture(scope="module")
-def tokenizer(stories_tokenizer):
-    return stories_tokenizer
-
-
-@pytest.fixture(scope="module")
-def stories(stories_path):
-    return segmask.enable(AutoModelForCausalLM.from_pretrained(stories_path).eval())
-
-
-def test_new_turn_prefilled_against_cache_equals_full_prefill(stories, tokenizer):
+def test_new_turn_prefilled_against_cache_equals_full_prefill(stories_model, stories_tokenizer):
     history = CHAT + [{"role": "assistant", "content": "Tom was a big cat."}]
     conversation = history + [{"role": "user", "content": "What did Tom eat?"}]
-    (logits, cache), encoded = full_prefill(stories, tokenizer, conversation, "mas")
-    first = encode_chat(tokenizer, history + [{"role": "user", "content": "x"}], policy="mas")
+    (logits, cache), encoded = full_prefill(stories_model, stories_tokenizer, conversation, "mas")
+    first = encode_chat(stories_tokenizer, history + [{"role": "user", "content": "x"}], policy="mas")
     cut = reusable_prefix(first.input_ids, first.segment_ids, encoded.input_ids, encoded.segment_ids)
     assert 0 < cut < len(encoded.input_ids) and encoded.segment_ids[cut - 1] == -1
     ids, segments = torch.tensor([encoded.input_ids]), torch.tensor([encoded.segment_ids])
-    _, partial = prefill(stories, ids[:, :cut], segments[:, :cut])
-    new_logits, partial = prefill(stories, ids[:, cut:], segments[:, cut:], cache=partial)
+    _, partial = prefill(stories_model, ids[:, :cut], segments[:, :cut])
+    new_logits, partial = prefill(stories_model, ids[:, cut:], segments[:, cut:], cache=partial)
     torch.testing.assert_close(new_logits, logits[:, cut:], atol=1e-5, rtol=1e-5)
     assert_caches_close(partial, cache, len(encoded.input_ids))
 
@@ -58,85 +47,107 @@ def test_reusable_prefix_stops_at_changes_and_segments_that_span_the_cut():
     assert reusable_prefix([5, 6, 7], [0, 0, -1], [5, 6, 7, 8], [0, 0, 0, -1]) == 0
 
 
-def test_chat_session_reuses_cache_and_equals_full_reprefill(stories, tokenizer):
-    session = ChatSession(stories, tokenizer, policy="mas", system=CHAT[0]["content"], max_new_tokens=8)
+def test_chat_session_reuses_cache_and_equals_full_reprefill(stories_model, stories_tokenizer):
+    session = ChatSession(
+        stories_model, stories_tokenizer, policy="mas", system=CHAT[0]["content"], max_new_tokens=8
+    )
     users = ["Tell me about a cat.", "What was its name?", "Where did it live?"]
     for turn, user in enumerate(users):
         before = session.messages + [{"role": "user", "content": user}]
-        expected = generate(stories, tokenizer, [before], policy="mas", max_new_tokens=8)[0]
+        expected = generate(stories_model, stories_tokenizer, [before], policy="mas", max_new_tokens=8)[0]
         reply = session.send(user)
         assert reply == expected.text
-        (_, reference), encoded = full_prefill(stories, tokenizer, before, "mas")
+        (_, reference), encoded = full_prefill(stories_model, stories_tokenizer, before, "mas")
         assert session.cached_tokens >= len(encoded.input_ids) - 1
         assert_caches_close(session._cache, reference, len(encoded.input_ids) - 1)
         if turn:  # only the new turn (with the previous answer's end-of-turn) was prefilled
             assert session.last_turn.reused > session.last_turn.prefilled > 0
             last_user = encode_chat(
-                tokenizer, [{"role": "user", "content": user}], policy="mas", add_generation_prompt=True
+                stories_tokenizer,
+                [{"role": "user", "content": user}],
+                policy="mas",
+                add_generation_prompt=True,
             )
             assert session.last_turn.prefilled <= len(last_user.input_ids) + 4
     assert [m["role"] for m in session.messages] == ["system"] + ["user", "assistant"] * 3
 
 
-def test_chat_session_with_a_causal_sink_reuses_cache_and_equals_full_reprefill(stories, tokenizer):
+def test_chat_session_with_a_causal_sink_reuses_cache_and_equals_full_reprefill(
+    stories_model, stories_tokenizer
+):
     session = ChatSession(
-        stories, tokenizer, policy="mas", system=CHAT[0]["content"], causal_sink=True, max_new_tokens=6
+        stories_model,
+        stories_tokenizer,
+        policy="mas",
+        system=CHAT[0]["content"],
+        causal_sink=True,
+        max_new_tokens=6,
     )
     for turn, user in enumerate(["Tell me about a cat.", "What was its name?"]):
         before = session.messages + [{"role": "user", "content": user}]
-        expected = generate(stories, tokenizer, [before], policy="mas", causal_sink=True, max_new_tokens=6)[0]
+        expected = generate(
+            stories_model, stories_tokenizer, [before], policy="mas", causal_sink=True, max_new_tokens=6
+        )[0]
         assert session.send(user) == expected.text
-        encoded = encode_chat(tokenizer, before, policy="mas", add_generation_prompt=True, causal_sink=True)
+        encoded = encode_chat(
+            stories_tokenizer, before, policy="mas", add_generation_prompt=True, causal_sink=True
+        )
         assert encoded.segment_ids[:2] == [-1, 0]
         ids, segments = torch.tensor([encoded.input_ids]), torch.tensor([encoded.segment_ids])
-        _, reference = prefill(stories, ids, segments)
+        _, reference = prefill(stories_model, ids, segments)
         assert_caches_close(session._cache, reference, len(encoded.input_ids) - 1)
         if turn:
             assert session.last_turn.reused > session.last_turn.prefilled > 0
 
 
-def test_chat_session_on_a_sliding_window_model(tokenizer):
+def test_chat_session_on_a_sliding_window_model(stories_tokenizer):
     """Prompts longer than the window: a cache that cannot be cropped back is re-prefilled, still exact."""
     mistral = tiny("mistral")
-    session = ChatSession(mistral, tokenizer, system="Be kind.", max_new_tokens=5)
+    session = ChatSession(mistral, stories_tokenizer, system="Be kind.", max_new_tokens=5)
     for user in ("Tell me about a cat.", "And then?"):
         expected = generate(
-            mistral, tokenizer, [session.messages + [{"role": "user", "content": user}]], max_new_tokens=5
+            mistral,
+            stories_tokenizer,
+            [session.messages + [{"role": "user", "content": user}]],
+            max_new_tokens=5,
         )
         assert session.send(user) == expected[0].text
 
 
 @pytest.mark.parametrize("policy", ["prefix", "causal"])
-def test_chat_session_other_policies_and_policy_switch(stories, tokenizer, policy):
-    session = ChatSession(stories, tokenizer, policy="mas", max_new_tokens=6)
+def test_chat_session_other_policies_and_policy_switch(stories_model, stories_tokenizer, policy):
+    session = ChatSession(stories_model, stories_tokenizer, policy="mas", max_new_tokens=6)
     session.send("Tell me about a cat.")
     session.set_policy(policy)
     before = session.messages + [{"role": "user", "content": "And a dog?"}]
-    expected = generate(stories, tokenizer, [before], policy=policy, max_new_tokens=6)[0]
+    expected = generate(stories_model, stories_tokenizer, [before], policy=policy, max_new_tokens=6)[0]
     assert session.send("And a dog?") == expected.text
     assert session.last_turn.reused == 0  # the segmentation changed from the first token
     follow = session.messages + [{"role": "user", "content": "Why?"}]
-    expected = generate(stories, tokenizer, [follow], policy=policy, max_new_tokens=6)[0]
+    expected = generate(stories_model, stories_tokenizer, [follow], policy=policy, max_new_tokens=6)[0]
     assert session.send("Why?") == expected.text
     # causal reuses the cache; prefix makes the whole prompt one segment, so it re-prefills everything
     assert (session.last_turn.reused > 0) == (policy == "causal")
 
 
-def test_chat_session_with_beam_search(stories, tokenizer):
-    session = ChatSession(stories, tokenizer, num_beams=2, max_new_tokens=4)
+def test_chat_session_with_beam_search(stories_model, stories_tokenizer):
+    session = ChatSession(stories_model, stories_tokenizer, num_beams=2, max_new_tokens=4)
     for user in ("Hi", "Tell me more."):
         before = session.messages + [{"role": "user", "content": user}]
-        expected = generate(stories, tokenizer, [before], num_beams=2, max_new_tokens=4)[0]
+        expected = generate(stories_model, stories_tokenizer, [before], num_beams=2, max_new_tokens=4)[0]
         assert session.send(user) == expected.text
     assert session.last_turn.reused == 0  # beams widen the cache, so it is not kept across turns
 
 
-def test_chat_session_system_change_and_reset(stories, tokenizer):
-    session = ChatSession(stories, tokenizer, max_new_tokens=4)
+def test_chat_session_system_change_and_reset(stories_model, stories_tokenizer):
+    session = ChatSession(stories_model, stories_tokenizer, max_new_tokens=4)
     session.send("Hi")
     session.system = "Be brief."
     expected = generate(
-        stories, tokenizer, [session.messages + [{"role": "user", "content": "Hi"}]], max_new_tokens=4
+        stories_model,
+        stories_tokenizer,
+        [session.messages + [{"role": "user", "content": "Hi"}]],
+        max_new_tokens=4,
     )
     assert session.send("Hi") == expected[0].text
     assert session.last_turn.reused == 0  # the system message opens the conversation
@@ -144,29 +155,31 @@ def test_chat_session_system_change_and_reset(stories, tokenizer):
     assert session.messages == [{"role": "system", "content": "Be brief."}] and session.cached_tokens == 0
 
 
-def test_chat_session_stream_equals_send(stories, tokenizer):
-    streamed, sent = (ChatSession(stories, tokenizer, max_new_tokens=6) for _ in range(2))
+def test_chat_session_stream_equals_send(stories_model, stories_tokenizer):
+    streamed, sent = (ChatSession(stories_model, stories_tokenizer, max_new_tokens=6) for _ in range(2))
     for user in ("Hi", "Tell me more."):
         assert "".join(streamed.stream(user)) == sent.send(user)
     assert streamed.messages == sent.messages and streamed.cached_tokens == sent.cached_tokens
 
 
-def test_closing_a_stream_cancels_the_turn(stories, tokenizer):
+def test_closing_a_stream_cancels_the_turn(stories_model, stories_tokenizer):
     threads = threading.active_count()
-    session = ChatSession(stories, tokenizer, max_new_tokens=200)
+    session = ChatSession(stories_model, stories_tokenizer, max_new_tokens=200)
     pieces = session.stream("Tell me about a cat.")
     next(pieces)
     pieces.close()
     assert threading.active_count() == threads  # the generation thread was stopped, not left running
     assert session.messages == [] and session.cached_tokens == 0
     session.generation_kwargs["max_new_tokens"] = 6
-    expected = generate(stories, tokenizer, [[{"role": "user", "content": "Hi"}]], max_new_tokens=6)[0]
+    expected = generate(
+        stories_model, stories_tokenizer, [[{"role": "user", "content": "Hi"}]], max_new_tokens=6
+    )[0]
     assert session.send("Hi") == expected.text
 
 
-def test_chat_session_needs_a_chat_template(stories, stories_path):
+def test_chat_session_needs_a_chat_template(stories_model, stories_path):
     with pytest.raises(ValueError, match="chat template"):
-        ChatSession(stories, AutoTokenizer.from_pretrained(stories_path))
+        ChatSession(stories_model, AutoTokenizer.from_pretrained(stories_path))
 
 
 def test_old_import_path_warns():

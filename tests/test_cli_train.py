@@ -8,6 +8,7 @@ import json
 import warnings
 
 import pytest
+from conftest import write_recipe
 
 from segmask.cli import build_parser, main
 from segmask.training import TrainConfig
@@ -45,14 +46,13 @@ def recipe(stories_path, tmp_path):
         {"instruction": f"What did {name} see?", "input": "", "output": f"{name} saw a {thing}."}
         for name in ("Lily", "Tom", "Sue") for thing in ("cat", "dog", "ball")
     ]  # fmt: skip
-    data = tmp_path / "train.json"
-    data.write_text(json.dumps(records))
-    path = tmp_path / "tiny.yaml"
-    path.write_text(
-        f"model: {stories_path}\ndata: [{data}]\nbatch_size: 3\ngradient_accumulation_steps: 1\n"
-        "learning_rate: 1e-2\nwarmup_steps: 0\nlora_r: 8\nlora_alpha: 16\ncutoff_len: 128\nlogging_steps: 1\n"
+    return write_recipe(
+        tmp_path,
+        stories_path,
+        records,
+        "batch_size: 3\ngradient_accumulation_steps: 1\nlearning_rate: 1e-2\nwarmup_steps: 0\nlora_r: 8\n"
+        "lora_alpha: 16\ncutoff_len: 128\nlogging_steps: 1\n",
     )
-    return path
 
 
 def test_train_then_generate_with_the_recorded_policy(recipe, tmp_path, capsys):

@@ -15,7 +15,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, write_recipe
 
 RECORDS = [
     {"instruction": f"What did {name} see?", "input": "", "output": f"{name} saw a {thing}."}
@@ -27,15 +27,13 @@ BIN = Path(sys.executable).parent
 @pytest.fixture
 def recipe(stories_path, tmp_path) -> Path:
     """6 records, 3 per process: one optimiser step is the whole set on 2 processes (global batch 6)."""
-    data = tmp_path / "train.json"
-    data.write_text(json.dumps(RECORDS))
-    path = tmp_path / "tiny.yaml"
-    path.write_text(
-        f"model: {stories_path}\ndata: [{data}]\nmask: mas\nbatch_size: 3\ngradient_accumulation_steps: 1\n"
-        "learning_rate: 1e-2\nwarmup_steps: 0\nlora_r: 0\ncutoff_len: 128\nlogging_steps: 1\nsave_steps: 1\n"
-        "precision: fp32\nmax_steps: 3\n"
+    return write_recipe(
+        tmp_path,
+        stories_path,
+        RECORDS,
+        "mask: mas\nbatch_size: 3\ngradient_accumulation_steps: 1\nlearning_rate: 1e-2\nwarmup_steps: 0\n"
+        "lora_r: 0\ncutoff_len: 128\nlogging_steps: 1\nsave_steps: 1\nprecision: fp32\nmax_steps: 3\n",
     )
-    return path
 
 
 def launch(tmp_path: Path, *argv: str, port: int) -> subprocess.CompletedProcess:

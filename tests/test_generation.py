@@ -24,16 +24,6 @@ STORY = "Once upon a time, there was a little dog named"
 TINY = dict(vocab_size=512, bos_token_id=1, eos_token_id=2)
 
 
-@pytest.fixture(scope="module")
-def tokenizer(stories_tokenizer):
-    return stories_tokenizer
-
-
-@pytest.fixture(scope="module")
-def stories(stories_path):
-    return segmask.enable(AutoModelForCausalLM.from_pretrained(stories_path).eval())
-
-
 def tiny(family: str) -> torch.nn.Module:
     """A tiny random model sharing the stories tokenizer's vocabulary (Mistral: a sliding window of 5)."""
     torch.manual_seed(0)
@@ -48,8 +38,8 @@ def tiny(family: str) -> torch.nn.Module:
 
 
 @pytest.fixture(scope="module", params=["stories", "qwen2", "gpt2", "mistral"])
-def model(request, stories):
-    return stories if request.param == "stories" else tiny(request.param)
+def model(request, stories_model):
+    return stories_model if request.param == "stories" else tiny(request.param)
 
 
 def naive_greedy(model, encoded, max_new_tokens: int, eos: set[int]) -> list[int]:
@@ -87,9 +77,9 @@ def assert_caches_close(cache, reference, length: int) -> None:
 # ------------------------------------------------------------------------------------ exact decoding
 
 
-def test_causal_policy_equals_plain_generate_greedy_and_beam(model, tokenizer):
+def test_causal_policy_equals_plain_generate_greedy_and_beam(model, stories_tokenizer):
     prompts = [CHAT, STORY, OTHER_CHAT]
-    batch = generation.left_pad([encode_prompt(tokenizer, p, "causal") for p in prompts], 0)
+    batch = generation.left_pad([encode_prompt(stories_tokenizer, p, "causal") for p in prompts], 0)
     assert (batch["segment_ids"] == -1).all()
     for options in (
         dict(do_sample=False, max_new_tokens=8),
@@ -102,73 +92,86 @@ def test_causal_policy_equals_plain_generate_greedy_and_beam(model, tokenizer):
         assert torch.equal(ours, plain), options
 
 
-def test_mas_greedy_equals_naive_full_forward(model, tokenizer):
-    eos = {tokenizer.eos_token_id}
+def test_mas_greedy_equals_naive_full_forward(model, stories_tokenizer):
+    eos = {stories_tokenizer.eos_token_id}
     # the chat ends in the causal assistant header; the raw story is one segment, so it ends bidirectionally
     for prompt in (CHAT, STORY):
-        encoded = encode_prompt(tokenizer, prompt, "mas")
-        [result] = generate(model, tokenizer, prompt, policy="mas", do_sample=False, max_new_tokens=10)
+        encoded = encode_prompt(stories_tokenizer, prompt, "mas")
+        [result] = generate(
+            model, stories_tokenizer, prompt, policy="mas", do_sample=False, max_new_tokens=10
+        )
         assert result.token_ids == naive_greedy(model, encoded, 10, eos)
-        assert result.text == tokenizer.decode(result.token_ids, skip_special_tokens=True)
-    assert encode_prompt(tokenizer, STORY, "mas").segment_ids[-1] == 0
-    assert encode_prompt(tokenizer, CHAT, "mas").segment_ids[-1] == -1
+        assert result.text == stories_tokenizer.decode(result.token_ids, skip_special_tokens=True)
+    assert encode_prompt(stories_tokenizer, STORY, "mas").segment_ids[-1] == 0
+    assert encode_prompt(stories_tokenizer, CHAT, "mas").segment_ids[-1] == -1
 
 
-def test_causal_sink_greedy_equals_naive_full_forward(stories, tokenizer):
+def test_causal_sink_greedy_equals_naive_full_forward(stories_model, stories_tokenizer):
     """With ``causal_sink`` every prompt's token 0 is causal (<s> of a text or record; the chat template
     adds none, so there its first token), batched and streamed."""
-    eos = {tokenizer.eos_token_id}
+    eos = {stories_tokenizer.eos_token_id}
     prompts = [CHAT, STORY, {"instruction": "Tell me about a cat."}]
-    encoded = [encode_prompt(tokenizer, p, "mas", causal_sink=True) for p in prompts]
+    encoded = [encode_prompt(stories_tokenizer, p, "mas", causal_sink=True) for p in prompts]
     assert [e.segment_ids[:2] for e in encoded] == [[-1, 0]] * 3
-    assert [e.input_ids[0] == tokenizer.bos_token_id for e in encoded] == [False, True, True]
+    assert [e.input_ids[0] == stories_tokenizer.bos_token_id for e in encoded] == [False, True, True]
     options = dict(do_sample=False, max_new_tokens=8)
-    results = generate(stories, tokenizer, prompts, policy="mas", causal_sink=True, **options)
+    results = generate(stories_model, stories_tokenizer, prompts, policy="mas", causal_sink=True, **options)
     for e, result in zip(encoded, results):
-        assert result.token_ids == naive_greedy(stories, e, 8, eos)
+        assert result.token_ids == naive_greedy(stories_model, e, 8, eos)
     assert (
-        "".join(stream(stories, tokenizer, STORY, policy="mas", causal_sink=True, **options))
+        "".join(stream(stories_model, stories_tokenizer, STORY, policy="mas", causal_sink=True, **options))
         == results[1].text
     )
-    plain = generate(stories, tokenizer, STORY, policy="mas", **options)[0]
-    assert generate(stories, tokenizer, STORY, policy="mas", causal_sink=False, **options)[0] == plain
+    plain = generate(stories_model, stories_tokenizer, STORY, policy="mas", **options)[0]
+    assert (
+        generate(stories_model, stories_tokenizer, STORY, policy="mas", causal_sink=False, **options)[0]
+        == plain
+    )
 
 
-def test_mas_changes_the_output_of_a_real_model(stories, tokenizer):
+def test_mas_changes_the_output_of_a_real_model(stories_model, stories_tokenizer):
     """Guard against a silently causal pipeline: MAS prefill must change the prompt's continuation."""
-    causal = generate(stories, tokenizer, STORY, policy="causal", do_sample=False, max_new_tokens=10)
-    mas = generate(stories, tokenizer, STORY, policy="mas", do_sample=False, max_new_tokens=10)
+    causal = generate(
+        stories_model, stories_tokenizer, STORY, policy="causal", do_sample=False, max_new_tokens=10
+    )
+    mas = generate(stories_model, stories_tokenizer, STORY, policy="mas", do_sample=False, max_new_tokens=10)
     assert causal[0].token_ids != mas[0].token_ids
 
 
-def test_attention_backends_generate_the_same_tokens(stories, stories_path, tokenizer):
+def test_attention_backends_generate_the_same_tokens(stories_model, stories_path, stories_tokenizer):
     from segmask.loading import load_model
 
     prompts = [CHAT, STORY]
-    expected = generate(stories, tokenizer, prompts, policy="mas", do_sample=False, max_new_tokens=8)
+    expected = generate(
+        stories_model, stories_tokenizer, prompts, policy="mas", do_sample=False, max_new_tokens=8
+    )
     for implementation in ("eager", "segmask"):
         model, _, _ = load_model(stories_path, attn_implementation=implementation)
         assert model.config._attn_implementation == implementation
         assert (
-            generate(model, tokenizer, prompts, policy="mas", do_sample=False, max_new_tokens=8) == expected
+            generate(model, stories_tokenizer, prompts, policy="mas", do_sample=False, max_new_tokens=8)
+            == expected
         )
 
 
-def test_batched_equals_unbatched(stories, tokenizer):
+def test_batched_equals_unbatched(stories_model, stories_tokenizer):
     # chats end causally, the raw story bidirectionally: the batch takes the prefill-and-crop path
     prompts = [CHAT, STORY, OTHER_CHAT, {"instruction": "Name a color.", "input": ""}]
-    together = generate(stories, tokenizer, prompts, policy="mas", do_sample=False, max_new_tokens=6)
+    together = generate(
+        stories_model, stories_tokenizer, prompts, policy="mas", do_sample=False, max_new_tokens=6
+    )
     alone = [
-        generate(stories, tokenizer, p, policy="mas", do_sample=False, max_new_tokens=6)[0] for p in prompts
+        generate(stories_model, stories_tokenizer, p, policy="mas", do_sample=False, max_new_tokens=6)[0]
+        for p in prompts
     ]
     assert together == alone
 
 
-def test_beam_search_scores_equal_naive_mas_log_probs(stories, tokenizer):
-    encoded = encode_prompt(tokenizer, CHAT, "mas")
+def test_beam_search_scores_equal_naive_mas_log_probs(stories_model, stories_tokenizer):
+    encoded = encode_prompt(stories_tokenizer, CHAT, "mas")
     input_ids, segment_ids = torch.tensor([encoded.input_ids]), torch.tensor([encoded.segment_ids])
     output = generate_ids(
-        stories,
+        stories_model,
         input_ids,
         segment_ids,
         num_beams=4,
@@ -188,33 +191,33 @@ def test_beam_search_scores_equal_naive_mas_log_probs(stories, tokenizer):
                 new = new[: new.index(2) + 1]
             segments = encoded.segment_ids + [-1] * len(new)
             full = torch.tensor([encoded.input_ids + new])
-            log_probs = stories(full, segment_ids=torch.tensor([segments])).logits.log_softmax(-1)
+            log_probs = stories_model(full, segment_ids=torch.tensor([segments])).logits.log_softmax(-1)
             positions = torch.arange(input_ids.shape[1] - 1, full.shape[1] - 1)
             expected = log_probs[0, positions, full[0, positions + 1]].sum()
             torch.testing.assert_close(score, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_sampling_with_a_seed_is_reproducible(stories, tokenizer):
+def test_sampling_with_a_seed_is_reproducible(stories_model, stories_tokenizer):
     options = dict(policy="mas", do_sample=True, temperature=0.8, top_p=0.9, max_new_tokens=8)
     torch.manual_seed(1)
-    first = generate(stories, tokenizer, [CHAT, STORY], **options)
+    first = generate(stories_model, stories_tokenizer, [CHAT, STORY], **options)
     torch.manual_seed(1)
-    assert generate(stories, tokenizer, [CHAT, STORY], **options) == first
+    assert generate(stories_model, stories_tokenizer, [CHAT, STORY], **options) == first
 
 
-def test_stopping_criteria_and_single_token_prompt(stories, tokenizer):
+def test_stopping_criteria_and_single_token_prompt(stories_model, stories_tokenizer):
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     class AfterThree(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
             return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.length + 3, dtype=torch.bool)
 
-    encoded = encode_prompt(tokenizer, STORY, "mas")
+    encoded = encode_prompt(stories_tokenizer, STORY, "mas")
     stop = AfterThree()
     stop.length = len(encoded.input_ids)
     [result] = generate(
-        stories,
-        tokenizer,
+        stories_model,
+        stories_tokenizer,
         STORY,
         policy="mas",
         max_new_tokens=20,
@@ -222,25 +225,27 @@ def test_stopping_criteria_and_single_token_prompt(stories, tokenizer):
     )
     assert len(result.token_ids) == 3
     # a prompt of one token (BOS only): nothing to prefill, generate runs it
-    one = generate_ids(stories, torch.tensor([[1]]), torch.tensor([[0]]), max_new_tokens=5, do_sample=False)
-    plain = stories.generate(torch.tensor([[1]]), max_new_tokens=5, do_sample=False)
+    one = generate_ids(
+        stories_model, torch.tensor([[1]]), torch.tensor([[0]]), max_new_tokens=5, do_sample=False
+    )
+    plain = stories_model.generate(torch.tensor([[1]]), max_new_tokens=5, do_sample=False)
     assert torch.equal(one, plain)
 
 
 # ------------------------------------------------------------------------------------ prefill & cache
 
 
-def test_decode_refuses_a_cache_holding_the_whole_prompt(stories):
+def test_decode_refuses_a_cache_holding_the_whole_prompt(stories_model):
     ids = torch.tensor([[1, 403, 407, 261]])
-    _, cache = prefill(stories, ids, torch.zeros_like(ids))
+    _, cache = prefill(stories_model, ids, torch.zeros_like(ids))
     with pytest.raises(ValueError, match="all prompt tokens but the last"):
-        generation.decode(stories, ids, torch.ones_like(ids), cache, max_new_tokens=2)
+        generation.decode(stories_model, ids, torch.ones_like(ids), cache, max_new_tokens=2)
 
 
-def test_prefill_logits_to_keep_returns_the_last_logits(stories, tokenizer):
-    (logits, _), encoded = full_prefill(stories, tokenizer, CHAT, "mas")
+def test_prefill_logits_to_keep_returns_the_last_logits(stories_model, stories_tokenizer):
+    (logits, _), encoded = full_prefill(stories_model, stories_tokenizer, CHAT, "mas")
     ids, segments = torch.tensor([encoded.input_ids]), torch.tensor([encoded.segment_ids])
-    last, cache = prefill(stories, ids, segments, logits_to_keep=1)
+    last, cache = prefill(stories_model, ids, segments, logits_to_keep=1)
     assert last.shape == (1, 1, logits.shape[-1]) and cache.get_seq_length() == ids.shape[1]
     torch.testing.assert_close(last, logits[:, -1:], atol=1e-5, rtol=1e-5)
 
@@ -248,13 +253,16 @@ def test_prefill_logits_to_keep_returns_the_last_logits(stories, tokenizer):
 # ------------------------------------------------------------------------------------ streaming & errors
 
 
-def test_stream_yields_the_generated_text(stories, tokenizer):
-    pieces = list(stream(stories, tokenizer, CHAT, policy="mas", max_new_tokens=12))
+def test_stream_yields_the_generated_text(stories_model, stories_tokenizer):
+    pieces = list(stream(stories_model, stories_tokenizer, CHAT, policy="mas", max_new_tokens=12))
     assert len(pieces) > 1
-    assert "".join(pieces) == generate(stories, tokenizer, CHAT, policy="mas", max_new_tokens=12)[0].text
+    assert (
+        "".join(pieces)
+        == generate(stories_model, stories_tokenizer, CHAT, policy="mas", max_new_tokens=12)[0].text
+    )
 
 
-def test_stream_reraises_errors_from_the_generation_thread(stories, tokenizer):
+def test_stream_reraises_errors_from_the_generation_thread(stories_model, stories_tokenizer):
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     class Broken(StoppingCriteria):
@@ -262,18 +270,24 @@ def test_stream_reraises_errors_from_the_generation_thread(stories, tokenizer):
             raise RuntimeError("broken criterion")
 
     pieces = stream(
-        stories, tokenizer, STORY, max_new_tokens=4, stopping_criteria=StoppingCriteriaList([Broken()])
+        stories_model,
+        stories_tokenizer,
+        STORY,
+        max_new_tokens=4,
+        stopping_criteria=StoppingCriteriaList([Broken()]),
     )
     with pytest.raises(RuntimeError, match="broken criterion"):
         list(pieces)
 
 
-def test_bad_inputs_are_refused_clearly(stories, tokenizer):
+def test_bad_inputs_are_refused_clearly(stories_model, stories_tokenizer):
     with pytest.raises(ValueError, match="left-padded"):
-        generate_ids(stories, torch.tensor([[1, 5, 0]]), torch.tensor([[0, 0, 0]]), torch.tensor([[1, 1, 0]]))
+        generate_ids(
+            stories_model, torch.tensor([[1, 5, 0]]), torch.tensor([[0, 0, 0]]), torch.tensor([[1, 1, 0]])
+        )
     with pytest.raises(ValueError, match="a prompt must be"):
-        generate(stories, tokenizer, [42])
+        generate(stories_model, stories_tokenizer, [42])
     with pytest.raises(ValueError, match="non-empty list of prompts"):
-        generate(stories, tokenizer, [])
+        generate(stories_model, stories_tokenizer, [])
     with pytest.raises(ValueError, match="unknown mask policy"):
-        generate(stories, tokenizer, STORY, policy="bidirectional")
+        generate(stories_model, stories_tokenizer, STORY, policy="bidirectional")

@@ -6,7 +6,6 @@ the bounded queue (429), client disconnects, and a bounded load test printing p5
 from __future__ import annotations
 
 import asyncio
-import socket
 import statistics
 import threading
 import time
@@ -15,58 +14,18 @@ from contextlib import contextmanager
 import httpx
 import openai
 import pytest
-import uvicorn
 from transformers import AutoModelForCausalLM
 
 import segmask
 from segmask.generation import generate
 from segmask.segments import encode_chat
-from segmask.serving import ServeConfig, create_app
+from segmask.serving import ServeConfig
 
-NAME = "stories"
+from .live_server import NAME, live
+
 SYSTEM = {"role": "system", "content": "You tell short stories."}
 CAT = [SYSTEM, {"role": "user", "content": "Tell me about a cat."}]
 STORY = "Once upon a time, there was a little dog named"
-
-
-class LiveServer:
-    """A uvicorn server for ``app`` on a free loopback port, in a thread of this process."""
-
-    def __init__(self, app) -> None:
-        self.socket = socket.socket()
-        self.socket.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
-
-    def __enter__(self) -> LiveServer:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-
-    def client(self, **options) -> openai.OpenAI:
-        return openai.OpenAI(
-            base_url=self.url + "/v1", api_key=options.pop("api_key", "none"), max_retries=0, **options
-        )
-
-    def async_client(self) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, timeout=60)
-
-    def health(self) -> dict:
-        return httpx.get(self.url + "/health", timeout=5).json()
-
-
-@contextmanager
-def live(model, tokenizer, **config):
-    with LiveServer(create_app(model, tokenizer, "mas", ServeConfig(model_name=NAME, **config))) as server:
-        yield server
 
 
 def wait_until(condition, timeout: float = 20.0) -> None:
@@ -74,22 +33,6 @@ def wait_until(condition, timeout: float = 20.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not reached"
         time.sleep(0.02)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(stories_tokenizer):
-    return stories_tokenizer
-
-
-@pytest.fixture(scope="module")
-def model(stories_path):
-    return segmask.enable(AutoModelForCausalLM.from_pretrained(stories_path).eval())
-
-
-@pytest.fixture(scope="module")
-def server(model, tokenizer):
-    with live(model, tokenizer) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")

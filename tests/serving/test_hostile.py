@@ -9,38 +9,20 @@ from __future__ import annotations
 
 import threading
 import time
-from contextlib import contextmanager
 
 import httpx
 import pytest
-from test_app import NAME, LiveServer
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
-import segmask
 from segmask.segments import encode_chat
-from segmask.serving import ServeConfig, create_app
+from segmask.serving import ServeConfig
 from segmask.serving.protocol import UNSUPPORTED
+
+from .live_server import NAME, live
 
 GOOD = {"model": NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "temperature": 0}
 STORY = {"model": NAME, "prompt": "Once upon a time", "max_tokens": 3, "temperature": 0}
 CHAT_URL, COMPLETIONS_URL = "/v1/chat/completions", "/v1/completions"
-
-
-@contextmanager
-def live(model, tokenizer, **config):
-    with LiveServer(create_app(model, tokenizer, "mas", ServeConfig(model_name=NAME, **config))) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def model(stories_path):
-    return segmask.enable(AutoModelForCausalLM.from_pretrained(stories_path).eval())
-
-
-@pytest.fixture(scope="module")
-def server(model, stories_tokenizer):
-    with live(model, stories_tokenizer) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,7 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
-import segmask
 from segmask.generation import decode, generate, left_pad, prefill, prefill_for_decoding
 from segmask.segments import encode_chat
 from segmask.serving.prefix_cache import PrefixCache, cache_nbytes, stack_left_padded, whole_segments_length
@@ -24,16 +22,6 @@ DOG = [SYSTEM, {"role": "user", "content": "Tell me about a dog."}]
 CAT_AND_MORE = [SYSTEM, {"role": "user", "content": "Tell me about a cat. And a dog."}]
 
 
-@pytest.fixture(scope="module")
-def tokenizer(stories_tokenizer):
-    return stories_tokenizer
-
-
-@pytest.fixture(scope="module")
-def model(stories_path):
-    return segmask.enable(AutoModelForCausalLM.from_pretrained(stories_path).eval())
-
-
 def encode(tokenizer, messages, policy="mas", causal_sink=False):
     encoded = encode_chat(
         tokenizer, messages, policy=policy, add_generation_prompt=True, causal_sink=causal_sink
@@ -44,6 +32,19 @@ def encode(tokenizer, messages, policy="mas", causal_sink=False):
 def prompt_cache(model, ids, segments):
     """The one-row cache of all prompt tokens but the last, as the server stores it."""
     return prefill_for_decoding(model, torch.tensor([ids]), torch.tensor([segments]))
+
+
+def assert_rest_prefill_is_exact(model, ids, segments, hit) -> None:
+    """Prefilling the tokens after ``hit`` on its cache gives a full prefill's logits and K/V."""
+    full_logits, full_cache = prefill(model, torch.tensor([ids]), torch.tensor([segments]))
+    rest_logits, rest_cache = prefill(
+        model, torch.tensor([ids[hit.length :]]), torch.tensor([segments[hit.length :]]), None, hit.cache
+    )
+    # float32 rounding only: the segment-blocked kernel sums the softmax in another order than one full call
+    torch.testing.assert_close(rest_logits, full_logits[:, hit.length :], atol=5e-5, rtol=1e-4)
+    for (keys, values, _), (ref_keys, ref_values, _) in zip(rest_cache, full_cache):
+        torch.testing.assert_close(keys, ref_keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(values, ref_values, atol=1e-5, rtol=1e-5)
 
 
 def test_whole_segments_length():
@@ -69,15 +70,7 @@ def test_reuse_of_the_system_segment_is_exact(model, tokenizer):
     assert hit is not None and hit.length == system_length == cat_segments.index(1)
     assert hit.cache.get_seq_length() == system_length
 
-    full_logits, full_cache = prefill(model, torch.tensor([ids]), torch.tensor([segments]))
-    rest_logits, rest_cache = prefill(
-        model, torch.tensor([ids[hit.length :]]), torch.tensor([segments[hit.length :]]), None, hit.cache
-    )
-    # float32 rounding only: the segment-blocked kernel sums the softmax in another order than one full call
-    torch.testing.assert_close(rest_logits, full_logits[:, hit.length :], atol=5e-5, rtol=1e-4)
-    for (keys, values, _), (ref_keys, ref_values, _) in zip(rest_cache, full_cache):
-        torch.testing.assert_close(keys, ref_keys, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(values, ref_values, atol=1e-5, rtol=1e-5)
+    assert_rest_prefill_is_exact(model, ids, segments, hit)
 
     # greedy decoding from the reused cache gives generate's tokens
     cache = prefill_for_decoding(
@@ -103,14 +96,7 @@ def test_reuse_after_a_causal_sink_is_exact(model, tokenizer):
     hit = store.lookup(ids, segments)
     assert hit is not None and hit.length == segments.index(1) > 1
     assert store.lookup(*encode(tokenizer, DOG)) is None  # the same tokens without the sink: another key
-    full_logits, full_cache = prefill(model, torch.tensor([ids]), torch.tensor([segments]))
-    rest_logits, rest_cache = prefill(
-        model, torch.tensor([ids[hit.length :]]), torch.tensor([segments[hit.length :]]), None, hit.cache
-    )
-    torch.testing.assert_close(rest_logits, full_logits[:, hit.length :], atol=5e-5, rtol=1e-4)
-    for (keys, values, _), (ref_keys, ref_values, _) in zip(rest_cache, full_cache):
-        torch.testing.assert_close(keys, ref_keys, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(values, ref_values, atol=1e-5, rtol=1e-5)
+    assert_rest_prefill_is_exact(model, ids, segments, hit)
 
 
 def test_lookup_backs_off_where_a_segment_continues(model, tokenizer):

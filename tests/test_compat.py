@@ -241,3 +241,16 @@ def test_the_cache_argument_of_a_peft_wrapped_model_is_its_base_models():
             ids[:, 3:], segment_ids=segments[:, 3:], **compat.cache_kwargs(wrapped, cache)
         ).logits
     assert (torch.cat([first.logits, second], 1) - full).abs().max() < 1e-5
+
+
+def test_chat_templates_compile_without_a_tokenizer_as_transformers_compiles_them():
+    """compat.compile_chat_template (a syntax check before any weights load) uses transformers' private
+    Jinja environment: its extensions ({% generation %}, {% break %}) compile, a syntax error raises."""
+    from jinja2 import TemplateSyntaxError
+
+    compat.compile_chat_template(
+        "{% for m in messages %}{% if m['role'] == 'x' %}{% break %}{% endif %}"
+        "{% generation %}{{ m['content'] }}{% endgeneration %}{% endfor %}"
+    )
+    with pytest.raises(TemplateSyntaxError):
+        compat.compile_chat_template("{% for m in messages %}{{ m['content'] }")

@@ -256,3 +256,5 @@ def test_load_model_with_a_chat_template_lets_a_base_model_chat(stories_path, mo
     monkeypatch.setattr(loading, "_load_transformers", never)
     with pytest.raises(FileNotFoundError, match="chat template missing.jinja not found"):
         load_model(stories_path, chat_template="missing.jinja")
+    with pytest.raises(ValueError, match=r"the inline chat template is not valid Jinja \(line 1\)"):
+        load_model(stories_path, chat_template="{% if %}")

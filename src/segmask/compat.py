@@ -144,3 +144,20 @@ def quiet_peft() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
         yield
+
+
+def compile_chat_template(source: str) -> None:
+    """Compile a chat template as transformers will (its Jinja environment: sandbox, ``loopcontrols``, the
+    ``{% generation %}`` tag), without a tokenizer, so that a syntax error is found before any weights
+    load. Raises jinja2's ``TemplateSyntaxError``. Uses the private
+    ``transformers.utils.chat_template_utils._compile_jinja_template`` (5.18-5.24); if it is gone, a
+    ``RuntimeError`` names the change (``tests/test_compat.py`` guards it)."""
+    from transformers.utils import chat_template_utils
+
+    compile_template = getattr(chat_template_utils, "_compile_jinja_template", None)
+    if compile_template is None:
+        raise RuntimeError(
+            "transformers no longer has chat_template_utils._compile_jinja_template; segmask.compat."
+            "compile_chat_template needs updating for transformers " + transformers.__version__
+        )
+    compile_template(source)

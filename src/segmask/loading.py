@@ -126,15 +126,22 @@ def set_chat_template(tokenizer, template: str | Path) -> None:
     """Give ``tokenizer`` the chat template ``template`` names (see :func:`read_chat_template`) in place of
     its own. A template that is not valid Jinja is a ``ValueError`` naming the line."""
     source, name = _chat_template_source(template)
+    check_chat_template_syntax(source, name)
     try:  # Jinja compiles the template on its first use, in transformers' environment
         tokenizer.apply_chat_template(
             [{"role": "user", "content": "hi"}], tokenize=False, chat_template=source
         )
-    except TemplateSyntaxError as error:
-        raise ValueError(f"{name} is not valid Jinja (line {error.lineno}): {error.message}") from None
     except TemplateError:
         pass  # valid, but it refuses this conversation (say, one without a system message): requests will say so
     tokenizer.chat_template = source
+
+
+def check_chat_template_syntax(source: str, name: str = "the chat template") -> None:
+    """A ``ValueError`` naming the line if ``source`` is not valid Jinja in transformers' environment."""
+    try:
+        compat.compile_chat_template(source)
+    except TemplateSyntaxError as error:
+        raise ValueError(f"{name} is not valid Jinja (line {error.lineno}): {error.message}") from None
 
 
 def merge_adapter(base: str | Path, adapter_dir: Path, output: Path) -> None:
@@ -313,8 +320,8 @@ def load_model(
     or an inline template, see :func:`set_chat_template`) replaces the tokenizer's own.
     """
     path = resolve_model(path)
-    if chat_template is not None:
-        read_chat_template(chat_template)  # a missing or empty file fails before the weights load
+    if chat_template is not None:  # a missing, empty or invalid template fails before the weights load
+        check_chat_template_syntax(*_chat_template_source(chat_template))
     run = read_run_info(path) if path.is_dir() else None
     policy = resolve_policy(run.policy if run else None, policy)
     if attn_implementation == "segmask":

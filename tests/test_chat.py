@@ -18,17 +18,24 @@ from segmask.segments import encode_chat
 pytestmark = pytest.mark.exactness
 
 
-def test_new_turn_prefilled_against_cache_equals_full_prefill(stories_model, stories_tokenizer):
+@pytest.mark.parametrize("sink", [None, False], ids=["default-sink", "paper-mask"])
+def test_new_turn_prefilled_against_cache_equals_full_prefill(stories_model, stories_tokenizer, sink):
     history = CHAT + [{"role": "assistant", "content": "Tom was a big cat."}]
     conversation = history + [{"role": "user", "content": "What did Tom eat?"}]
-    (logits, cache), encoded = full_prefill(stories_model, stories_tokenizer, conversation, "mas")
-    first = encode_chat(stories_tokenizer, history + [{"role": "user", "content": "x"}], policy="mas")
+    (logits, cache), encoded = full_prefill(
+        stories_model, stories_tokenizer, conversation, "mas", causal_sink=sink
+    )
+    assert encoded.segment_ids[0] == (-1 if sink is None else 0)
+    first = encode_chat(
+        stories_tokenizer, history + [{"role": "user", "content": "x"}], policy="mas", causal_sink=sink
+    )
     cut = reusable_prefix(first.input_ids, first.segment_ids, encoded.input_ids, encoded.segment_ids)
     assert 0 < cut < len(encoded.input_ids) and encoded.segment_ids[cut - 1] == -1
     ids, segments = torch.tensor([encoded.input_ids]), torch.tensor([encoded.segment_ids])
     _, partial = prefill(stories_model, ids[:, :cut], segments[:, :cut])
     new_logits, partial = prefill(stories_model, ids[:, cut:], segments[:, cut:], cache=partial)
-    torch.testing.assert_close(new_logits, logits[:, cut:], atol=1e-5, rtol=1e-5)
+    # float32 noise is ~1e-5 on these logits; a token seeing one it should not moves them by ~1
+    torch.testing.assert_close(new_logits, logits[:, cut:], atol=1e-4, rtol=1e-4)
     assert_caches_close(partial, cache, len(encoded.input_ids))
 
 
@@ -122,7 +129,9 @@ def test_chat_session_other_policies_and_policy_switch(stories_model, stories_to
     before = session.messages + [{"role": "user", "content": "And a dog?"}]
     expected = generate(stories_model, stories_tokenizer, [before], policy=policy, max_new_tokens=6)[0]
     assert session.send("And a dog?") == expected.text
-    assert session.last_turn.reused == 0  # the segmentation changed from the first token
+    # the segmentation changed from token 1 on; token 0 (the BOS) is causal under mas's default sink and
+    # under causal, so only then is it reused
+    assert session.last_turn.reused == (1 if policy == "causal" else 0)
     follow = session.messages + [{"role": "user", "content": "Why?"}]
     expected = generate(stories_model, stories_tokenizer, [follow], policy=policy, max_new_tokens=6)[0]
     assert session.send("Why?") == expected.text
@@ -150,7 +159,7 @@ def test_chat_session_system_change_and_reset(stories_model, stories_tokenizer):
         max_new_tokens=4,
     )
     assert session.send("Hi") == expected[0].text
-    assert session.last_turn.reused == 0  # the system message opens the conversation
+    assert session.last_turn.reused == 1  # the system message opens the conversation: only the BOS (the sink)
     session.reset()
     assert session.messages == [{"role": "system", "content": "Be brief."}] and session.cached_tokens == 0
 

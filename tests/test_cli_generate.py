@@ -122,13 +122,13 @@ def test_sampling_flags(stories_path, capsys, monkeypatch):
         temperature=0.7,
         top_p=0.9,
         policy="mas",
-        causal_sink=False,
+        causal_sink=None,  # no run: the policy's default (segmask.segments.sink_on)
         template="alpaca",
     )
     seen.clear()
     assert main([*base, "--greedy", "--mask", "prefix"]) == 0
     assert seen == dict(
-        max_new_tokens=3, do_sample=False, policy="prefix", causal_sink=False, template="alpaca"
+        max_new_tokens=3, do_sample=False, policy="prefix", causal_sink=None, template="alpaca"
     )
     capsys.readouterr()
 
@@ -220,7 +220,8 @@ def test_template_flag_renders_an_instruction_record(stories_path, tmp_path, cap
                 tokenizer, {"instruction": "Is the sky blue?", "input": ""}, "mas", template=template
             )
         )
-    assert seen[0].segment_ids == [0] * 89 + [1] * 58 + [-1] * 24  # the paper's blocks (see test_evaluation)
+    # the paper's blocks (see test_evaluation), the BOS causal (mas's default sink)
+    assert seen[0].segment_ids == [-1] + [0] * 88 + [1] * 58 + [-1] * 24
     assert len(seen[1]) == 107
     with pytest.raises(SystemExit) as stop:
         main(["generate", *argv, "--template", "official"])

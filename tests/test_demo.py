@@ -21,13 +21,18 @@ def test_policies_share_every_setting_but_the_mask(tmp_path):
     config = DemoConfig(model=str(tmp_path), steps=10)
     causal = train_config(config, "causal", tmp_path / "train.json", tmp_path / "causal").to_dict()
     mas = train_config(config, "mas", tmp_path / "train.json", tmp_path / "mas").to_dict()
-    assert {key for key in causal if causal[key] != mas[key]} == {"mask", "output"}
+    # causal_sink is part of the mask: resolved on under mas (its default), nothing to do under causal
+    assert {key for key in causal if causal[key] != mas[key]} == {"mask", "causal_sink", "output"}
+    assert (causal["causal_sink"], mas["causal_sink"]) == (False, True)
     assert causal["max_steps"] == 10 and causal["seed"] == config.seed
+    paper = dataclasses.replace(config, causal_sink=False)  # --no-causal-sink: the paper's mask
+    assert train_config(paper, "mas", tmp_path / "train.json", tmp_path / "mas").causal_sink is False
 
 
 def test_config_and_flags():
     config = parse_args(["--steps", "3", "--learning-rate", "5e-4", "--no-answer-format", "--out", "x"])
     assert (config.steps, config.learning_rate, config.answer_format, config.out) == (3, 5e-4, False, "x")
+    assert config.causal_sink is True and parse_args(["--no-causal-sink"]).causal_sink is False
     assert dataclasses.replace(config, steps=4).steps == 4
     with pytest.raises(ValueError, match="steps must be positive"):
         DemoConfig(steps=0)
@@ -55,8 +60,9 @@ def test_demo_end_to_end_on_stories260k(stories_path, tmp_path, capsys):
     )
     summary = run_demo(config)
     out = tmp_path / "demo"
-    for name in ("causal", "mas"):
-        assert json.loads((out / name / "segmask.json").read_text())["policy"] == name
+    for name, sink in (("causal", False), ("mas", True)):
+        saved = json.loads((out / name / "segmask.json").read_text())
+        assert (saved["policy"], saved["causal_sink"]) == (name, sink)
         assert summary["accuracy"][name]["n"] == 6
         assert summary["leak_check_max_change"][name] <= 1e-4
     table = (out / "compare.md").read_text()
@@ -66,6 +72,30 @@ def test_demo_end_to_end_on_stories260k(stories_path, tmp_path, capsys):
     assert json.loads((out / "summary.json").read_text())["wall_time_s"]["total"] > 0
     printed = capsys.readouterr().out
     assert "mas vs causal" in printed and "Sample MAS chat" in printed
+    assert "What the multi-seed study found" in printed
+
+
+def test_the_study_note_reads_the_committed_summary(tmp_path):
+    accuracy = {"n_seeds": 2, "mean": 0.9983, "ci_low": 0.9772, "ci_high": 1.0195}
+    summary = {
+        "units_finished": 4,
+        "over_seeds": {
+            "causal": {"accuracy": accuracy},
+            "mas": {"accuracy": {"n_seeds": 1, "mean": 0.5, "ci_low": None, "ci_high": None}},
+            "mas_sink": {"accuracy": {"n_seeds": 0, "mean": None, "ci_low": None, "ci_high": None}},
+        },
+    }
+    path = tmp_path / "summary.json"
+    path.write_text(json.dumps(summary))
+    assert demo.study_note(path).splitlines() == [
+        "What the multi-seed study found (4 of 9 units; 400 steps; results/demo_study/summary.md), final "
+        "held-out accuracy, mean over seeds [95 % t]:",
+        "  causal: 99.8 % [97.7, 102.0] (2 seeds)",
+        "  mas, the paper's mask: 50.0 % (1 seed)",
+        "  mas with the sink causal (the default): not finished yet",
+    ]
+    assert "missing" in demo.study_note(tmp_path / "none.json")
+    assert demo.STUDY_SUMMARY.is_file()  # the committed one the demo prints
 
 
 def test_old_module_path_runs_the_same_pipeline(monkeypatch):

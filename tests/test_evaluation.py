@@ -425,38 +425,43 @@ def _evaluated_segments(model, tokenizer, data_dir, **settings) -> tuple[list[in
 
 @pytest.mark.parametrize("scoring", ["loglik", "generate"])
 def test_the_causal_sink_keeps_token_0_of_an_evaluated_prompt_causal(stories, sky, tmp_path, scoring):
-    """stories260K adds a BOS: with the sink it is segment -1 under mas and prefix, the rest as before."""
+    """stories260K adds a BOS: with the sink it is segment -1 under mas and prefix, the rest as before;
+    None is the policy's default (on under mas, off under prefix). The results record the sink applied."""
     model, tokenizer = stories
     expected = {
-        ("mas", False): [0] * 69 + [1] * 27 + [-1] * 11,
-        ("mas", True): [-1] + [0] * 68 + [1] * 27 + [-1] * 11,
-        ("prefix", False): [0] * 96 + [-1] * 11,
-        ("prefix", True): [-1] + [0] * 95 + [-1] * 11,
-        ("causal", True): [-1] * 107,
+        ("mas", False): ([0] * 69 + [1] * 27 + [-1] * 11, False),
+        ("mas", True): ([-1] + [0] * 68 + [1] * 27 + [-1] * 11, True),
+        ("mas", None): ([-1] + [0] * 68 + [1] * 27 + [-1] * 11, True),
+        ("prefix", False): ([0] * 96 + [-1] * 11, False),
+        ("prefix", True): ([-1] + [0] * 95 + [-1] * 11, True),
+        ("prefix", None): ([0] * 96 + [-1] * 11, False),
+        ("causal", True): ([-1] * 107, False),
     }
-    for (policy, sink), segments in expected.items():
+    for (policy, sink), (segments, recorded) in expected.items():
         out = tmp_path / f"{policy}-{sink}.json"
         seen, report = _evaluated_segments(
             model, tokenizer, sky, policy=policy, scoring=scoring, max_new_tokens=2, causal_sink=sink, out=out
         )
         # generate prefills all but the last (causal) prompt token, which decoding then feeds
         assert seen == (segments if scoring == "loglik" else segments[:-1]), (policy, sink)
-        assert report["causal_sink"] is sink and json.loads(out.read_text())["causal_sink"] is sink
+        assert report["causal_sink"] is recorded and json.loads(out.read_text())["causal_sink"] is recorded
 
 
 def test_scores_with_the_sink_off_are_unchanged(stories, sky, tmp_path):
     model, tokenizer = stories
-    for policy, scores in SKY_SCORES.items():
-        for sink in (None, False):
-            out = tmp_path / f"{policy}-{sink}.json"
-            report = _evaluate(
-                model, tokenizer, sky, "boolq", policy=policy, scoring="loglik", causal_sink=sink, out=out
-            )
-            assert report["causal_sink"] is False  # None: off (segmask eval resolves it from the run)
-            [row] = _read_jsonl(tmp_path / f"{policy}-{sink}.predictions.jsonl")
-            assert row["scores"] == pytest.approx(scores, abs=1e-4), (policy, sink)
+    # off: False, or None (the policy's default) under prefix and causal
+    for policy, sink in [*((p, False) for p in SKY_SCORES), ("prefix", None), ("causal", None)]:
+        out = tmp_path / f"{policy}-{sink}.json"
+        report = _evaluate(
+            model, tokenizer, sky, "boolq", policy=policy, scoring="loglik", causal_sink=sink, out=out
+        )
+        assert report["causal_sink"] is False
+        [row] = _read_jsonl(tmp_path / f"{policy}-{sink}.predictions.jsonl")
+        assert row["scores"] == pytest.approx(SKY_SCORES[policy], abs=1e-4), (policy, sink)
     on = loglik_predictions(model, tokenizer, load_task(sky, "boolq"), "mas", False, causal_sink=True)
     assert abs(on[0].scores["true"] - SKY_SCORES["mas"]["true"]) > 1e-3  # the sink changes mas scores
+    default = loglik_predictions(model, tokenizer, load_task(sky, "boolq"), "mas", False)
+    assert default[0].scores == pytest.approx(on[0].scores, abs=1e-6)  # and mas has it on by default
     causal = loglik_predictions(model, tokenizer, load_task(sky, "boolq"), "causal", False, causal_sink=True)
     assert causal[0].scores == pytest.approx(SKY_SCORES["causal"], abs=1e-4)  # and nothing under causal
     with pytest.raises(ValueError, match="causal_sink must be true, false or None"):
@@ -473,18 +478,21 @@ def test_a_journal_of_the_other_sink_is_refused(stories, sky, tmp_path):
 
 
 def test_eval_cli_causal_sink_flag_and_the_runs_saved_value(stories_path, sky, tmp_path, capsys):
-    """--causal-sink / --no-causal-sink; absent, a run folder's saved causal_sink, else off."""
+    """--causal-sink / --no-causal-sink; absent, a run folder's saved causal_sink, else the policy's
+    default (on under mas, off under prefix)."""
     run = tmp_path / "run"
     shutil.copytree(stories_path, run)
     info = {"policy": "mas", "base_model": str(stories_path), "adapter": False, "causal_sink": True}
     (run / "segmask.json").write_text(json.dumps(info))
     for model, flags, sink in [
-        (stories_path, [], False),
-        (stories_path, ["--causal-sink"], True),
+        (stories_path, [], True),
+        (stories_path, ["--mask", "prefix"], False),
+        (stories_path, ["--no-causal-sink"], False),
+        (stories_path, ["--mask", "prefix", "--causal-sink"], True),
         (run, [], True),
         (run, ["--no-causal-sink"], False),
     ]:
-        out = tmp_path / f"{model.name}{flags}.json"
+        out = tmp_path / f"{model.name}{''.join(flags)}.json"
         argv = ["eval", "--model", str(model), "--data-dir", str(sky), "--tasks", "boolq", "--scoring"]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # overriding a saved value warns
@@ -558,7 +566,10 @@ def test_generate_with_the_paper_template_and_either_extractor(stories, sky, tmp
     monkeypatch.setattr("segmask.scoring._generate", fake_generate)
     for extract, prediction in [("official", "true"), ("strict", None)]:
         out = tmp_path / f"{extract}.json"
-        _evaluate(model, tokenizer, sky, "boolq", template="paper", extract=extract, out=out)
+        # the paper's mask: the BOS in segment 0 (configs/paper_*.yaml set causal_sink: false)
+        _evaluate(
+            model, tokenizer, sky, "boolq", template="paper", extract=extract, out=out, causal_sink=False
+        )
         saved = json.loads(out.read_text())
         assert (saved["template"], saved["extract"]) == ("paper", extract)
         [row] = _read_jsonl(tmp_path / f"{extract}.predictions.jsonl")

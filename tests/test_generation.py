@@ -58,9 +58,11 @@ def naive_greedy(model, encoded, max_new_tokens: int, eos: set[int]) -> list[int
     return new
 
 
-def full_prefill(model, tokenizer, messages, policy):
+def full_prefill(model, tokenizer, messages, policy, causal_sink=None):
     """Logits and KV cache of the whole conversation prefilled from scratch."""
-    encoded = encode_chat(tokenizer, messages, policy=policy, add_generation_prompt=True)
+    encoded = encode_chat(
+        tokenizer, messages, policy=policy, add_generation_prompt=True, causal_sink=causal_sink
+    )
     return prefill(model, torch.tensor([encoded.input_ids]), torch.tensor([encoded.segment_ids])), encoded
 
 

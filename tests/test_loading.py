@@ -245,8 +245,8 @@ def test_load_model_with_a_chat_template_lets_a_base_model_chat(stories_path, mo
     assert rendered == "System: Tell stories.\nUser: A cat?\nAssistant:"
     encoded = encode_chat(tokenizer, messages, policy="mas", add_generation_prompt=True)
     assert encoded.input_ids == tokenizer(rendered, add_special_tokens=False)["input_ids"]
-    # MAS: one segment per message, the generation prompt causal
-    assert list(dict.fromkeys(encoded.segment_ids)) == [0, 1, -1]
+    # MAS: one segment per message, the generation prompt causal; token 0 ("System", no BOS) is the sink
+    assert encoded.segment_ids[0] == -1 and list(dict.fromkeys(encoded.segment_ids[1:])) == [0, 1, -1]
     user_start = encoded.segment_ids.index(1)
     assert tokenizer.decode(encoded.input_ids[user_start:]).startswith("User: A cat?")
 

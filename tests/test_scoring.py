@@ -94,7 +94,7 @@ def test_loglik_prefills_each_prompt_once(stories, boolq_task):
 # stories260K with STORIES_CHAT_TEMPLATE: "<|user|>\nHi</s>\n" then the header "<|assistant|>\n"
 HI_PROMPT = [410, 504, 506, 425, 419, 285, 506, 505, 13, 440, 417, 2, 410, 13,
              504, 506, 412, 419, 419, 293, 413, 303, 413, 506, 505, 13]  # fmt: skip
-HI_SEGMENTS = [0] * 14 + [-1] * 12  # the user turn one segment; the assistant header causal
+HI_SEGMENTS = [-1] + [0] * 13 + [-1] * 12  # token 0 causal (mas's default sink), the user turn, the header
 
 
 def chat_tokenizer(stories_path):
@@ -113,8 +113,10 @@ def test_chat_candidates_are_the_answer_tokens_after_the_header(stories_path):
     assert prompt.input_ids == HI_PROMPT and prompt.segment_ids == HI_SEGMENTS
     assert candidates["Yo"] == [452, 414, 2, 410, 13]  # "Yo</s>" and the turn's closing newline
     assert tokenizer.decode(candidates["No"]).startswith("No")
-    sink, _ = chat_candidates(tokenizer, [{"role": "user", "content": "Hi"}], ["Yo"], "mas", causal_sink=True)
-    assert sink.segment_ids == [-1] + HI_SEGMENTS[1:]
+    paper, _ = chat_candidates(
+        tokenizer, [{"role": "user", "content": "Hi"}], ["Yo"], "mas", causal_sink=False
+    )
+    assert paper.segment_ids == [0] + HI_SEGMENTS[1:]  # the paper's mask: token 0 in the user's segment
 
 
 @torch.inference_mode()

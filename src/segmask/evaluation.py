@@ -31,7 +31,7 @@ from segmask.attention import enable
 from segmask.eval_overflow import OVERFLOWS, Overflow, context_length, overflow_counts, resumable
 from segmask.generation import prefill
 from segmask.masks import check_policy
-from segmask.segments import CAUSAL_SINK_HELP_RUN
+from segmask.segments import CAUSAL_SINK_HELP_RUN, sink_on
 from segmask.tasks import commonsense
 from segmask.templates import DEFAULT_TEMPLATE, TEMPLATE_HELP, InstructionTemplate, check_template
 
@@ -51,8 +51,9 @@ class EvalConfig:
     go to that JSON file, the predictions beside it, and an unfinished run's predictions to a journal that
     ``resume`` picks up (see :func:`evaluate`). ``num_beams``, ``max_new_tokens`` and ``batch_size`` are the
     decoding settings of ``generate`` scoring. ``causal_sink`` keeps each prompt's token 0 causal under
-    ``mas``/``prefix`` (:func:`segmask.segments.sink_segments`); ``None`` is off here, and ``segmask eval``
-    resolves it to the run's saved value (:func:`segmask.loading.resolve_causal_sink`). ``template`` is the
+    ``mas``/``prefix``; ``None`` is the policy's default here (:func:`segmask.segments.sink_on`: on under
+    ``mas``), and ``segmask eval`` resolves it to the run's saved value
+    (:func:`segmask.loading.resolve_causal_sink`). ``template`` is the
     instruction template of the prompts (:mod:`segmask.templates`; ``None`` is ``alpaca`` here, and ``segmask
     eval`` resolves it to the run's saved template); ``paper`` needs ``generate`` scoring. ``extract`` is how
     ``generate`` scoring reads a label (:func:`segmask.tasks.commonsense.extract`): ``strict`` (segmask's,
@@ -139,7 +140,7 @@ def evaluate(
     Every task file is read and validated before the model runs, so a bad file fails fast. The results hold
     per-task ``accuracy``, ``ci_low``/``ci_high`` (95% Wilson), ``n``, ``correct``, ``unparseable``; the
     unweighted ``average``; ``model`` (``model_name``, else the model's own name), ``policy``, ``scoring``,
-    ``limit``, ``overflow``, ``causal_sink`` (``None`` counts as off), ``template`` (``None`` counts as
+    ``limit``, ``overflow``, ``causal_sink`` (as :func:`segmask.segments.sink_on` resolves it), ``template`` (``None`` counts as
     ``alpaca``), ``extract`` (``generate`` scoring only) and the git ``commit``. With ``out``, predictions go to ``<out stem>.predictions.jsonl`` next
     to it.
 
@@ -162,7 +163,7 @@ def evaluate(
         raise
     run = {"model": name, "policy": config.policy, "scoring": config.scoring, "limit": config.limit}
     run["overflow"] = config.overflow
-    run["causal_sink"] = bool(config.causal_sink)
+    run["causal_sink"] = sink_on(config.policy, config.causal_sink)
     run["template"] = config.template or DEFAULT_TEMPLATE
     if config.scoring == "generate":
         run["extract"] = config.extract
@@ -181,7 +182,7 @@ def _journal(config: EvalConfig, model_name: str, loaded: Sequence[commonsense.T
     """The run's journal; its header holds every setting that changes a prediction."""
     header = {"model": model_name, "tasks": list(config.tasks), "policy": config.policy}
     header |= {"scoring": config.scoring, "limit": config.limit}
-    if config.causal_sink:  # only when on: a journal written before the option resumes as off
+    if sink_on(config.policy, config.causal_sink):  # only when on: an older journal resumes as off
         header["causal_sink"] = True
     if (config.template or DEFAULT_TEMPLATE) != DEFAULT_TEMPLATE:  # likewise: an older journal is alpaca
         header["template"] = config.template
@@ -233,7 +234,7 @@ def _predict_tasks(
     """Every task's predictions, keeping those ``journal`` already holds and recording the new ones."""
     enable(model)
     model.eval()
-    sink = bool(config.causal_sink)
+    sink = sink_on(config.policy, config.causal_sink)
     predictions: list[results.Prediction] = []
     for task in loaded:
         done = journal.done_for(task.name, [r["answer"] for r in task.records]) if journal else None

@@ -72,14 +72,18 @@ def __getattr__(name: str) -> Any:
 
 
 def encode_prompt(
-    tokenizer, prompt: Prompt, policy: MaskPolicy, causal_sink: bool = False, template: str = DEFAULT_TEMPLATE
+    tokenizer,
+    prompt: Prompt,
+    policy: MaskPolicy,
+    causal_sink: bool | None = None,
+    template: str = DEFAULT_TEMPLATE,
 ) -> Encoded:
     """Tokens and segment ids of one prompt, ready for generation.
 
     A conversation gets the chat template and the generation prompt (the assistant header, causal); an
     instruction record gets the instruction template without its answer; a raw string is tokenized as is
     and forms one prompt segment (all causal under ``causal``). ``causal_sink``: token 0 causal under
-    ``mas``/``prefix`` (:func:`segmask.segments.sink_segments`). ``template``: the instruction template of
+    ``mas``/``prefix`` (:func:`segmask.segments.sink_on`: ``None`` is the policy's default, on under ``mas``). ``template``: the instruction template of
     a record (:mod:`segmask.templates`; ``paper`` gives the official evaluation prompt).
     """
     check_policy(policy)
@@ -266,7 +270,7 @@ def generate(
     tokenizer,
     inputs: Prompt | Sequence[Prompt],
     policy: MaskPolicy = "mas",
-    causal_sink: bool = False,
+    causal_sink: bool | None = None,
     template: str = DEFAULT_TEMPLATE,
     **generation_kwargs,
 ) -> list[Completion]:
@@ -276,7 +280,7 @@ def generate(
     string (see :func:`encode_prompt`). Prompts are batched with left padding. ``generation_kwargs`` go
     to transformers' ``generate`` (``max_new_tokens``, ``do_sample``, ``num_beams``, ...); with
     ``num_return_sequences=R`` the list holds ``R`` consecutive completions per prompt. ``causal_sink``
-    keeps each prompt's token 0 causal under ``mas``/``prefix`` (:func:`segmask.segments.sink_segments`);
+    keeps each prompt's token 0 causal under ``mas``/``prefix`` (:func:`segmask.segments.sink_on`: ``None`` is the policy's default, on under ``mas``);
     ``template`` is the instruction template of record prompts (:mod:`segmask.templates`).
     """
     policy = check_policy(policy)
@@ -319,7 +323,7 @@ def stream(
     tokenizer,
     prompt: Prompt,
     policy: MaskPolicy = "mas",
-    causal_sink: bool = False,
+    causal_sink: bool | None = None,
     **generation_kwargs,
 ) -> Iterator[str]:
     """Generate for one prompt, yielding text pieces as they are decoded (``causal_sink`` as in :func:`generate`)."""

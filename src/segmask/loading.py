@@ -11,7 +11,7 @@
   (``{"policy": ..., "causal_sink": ..., "base_model": ..., "template": ..., "adapter": true|false}``): a LoRA
   adapter over ``base_model`` (merged on load) or a full model. Its saved policy becomes the default; overriding
   it warns, because evaluating with a mask other than the one a model was trained with hurts. Its saved
-  ``causal_sink`` is read by :func:`resolve_causal_sink` (default when absent: off).
+  ``causal_sink`` is read by :func:`resolve_causal_sink` (absent: a run saved before the option, off).
 
 ``chat_template`` (a Jinja file, or an inline template; see :func:`read_chat_template`) replaces the
 tokenizer's chat template, so a base model without one (stories260K) can chat.
@@ -163,7 +163,7 @@ class RunInfo:
     base_model: str
     adapter: bool
     template: str | None = None
-    causal_sink: bool = False
+    causal_sink: bool | None = None
 
     def __post_init__(self) -> None:
         check_policy(self.policy)
@@ -210,15 +210,16 @@ def resolve_policy(saved: str | None, requested: str | None) -> MaskPolicy:
     return check_policy(saved) if saved is not None else DEFAULT_POLICY
 
 
-def resolve_causal_sink(path: str | Path, requested: bool | None = None) -> bool:
+def resolve_causal_sink(path: str | Path, requested: bool | None = None) -> bool | None:
     """Whether to keep token 0 causal (:func:`segmask.segments.sink_segments`) when running the model at
-    ``path``: ``requested`` if given, else what its run folder's ``segmask.json`` saved, else ``False``.
-    Overriding a saved value warns, as a policy override does."""
+    ``path``: ``requested`` if given, else what its run folder's ``segmask.json`` saved (``False`` for a run
+    saved before the option), else ``None``: the policy's default (:func:`segmask.segments.sink_on`, on
+    under ``mas``). Overriding a saved value warns, as a policy override does."""
     path = resolve_model(path)
     run = read_run_info(path) if path.is_dir() else None
     saved = run.causal_sink if run is not None else None
     if requested is None:
-        return bool(saved)
+        return saved
     if saved is not None and requested != saved:
         warnings.warn(
             f"this model was trained with causal_sink={saved}; running it with causal_sink={requested} instead",

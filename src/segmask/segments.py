@@ -22,13 +22,19 @@ turns and the generation prompt are causal (-1); labels fall on assistant conten
 Policies (see :mod:`segmask.masks`): ``mas`` as above; ``prefix``: every token before the final assistant
 turn (or the generation prompt) is segment 0, so only that final turn is trained; ``causal``: all -1.
 
-``causal_sink=True`` (every encoder; off by default) keeps token 0 causal under ``mas`` and ``prefix``: the
-tokenizer's BOS, or the first prompt token when the tokenizer adds none. That token is a causally
-pretrained model's attention sink; inside a bidirectional segment its keys and values would depend on the
-rest of the segment. The rule is :func:`sink_segments`::
+``causal_sink`` (every encoder) keeps token 0 causal under ``mas`` and ``prefix``: the tokenizer's BOS, or
+the first prompt token when the tokenizer adds none. That token is a causally pretrained model's attention
+sink; inside a bidirectional segment its keys and values would depend on the rest of the segment. The rule
+is :func:`sink_segments`::
 
-    mas                   0  0  0  1  1 -1 -1
-    mas, causal_sink     -1  0  0  1  1 -1 -1
+    mas, causal_sink=False      0  0  0  1  1 -1 -1     (the paper's mask)
+    mas (default)              -1  0  0  1  1 -1 -1
+
+``causal_sink=None`` (the default everywhere) is the policy's default, :func:`sink_on`: on under ``mas``,
+off under ``prefix``. ``mas`` keeps the sink causal by default because the demo study
+(``results/demo_study/``, issue 20) found it no worse than the paper's mask after training, and far better
+before it; ``causal_sink=False`` is the paper's variant. ``prefix`` was not measured and keeps the sink in
+its segment unless asked.
 
 How turns are found in any chat template (and tokens mapped to turns): :mod:`segmask.turns`.
 
@@ -180,10 +186,28 @@ def _encode(
 
 #: what the ``causal_sink`` option does, in the words every flag and config field shows
 CAUSAL_SINK_HELP = (
-    "keep token 0 (the BOS, else the first prompt token: the attention sink) causal under mas and prefix"
+    "keep token 0 (the BOS, else the first prompt token: the attention sink) causal under mas and prefix "
+    "(default: on under mas, off under prefix; false under mas is the paper's mask)"
 )
 #: the same, for an option whose absence means "as the model was trained"
-CAUSAL_SINK_HELP_RUN = f"{CAUSAL_SINK_HELP} (default: as the model was trained, else off)"
+CAUSAL_SINK_HELP_RUN = (
+    "keep token 0 (the BOS, else the first prompt token: the attention sink) causal under mas and prefix "
+    "(default: as the model was trained, else on under mas and off under prefix)"
+)
+#: ``causal_sink=None`` per policy (:func:`sink_on`): on under ``mas`` since the demo study (issue 20)
+DEFAULT_CAUSAL_SINK: dict[str, bool] = {"causal": False, "mas": True, "prefix": False}
+
+
+def sink_on(policy: MaskPolicy, causal_sink: bool | None = None) -> bool:
+    """Whether token 0 is made causal under ``policy``: ``causal_sink`` if given, else the policy's default
+    (:data:`DEFAULT_CAUSAL_SINK`: on under ``mas``, off under ``prefix``); never under ``causal``, whose
+    tokens are all causal already. ``sink_on("mas") -> True``, ``sink_on("mas", False) -> False``."""
+    policy = check_policy(policy)
+    if causal_sink is not None and not isinstance(causal_sink, bool):
+        raise ValueError(f"causal_sink must be true, false or None, got {causal_sink!r}")
+    if policy == "causal":
+        return False
+    return DEFAULT_CAUSAL_SINK[policy] if causal_sink is None else causal_sink
 
 
 def sink_segments(segment_ids: Sequence[int]) -> list[int]:
@@ -194,10 +218,10 @@ def sink_segments(segment_ids: Sequence[int]) -> list[int]:
     return [-1, *segment_ids[1:]]
 
 
-def _with_sink(encoded: Encoded, policy: MaskPolicy, causal_sink: bool) -> Encoded:
-    """``encoded`` with :func:`sink_segments` applied under ``mas`` and ``prefix`` when ``causal_sink``;
-    the sink is then no prompt content, so :func:`truncate_prompt` never cuts it."""
-    if not causal_sink or policy == "causal" or not encoded.input_ids:
+def _with_sink(encoded: Encoded, policy: MaskPolicy, causal_sink: bool | None) -> Encoded:
+    """``encoded`` with :func:`sink_segments` applied when :func:`sink_on` says so; the sink is then no
+    prompt content, so :func:`truncate_prompt` never cuts it."""
+    if not sink_on(policy, causal_sink) or not encoded.input_ids:
         return encoded
     turns_ = [-1, *encoded.prompt_turns[1:]] if encoded.prompt_turns else []
     return Encoded(encoded.input_ids, sink_segments(encoded.segment_ids), encoded.labels, turns_)
@@ -220,7 +244,7 @@ def encode_chat(
     overflow: Overflow = "raise",
     chat_template: str | None = None,
     template_kwargs: Mapping[str, Any] | None = None,
-    causal_sink: bool = False,
+    causal_sink: bool | None = None,
 ) -> Encoded | None:
     """Tokens, segment ids and labels of a conversation under the tokenizer's chat template.
 
@@ -229,7 +253,7 @@ def encode_chat(
     content and end-of-turn (``train_on="last"``: only the last), but only turns that are causal under the
     policy (under ``prefix`` the final one). ``chat_template`` overrides the tokenizer's template;
     ``template_kwargs`` go to the template. With ``cutoff`` see :func:`apply_cutoff` (``None`` only for a
-    dropped conversation). ``causal_sink``: token 0 causal under ``mas``/``prefix`` (:func:`sink_segments`).
+    dropped conversation). ``causal_sink``: token 0 causal (:func:`sink_on`; ``None``: on under ``mas``).
     """
     policy = check_policy(policy)
     messages = check_messages(messages)
@@ -304,7 +328,7 @@ def encode_instruction(
     chat_template: bool | str = False,
     cutoff: int | None = None,
     overflow: Overflow = "raise",
-    causal_sink: bool = False,
+    causal_sink: bool | None = None,
     template: str = DEFAULT_TEMPLATE,
 ) -> Encoded | None:
     """Tokens, segment ids and labels of an LLM-Adapters record (``instruction``, ``input``, ``output``).
@@ -318,7 +342,7 @@ def encode_instruction(
     response header (a prompt for generation). ``chat_template=True`` (or a Jinja string) renders the record
     as system, user and assistant turns with a chat template instead (``template`` must then be
     ``alpaca``). Labels fall on the answer (and EOS) only. With ``cutoff`` see :func:`apply_cutoff`.
-    ``causal_sink``: the BOS (else the first token) causal under ``mas``/``prefix`` (:func:`sink_segments`).
+    ``causal_sink``: the BOS (else the first token) causal (:func:`sink_on`; ``None``: on under ``mas``).
     """
     policy = check_policy(policy)
     template = templates.check_template(template)
@@ -357,11 +381,13 @@ def encode_instruction(
 # ------------------------------------------------------------------------------------------- raw text
 
 
-def encode_tokens(input_ids: Sequence[int], policy: MaskPolicy = "mas", causal_sink: bool = False) -> Encoded:
+def encode_tokens(
+    input_ids: Sequence[int], policy: MaskPolicy = "mas", causal_sink: bool | None = None
+) -> Encoded:
     """Raw token ids as a prompt, without labels: one bidirectional segment (0), all causal under ``causal``.
 
     This is the only place raw text meets a policy: a text has no turns, so ``mas`` and ``prefix`` both
-    make the whole of it one prompt segment (with ``causal_sink``, all but token 0: :func:`sink_segments`).
+    make the whole of it one prompt segment (with the sink on, all but token 0: :func:`sink_on`).
     """
     policy = check_policy(policy)
     ids = list(input_ids)
@@ -370,7 +396,7 @@ def encode_tokens(input_ids: Sequence[int], policy: MaskPolicy = "mas", causal_s
     return _with_sink(encoded, policy, causal_sink)
 
 
-def encode_text(tokenizer, text: str, policy: MaskPolicy = "mas", causal_sink: bool = False) -> Encoded:
+def encode_text(tokenizer, text: str, policy: MaskPolicy = "mas", causal_sink: bool | None = None) -> Encoded:
     """A raw text (no template) as a prompt: tokenized as is, then :func:`encode_tokens`."""
     ids = tokenizer(text)["input_ids"]
     if not ids:

@@ -25,7 +25,7 @@ from transformers import SchedulerType
 
 from segmask import masks
 from segmask.attention import SUPPORTED
-from segmask.segments import CAUSAL_SINK_HELP, OVERFLOWS
+from segmask.segments import CAUSAL_SINK_HELP, OVERFLOWS, sink_on
 from segmask.templates import TEMPLATE_HELP, check_template
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -49,7 +49,7 @@ class TrainConfig:
     )
     output: str = _help("output folder (checkpoints, final weights, segmask.json, metrics)", "runs/train")
     mask: str = _help("mask policy: causal, mas or prefix", "mas")
-    causal_sink: bool = _help(CAUSAL_SINK_HELP, False)
+    causal_sink: bool | None = _help(CAUSAL_SINK_HELP, None)
     template: str = _help(f"{TEMPLATE_HELP}; for LLM-Adapters records", "alpaca")
     # data
     cutoff_len: int = _help("most tokens per example (prompt + answer)", 256)
@@ -101,6 +101,8 @@ class TrainConfig:
         for name, kind in get_type_hints(TrainConfig).items():
             object.__setattr__(self, name, _coerce(name, getattr(self, name), kind))
         self._validate()
+        # None is the policy's default; the config (and train_config.json, segmask.json) holds the value used
+        object.__setattr__(self, "causal_sink", sink_on(self.mask, self.causal_sink))
 
     def _validate(self) -> None:
         if not self.model:

@@ -42,7 +42,8 @@ def task_dir(commonsense_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def lm(stories_path) -> SegmaskLM:
-    return SegmaskLM(pretrained=str(stories_path), mask="mas", device="cpu")
+    """The paper's mask: token 0 (the BOS) in segment 0."""
+    return SegmaskLM(pretrained=str(stories_path), mask="mas", causal_sink=False, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +169,17 @@ def sink_lm(stories_path) -> SegmaskLM:
 
 
 def test_causal_sink_model_argument(stories_path, sink_lm, lm):
-    assert sink_lm.causal_sink is True and lm.causal_sink is False  # absent: the run's value, else off
+    assert sink_lm.causal_sink is True and lm.causal_sink is False
+    # absent: the run's value, else None, the policy's default: the BOS causal under mas, not under prefix
+    for mask, token_0 in (("mas", -1), ("prefix", 0)):
+        default = get_model("segmask").create_from_arg_string(
+            f"pretrained={stories_path},mask={mask},device=cpu"
+        )
+        assert default.causal_sink is None
+        assert default.prompt("Is water wet?", default.tok_encode("Is water wet?")).segment_ids[:2] == [
+            token_0,
+            0,
+        ]
     off = get_model("segmask").create_from_arg_string(
         f"pretrained={stories_path},causal_sink=false,device=cpu"
     )
@@ -224,7 +235,9 @@ def test_causal_sink_in_a_chat_context_and_after_a_cut(sink_lm):
         # this template renders no BOS: the sink is its first token, then the rest of the system turn, the
         # user turn and the assistant header
         assert prompt.segment_ids == [-1] + [0] * 39 + [1] * 30 + [-1] * 17
-        plain = encode_chat(sink_lm.tokenizer, messages, policy="mas", add_generation_prompt=True)
+        plain = encode_chat(
+            sink_lm.tokenizer, messages, policy="mas", add_generation_prompt=True, causal_sink=False
+        )
         assert plain.input_ids == prompt.input_ids and plain.input_ids[0] != sink_lm.tokenizer.bos_token_id
         assert plain.segment_ids == [0] * 40 + [1] * 30 + [-1] * 17
         sink_lm._max_length = 23  # 3 continuation tokens: the last 3 user tokens and the header are kept
@@ -252,7 +265,13 @@ def test_generate_until_with_the_causal_sink_equals_generate(sink_lm):
             do_sample=False,
         )
         [without] = generate(
-            sink_lm.model, sink_lm.tokenizer, context, "mas", max_new_tokens=16, do_sample=False
+            sink_lm.model,
+            sink_lm.tokenizer,
+            context,
+            "mas",
+            causal_sink=False,
+            max_new_tokens=16,
+            do_sample=False,
         )
         assert output == _cut(expected.text, ["\n"])
         assert expected.token_ids != without.token_ids  # the sink matters here, so the check above can fail
@@ -336,8 +355,9 @@ def test_template_model_argument(stories_path, lm):
     )
     assert paper.template == "paper" and lm.template is None
     prompt = paper.prompt("Is the sky blue?", paper.tok_encode("Is the sky blue?"))
-    # stories260K: the same prompt as segmask eval --template paper builds for this instruction
-    assert prompt.segment_ids == [0] * 89 + [1] * 58 + [-1] * 24
+    # stories260K: the same prompt as segmask eval --template paper builds for this instruction (BOS causal:
+    # the mas default)
+    assert prompt.segment_ids == [-1] + [0] * 88 + [1] * 58 + [-1] * 24
     assert paper.tokenizer.decode(prompt.input_ids[-27:-24]) == "###"
     raw = lm.prompt("Is the sky blue?", lm.tok_encode("Is the sky blue?"))
     assert set(raw.segment_ids) == {0}

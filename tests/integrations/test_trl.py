@@ -102,7 +102,7 @@ HI_YO = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo
 # "<|user|>\nHi</s>" " " "\n" | "<|assistant|>\n" "Yo</s>" " " "\n"  (stories260K, STORIES_CHAT_TEMPLATE)
 HI_YO_IDS = [410, 504, 506, 425, 419, 285, 506, 505, 13, 440, 417, 2, 410, 13,
              504, 506, 412, 419, 419, 293, 413, 303, 413, 506, 505, 13, 452, 414, 2, 410, 13]  # fmt: skip
-HI_YO_SEGMENTS = [0] * 14 + [-1] * 17
+HI_YO_SEGMENTS = [-1] + [0] * 13 + [-1] * 17  # mas: token 0 (the BOS, the sink) causal by default
 HI_YO_LABELS = [-100] * 26 + [452, 414, 2, 410, 13]  # "Yo</s>", the space and newline closing the turn
 
 
@@ -115,6 +115,8 @@ def test_encode_dataset_puts_the_loss_on_assistant_tokens_only(stories_path):
     assert row == {"input_ids": HI_YO_IDS, "segment_ids": HI_YO_SEGMENTS, "labels": HI_YO_LABELS}
     assert tokenizer.decode([t for t in row["labels"] if t != -100]) == "Yo</s> \n"
     assert row["input_ids"] == tokenizer.apply_chat_template(HI_YO, tokenize=True)["input_ids"]
+    paper = encode_dataset(Dataset.from_list([{"messages": HI_YO}]), tokenizer, causal_sink=False)[0]
+    assert paper["segment_ids"] == [0] * 14 + [-1] * 17  # the paper's mask: the BOS in segment 0
 
     # prompt/completion rows train the completion only; the causal policy keeps the labels
     pc = {"prompt": HI_YO[:1], "completion": HI_YO[1:]}
@@ -156,7 +158,7 @@ def test_the_trainer_batch_has_literal_labels_and_segments(stories_chat, tokeniz
     assert ids == tokenizer.apply_chat_template(HI_YO, tokenize=True)["input_ids"]
     assert batch["input_ids"].tolist() == [ids]
     assert batch["labels"].tolist() == [[-100] * 25 + [452, 414, 2, 13]]  # "Yo</s>\n"
-    assert batch["segment_ids"].tolist() == [[0] * 13 + [-1] * 16]
+    assert batch["segment_ids"].tolist() == [[-1] + [0] * 12 + [-1] * 16]
     assert batch["attention_mask"].tolist() == [[1] * 29] and "document_ids" not in batch
     assert segmask.attention.is_enabled(trainer.model)
 

@@ -152,7 +152,9 @@ def test_chat_export_puts_story_and_question_in_two_segments(stories_path):
     assert story.sentences[-1] in text_of(mas, 0) and story.question not in text_of(mas, 0)
     assert story.question in text_of(mas, 1) and story.sentences[0] not in text_of(mas, 1)
     assert set(mas.segment_ids) == {0, 1, -1} and set(prefix.segment_ids) == {0, -1}
-    assert [s for s in prefix.segment_ids if s >= 0] == [0] * sum(s >= 0 for s in mas.segment_ids)
+    # token 0 (the sink) is causal under mas by default, not under prefix; past it, the same prompt tokens
+    assert (mas.segment_ids[0], prefix.segment_ids[0]) == (-1, 0)
+    assert [s for s in prefix.segment_ids[1:] if s >= 0] == [0] * sum(s >= 0 for s in mas.segment_ids)
     assert story.answer in tokenizer.decode([t for t in mas.labels if t != -100])
 
 

@@ -2,7 +2,7 @@
 
 Every :class:`segmask.evaluation.EvalConfig` field but ``policy`` is a flag (``num_beams`` -> ``--num-beams``);
 ``--mask`` picks the policy, as in every command that loads a model. ``--causal-sink/--no-causal-sink``
-absent is the run's saved value, else off (:func:`segmask.loading.resolve_causal_sink`); ``--template``
+absent is the run's saved value, else the policy's default (on under mas; :func:`segmask.loading.resolve_causal_sink`); ``--template``
 absent is the run's saved template, else alpaca (:func:`segmask.loading.resolve_template`). The paper's
 protocol: ``--template paper --extract official`` (scoring generate, 4 beams, 32 new tokens).
 """

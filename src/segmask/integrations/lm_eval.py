@@ -21,7 +21,8 @@ Requests map onto MAS like this:
 
 ``model_args``: ``pretrained`` (a path :func:`segmask.load_model` reads), ``mask`` (``causal``, ``mas``,
 ``prefix``; default: the model's own), ``causal_sink`` (``true``: token 0 causal under ``mas`` and ``prefix``,
-:func:`segmask.segments.sink_segments`; default: the model's run value, else off), ``batch_size`` (prompts per
+:func:`segmask.segments.sink_segments`; default: the model's run value, else the policy's default,
+:func:`segmask.segments.sink_on`: on under ``mas``), ``batch_size`` (prompts per
 generate call), ``max_length`` (default: the model's context), ``add_bos_token`` (default: whatever the
 tokenizer does), ``dtype``, ``device``, ``template`` (``alpaca`` or ``paper``: a plain context is the
 ``instruction`` of an LLM-Adapters record, prompted in that template with its segments, :mod:`segmask.templates`
@@ -52,6 +53,7 @@ from segmask.segments import (
     encode_chat,
     encode_instruction,
     encode_tokens,
+    sink_on,
     sink_segments,
 )
 from segmask.templates import check_template
@@ -172,7 +174,7 @@ class SegmaskLM(TemplateLM):
             )
         keep = self.max_length - longest
         ids, segments = prompt.input_ids[-keep:], prompt.segment_ids[-keep:]
-        if self.causal_sink and len(ids) < len(prompt.input_ids):
+        if sink_on(self.policy, self.causal_sink) and len(ids) < len(prompt.input_ids):
             segments = sink_segments(segments)
         return ids, segments
 

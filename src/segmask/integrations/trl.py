@@ -87,7 +87,7 @@ def encode_dataset(
     max_length: int | None = None,
     overflow: segments.Overflow = "drop",
     train_on: segments.TrainOn = "all",
-    causal_sink: bool = False,
+    causal_sink: bool | None = None,
 ):
     """A ``datasets.Dataset`` of conversations -> one with ``input_ids``, ``segment_ids``, ``labels``.
 
@@ -179,7 +179,7 @@ class MASSFTTrainer(SFTTrainer):
         *args: Any,
         policy: MaskPolicy = "mas",
         train_on: segments.TrainOn = "all",
-        causal_sink: bool = False,
+        causal_sink: bool | None = None,
         overflow: segments.Overflow = "drop",
         **kwargs: Any,
     ):

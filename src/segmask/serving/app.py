@@ -69,9 +69,9 @@ class ServeConfig:
     """Server limits, and ``causal_sink``. ``max_context`` defaults to the model's
     ``max_position_embeddings``.
 
-    ``causal_sink`` keeps token 0 of every prompt causal under ``mas``/``prefix``
-    (:func:`segmask.segments.sink_segments`); ``None`` is off in :func:`create_app`, and :func:`serve`
-    resolves it to the model's run value, else off (:func:`segmask.loading.resolve_causal_sink`).
+    ``causal_sink`` keeps token 0 of every prompt causal under ``mas``/``prefix``; ``None`` is each
+    request's policy default in :func:`create_app` (:func:`segmask.segments.sink_on`: on under ``mas``),
+    and :func:`serve` resolves it to the model's run value first (:func:`segmask.loading.resolve_causal_sink`).
     """
 
     # metadata: each field's line in `segmask serve --help`
@@ -148,9 +148,10 @@ class Served:
         return self.engine.prefix_cache
 
     @property
-    def causal_sink(self) -> bool:
-        """Whether every prompt keeps token 0 causal (``ServeConfig.causal_sink``; ``None``: off)."""
-        return bool(self.config.causal_sink)
+    def causal_sink(self) -> bool | None:
+        """Whether every prompt keeps token 0 causal (``ServeConfig.causal_sink``; ``None``: the default of
+        each request's policy, :func:`segmask.segments.sink_on`)."""
+        return self.config.causal_sink
 
 
 def create_app(
@@ -406,7 +407,7 @@ def serve(
     chat_template: str | Path | None = None,
 ) -> None:
     """Load a model (see :func:`segmask.load_model`; ``chat_template`` replaces its own) and serve it until
-    interrupted. ``config.causal_sink`` ``None`` becomes the model's run value, else off."""
+    interrupted. ``config.causal_sink`` ``None`` becomes the model's run value, else stays the policy default."""
     config = config or ServeConfig(model_name=default_name(model_path))
     if host not in ("127.0.0.1", "localhost", "::1") and config.api_key is None:
         logger.warning("serving on %s without an API key: anyone who can reach it can use the model", host)

@@ -216,7 +216,7 @@ def extract(text: str, task: str, labels: Sequence[str], extractor: str = "stric
 
 
 def answer_continuation(
-    tokenizer, record: dict, label: str, policy: str, prompt: Encoded, causal_sink: bool = False
+    tokenizer, record: dict, label: str, policy: str, prompt: Encoded, causal_sink: bool | None = None
 ) -> list[int]:
     """Token ids of ``ANSWER_PREFIX + label`` after ``prompt``, exactly as training would see them
     (``causal_sink`` as the prompt was encoded: :func:`segmask.segments.sink_segments`)."""

@@ -40,6 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from scratch import (  # noqa: E402
+    CAUSAL_SINK,
     ModelSize,
     augmented,
     build_tokenizer,
@@ -120,6 +121,7 @@ def train_run(
         data=(str(data),),
         output=str(output),
         mask=policy,
+        causal_sink=CAUSAL_SINK,
         cutoff_len=args.cutoff_len,
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -247,7 +249,12 @@ def evaluate(
     leak = max(
         leak_check(
             model,
-            encode_chat(tokenizer, [*messages, {"role": "assistant", "content": s.answer}], policy=mask),
+            encode_chat(
+                tokenizer,
+                [*messages, {"role": "assistant", "content": s.answer}],
+                policy=mask,
+                causal_sink=CAUSAL_SINK,
+            ),
         )
         for messages, s in probes
     )

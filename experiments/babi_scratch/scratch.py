@@ -28,6 +28,10 @@ from segmask.scoring import chat_candidates, rank_candidates
 from segmask.tasks.babi import Question, story_messages
 from segmask.tasks.reading import Story, to_messages
 
+# the pre-registered designs (results/babi_scratch, results/babi_mixed) are the paper's mask, story and
+# question segments from token 0: a model trained from scratch has no pretrained attention sink to keep
+CAUSAL_SINK = False
+
 SPECIAL = ("[PAD]", "[UNK]", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>")
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|' + message['role'] + '|> ' + message['content'] + ' <|end|>\n' }}"
@@ -163,7 +167,8 @@ def score_stories(model, tokenizer, task: str, prompts: Sequence[Prompt], policy
     prompt under ``policy``."""
     predictions = []
     for index, (messages, story) in enumerate(prompts):
-        best, by_choice = rank_candidates(model, *chat_candidates(tokenizer, messages, story.choices, policy))
+        candidates = chat_candidates(tokenizer, messages, story.choices, policy, causal_sink=CAUSAL_SINK)
+        best, by_choice = rank_candidates(model, *candidates)
         predictions.append(Prediction(task, index, "", best, best, story.answer, by_choice))
     return predictions
 

@@ -13,7 +13,9 @@ from conftest import require_shared
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from segmask.masks import POLICIES
 from segmask.segments import (
+    DEFAULT_CAUSAL_SINK,
     IGNORE_INDEX,
     PAPER_SYSTEM,
     PAPER_SYSTEM_WITH_INPUT,
@@ -26,6 +28,7 @@ from segmask.segments import (
     encode_text,
     encode_tokens,
     instruction_messages,
+    sink_on,
     sink_segments,
 )
 from segmask.turns import chat_layout, token_layout
@@ -237,41 +240,46 @@ def test_input_ids_equal_with_a_metaspace_tokenizer(family, stories_tokenizer):
 
 SHORT_CHAT = chat(("system", "Be brief."), ("user", "Hi there"), ("assistant", "Hello!"))
 
-# token, mas, prefix, causal, labelled: SmolLM2's ChatML rendering of SHORT_CHAT
+# token, mas (default: the sink on), mas with causal_sink=False (the paper's), prefix (default: the sink
+# off), causal, labelled: SmolLM2's ChatML rendering of SHORT_CHAT
 SHORT_CHAT_TOKENS = [
-    ("<|im_start|>", 0, 0, -1, False),
-    ("system", 0, 0, -1, False),
-    ("\n", 0, 0, -1, False),
-    ("Be", 0, 0, -1, False),
-    (" brief", 0, 0, -1, False),
-    (".", 0, 0, -1, False),
-    ("<|im_end|>", 0, 0, -1, False),
-    ("\n", 0, 0, -1, False),
-    ("<|im_start|>", 1, 0, -1, False),
-    ("user", 1, 0, -1, False),
-    ("\n", 1, 0, -1, False),
-    ("Hi", 1, 0, -1, False),
-    (" there", 1, 0, -1, False),
-    ("<|im_end|>", 1, 0, -1, False),
-    ("\n", 1, 0, -1, False),
-    ("<|im_start|>", -1, -1, -1, False),
-    ("ass", -1, -1, -1, False),
-    ("istant", -1, -1, -1, False),
-    ("\n", -1, -1, -1, False),
-    ("Hello", -1, -1, -1, True),
-    ("!", -1, -1, -1, True),
-    ("<|im_end|>", -1, -1, -1, True),
-    ("\n", -1, -1, -1, True),
+    ("<|im_start|>", -1, 0, 0, -1, False),
+    ("system", 0, 0, 0, -1, False),
+    ("\n", 0, 0, 0, -1, False),
+    ("Be", 0, 0, 0, -1, False),
+    (" brief", 0, 0, 0, -1, False),
+    (".", 0, 0, 0, -1, False),
+    ("<|im_end|>", 0, 0, 0, -1, False),
+    ("\n", 0, 0, 0, -1, False),
+    ("<|im_start|>", 1, 1, 0, -1, False),
+    ("user", 1, 1, 0, -1, False),
+    ("\n", 1, 1, 0, -1, False),
+    ("Hi", 1, 1, 0, -1, False),
+    (" there", 1, 1, 0, -1, False),
+    ("<|im_end|>", 1, 1, 0, -1, False),
+    ("\n", 1, 1, 0, -1, False),
+    ("<|im_start|>", -1, -1, -1, -1, False),
+    ("ass", -1, -1, -1, -1, False),
+    ("istant", -1, -1, -1, -1, False),
+    ("\n", -1, -1, -1, -1, False),
+    ("Hello", -1, -1, -1, -1, True),
+    ("!", -1, -1, -1, -1, True),
+    ("<|im_end|>", -1, -1, -1, -1, True),
+    ("\n", -1, -1, -1, -1, True),
 ]
 
 
-@pytest.mark.parametrize("policy, column", [("mas", 1), ("prefix", 2), ("causal", 3)])
-def test_literal_segment_ids_per_policy(smollm2_tokenizer, policy, column):
-    encoded = encode_chat(smollm2_tokenizer, SHORT_CHAT, policy=policy)
+@pytest.mark.parametrize(
+    "policy, causal_sink, column",
+    [("mas", None, 1), ("mas", False, 2), ("prefix", None, 3), ("causal", None, 4)],
+)
+def test_literal_segment_ids_per_policy(smollm2_tokenizer, policy, causal_sink, column):
+    """Each policy's default (under mas the first token is the causal sink) and the paper's mas."""
+    encoded = encode_chat(smollm2_tokenizer, SHORT_CHAT, policy=policy, causal_sink=causal_sink)
     tokens = [smollm2_tokenizer.decode([t]) for t in encoded.input_ids]
     assert tokens == [row[0] for row in SHORT_CHAT_TOKENS]
     assert encoded.segment_ids == [row[column] for row in SHORT_CHAT_TOKENS]
-    labelled = [row[4] for row in SHORT_CHAT_TOKENS]
+    labelled = [row[5] for row in SHORT_CHAT_TOKENS]
     assert encoded.labels == [t if y else IGNORE_INDEX for t, y in zip(encoded.input_ids, labelled)]
 
 
@@ -283,41 +291,125 @@ def test_sink_segments_is_token_zero_causal():
     assert sink_segments([-1, -1]) == [-1, -1] and sink_segments([0]) == [-1]
 
 
+# (policy, causal_sink) -> whether token 0 is made causal: on under mas by default, off under prefix, never
+# under causal (whose tokens are all causal already)
+SINK_ON = {
+    ("mas", None): True,
+    ("mas", True): True,
+    ("mas", False): False,
+    ("prefix", None): False,
+    ("prefix", True): True,
+    ("prefix", False): False,
+    ("causal", None): False,
+    ("causal", True): False,
+    ("causal", False): False,
+}
+
+
+def test_sink_on_per_policy_and_option():
+    for (policy, causal_sink), expected in SINK_ON.items():
+        assert sink_on(policy, causal_sink) is expected, (policy, causal_sink)
+    assert sink_on("mas") is True and sink_on("prefix") is False and sink_on("causal") is False
+    assert set(DEFAULT_CAUSAL_SINK) == set(POLICIES) == {"mas", "prefix", "causal"}
+    assert DEFAULT_CAUSAL_SINK == {"mas": True, "prefix": False, "causal": False}
+    for bad in ("yes", 1, 0):
+        with pytest.raises(ValueError, match="causal_sink must be true, false or None"):
+            sink_on("mas", bad)
+    with pytest.raises(ValueError, match="unknown mask policy"):
+        sink_on("full", True)
+
+
+# SHORT_CHAT through SmolLM2 (no BOS): (policy, causal_sink) -> segment ids; the sink is the system turn's
+# <|im_start|>
+NO_BOS_SINK = {
+    ("mas", None): [-1] + [0] * 7 + [1] * 7 + [-1] * 8,
+    ("mas", True): [-1] + [0] * 7 + [1] * 7 + [-1] * 8,
+    ("mas", False): [0] * 8 + [1] * 7 + [-1] * 8,
+    ("prefix", None): [0] * 15 + [-1] * 8,
+    ("prefix", True): [-1] + [0] * 14 + [-1] * 8,
+    ("prefix", False): [0] * 15 + [-1] * 8,
+    ("causal", None): [-1] * 23,
+    ("causal", True): [-1] * 23,
+    ("causal", False): [-1] * 23,
+}
+# RECORD (alpaca) through SmolLM2: (policy, causal_sink) -> the first three segment ids; the sink is "Below"
+NO_BOS_RECORD_SINK = {
+    ("mas", None): [-1, 0, 0],
+    ("mas", True): [-1, 0, 0],
+    ("mas", False): [0, 0, 0],
+    ("prefix", None): [0, 0, 0],
+    ("prefix", True): [-1, 0, 0],
+    ("prefix", False): [0, 0, 0],
+    ("causal", None): [-1, -1, -1],
+    ("causal", True): [-1, -1, -1],
+    ("causal", False): [-1, -1, -1],
+}
+
+
 @pytest.mark.parametrize("policy", ["mas", "prefix", "causal"])
 def test_causal_sink_without_bos(smollm2_tokenizer, policy):
-    """SmolLM2 adds no BOS: the first prompt token (``<|im_start|>`` of the system turn) becomes causal."""
-    plain = encode_chat(smollm2_tokenizer, SHORT_CHAT, policy=policy)
-    assert (
-        encode_chat(smollm2_tokenizer, SHORT_CHAT, policy=policy, causal_sink=False) == plain
-    )  # default off
-    sink = encode_chat(smollm2_tokenizer, SHORT_CHAT, policy=policy, causal_sink=True)
-    expected = {
-        "mas": [-1] + [0] * 7 + [1] * 7 + [-1] * 8,
-        "prefix": [-1] + [0] * 14 + [-1] * 8,
-        "causal": [-1] * 23,
-    }[policy]
-    assert sink.segment_ids == expected
-    assert sink.input_ids == plain.input_ids and sink.labels == plain.labels
-    record = encode_instruction(smollm2_tokenizer, RECORD, policy=policy, causal_sink=True)
-    assert smollm2_tokenizer.decode(record.input_ids[:1]) == "Below"
-    assert record.segment_ids[:3] == ([-1, -1, -1] if policy == "causal" else [-1, 0, 0])
+    """SmolLM2 adds no BOS: the first prompt token (``<|im_start|>`` of the system turn) becomes causal, by
+    default under mas, with causal_sink=True under prefix; never anything else."""
+    paper = encode_chat(smollm2_tokenizer, SHORT_CHAT, policy=policy, causal_sink=False)
+    assert [smollm2_tokenizer.decode([t]) for t in paper.input_ids[:2]] == ["<|im_start|>", "system"]
+    for causal_sink in (None, True, False):
+        encoded = encode_chat(smollm2_tokenizer, SHORT_CHAT, policy=policy, causal_sink=causal_sink)
+        assert encoded.segment_ids == NO_BOS_SINK[policy, causal_sink], causal_sink
+        assert encoded.input_ids == paper.input_ids and encoded.labels == paper.labels
+        record = encode_instruction(smollm2_tokenizer, RECORD, policy=policy, causal_sink=causal_sink)
+        assert smollm2_tokenizer.decode(record.input_ids[:1]) == "Below"
+        assert record.segment_ids[:3] == NO_BOS_RECORD_SINK[policy, causal_sink], causal_sink
+
+
+# SHORT_CHAT through the Llama-3 template (BOS first): (policy, causal_sink) -> segment ids
+BOS_SINK = {
+    ("mas", None): [-1] + [0] * 9 + [1] * 8 + [-1] * 9,
+    ("mas", True): [-1] + [0] * 9 + [1] * 8 + [-1] * 9,
+    ("mas", False): [0] * 10 + [1] * 8 + [-1] * 9,
+    ("prefix", None): [0] * 18 + [-1] * 9,
+    ("prefix", True): [-1] + [0] * 17 + [-1] * 9,
+    ("prefix", False): [0] * 18 + [-1] * 9,
+    ("causal", None): [-1] * 27,
+    ("causal", True): [-1] * 27,
+    ("causal", False): [-1] * 27,
+}
+# stories260K (adds <s>): (policy, causal_sink) -> the alpaca record's first three segment ids and segment
+# runs, the segment ids of "Once upon a time" and of the raw tokens [5, 6, 7]
+STORIES_SINK = {
+    ("mas", None): ([-1, 0, 0], [-1, 0, 1, -1], [-1, 0, 0, 0, 0], [-1, 0, 0]),
+    ("mas", True): ([-1, 0, 0], [-1, 0, 1, -1], [-1, 0, 0, 0, 0], [-1, 0, 0]),
+    ("mas", False): ([0, 0, 0], [0, 1, -1], [0, 0, 0, 0, 0], [0, 0, 0]),
+    ("prefix", None): ([0, 0, 0], [0, -1], [0, 0, 0, 0, 0], [0, 0, 0]),
+    ("prefix", True): ([-1, 0, 0], [-1, 0, -1], [-1, 0, 0, 0, 0], [-1, 0, 0]),
+    ("prefix", False): ([0, 0, 0], [0, -1], [0, 0, 0, 0, 0], [0, 0, 0]),
+    ("causal", None): ([-1, -1, -1], [-1], [-1] * 5, [-1] * 3),
+    ("causal", True): ([-1, -1, -1], [-1], [-1] * 5, [-1] * 3),
+    ("causal", False): ([-1, -1, -1], [-1], [-1] * 5, [-1] * 3),
+}
 
 
 def test_causal_sink_with_bos(family_tokenizers, stories_tokenizer):
-    """Llama-3's template opens with its BOS: that token becomes causal, the system turn stays segment 0."""
+    """Llama-3's template opens with its BOS: that token becomes causal (by default under mas, with
+    causal_sink=True under prefix), the system turn stays segment 0; with causal_sink=False BOS is in it."""
     tokenizer = family_tokenizers["llama3"]
-    sink = encode_chat(tokenizer, SHORT_CHAT, policy="mas", causal_sink=True)
-    assert tokenizer.decode(sink.input_ids[:2]) == "<|begin_of_text|><|start_header_id|>"
-    assert sink.segment_ids == [-1] + [0] * 9 + [1] * 8 + [-1] * 9
-    assert encode_chat(tokenizer, SHORT_CHAT, policy="mas").segment_ids == [0] * 10 + [1] * 8 + [-1] * 9
-    # stories260K's tokenizer adds <s>: the paper's template and a raw text keep it causal
-    record = encode_instruction(stories_tokenizer, RECORD, policy="mas", causal_sink=True)
-    assert record.input_ids[0] == stories_tokenizer.bos_token_id
-    assert runs(record.segment_ids) == [-1, 0, 1, -1] and record.segment_ids[:3] == [-1, 0, 0]
-    text = encode_text(stories_tokenizer, "Once upon a time", "prefix", causal_sink=True)
-    assert text.input_ids == [1, 403, 407, 261, 378] and text.segment_ids == [-1, 0, 0, 0, 0]
-    assert encode_tokens([5, 6, 7], "mas", causal_sink=True) == Encoded([5, 6, 7], [-1, 0, 0], [-100] * 3)
-    assert encode_tokens([5, 6, 7], "causal", causal_sink=True) == encode_tokens([5, 6, 7], "causal")
+    paper = encode_chat(tokenizer, SHORT_CHAT, policy="mas", causal_sink=False)
+    assert tokenizer.decode(paper.input_ids[:2]) == "<|begin_of_text|><|start_header_id|>"
+    for (policy, causal_sink), expected in BOS_SINK.items():
+        encoded = encode_chat(tokenizer, SHORT_CHAT, policy=policy, causal_sink=causal_sink)
+        assert encoded.segment_ids == expected, (policy, causal_sink)
+        assert encoded.input_ids == paper.input_ids
+    # stories260K's tokenizer adds <s>: the alpaca template and a raw text keep it causal
+    for (policy, causal_sink), (head, record_runs, text_ids, token_ids) in STORIES_SINK.items():
+        record = encode_instruction(stories_tokenizer, RECORD, policy=policy, causal_sink=causal_sink)
+        assert record.input_ids[0] == stories_tokenizer.bos_token_id
+        case = (policy, causal_sink)
+        assert record.segment_ids[:3] == head, case
+        assert runs(record.segment_ids) == record_runs, case
+        text = encode_text(stories_tokenizer, "Once upon a time", policy, causal_sink=causal_sink)
+        assert text.input_ids == [1, 403, 407, 261, 378]
+        assert text.segment_ids == text_ids, case
+        tokens = encode_tokens([5, 6, 7], policy, causal_sink=causal_sink)
+        assert tokens == Encoded([5, 6, 7], token_ids, [IGNORE_INDEX] * 3), case
 
 
 def test_truncate_prompt_never_cuts_the_sink(smollm2_tokenizer):
@@ -337,8 +429,10 @@ def test_truncate_prompt_never_cuts_the_sink(smollm2_tokenizer):
 
 
 def test_literal_generation_prompt(smollm2_tokenizer):
-    """The generation prompt is the causal assistant header; nothing is labelled."""
-    encoded = encode_chat(smollm2_tokenizer, SHORT_CHAT[:2], policy="mas", add_generation_prompt=True)
+    """The generation prompt is the causal assistant header; nothing is labelled (the paper's mask)."""
+    encoded = encode_chat(
+        smollm2_tokenizer, SHORT_CHAT[:2], policy="mas", add_generation_prompt=True, causal_sink=False
+    )
     assert [smollm2_tokenizer.decode([t]) for t in encoded.input_ids[-4:]] == [
         "<|im_start|>",
         "ass",
@@ -365,10 +459,11 @@ def test_train_on_last_labels_only_the_last_answer(smollm2_tokenizer):
 
 
 def test_fused_system_turn_gets_its_own_segment(family_tokenizers):
-    """Gemma 3 writes the system prompt inside the first user turn; it is still its own MAS segment."""
+    """Gemma 3 writes the system prompt inside the first user turn; it is still its own MAS segment (with
+    the paper's mask, so that <bos> is in it)."""
     tokenizer = family_tokenizers["gemma3"]
     messages = chat(("system", "Be brief."), ("user", "Hi there"), ("assistant", "Hello!"))
-    encoded = encode_chat(tokenizer, messages)
+    encoded = encode_chat(tokenizer, messages, causal_sink=False)
     runs = {}
     for token, segment in zip(encoded.input_ids, encoded.segment_ids):
         runs.setdefault(segment, []).append(token)
@@ -378,7 +473,8 @@ def test_fused_system_turn_gets_its_own_segment(family_tokenizers):
 
 
 def test_smollm2_real_multi_turn_conversation(smollm2_tokenizer):
-    """Every MAS segment decodes to exactly one ChatML turn; answers are causal and labelled."""
+    """Every MAS segment (the paper's mask) decodes to exactly one ChatML turn; answers are causal and
+    labelled."""
     messages = chat(
         ("system", "You are a concise assistant for a cooking website."),
         ("user", "How long should I boil an egg for a soft yolk?"),
@@ -388,7 +484,9 @@ def test_smollm2_real_multi_turn_conversation(smollm2_tokenizer):
         ("user", "Thanks! Any tip for peeling?"),
     )
     for add_generation_prompt, conversation in ((True, messages), (False, messages[:-1])):
-        encoded = encode_chat(smollm2_tokenizer, conversation, add_generation_prompt=add_generation_prompt)
+        encoded = encode_chat(
+            smollm2_tokenizer, conversation, add_generation_prompt=add_generation_prompt, causal_sink=False
+        )
         assert encoded.input_ids == reference_ids(smollm2_tokenizer, conversation, add_generation_prompt)
         prompts = [m for m in conversation if m["role"] != "assistant"]
         assert sorted(set(encoded.segment_ids) - {-1}) == list(range(len(prompts)))
@@ -441,11 +539,18 @@ def runs(values: list[int]) -> list[int]:
 
 
 def check_policies(tokenizer, messages, add_generation_prompt) -> None:
-    mas = encode_chat(tokenizer, messages, "mas", add_generation_prompt)
-    prefix = encode_chat(tokenizer, messages, "prefix", add_generation_prompt)
-    causal = encode_chat(tokenizer, messages, "causal", add_generation_prompt)
+    """The paper's masks (causal_sink=False) turn by turn; the defaults differ from them only in token 0."""
+    mas = encode_chat(tokenizer, messages, "mas", add_generation_prompt, causal_sink=False)
+    prefix = encode_chat(tokenizer, messages, "prefix", add_generation_prompt, causal_sink=False)
+    causal = encode_chat(tokenizer, messages, "causal", add_generation_prompt, causal_sink=False)
     reference = reference_ids(tokenizer, messages, add_generation_prompt)
     assert mas.input_ids == prefix.input_ids == causal.input_ids == reference
+    # the defaults: mas makes token 0 causal, nothing else changes; prefix and causal are the same
+    mas_default = encode_chat(tokenizer, messages, "mas", add_generation_prompt)
+    assert mas_default.input_ids == reference and mas_default.labels == mas.labels
+    assert mas_default.segment_ids[0] == -1 and mas_default.segment_ids[1:] == mas.segment_ids[1:]
+    assert encode_chat(tokenizer, messages, "prefix", add_generation_prompt) == prefix
+    assert encode_chat(tokenizer, messages, "causal", add_generation_prompt) == causal
 
     turns = token_turns(tokenizer, messages, add_generation_prompt)
     roles = [m["role"] for m in messages] + ["assistant"]
@@ -611,7 +716,7 @@ RECORD = {
 
 def test_instruction_literal_segments(smollm2_tokenizer):
     """Paper template: system sentence segment 0, instruction segment 1, response header and answer causal."""
-    encoded = encode_instruction(smollm2_tokenizer, RECORD, policy="mas")
+    encoded = encode_instruction(smollm2_tokenizer, RECORD, policy="mas", causal_sink=False)
     pieces = {}
     for token, segment, label in zip(encoded.input_ids, encoded.segment_ids, encoded.labels):
         key = "answer" if label != IGNORE_INDEX else segment
@@ -624,7 +729,7 @@ def test_instruction_literal_segments(smollm2_tokenizer):
     }
     text = f"{PAPER_SYSTEM}\n\n### Instruction:\n{RECORD['instruction']}\n\n### Response:\n{RECORD['output']}"
     assert encoded.input_ids == smollm2_tokenizer(text)["input_ids"] + [smollm2_tokenizer.eos_token_id]
-    prefix = encode_instruction(smollm2_tokenizer, RECORD, policy="prefix")
+    prefix = encode_instruction(smollm2_tokenizer, RECORD, policy="prefix", causal_sink=False)
     n = sum(s >= 0 for s in encoded.segment_ids)
     assert prefix.segment_ids == [0] * n + [-1] * (len(encoded) - n)
     assert encode_instruction(smollm2_tokenizer, RECORD, policy="causal").segment_ids == [-1] * len(encoded)
@@ -632,7 +737,7 @@ def test_instruction_literal_segments(smollm2_tokenizer):
 
 def test_instruction_with_input(smollm2_tokenizer):
     record = {**RECORD, "input": "Ice is frozen water."}
-    encoded = encode_instruction(smollm2_tokenizer, record, policy="mas")
+    encoded = encode_instruction(smollm2_tokenizer, record, policy="mas", causal_sink=False)
     segment_1 = smollm2_tokenizer.decode(
         [t for t, s in zip(encoded.input_ids, encoded.segment_ids) if s == 1]
     )
@@ -647,8 +752,8 @@ def test_instruction_base_model_without_chat_template(stories_tokenizer, commons
     """stories260K has no chat template: the paper's template, BOS first, EOS labelled after the answer."""
     records = json.loads((commonsense_dir / "boolq_train.json").read_text())[:5]
     for record in records:
-        full = encode_instruction(stories_tokenizer, record)
-        prompt = encode_instruction(stories_tokenizer, record, include_answer=False)
+        full = encode_instruction(stories_tokenizer, record, causal_sink=False)
+        prompt = encode_instruction(stories_tokenizer, record, include_answer=False, causal_sink=False)
         text = f"{PAPER_SYSTEM}\n\n### Instruction:\n{record['instruction']}\n\n### Response:\n"
         assert prompt.input_ids == stories_tokenizer(text)["input_ids"]
         assert full.input_ids == stories_tokenizer(text + record["output"])["input_ids"] + [2]
@@ -662,12 +767,26 @@ def test_instruction_base_model_without_chat_template(stories_tokenizer, commons
         encode_instruction(stories_tokenizer, records[0], chat_template=True)
 
 
-@pytest.mark.parametrize(("policy", "segment"), [("mas", 0), ("prefix", 0), ("causal", -1)])
-def test_raw_text_is_one_segment_unless_causal(stories_tokenizer, policy, segment):
-    assert encode_tokens([5, 6, 7], policy) == Encoded([5, 6, 7], [segment] * 3, [IGNORE_INDEX] * 3)
-    encoded = encode_text(stories_tokenizer, "Once upon a time", policy)
-    assert encoded.input_ids == stories_tokenizer("Once upon a time")["input_ids"]
-    assert encoded.segment_ids == [segment] * len(encoded) and set(encoded.labels) == {IGNORE_INDEX}
+@pytest.mark.parametrize(
+    ("policy", "causal_sink", "token_segments", "text_segments"),
+    [
+        ("mas", None, [-1, 0, 0], [-1, 0, 0, 0, 0]),  # the default: token 0 (here <s>) is the causal sink
+        ("mas", False, [0, 0, 0], [0, 0, 0, 0, 0]),  # the paper's mask
+        ("prefix", None, [0, 0, 0], [0, 0, 0, 0, 0]),
+        ("causal", None, [-1, -1, -1], [-1, -1, -1, -1, -1]),
+    ],
+    ids=["mas-default", "mas-causal_sink=False", "prefix-default", "causal-default"],
+)
+def test_raw_text_is_one_segment_unless_causal(
+    stories_tokenizer, policy, causal_sink, token_segments, text_segments
+):
+    """A raw text is one bidirectional segment (but for the sink under mas by default), all causal under
+    causal."""
+    encoded = encode_tokens([5, 6, 7], policy, causal_sink)
+    assert encoded == Encoded([5, 6, 7], token_segments, [IGNORE_INDEX] * 3)
+    encoded = encode_text(stories_tokenizer, "Once upon a time", policy, causal_sink)
+    assert encoded.input_ids == stories_tokenizer("Once upon a time")["input_ids"] == [1, 403, 407, 261, 378]
+    assert encoded.segment_ids == text_segments and set(encoded.labels) == {IGNORE_INDEX}
 
 
 def test_raw_text_refuses_unknown_policies():
@@ -676,11 +795,17 @@ def test_raw_text_refuses_unknown_policies():
 
 
 def test_instruction_through_a_chat_template(smollm2_tokenizer):
-    encoded = encode_instruction(smollm2_tokenizer, RECORD, policy="mas", chat_template=True)
+    encoded = encode_instruction(
+        smollm2_tokenizer, RECORD, policy="mas", chat_template=True, causal_sink=False
+    )
     messages = instruction_messages(RECORD)
     assert [m["role"] for m in messages] == ["system", "user", "assistant"]
     assert encoded.input_ids == reference_ids(smollm2_tokenizer, messages, False)
     assert runs(encoded.segment_ids) == [0, 1, -1]
+    # the default passes through to encode_chat: the sink (the system turn's <|im_start|>) is causal
+    default = encode_instruction(smollm2_tokenizer, RECORD, policy="mas", chat_template=True)
+    assert runs(default.segment_ids) == [-1, 0, 1, -1] and default.segment_ids[1:] == encoded.segment_ids[1:]
+    assert default.input_ids == encoded.input_ids and default.labels == encoded.labels
     labelled = [y for y in encoded.labels if y != IGNORE_INDEX]
     assert smollm2_tokenizer.decode(labelled) == RECORD["output"] + "<|im_end|>\n"
     prompt = encode_instruction(smollm2_tokenizer, RECORD, include_answer=False, chat_template=True)
@@ -798,19 +923,24 @@ PAPER_RECORDS = [
 @pytest.mark.parametrize("case", PAPER_RECORDS, ids=lambda case: case[0].split("_")[0])
 def test_paper_template_literal_ids_on_real_records(llama3_tokenizer, commonsense_dir, case):
     """The official evaluation prompt and training text of real records, token for token, and the official
-    commonsense partition: segment 0 = BOS .. ' ###', segment 1 = ' Instruction:' .. ' ###', the rest causal."""
+    commonsense partition with causal_sink=False: segment 0 = BOS .. ' ###', segment 1 = ' Instruction:' ..
+    ' ###', the rest causal; by default (and with causal_sink=True) BOS is causal, the rest the same."""
     name, index, instruction, instruction_ids, (eval_gap, train_gap), answer_ids, (n0, n1) = case
     record = json.loads((commonsense_dir / name).read_text())[index]
     assert record["instruction"] == instruction and record["input"] == ""
 
-    prompt = encode_instruction(llama3_tokenizer, record, template="paper", include_answer=False)
+    prompt = encode_instruction(
+        llama3_tokenizer, record, template="paper", include_answer=False, causal_sink=False
+    )
     expected = SYSTEM_IDS + [4815, 394] + INSTRUCTION_IDS + instruction_ids + eval_gap + RESPONSE_EVAL
     assert prompt.input_ids == expected
     assert prompt.segment_ids == [0] * n0 + [1] * n1 + [-1] * 3
     assert prompt.input_ids[n0 - 1] == prompt.input_ids[n0 + n1 - 1] == 17010
     assert prompt.labels == [IGNORE_INDEX] * len(expected)
 
-    full = encode_instruction(llama3_tokenizer, record, template="paper", include_answer=True)
+    full = encode_instruction(
+        llama3_tokenizer, record, template="paper", include_answer=True, causal_sink=False
+    )
     expected = SYSTEM_IDS + [19124, 394] + INSTRUCTION_IDS + instruction_ids + train_gap + RESPONSE_TRAIN
     assert full.input_ids == expected + answer_ids
     assert full.segment_ids == [0] * n0 + [1] * n1 + [-1] * (3 + len(answer_ids))
@@ -820,6 +950,12 @@ def test_paper_template_literal_ids_on_real_records(llama3_tokenizer, commonsens
         llama3_tokenizer, record, template="paper", include_answer=False, causal_sink=True
     )
     assert sunk.segment_ids == [-1] + [0] * (n0 - 1) + [1] * n1 + [-1] * 3
+    default = encode_instruction(llama3_tokenizer, record, template="paper", include_answer=False)
+    assert default.input_ids == prompt.input_ids
+    assert default.segment_ids == [-1] + [0] * (n0 - 1) + [1] * n1 + [-1] * 3
+    default_full = encode_instruction(llama3_tokenizer, record, template="paper")
+    assert default_full.input_ids == full.input_ids and default_full.labels == full.labels
+    assert default_full.segment_ids == [-1] + [0] * (n0 - 1) + [1] * n1 + [-1] * (3 + len(answer_ids))
 
 
 def test_paper_template_text_is_the_official_text(llama3_tokenizer):
@@ -847,7 +983,7 @@ def test_paper_template_with_input_has_three_segments(llama3_tokenizer):
     record = {"instruction": "Add them.", "input": "2 and 3", "output": "5"}
     for include_answer in (False, True):
         encoded = encode_instruction(
-            llama3_tokenizer, record, template="paper", include_answer=include_answer
+            llama3_tokenizer, record, template="paper", include_answer=include_answer, causal_sink=False
         )
         assert runs(encoded.segment_ids) == [0, 1, 2, -1]
         cut = [i for i, (a, b) in enumerate(zip(encoded.segment_ids, encoded.segment_ids[1:])) if a != b]
@@ -858,7 +994,7 @@ def test_paper_blocks_on_a_tokenizer_that_splits_space_hashes(stories_tokenizer)
     """stories260K splits ' ###' into '▁' and three '#' bytes (id 38): each ends inside ' ###', so all four
     close the block; the next block starts at '▁I' of ' Instruction'."""
     record = {"instruction": "Say hi.", "input": "", "output": "hi"}
-    encoded = encode_instruction(stories_tokenizer, record, template="paper")
+    encoded = encode_instruction(stories_tokenizer, record, template="paper", causal_sink=False)
     assert runs(encoded.segment_ids) == [0, 1, -1]
     first_1, first_causal = encoded.segment_ids.index(1), encoded.segment_ids.index(-1)
     assert encoded.input_ids[first_1 - 4 : first_1 + 1] == [410, 38, 38, 38, 359]  # ▁ # # # | ▁I
@@ -876,7 +1012,7 @@ def test_paper_blocks_when_a_token_straddles_the_hashes():
     core.pre_tokenizer = pre_tokenizers.Split(Regex(r"# |#|\s|[^\s#]+"), behavior="isolated")
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", eos_token="</s>")
     encoded = encode_instruction(
-        tokenizer, {"instruction": "Q", "input": "", "output": "A"}, template="paper"
+        tokenizer, {"instruction": "Q", "input": "", "output": "A"}, template="paper", causal_sink=False
     )
     tokens = tokenizer.convert_ids_to_tokens(encoded.input_ids)
     first_1 = encoded.segment_ids.index(1)
@@ -893,10 +1029,11 @@ def test_unknown_template_and_template_with_chat_template(smollm2_tokenizer, sto
         encode_instruction(smollm2_tokenizer, record, template="paper", chat_template=True)
 
 
-def test_llama3_chat_bos_is_segment_0_and_causal_with_the_sink(llama3_tokenizer):
+def test_llama3_chat_bos_is_causal_with_the_sink_and_segment_0_without(llama3_tokenizer):
     """The official Llama-3 chat masks (calculate_attention_mask_v1/v2) open a block at each
     <|start_header_id|> (128006) of a system/user turn and close it at its <|eot_id|> (128009), so BOS
-    stays causal; segmask's mas puts BOS in segment 0 unless causal_sink=True, which gives those blocks."""
+    stays causal; segmask's mas gives those blocks by default (the sink on, as causal_sink=True) and puts
+    BOS in segment 0 with causal_sink=False (the paper's mask)."""
     import copy as copy_
 
     tokenizer = copy_.copy(llama3_tokenizer)
@@ -910,6 +1047,8 @@ def test_llama3_chat_bos_is_segment_0_and_causal_with_the_sink(llama3_tokenizer)
     ids += [128009, 128006, 78191, 128007, 271, 9906, 0, 128009]
     default = encode_chat(tokenizer, chat, policy="mas")
     sunk = encode_chat(tokenizer, chat, policy="mas", causal_sink=True)
-    assert default.input_ids == sunk.input_ids == ids
-    assert default.segment_ids == [0] * 9 + [1] * 7 + [-1] * 7
+    paper = encode_chat(tokenizer, chat, policy="mas", causal_sink=False)
+    assert default.input_ids == sunk.input_ids == paper.input_ids == ids
+    assert paper.segment_ids == [0] * 9 + [1] * 7 + [-1] * 7
     assert sunk.segment_ids == [-1] + [0] * 8 + [1] * 7 + [-1] * 7  # the official blocks: 128006 .. 128009
+    assert default.segment_ids == [-1] + [0] * 8 + [1] * 7 + [-1] * 7

@@ -116,7 +116,9 @@ def test_chat_context_uses_turn_segments(lm):
         ]
         rendered = lm.apply_chat_template(messages, add_generation_prompt=True)
         [(logprob, _)] = lm.loglikelihood(_requests("loglikelihood", [(rendered, "true")]), disable_tqdm=True)
-        prompt = encode_chat(lm.tokenizer, messages, policy="mas", add_generation_prompt=True)
+        prompt = encode_chat(
+            lm.tokenizer, messages, policy="mas", add_generation_prompt=True, causal_sink=lm.causal_sink
+        )
         assert {0, 1, -1} <= set(prompt.segment_ids)  # system, user, the assistant header
         _, continuation_ids = lm._encode_pair(rendered, "true")
         ids = prompt.input_ids + continuation_ids
@@ -152,7 +154,9 @@ def test_generate_until_prefills_the_context(lm):
         _requests("generate_until", [(CONTEXT, settings), ("Once upon", settings)]), True
     )
     for context, output in zip([CONTEXT, "Once upon"], outputs):
-        [expected] = generate(lm.model, lm.tokenizer, context, "mas", max_new_tokens=10, do_sample=False)
+        [expected] = generate(
+            lm.model, lm.tokenizer, context, "mas", causal_sink=False, max_new_tokens=10, do_sample=False
+        )
         assert output == _cut(expected.text, ["\n"])
         assert "\n" not in output
     assert _cut("true.\nfalse", ["\n", "."]) == "true"

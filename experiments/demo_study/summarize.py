@@ -70,12 +70,23 @@ def paired_t(differences: list[float]) -> dict:
         "test": "paired t on seed-level differences",
     }
     if len(differences) >= 2:
-        if statistics.stdev(differences) == 0:
-            result["p_value"] = 1.0 if differences[0] == 0 else 0.0
+        # accuracies are k/300: differences equal up to float rounding have no variance, and the t-test is
+        # undefined there (a p-value of 1e-14 from rounding noise would be an artefact, not evidence)
+        if statistics.stdev(differences) < 1e-9:
+            result["undefined"] = "every seed's difference is the same: no variance between seeds"
         else:
             test = stats.ttest_1samp(differences, 0.0)
             result["t"], result["p_value"] = float(test.statistic), float(test.pvalue)
     return result
+
+
+def p_text(test: dict, n: int) -> str:
+    """The p-value cell of a paired t-test over ``n`` seeds."""
+    if test.get("undefined"):
+        return f"undefined (n={n}: {test['undefined']})"
+    if test["p_value"] is None:
+        return "– (needs 2 seeds)"
+    return f"{test['p_value']:.3g} (df={n - 1})"
 
 
 def pct(value: float | None) -> str:
@@ -166,10 +177,49 @@ def summarize(out: Path) -> dict:
             ]
             entry["minus_causal"] = paired_t(diffs) | {"per_seed": diffs}
             diff_cell = interval(entry["minus_causal"], signed=True)
-            p = entry["minus_causal"]["p_value"]
-            p_cell = "– (needs 2 seeds)" if p is None else f"{p:.3g} (df={len(diffs) - 1})"
+            p_cell = p_text(entry["minus_causal"], len(diffs))
         aggregate[condition] = entry
         lines.append(f"| {condition} | {interval(entry['accuracy'])} | {diff_cell} | {p_cell} |")
+    lines.append("")
+
+    # issue 20 part 4: the sink against the paper's mask, paired by seed
+    lines += ["## The sink against the paper's mask (mas_sink minus mas, own masks, paired by seed)", ""]
+    lines += ["| step | per seed | mean [95 % t] | paired t p |", "|---|---|---|---|"]
+    sink_vs_mas = {}
+    sink_curves = {c: {} for c in ("mas", "mas_sink")}
+    for condition in sink_curves:
+        for (name, seed), rows in curves.items():
+            if name == condition:
+                for row in rows:
+                    if row["kind"] == "accuracy":
+                        sink_curves[condition].setdefault(row["step"], {})[seed] = row["accuracy"]
+        for (name, seed), unit in finished.items():
+            if name == condition:
+                step = unit["settings"]["steps"]
+                sink_curves[condition].setdefault(step, {})[seed] = unit["final"][condition]["accuracy"]
+    for step in sorted(set(sink_curves["mas"]) & set(sink_curves["mas_sink"])):
+        both = sorted(set(sink_curves["mas"][step]) & set(sink_curves["mas_sink"][step]))
+        diffs = [sink_curves["mas_sink"][step][s] - sink_curves["mas"][step][s] for s in both]
+        if not diffs:
+            continue
+        test = paired_t(diffs) | {"per_seed": dict(zip(both, diffs))}
+        sink_vs_mas[str(step)] = test
+        seeds_text = ", ".join(f"seed {s}: {100 * d:+.1f}" for s, d in zip(both, diffs))
+        lines.append(
+            f"| {step} | {seeds_text} | {interval(test, signed=True)} | {p_text(test, len(diffs))} |"
+        )
+    for seed in seeds:
+        if ("mas", seed) in finished and ("mas_sink", seed) in finished:
+            test = mcnemar(bits(finished["mas", seed], "mas"), bits(finished["mas_sink", seed], "mas_sink"))
+            sink_vs_mas.setdefault("final_mcnemar", {})[seed] = {
+                "only_mas": test.only_a,
+                "only_mas_sink": test.only_b,
+                "p_value": test.p_value,
+            }
+            lines.append(
+                f"\nSeed {seed}, final: {test.only_b} stories right only with the sink, {test.only_a} only "
+                f"without (McNemar p = {test.p_value:.3g})."
+            )
     lines.append("")
 
     # cross-mask
@@ -233,6 +283,7 @@ def summarize(out: Path) -> dict:
         "per_seed": per_seed,
         "over_seeds": aggregate,
         "cross_mask": cross,
+        "mas_sink_minus_mas": sink_vs_mas,
         "checkpoint_accuracy": {c: {str(k): v for k, v in d.items()} for c, d in checkpoint.items()},
         "leak_check_final": leaks,
         "test": "paired t on seed-level differences (two-sided); McNemar exact per seed",

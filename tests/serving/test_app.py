@@ -303,7 +303,12 @@ def test_api_key_and_max_context(model, tokenizer):
 
 
 @pytest.mark.exactness
-def test_prefix_cache_reports_cached_tokens_and_keeps_the_text(server, uncached, model, tokenizer):
+def test_prefix_cache_reports_cached_tokens_and_keeps_the_text(uncached, model, tokenizer):
+    with live(model, tokenizer) as server:  # its own server: an empty cache, so every count is exact
+        _check_prefix_cache(server, uncached, model, tokenizer)
+
+
+def _check_prefix_cache(server, uncached, model, tokenizer):
     system = {"role": "system", "content": "You tell short stories about the sea."}
     first = [system, {"role": "user", "content": "Tell me about a fish."}]
     second = [system, {"role": "user", "content": "Tell me about a boat."}]
@@ -316,8 +321,9 @@ def test_prefix_cache_reports_cached_tokens_and_keeps_the_text(server, uncached,
         )
 
     reply = ask(client, first)
-    # at most the BOS: under mas it is causal (the sink), so every earlier mas prompt of this server shares it
-    assert segments[0] == -1 and reply.usage.prompt_tokens_details.cached_tokens <= 1
+    assert reply.usage.prompt_tokens_details.cached_tokens == 0  # nothing before it
+    # the BOS is causal under mas (the sink), so a second prompt shares it and its whole system segment
+    assert segments[0] == -1 and segments[1] == 0
     again = ask(client, second)
     assert again.usage.prompt_tokens_details.cached_tokens == segments.index(1)  # the whole system segment
     assert again.choices[0].message.content == ask(plain, second).choices[0].message.content

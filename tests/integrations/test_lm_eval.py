@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,23 @@ def plain(stories_path):
 
 def _requests(kind: str, args: list[tuple]) -> list[Instance]:
     return [Instance(kind, {}, arguments, index) for index, arguments in enumerate(args)]
+
+
+@contextmanager
+def _chatml(lm: SegmaskLM):
+    """``lm``'s tokenizer with SmolLM2's ChatML template (no BOS), restored afterwards."""
+    previous = lm.tokenizer.chat_template
+    lm.tokenizer.chat_template = (FIXTURES / "chat_templates" / "chatml_smollm2.jinja").read_text()
+    try:
+        yield
+    finally:
+        lm.tokenizer.chat_template = previous
+
+
+MESSAGES = [
+    {"role": "system", "content": "Answer true or false."},
+    {"role": "user", "content": "Is ice cold?"},
+]
 
 
 @torch.inference_mode()
@@ -106,28 +124,19 @@ def test_each_context_is_prefilled_once(lm):
 
 
 def test_chat_context_uses_turn_segments(lm):
-    template = (FIXTURES / "chat_templates" / "chatml_smollm2.jinja").read_text()
-    previous = lm.tokenizer.chat_template
-    lm.tokenizer.chat_template = template
-    try:
-        messages = [
-            {"role": "system", "content": "Answer true or false."},
-            {"role": "user", "content": "Is ice cold?"},
-        ]
-        rendered = lm.apply_chat_template(messages, add_generation_prompt=True)
+    with _chatml(lm):
+        rendered = lm.apply_chat_template(MESSAGES, add_generation_prompt=True)
         [(logprob, _)] = lm.loglikelihood(_requests("loglikelihood", [(rendered, "true")]), disable_tqdm=True)
         prompt = encode_chat(
-            lm.tokenizer, messages, policy="mas", add_generation_prompt=True, causal_sink=lm.causal_sink
+            lm.tokenizer, MESSAGES, policy="mas", add_generation_prompt=True, causal_sink=lm.causal_sink
         )
         assert {0, 1, -1} <= set(prompt.segment_ids)  # system, user, the assistant header
         _, continuation_ids = lm._encode_pair(rendered, "true")
-        ids = prompt.input_ids + continuation_ids
-        segments = torch.tensor([prompt.segment_ids + [-1] * len(continuation_ids)])
-        assert logprob == pytest.approx(
-            _logprob(lm.model, ids, len(prompt.input_ids), segment_ids=segments), abs=1e-4
-        )
-    finally:
-        lm.tokenizer.chat_template = previous
+    ids = prompt.input_ids + continuation_ids
+    segments = torch.tensor([prompt.segment_ids + [-1] * len(continuation_ids)])
+    assert logprob == pytest.approx(
+        _logprob(lm.model, ids, len(prompt.input_ids), segment_ids=segments), abs=1e-4
+    )
 
 
 def test_loglikelihood_rolling_is_causal(lm, plain):
@@ -226,32 +235,23 @@ def test_causal_sink_keeps_token_0_of_a_context_causal_and_after_a_cut(sink_lm, 
 
 
 def test_causal_sink_in_a_chat_context_and_after_a_cut(sink_lm):
-    template = (FIXTURES / "chat_templates" / "chatml_smollm2.jinja").read_text()
-    previous = sink_lm.tokenizer.chat_template
-    sink_lm.tokenizer.chat_template = template
-    try:
-        messages = [
-            {"role": "system", "content": "Answer true or false."},
-            {"role": "user", "content": "Is ice cold?"},
-        ]
-        rendered = sink_lm.apply_chat_template(messages, add_generation_prompt=True)
+    with _chatml(sink_lm):
+        rendered = sink_lm.apply_chat_template(MESSAGES, add_generation_prompt=True)
         prompt = sink_lm.prompt(rendered, sink_lm.tok_encode(rendered))
-        # this template renders no BOS: the sink is its first token, then the rest of the system turn, the
-        # user turn and the assistant header
-        assert prompt.segment_ids == [-1] + [0] * 39 + [1] * 30 + [-1] * 17
         plain = encode_chat(
-            sink_lm.tokenizer, messages, policy="mas", add_generation_prompt=True, causal_sink=False
+            sink_lm.tokenizer, MESSAGES, policy="mas", add_generation_prompt=True, causal_sink=False
         )
-        assert plain.input_ids == prompt.input_ids and plain.input_ids[0] != sink_lm.tokenizer.bos_token_id
-        assert plain.segment_ids == [0] * 40 + [1] * 30 + [-1] * 17
-        sink_lm._max_length = 23  # 3 continuation tokens: the last 3 user tokens and the header are kept
-        try:
-            ids, segments = sink_lm._fit(prompt, 3)
-        finally:
-            sink_lm._max_length = 512
-        assert ids == prompt.input_ids[-20:] and segments == [-1, 1, 1] + [-1] * 17
+    # this template renders no BOS: the sink is its first token, then the rest of the system turn, the user
+    # turn and the assistant header
+    assert prompt.segment_ids == [-1] + [0] * 39 + [1] * 30 + [-1] * 17
+    assert plain.input_ids == prompt.input_ids and plain.input_ids[0] != sink_lm.tokenizer.bos_token_id
+    assert plain.segment_ids == [0] * 40 + [1] * 30 + [-1] * 17
+    sink_lm._max_length = 23  # 3 continuation tokens: the last 3 user tokens and the header are kept
+    try:
+        ids, segments = sink_lm._fit(prompt, 3)
     finally:
-        sink_lm.tokenizer.chat_template = previous
+        sink_lm._max_length = 512
+    assert ids == prompt.input_ids[-20:] and segments == [-1, 1, 1] + [-1] * 17
 
 
 def test_generate_until_with_the_causal_sink_equals_generate(sink_lm):

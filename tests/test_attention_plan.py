@@ -44,6 +44,18 @@ def test_literal_plan_of_short_segments():
     )
 
 
+def test_a_stretch_of_one_short_segment_is_one_full_block():
+    """A short segment alone in its causal stretch (before a long segment, or after one at the end of the
+    row) is one full block over its document up to its end: no causal square, no reversed square."""
+    assert row([0, 0, 1, 1, 1, 1, -1, -1], piece=4) == Plan(
+        (Block(0, 2, 0, 2), Block(2, 6, 0, 6), Block(6, 8, 0, 6), Block(6, 8, 6, 8, causal=True, merge=True))
+    )
+    assert row([0, 0, 0, 0, 1, 1], piece=4) == Plan((Block(0, 4, 0, 4), Block(4, 6, 0, 6)))
+    # sharing its stretch with a causal token, a short segment still goes as a reversed square
+    assert row([0, 0, 1, 1, 1, 1, -1, -1, 2, 2], piece=4).uppers == (Upper(8, ((8, 10),)),)
+    assert row([0, 0, -1, 1, 1, 1, 1], piece=4).uppers == (Upper(8, ((0, 2),)),)
+
+
 def test_literal_plan_against_a_cache_and_with_padding():
     # the last 2 of 6 positions: only the causal run's blocks
     assert row([0, 0, 1, 1, -1, -1], q_len=2, piece=2) == Plan(

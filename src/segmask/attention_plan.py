@@ -303,6 +303,12 @@ class _Pieces:
             return
         first, doc_start = self.stretch
         self.stretch = None
+        if self.uppers and self.uppers[-1] == (first, end):
+            # the stretch is one short segment (no causal token): its queries all see [doc_start, end), one
+            # full block, with no causal square and no reversed square to merge
+            self.uppers.pop()
+            self.full(first, end, doc_start, end)
+            return
         if self.whole and first == doc_start == 0 and end == self.kv_len == self.q_len:
             self.blocks.append(Block(0, self.kv_len, 0, self.kv_len, causal=True))
             return
@@ -330,6 +336,8 @@ def plan_row(
     then sees ``[doc_start, end(i))``, ``end(i)`` the end of its segment or ``i + 1`` for a causal token:
 
     - a long segment (``>= piece`` queries): full blocks over ``[doc_start, segment_end)``;
+    - a short segment alone in its stretch (no causal token between it and the next long segment or the
+      document's end): full blocks over ``[doc_start, segment_end)``, as a long one;
     - any other stretch of the document: causal blocks, each a full block over the keys before it and a
       causal square over its own rows, plus an :class:`Upper` square for each short segment's later tokens.
 

@@ -149,7 +149,13 @@ def main(argv: list[str] | None = None) -> int:
         for layout in args.layouts:
             for seq_len in args.lengths:
                 model.train(task == "lora-step")
-                records.extend(measure(model, optimizer, args, layout, seq_len, task))
+                measured = measure(model, optimizer, args, layout, seq_len, task)
+                records.extend(measured)
+                for r in measured:  # as it goes: a long run that is stopped keeps what it measured
+                    print(f"  {task} {layout} L={seq_len} {r['variant']:10} {r['ms']:9.1f} ms", flush=True)
+                if args.json:
+                    with open(args.json, "w") as f:
+                        json.dump(records, f, indent=1)
     header = (
         f"{'task':10} {'layout':7} {'L':>5} {'variant':10} {'ms':>9} {'tokens/s':>9} {'x causal':>9} "
         f"{'cpu ms':>9} {'x causal':>9}"
@@ -163,9 +169,6 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['task']:10} {r['layout']:7} {r['seq_len']:>5} {r['variant']:10} {r['ms']:>9.1f} {r['tokens_per_s']:>9.1f} {ratio:>9} "
             f"{r['cpu_ms']:>9.1f} {cpu_ratio:>9}"
         )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(records, f, indent=1)
     return 0
 
 

@@ -336,8 +336,8 @@ def plan_row(
     then sees ``[doc_start, end(i))``, ``end(i)`` the end of its segment or ``i + 1`` for a causal token:
 
     - a long segment (``>= piece`` queries): full blocks over ``[doc_start, segment_end)``;
-    - a short segment alone in its stretch (no causal token between it and the next long segment or the
-      document's end): full blocks over ``[doc_start, segment_end)``, as a long one;
+    - a short segment alone in its stretch (neither a causal token nor another short segment before the
+      next long segment, padding or the document's end): full blocks over ``[doc_start, segment_end)``;
     - any other stretch of the document: causal blocks, each a full block over the keys before it and a
       causal square over its own rows, plus an :class:`Upper` square for each short segment's later tokens.
 

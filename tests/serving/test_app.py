@@ -42,6 +42,13 @@ def uncached(model, tokenizer):
 
 
 @pytest.fixture
+def fresh(model, tokenizer):
+    """A live server of its own (the default ServeConfig), whose prefix cache starts empty."""
+    with live(model, tokenizer) as server:
+        yield server
+
+
+@pytest.fixture
 def gated(stories_path, tokenizer):
     """A model whose every forward waits for ``gate``: a generation that runs exactly as long as the test says."""
     gate = threading.Event()
@@ -303,12 +310,8 @@ def test_api_key_and_max_context(model, tokenizer):
 
 
 @pytest.mark.exactness
-def test_prefix_cache_reports_cached_tokens_and_keeps_the_text(uncached, model, tokenizer):
-    with live(model, tokenizer) as server:  # its own server: an empty cache, so every count is exact
-        _check_prefix_cache(server, uncached, model, tokenizer)
-
-
-def _check_prefix_cache(server, uncached, model, tokenizer):
+def test_prefix_cache_reports_cached_tokens_and_keeps_the_text(fresh, uncached, model, tokenizer):
+    server = fresh  # its own server: an empty cache, so every count is exact
     system = {"role": "system", "content": "You tell short stories about the sea."}
     first = [system, {"role": "user", "content": "Tell me about a fish."}]
     second = [system, {"role": "user", "content": "Tell me about a boat."}]

@@ -116,3 +116,33 @@ def test_paired_test_refuses_a_string_of_tasks(tmp_path):
     run = load_run(_write_run(tmp_path / "a.json", {"boolq": [True, False]}))
     with pytest.raises(TypeError, match="tasks must be a list of task names, got the string 'boolq'"):
         paired_test(run, run, "boolq")
+
+
+def test_over_seeds_mean_and_t_interval():
+    from segmask.compare import over_seeds
+
+    # mean 0.02, sd 0.01, n 3: half-width t(0.975, 2) * 0.01 / sqrt(3) = 4.3027 * 0.005774 = 0.024841
+    summary = over_seeds([0.01, 0.02, 0.03])
+    assert summary["n_seeds"] == 3
+    assert summary["mean"] == pytest.approx(0.02)
+    assert summary["ci_low"] == pytest.approx(0.02 - 0.024841, abs=1e-6)
+    assert summary["ci_high"] == pytest.approx(0.02 + 0.024841, abs=1e-6)
+    assert over_seeds([0.5]) == {"n_seeds": 1, "mean": 0.5, "ci_low": None, "ci_high": None}
+    assert over_seeds([])["mean"] is None
+
+
+def test_paired_t_on_seed_differences():
+    from segmask.compare import p_text, paired_t
+
+    # t = 0.02 / (0.01 / sqrt(3)) = 3.4641 with 2 degrees of freedom: two-sided p = 0.07418
+    test = paired_t([0.01, 0.02, 0.03])
+    assert test["t"] == pytest.approx(3.4641, abs=1e-4)
+    assert test["p_value"] == pytest.approx(0.07418, abs=1e-5)
+    assert p_text(test, 3) == "0.0742 (df=2)"
+    # a negative effect gives a negative t and the same p
+    assert paired_t([-0.01, -0.02, -0.03])["t"] == pytest.approx(-3.4641, abs=1e-4)
+    # identical differences (up to float rounding of k/n accuracies): no variance, so no p-value
+    same = paired_t([0.1 - 0.09, 0.2 - 0.19, 0.01])
+    assert same["p_value"] is None and "no variance" in same["undefined"]
+    assert p_text(same, 3).startswith("undefined (n=3")
+    assert p_text(paired_t([0.01]), 1) == "– (needs 2 seeds)"

@@ -1,4 +1,6 @@
-"""Tables and a plot from the per-run results of run.py: mean and spread across seeds, per-seed paired tests.
+"""Tables and a plot from the per-run results of run.py: mean and spread across seeds, the difference against
+causal per seed and over seeds (mean, 95 % t interval, paired t-test with the seed as the unit), per-seed
+McNemar tests.
 
 python experiments/babi_scratch/summarize.py --results results/babi_scratch --tasks 1 --seeds 0 1
 """
@@ -11,7 +13,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from segmask.compare import compare_runs, load_run, paired_test
+from segmask.compare import compare_runs, load_run, p_text, paired_t, paired_test
 
 BASELINE = "causal"
 
@@ -20,7 +22,7 @@ def summarize(results: Path, tasks: list[int], seeds: list[int], policies: list[
     """Write ``table.md``, ``accuracy.png`` and per-seed comparison tables; return the numbers."""
     runs = {(p, s): load_run(results / "runs" / f"{p}-seed{s}.json") for p in policies for s in seeds}
     names = [f"qa{t}" for t in tasks]
-    summary: dict = {"tasks": {}, "paired": {}}
+    summary: dict = {"tasks": {}, "differences": {}, "paired": {}}
     for task in names:
         summary["tasks"][task] = {}
         for policy in policies:
@@ -45,6 +47,7 @@ def summarize(results: Path, tasks: list[int], seeds: list[int], policies: list[
                     "right_only_in_causal": test.only_a,
                     "p_value": test.p_value,
                 }
+    summary["differences"] = differences(summary["tasks"], policies, seeds)
     for seed in seeds:
         compare_runs(
             [results / "runs" / f"{p}-seed{seed}.json" for p in policies],
@@ -54,6 +57,60 @@ def summarize(results: Path, tasks: list[int], seeds: list[int], policies: list[
     (results / "table.md").write_text(table(summary, policies, seeds), encoding="utf-8")
     plot(summary, policies, seeds, results / "accuracy.png")
     return summary
+
+
+def differences(tasks: dict, policies: list[str], seeds: list[int]) -> dict:
+    """``acc(policy) - acc(causal)`` per task and over the tasks' mean: per seed, then over seeds (mean,
+    95 % t interval, two-sided paired t-test on the seed-level differences)."""
+    result: dict = {}
+    if BASELINE not in policies:
+        return result
+    for policy in policies:
+        if policy == BASELINE:
+            continue
+        by_task = {}
+        for task, by_policy in tasks.items():
+            per_seed = [
+                by_policy[policy]["per_seed"][str(s)] - by_policy[BASELINE]["per_seed"][str(s)] for s in seeds
+            ]
+            by_task[task] = paired_t(per_seed) | {"per_seed": dict(zip(map(str, seeds), per_seed))}
+        if len(tasks) > 1:
+            mean_over_tasks = [
+                sum(by_task[task]["per_seed"][str(s)] for task in tasks) / len(tasks) for s in seeds
+            ]
+            by_task["mean of tasks"] = paired_t(mean_over_tasks) | {
+                "per_seed": dict(zip(map(str, seeds), mean_over_tasks))
+            }
+        result[f"{policy} - {BASELINE}"] = by_task
+    return result
+
+
+def _points(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:+.1f}"
+
+
+def difference_table(summary: dict, seeds: list[int]) -> list[str]:
+    """The pre-registered endpoint: per task, the difference against causal per seed and over seeds."""
+    lines = [
+        "| comparison | task | per seed " + str(seeds) + " | mean [95 % t interval] | paired t p |",
+        "|---|---|---|---|---|",
+    ]
+    for comparison, by_task in summary["differences"].items():
+        for task, test in by_task.items():
+            per_seed = ", ".join(_points(v) for v in test["per_seed"].values())
+            interval = _points(test["mean"])
+            if test["ci_low"] is not None:
+                interval += f" [{_points(test['ci_low'])}, {_points(test['ci_high'])}]"
+            lines.append(
+                f"| {comparison} | {task} | {per_seed} | {interval} | {p_text(test, len(test['per_seed']))} |"
+            )
+    lines += [
+        "",
+        "Accuracy difference in points; the seed is the unit (same initialisation and data order within a "
+        "seed), two-sided paired t-test on the seed-level differences.",
+        "",
+    ]
+    return lines
 
 
 def table(summary: dict, policies: list[str], seeds: list[int]) -> str:
@@ -71,6 +128,7 @@ def table(summary: dict, policies: list[str], seeds: list[int]) -> str:
         f"Accuracy in %, mean ± standard deviation over seeds {seeds} (per-seed values in brackets).",
         "",
     ]
+    lines += difference_table(summary, seeds)
     lines += [
         "| task | comparison | seed | right only in it / only in causal | McNemar p |",
         "|---|---|---|---|---|",

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 from pathlib import Path
@@ -29,13 +28,12 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from scipy import stats  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from run import CONDITIONS, DEFAULT_OUT, read_curve  # noqa: E402
 
-from segmask.compare import mcnemar  # noqa: E402
+from segmask.compare import mcnemar, over_seeds, p_text, paired_t  # noqa: E402
 
 
 def load_units(out: Path) -> tuple[dict, dict]:
@@ -48,45 +46,6 @@ def load_units(out: Path) -> tuple[dict, dict]:
             if (folder / "unit.json").exists():
                 finished[condition, seed] = json.loads((folder / "unit.json").read_text())
     return finished, curves
-
-
-def over_seeds(values: list[float]) -> dict:
-    """Mean, 95 % t interval (None below 2 values) and the number of seeds."""
-    n = len(values)
-    if n == 0:
-        return {"n_seeds": 0, "mean": None, "ci_low": None, "ci_high": None}
-    mean = statistics.fmean(values)
-    if n < 2:
-        return {"n_seeds": 1, "mean": mean, "ci_low": None, "ci_high": None}
-    half = stats.t.ppf(0.975, n - 1) * statistics.stdev(values) / math.sqrt(n)
-    return {"n_seeds": n, "mean": mean, "ci_low": mean - half, "ci_high": mean + half}
-
-
-def paired_t(differences: list[float]) -> dict:
-    """Two-sided one-sample t-test of the seed-level differences against 0 (= paired t); None below 2."""
-    result = over_seeds(differences) | {
-        "t": None,
-        "p_value": None,
-        "test": "paired t on seed-level differences",
-    }
-    if len(differences) >= 2:
-        # accuracies are k/300: differences equal up to float rounding have no variance, and the t-test is
-        # undefined there (a p-value of 1e-14 from rounding noise would be an artefact, not evidence)
-        if statistics.stdev(differences) < 1e-9:
-            result["undefined"] = "every seed's difference is the same: no variance between seeds"
-        else:
-            test = stats.ttest_1samp(differences, 0.0)
-            result["t"], result["p_value"] = float(test.statistic), float(test.pvalue)
-    return result
-
-
-def p_text(test: dict, n: int) -> str:
-    """The p-value cell of a paired t-test over ``n`` seeds."""
-    if test.get("undefined"):
-        return f"undefined (n={n}: {test['undefined']})"
-    if test["p_value"] is None:
-        return "– (needs 2 seeds)"
-    return f"{test['p_value']:.3g} (df={n - 1})"
 
 
 def pct(value: float | None) -> str:

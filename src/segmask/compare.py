@@ -7,15 +7,22 @@ interval. Every run after the first is tested against the first, per task, with 
 records both runs scored (matched by record index, with equal gold labels): under the null hypothesis the
 discordant records (right in one run, wrong in the other) split 50/50, so the p-value is a two-sided
 binomial test on them. A small p-value says the difference is unlikely to be noise.
+
+McNemar treats one trained model as fixed, so it measures test-set noise only. Where several training seeds
+exist the seed is the unit of replication: :func:`over_seeds` gives the mean with its 95 % t interval and
+:func:`paired_t` the two-sided t-test of the seed-level differences (same seed, two conditions) against 0.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from scipy import stats
 from scipy.stats import binomtest
 
 from segmask.files import read_json
@@ -117,6 +124,48 @@ def paired_test(base: Run, other: Run, tasks: Sequence[str]) -> McNemar | None:
         a += outcomes[0]
         b += outcomes[1]
     return mcnemar(a, b)
+
+
+# ------------------------------------------------------------------------------ seeds as the unit
+
+
+def over_seeds(values: list[float]) -> dict:
+    """Mean, 95 % t interval (None below 2 values) and the number of seeds."""
+    n = len(values)
+    if n == 0:
+        return {"n_seeds": 0, "mean": None, "ci_low": None, "ci_high": None}
+    mean = statistics.fmean(values)
+    if n < 2:
+        return {"n_seeds": 1, "mean": mean, "ci_low": None, "ci_high": None}
+    half = stats.t.ppf(0.975, n - 1) * statistics.stdev(values) / math.sqrt(n)
+    return {"n_seeds": n, "mean": mean, "ci_low": mean - half, "ci_high": mean + half}
+
+
+def paired_t(differences: list[float]) -> dict:
+    """Two-sided one-sample t-test of the seed-level differences against 0 (= paired t); None below 2."""
+    result = over_seeds(differences) | {
+        "t": None,
+        "p_value": None,
+        "test": "paired t on seed-level differences",
+    }
+    if len(differences) >= 2:
+        # accuracies are k/n: differences equal up to float rounding have no variance, and the t-test is
+        # undefined there (a p-value of 1e-14 from rounding noise would be an artefact, not evidence)
+        if statistics.stdev(differences) < 1e-9:
+            result["undefined"] = "every seed's difference is the same: no variance between seeds"
+        else:
+            test = stats.ttest_1samp(differences, 0.0)
+            result["t"], result["p_value"] = float(test.statistic), float(test.pvalue)
+    return result
+
+
+def p_text(test: dict, n: int) -> str:
+    """The p-value cell of a paired t-test over ``n`` seeds."""
+    if test.get("undefined"):
+        return f"undefined (n={n}: {test['undefined']})"
+    if test["p_value"] is None:
+        return "– (needs 2 seeds)"
+    return f"{test['p_value']:.3g} (df={n - 1})"
 
 
 def _cell(score: dict | None) -> str:

@@ -31,6 +31,7 @@ import argparse
 import json
 import platform
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
 
     summary = summarize(results, args.tasks, args.seeds, args.policies)
     names = [run_name(p, s) for p in args.policies for s in args.seeds]
-    plot_losses(out, names, results / "loss.png")
+    plot_losses({name: curve_file(results, out, name) for name in names}, results / "loss.png")
     log_rows = (
         [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
     )
@@ -276,7 +277,17 @@ def evaluate(
     }
     with log.open("a", encoding="utf-8") as handle:
         handle.write(json.dumps(entry) + "\n")
+    if (
+        run_dir / "metrics.jsonl"
+    ).exists():  # the loss curve, kept with the results (run folders are not committed)
+        shutil.copyfile(run_dir / "metrics.jsonl", run_file.with_suffix(".metrics.jsonl"))
     print(f"[babi] {name}: leak check max change {leak:.2g}; accuracy {entry['accuracy']}", flush=True)
+
+
+def curve_file(results: Path, out: Path, name: str) -> Path:
+    """A run's training curve: the copy committed with its results, else the one in its (uncommitted) run folder."""
+    kept = results / "runs" / f"{name}.metrics.jsonl"
+    return kept if kept.exists() else out / name / "metrics.jsonl"
 
 
 def _train_steps(run_dir: Path) -> int | None:

@@ -172,22 +172,26 @@ def plot(summary: dict, policies: list[str], seeds: list[int], out: Path) -> Non
     plt.close(fig)
 
 
-def plot_losses(runs_dir: Path, names: list[str], out: Path) -> None:
-    """Training loss (answer tokens only) against the step, one line per run, from each run's metrics.jsonl."""
+def plot_losses(curves: dict[str, Path], out: Path) -> None:
+    """Training loss (answer tokens only) against the step, one line per run (colour: condition, line style:
+    seed), from each run's ``metrics.jsonl`` (``{name: path}``; names ``<condition>-seed<N>``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    conditions = list(dict.fromkeys(name.rsplit("-seed", 1)[0] for name in curves))
+    seeds = sorted({int(name.rsplit("-seed", 1)[1]) for name in curves})
+    styles = ["-", "--", ":", "-."]
     fig, ax = plt.subplots(figsize=(6.5, 3.8), layout="constrained")
-    for index, name in enumerate(names):
-        metrics = runs_dir / name / "metrics.jsonl"
+    for name, metrics in curves.items():
         if not metrics.exists():
             continue
         rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
         points = [(row["step"], row["loss"]) for row in rows if "loss" in row]
-        style = "-" if name.endswith("seed0") else "--"
-        ax.plot(*zip(*points), style, color=f"C{index // 2}", label=name)
+        condition, seed = name.rsplit("-seed", 1)
+        style = styles[seeds.index(int(seed)) % len(styles)]
+        ax.plot(*zip(*points), style, color=f"C{conditions.index(condition)}", label=name)
     ax.set_xlabel("optimiser step")
     ax.set_ylabel("training loss (answer + end-of-turn)")
     ax.grid(alpha=0.3)

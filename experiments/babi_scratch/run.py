@@ -277,9 +277,8 @@ def evaluate(
     }
     with log.open("a", encoding="utf-8") as handle:
         handle.write(json.dumps(entry) + "\n")
-    if (
-        run_dir / "metrics.jsonl"
-    ).exists():  # the loss curve, kept with the results (run folders are not committed)
+    # the loss curve, kept with the results (run folders are not committed)
+    if (run_dir / "metrics.jsonl").exists():
         shutil.copyfile(run_dir / "metrics.jsonl", run_file.with_suffix(".metrics.jsonl"))
     print(f"[babi] {name}: leak check max change {leak:.2g}; accuracy {entry['accuracy']}", flush=True)
 

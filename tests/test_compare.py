@@ -146,3 +146,17 @@ def test_paired_t_on_seed_differences():
     assert same["p_value"] is None and "no variance" in same["undefined"]
     assert p_text(same, 3).startswith("undefined (n=3")
     assert p_text(paired_t([0.01]), 1) == "– (needs 2 seeds)"
+
+
+def test_interval_text_in_percent():
+    from segmask.compare import interval_text, over_seeds, paired_t, percent_text
+
+    assert percent_text(0.1234) == "12.3"
+    assert percent_text(0.1234, signed=True) == "+12.3"
+    assert percent_text(-0.005, signed=True) == "-0.5"
+    assert percent_text(None) == "–"
+    # mean 0.02, half-width 0.024841 (see above)
+    assert interval_text(over_seeds([0.01, 0.02, 0.03])) == "2.0 [-0.5, 4.5]"
+    assert interval_text(paired_t([0.01, 0.02, 0.03]), signed=True) == "+2.0 [-0.5, +4.5]"
+    assert interval_text(over_seeds([0.5])) == "50.0"  # one seed: no interval
+    assert interval_text(over_seeds([])) == "–"

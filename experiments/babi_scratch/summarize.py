@@ -13,7 +13,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from segmask.compare import compare_runs, load_run, p_text, paired_t, paired_test
+from segmask.compare import compare_runs, interval_text, load_run, p_text, paired_t, paired_test, percent_text
 
 BASELINE = "causal"
 
@@ -85,10 +85,6 @@ def differences(tasks: dict, policies: list[str], seeds: list[int]) -> dict:
     return result
 
 
-def _points(value: float | None) -> str:
-    return "–" if value is None else f"{100 * value:+.1f}"
-
-
 def difference_table(summary: dict, seeds: list[int]) -> list[str]:
     """The pre-registered endpoint: per task, the difference against causal per seed and over seeds."""
     lines = [
@@ -97,12 +93,10 @@ def difference_table(summary: dict, seeds: list[int]) -> list[str]:
     ]
     for comparison, by_task in summary["differences"].items():
         for task, test in by_task.items():
-            per_seed = ", ".join(_points(v) for v in test["per_seed"].values())
-            interval = _points(test["mean"])
-            if test["ci_low"] is not None:
-                interval += f" [{_points(test['ci_low'])}, {_points(test['ci_high'])}]"
+            per_seed = ", ".join(percent_text(v, signed=True) for v in test["per_seed"].values())
             lines.append(
-                f"| {comparison} | {task} | {per_seed} | {interval} | {p_text(test, len(test['per_seed']))} |"
+                f"| {comparison} | {task} | {per_seed} | {interval_text(test, signed=True)} | "
+                f"{p_text(test, len(test['per_seed']))} |"
             )
     lines += [
         "",

@@ -33,7 +33,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from run import CONDITIONS, DEFAULT_OUT, read_curve  # noqa: E402
 
-from segmask.compare import mcnemar, over_seeds, p_text, paired_t  # noqa: E402
+from segmask.compare import (  # noqa: E402
+    interval_text,
+    mcnemar,
+    over_seeds,
+    p_text,
+    paired_t,
+    percent_text,
+)
 
 
 def load_units(out: Path) -> tuple[dict, dict]:
@@ -48,18 +55,11 @@ def load_units(out: Path) -> tuple[dict, dict]:
     return finished, curves
 
 
-def pct(value: float | None) -> str:
-    return "–" if value is None else f"{100 * value:.1f}"
-
-
 def interval(summary: dict, signed: bool = False) -> str:
     if summary["mean"] is None:
         return "– (0 seeds)"
-    sign = "+" if signed and summary["mean"] >= 0 else ""
-    text = f"{sign}{pct(summary['mean'])}"
-    if summary["ci_low"] is not None:
-        text += f" [{pct(summary['ci_low'])}, {pct(summary['ci_high'])}]"
-    return text + f" (n={summary['n_seeds']} seed{'s' if summary['n_seeds'] != 1 else ''})"
+    n = summary["n_seeds"]
+    return interval_text(summary, signed) + f" (n={n} seed{'s' if n != 1 else ''})"
 
 
 def bits(unit: dict, mask: str) -> list[bool]:
@@ -103,9 +103,7 @@ def summarize(out: Path) -> dict:
                 }
                 test_cells = f"{test.only_b} / {test.only_a} | {test.p_value:.3g}"
             per_seed.append(row)
-            wilson = (
-                f"{pct(score['accuracy'])} [{pct(score['ci_low'])}, {pct(score['ci_high'])}] (n={score['n']})"
-            )
+            wilson = f"{percent_text(score['accuracy'])} [{percent_text(score['ci_low'])}, {percent_text(score['ci_high'])}] (n={score['n']})"
             lines.append(f"| {condition} | {seed} | {wilson} | {test_cells} |")
     lines.append("")
 

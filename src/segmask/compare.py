@@ -159,6 +159,22 @@ def paired_t(differences: list[float]) -> dict:
     return result
 
 
+def percent_text(value: float | None, signed: bool = False) -> str:
+    """A proportion in percent with one decimal (``+`` before positive ones when ``signed``); "–" for None."""
+    if value is None:
+        return "–"
+    return f"{100 * value:+.1f}" if signed else f"{100 * value:.1f}"
+
+
+def interval_text(summary: dict, signed: bool = False) -> str:
+    """``mean [low, high]`` in percent of an :func:`over_seeds` or :func:`paired_t` summary (the interval
+    only from 2 seeds on; "–" without a mean); ``signed`` for differences."""
+    text = percent_text(summary["mean"], signed)
+    if summary["mean"] is not None and summary["ci_low"] is not None:
+        text += f" [{percent_text(summary['ci_low'], signed)}, {percent_text(summary['ci_high'], signed)}]"
+    return text
+
+
 def p_text(test: dict, n: int) -> str:
     """The p-value cell of a paired t-test over ``n`` seeds."""
     if test.get("undefined"):

@@ -394,33 +394,6 @@ def test_planner_names_at_their_old_path_warn():
 # ------------------------------------------------------------------------------------ the kernel seam
 
 
-def test_reference_kernel_equals_cpu_flash():
-    """Both kernels' outputs, log-sum-exps and backward (given another call's merged output and lse)."""
-    q, k, v, grad = random_qkv(2, 12, 12, 3, 3)
-    for causal in (False, True):
-        flash = kernels.CPU_FLASH.forward(q, k, v, causal, 0.3)
-        ref = kernels.REFERENCE.forward(q, k, v, causal, 0.3)
-        for a, b in zip(flash, ref):
-            assert (a - b).abs().max() < TOLERANCE
-        # a merged output and lse over more keys than this call's: each backward returns its share
-        out, lse = flash[0] * 0.5, flash[1] + 0.7
-        for a, b in zip(
-            kernels.CPU_FLASH.backward(grad, q, k, v, out, lse, causal, 0.3),
-            kernels.REFERENCE.backward(grad, q, k, v, out, lse, causal, 0.3),
-        ):
-            assert (a - b).abs().max() < TOLERANCE
-
-
-def test_default_kernel_is_cpu_flash_and_cuda_is_never_the_default():
-    assert kernels.select(torch.device("cpu")) is kernels.CPU_FLASH
-    with pytest.raises(
-        kernels.KernelUnavailable, match="no segment-blocked kernel is enabled by default on cuda"
-    ):
-        kernels.select(torch.device("cuda"))
-    with pytest.raises(kernels.KernelUnavailable, match="unknown kernel 'triton'"):
-        kernels.select(torch.device("cpu"), "triton")
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 def test_asking_for_the_cuda_kernel_without_cuda_raises():
     q, k, v, _ = random_qkv(1, 4, 4)
@@ -585,3 +558,33 @@ def test_one_plan_and_one_mask_per_forward(monkeypatch, family, plans, dense_mas
     assert counts == {"plan": plans, "dense": dense_masks}
     fast(input_ids, segment_ids=segment_ids)
     assert counts == {"plan": 2 * plans, "dense": 2 * dense_masks}
+
+
+def _layouts_of(batch: int) -> dict[str, torch.Tensor]:
+    """The same ``[batch, 3, 10, 4]`` values in the memory layouts attention meets: contiguous
+    ``[B, H, K, D]``, the transposed view of ``[B, K, H, D]`` (a model's projections), and a slice of a
+    fused projection (contiguous in neither order)."""
+    base = torch.randn(batch, 3, 10, 4)
+    fused = torch.randn(batch, 10, 3, 8)
+    fused[..., :4] = base.transpose(1, 2)
+    return {
+        "BHKD": base.clone(),
+        "BKHD view": base.transpose(1, 2).contiguous().transpose(1, 2),
+        "fused slice": fused[..., :4].transpose(1, 2),
+    }
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_take_reads_every_layout_without_copying_it_whole(batch):
+    """``_take`` equals advanced indexing in every layout, and never clones the input first (which
+    ``index_select`` on a non-contiguous tensor does: a copy of all of q per batch of squares)."""
+    rows = torch.tensor([0, batch - 1, 0])
+    positions = torch.tensor([7, 2, 3])
+    for name, x in _layouts_of(batch).items():
+        expected = x[rows, :, positions].transpose(0, 1)
+        with torch.profiler.profile() as profiler:
+            taken = fast_attention._take(x, rows, positions)
+        assert torch.equal(taken, expected), name
+        clones = [e.name for e in profiler.events() if e.name in ("aten::clone", "aten::contiguous")]
+        if batch == 1 or name == "BKHD view":
+            assert clones == [], f"{name}: {clones}"

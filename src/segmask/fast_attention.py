@@ -77,10 +77,19 @@ IMPLEMENTATION = "segmask"
 def _take(x: Tensor, rows: Tensor, positions: Tensor) -> Tensor:
     """``x [B, H, K, ...]`` at the entries ``(rows, positions)`` -> ``[H, n, ...]``.
 
-    One ``index_select`` where the layout allows it (one row; or rows and positions adjacent in memory, as in
-    the kernel's ``[B, K, H, D]`` outputs), which is 2-3x faster on CPU than advanced indexing."""
+    One ``index_select`` over a contiguous tensor where the layout allows it (one row, positions outermost
+    or not; or rows and positions adjacent in memory, as in the kernel's ``[B, K, H, D]`` outputs), which
+    is 2-3x faster on CPU than advanced indexing. ``index_select`` copies a non-contiguous input whole
+    first (the ``[B, H, K, D]`` transposed view of ``[B, K, H, D]`` that a model's projections give), so
+    such a row is taken along its outermost dimension instead."""
     if x.shape[0] == 1:
-        return x[0].index_select(1, positions)
+        row = x[0]
+        by_position = row.transpose(0, 1)  # [K, H, ...]
+        if by_position.is_contiguous():
+            return by_position.index_select(0, positions).transpose(0, 1)
+        if row.is_contiguous():
+            return row.index_select(1, positions)
+        return row[:, positions]
     if x.stride(0) == x.shape[2] * x.stride(2):  # [B * K, H, ...] is a view
         flat = x.transpose(1, 2).view(-1, *x.shape[1:2], *x.shape[3:])
         return flat.index_select(0, rows * x.shape[2] + positions).transpose(0, 1)
@@ -304,9 +313,10 @@ class _PlannedAttention(torch.autograd.Function):
         everything = _Rows(query, key, value, out, lse, q_offset, scale)
         for squares in calls.squares:
             _squares_forward(kernel, squares, everything)
+        repeats = heads // value.shape[1]  # grouped-query attention in a grouped kernel
         for first, last, start, end in calls.selfs:  # attends to itself only
             queries = everything.queries(start, end)
-            out[first:last, :, queries] = value[first:last, :, start:end]
+            out[first:last, :, queries] = _repeat_heads(value[first:last, :, start:end], repeats)
             lse[first:last, :, queries] = 0.0
         out = out.to(query.dtype)
         ctx.save_for_backward(query, key, value, out, lse)
@@ -336,7 +346,8 @@ class _PlannedAttention(torch.autograd.Function):
         for squares in calls.squares:
             _squares_backward(kernel, squares, everything, grad_out, grads)
         for first, last, start, end in calls.selfs:
-            grads[2][first:last, :, start:end] += grad_out[first:last, :, everything.queries(start, end)]
+            own = grad_out[first:last, :, everything.queries(start, end)]
+            grads[2][first:last, :, start:end] += _sum_groups(own, value.shape[1])
         return *(g.to(t.dtype) for g, t in zip(grads, (query, key, value))), None, None, None, None
 
 
@@ -473,11 +484,9 @@ def layout_attention(
     if reason is not None:
         _log_fallback(reason)
         return dense_attention(query, key, value, layout, scaling, dropout)
-    repeats = query.shape[1] // key.shape[1]
-    if repeats > 1:
-        key, value = (
-            t.unsqueeze(2).expand(-1, -1, repeats, -1, -1).flatten(1, 2) for t in (key, value)
-        )  # grouped-query attention: each key/value head serves `repeats` query heads
+    if key.shape[1] != query.shape[1] and not chosen.grouped:
+        # grouped-query attention for a kernel that needs as many key/value heads as query heads
+        key, value = (_repeat_heads(t, query.shape[1] // key.shape[1]) for t in (key, value))
     scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
     size = block_rows(key.shape[2], PIECE)
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))):
@@ -485,6 +494,21 @@ def layout_attention(
         # which also keeps inference tensors out of save_for_backward
         return _PlannedAttention.forward(_NoGraph(), query, key, value, calls, scale, size, chosen)
     return _PlannedAttention.apply(query, key, value, calls, scale, size, chosen)
+
+
+def _repeat_heads(x: Tensor, repeats: int) -> Tensor:
+    """``[B, Hkv, ...]`` -> ``[B, Hkv * repeats, ...]``: head ``h`` is key/value head ``h // repeats``."""
+    if repeats == 1:
+        return x
+    return x.unsqueeze(2).expand(-1, -1, repeats, *x.shape[2:]).flatten(1, 2)
+
+
+def _sum_groups(x: Tensor, heads: int) -> Tensor:
+    """``[B, heads * repeats, ...]`` -> ``[B, heads, ...]``, summed over each head's group (the adjoint of
+    :func:`_repeat_heads`)."""
+    if x.shape[1] == heads:
+        return x
+    return x.unflatten(1, (heads, -1)).sum(2)
 
 
 class _NoGraph:

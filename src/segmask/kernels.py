@@ -4,7 +4,8 @@ The segment-blocked plan (:mod:`segmask.attention_plan`) is pure and device-neut
 pieces is a :class:`Kernel`, two small functions per device:
 
     forward(q, k, v, causal, scale) -> (out, lse)
-        q ``[B, H, Q, D]``, k and v ``[B, H, K, D]`` (same heads); every query sees every key, or, when
+        q ``[B, H, Q, D]``, k and v ``[B, H, K, D]`` (same heads, or fewer for a ``grouped`` kernel);
+        every query sees every key, or, when
         ``causal`` (then ``Q == K``), query ``i`` sees keys ``<= i``. Returns out ``[B, H, Q, D]`` in q's
         dtype and the log-sum-exp ``lse [B, H, Q]`` float32 of each query's scaled scores.
     backward(grad_out, q, k, v, out, lse, causal, scale) -> (dq, dk, dv)
@@ -50,6 +51,10 @@ class Kernel:
     ]
     device: str | None
     """The device type it runs on; None: any."""
+    grouped: bool = False
+    """Whether it takes grouped-query attention as is: k and v with fewer heads than q (a divisor of them;
+    query head ``h`` reads key/value head ``h // (Hq // Hkv)``), and ``dk, dv`` summed over each group.
+    Otherwise the caller repeats k and v to q's heads."""
 
 
 def _check_output(name: str, q: Tensor, out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
@@ -82,10 +87,20 @@ def _cpu_flash_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: flo
 def _cpu_flash_backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return _FLASH_CPU_BACKWARD(grad_out, q, k, v, out, lse, 0.0, causal, scale=scale)
+    grads = _FLASH_CPU_BACKWARD(grad_out, q, k, v, out, lse, 0.0, causal, scale=scale)
+    if tuple(g.shape for g in grads) != (q.shape, k.shape, v.shape):
+        raise KernelChangedError(
+            f"aten._scaled_dot_product_flash_attention_for_cpu_backward returned gradients of shapes "
+            f"{[tuple(g.shape) for g in grads]} for q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}; "
+            f"segmask assumes each gradient has its input's shape, summed over query groups (this torch "
+            f"version changed the operator)"
+        )
+    return grads
 
 
-CPU_FLASH = Kernel("cpu-flash", _cpu_flash_forward, _cpu_flash_backward, "cpu")
+# torch's CPU flash operators take grouped-query attention natively (k, v with fewer heads), forward and
+# backward, as SDPA's enable_gqa uses them; tests/test_kernels.py checks it against repeated heads
+CPU_FLASH = Kernel("cpu-flash", _cpu_flash_forward, _cpu_flash_backward, "cpu", grouped=True)
 
 
 # --------------------------------------------------------------------------------------------- reference

@@ -1,0 +1,88 @@
+"""segmask.kernels: each kernel's output, log-sum-exp and gradient shares, and the torch operators they rely on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from segmask import kernels
+
+pytestmark = pytest.mark.exactness
+
+TOLERANCE = 1e-5
+
+
+def random_qkv(batch, length, q_heads, kv_heads, head_dim=8, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, q_heads, length, head_dim, generator=generator)
+    k, v = (torch.randn(batch, kv_heads, length, head_dim, generator=generator) for _ in range(2))
+    grad = torch.randn(batch, q_heads, length, head_dim, generator=generator)
+    return q, k, v, grad
+
+
+def test_reference_kernel_equals_cpu_flash():
+    """Both kernels' outputs, log-sum-exps and backward (given another call's merged output and lse)."""
+    q, k, v, grad = random_qkv(2, 12, 3, 3)
+    for causal in (False, True):
+        flash = kernels.CPU_FLASH.forward(q, k, v, causal, 0.3)
+        ref = kernels.REFERENCE.forward(q, k, v, causal, 0.3)
+        for a, b in zip(flash, ref):
+            assert (a - b).abs().max() < TOLERANCE
+        # a merged output and lse over more keys than this call's: each backward returns its share
+        out, lse = flash[0] * 0.5, flash[1] + 0.7
+        for a, b in zip(
+            kernels.CPU_FLASH.backward(grad, q, k, v, out, lse, causal, 0.3),
+            kernels.REFERENCE.backward(grad, q, k, v, out, lse, causal, 0.3),
+        ):
+            assert (a - b).abs().max() < TOLERANCE
+
+
+@pytest.mark.parametrize("kv_heads", [2, 1], ids=["gqa", "mqa"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_flash_takes_grouped_heads_as_repeated_ones(causal, kv_heads):
+    """The CPU flash kernel is marked ``grouped``: its torch operators take k, v with fewer heads, query
+    head h reading key/value head h // repeats, and return dk, dv summed over each group. Checked against
+    the same operators on repeated heads, so a torch that changes this fails here."""
+    assert kernels.CPU_FLASH.grouped and not kernels.REFERENCE.grouped
+    q, k, v, grad = random_qkv(2, 10, 6, kv_heads)
+    repeats = 6 // kv_heads
+    k_rep, v_rep = (t.repeat_interleave(repeats, dim=1) for t in (k, v))
+    out, lse = kernels.CPU_FLASH.forward(q, k, v, causal, 0.3)
+    out_rep, lse_rep = kernels.CPU_FLASH.forward(q, k_rep, v_rep, causal, 0.3)
+    assert (out - out_rep).abs().max() < TOLERANCE
+    assert (lse - lse_rep).abs().max() < TOLERANCE
+    merged_out, merged_lse = out * 0.5, lse + 0.7  # as if other calls had merged into these queries
+    dq, dk, dv = kernels.CPU_FLASH.backward(grad, q, k, v, merged_out, merged_lse, causal, 0.3)
+    dq_rep, dk_rep, dv_rep = kernels.CPU_FLASH.backward(
+        grad, q, k_rep, v_rep, merged_out, merged_lse, causal, 0.3
+    )
+    assert dk.shape == k.shape and dv.shape == v.shape
+    assert (dq - dq_rep).abs().max() < TOLERANCE
+    for grouped, repeated in ((dk, dk_rep), (dv, dv_rep)):
+        assert (grouped - repeated.unflatten(1, (kv_heads, repeats)).sum(2)).abs().max() < TOLERANCE
+
+
+def test_a_changed_flash_backward_raises(monkeypatch):
+    """The gradients are added into k and v's own shapes: an operator that stopped summing over query
+    groups raises, naming the assumption."""
+    real = kernels._FLASH_CPU_BACKWARD
+
+    def changed(*args, **kwargs):
+        dq, dk, dv = real(*args, **kwargs)
+        return dq, dk.repeat_interleave(2, dim=1), dv.repeat_interleave(2, dim=1)  # per query head
+
+    monkeypatch.setattr(kernels, "_FLASH_CPU_BACKWARD", changed)
+    q, k, v, grad = random_qkv(1, 5, 4, 2)
+    out, lse = kernels.CPU_FLASH.forward(q, k, v, True, 0.3)
+    with pytest.raises(kernels.KernelChangedError, match="summed over query groups"):
+        kernels.CPU_FLASH.backward(grad, q, k, v, out, lse, True, 0.3)
+
+
+def test_default_kernel_is_cpu_flash_and_cuda_is_never_the_default():
+    assert kernels.select(torch.device("cpu")) is kernels.CPU_FLASH
+    with pytest.raises(
+        kernels.KernelUnavailable, match="no segment-blocked kernel is enabled by default on cuda"
+    ):
+        kernels.select(torch.device("cuda"))
+    with pytest.raises(kernels.KernelUnavailable, match="unknown kernel 'triton'"):
+        kernels.select(torch.device("cpu"), "triton")

@@ -159,14 +159,21 @@ def peak_mib(fn: Callable, inputs: tuple[torch.Tensor, ...], backward: bool, mas
         torch.cuda.reset_peak_memory_stats()
         step(fn, inputs, backward)
         return torch.cuda.max_memory_allocated() / 2**20
+    peak = step_peak_bytes(lambda: step(fn, inputs, backward))
+    return (peak + mask_bytes + sum(t.numel() * t.element_size() for t in inputs)) / 2**20
+
+
+def step_peak_bytes(run: Callable[[], object]) -> int:
+    """The largest total of CPU tensor bytes allocated during ``run()`` and not yet freed at some moment of
+    it, from torch profiler memory events (tensors alive before it do not count)."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step(fn, inputs, backward)
+        run()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     live = peak = 0
     for event in sorted(events, key=lambda e: e.start_ns()):
         live += event.nbytes()
         peak = max(peak, live)
-    return (peak + mask_bytes + sum(t.numel() * t.element_size() for t in inputs)) / 2**20
+    return peak
 
 
 def check(args: argparse.Namespace, layout: str, seq_len: int) -> bool:

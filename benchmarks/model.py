@@ -30,7 +30,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from attention import LAYOUTS, layout_ids  # benchmarks/attention.py, next to this script
+from attention import LAYOUTS, layout_ids, step_peak_bytes  # benchmarks/attention.py, next to this script
 
 VARIANTS = {"causal": ("sdpa", False), "mas-fast": ("segmask", True), "mas-dense": ("sdpa", True)}
 
@@ -86,6 +86,12 @@ def measure(model, optimizer, args: argparse.Namespace, layout: str, seq_len: in
                 cpu[name].append(time.process_time() - start_cpu)
     medians = {name: statistics.median(ts) for name, ts in wall.items()}
     cpu_medians = {name: statistics.median(ts) for name, ts in cpu.items()}
+    peaks: dict[str, float] = {}
+    if args.memory:  # one more, untimed, step per variant under the memory profiler
+        for name in args.variants:
+            implementation, mas = VARIANTS[name]
+            model.set_attn_implementation(implementation)
+            peaks[name] = step_peak_bytes(lambda mas=mas: run(mas)) / 2**20
     return [
         {
             "variant": name,
@@ -100,9 +106,17 @@ def measure(model, optimizer, args: argparse.Namespace, layout: str, seq_len: in
             "cpu_ratio_to_causal": round(cpu_medians[name] / cpu_medians["causal"], 3)
             if "causal" in cpu_medians
             else None,
+            "peak_mib": round(peaks[name], 1) if peaks else None,
+            "peak_ratio_to_causal": round(peaks[name] / peaks["causal"], 3)
+            if peaks and "causal" in peaks
+            else None,
         }
         for name in args.variants
     ]
+
+
+def _ratio(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,6 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--json", metavar="FILE", help="write the records as a JSON list")
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="also measure each variant's peak tensor memory in one more, untimed, step (profiler events)",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -158,16 +177,16 @@ def main(argv: list[str] | None = None) -> int:
                         json.dump(records, f, indent=1)
     header = (
         f"{'task':10} {'layout':7} {'L':>5} {'variant':10} {'ms':>9} {'tokens/s':>9} {'x causal':>9} "
-        f"{'cpu ms':>9} {'x causal':>9}"
+        f"{'cpu ms':>9} {'x causal':>9}" + (f" {'peak MiB':>9} {'x causal':>9}" if args.memory else "")
     )
     print(header)
     print("-" * len(header))
     for r in records:
-        ratio = "" if r["ratio_to_causal"] is None else f"{r['ratio_to_causal']:.2f}"
-        cpu_ratio = "" if r["cpu_ratio_to_causal"] is None else f"{r['cpu_ratio_to_causal']:.2f}"
+        ratio, cpu_ratio = _ratio(r["ratio_to_causal"]), _ratio(r["cpu_ratio_to_causal"])
         print(
             f"{r['task']:10} {r['layout']:7} {r['seq_len']:>5} {r['variant']:10} {r['ms']:>9.1f} {r['tokens_per_s']:>9.1f} {ratio:>9} "
             f"{r['cpu_ms']:>9.1f} {cpu_ratio:>9}"
+            + (f" {r['peak_mib']:>9.1f} {_ratio(r['peak_ratio_to_causal']):>9}" if args.memory else "")
         )
     return 0
 

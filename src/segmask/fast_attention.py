@@ -316,7 +316,7 @@ class _PlannedAttention(torch.autograd.Function):
         repeats = heads // value.shape[1]  # grouped-query attention in a grouped kernel
         for first, last, start, end in calls.selfs:  # attends to itself only
             queries = everything.queries(start, end)
-            out[first:last, :, queries] = _repeat_heads(value[first:last, :, start:end], repeats)
+            out[first:last, :, queries] = value[first:last, :, start:end].repeat_interleave(repeats, dim=1)
             lse[first:last, :, queries] = 0.0
         out = out.to(query.dtype)
         ctx.save_for_backward(query, key, value, out, lse)
@@ -486,7 +486,7 @@ def layout_attention(
         return dense_attention(query, key, value, layout, scaling, dropout)
     if key.shape[1] != query.shape[1] and not chosen.grouped:
         # grouped-query attention for a kernel that needs as many key/value heads as query heads
-        key, value = (_repeat_heads(t, query.shape[1] // key.shape[1]) for t in (key, value))
+        key, value = (t.repeat_interleave(query.shape[1] // key.shape[1], dim=1) for t in (key, value))
     scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
     size = block_rows(key.shape[2], PIECE)
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))):
@@ -496,16 +496,9 @@ def layout_attention(
     return _PlannedAttention.apply(query, key, value, calls, scale, size, chosen)
 
 
-def _repeat_heads(x: Tensor, repeats: int) -> Tensor:
-    """``[B, Hkv, ...]`` -> ``[B, Hkv * repeats, ...]``: head ``h`` is key/value head ``h // repeats``."""
-    if repeats == 1:
-        return x
-    return x.unsqueeze(2).expand(-1, -1, repeats, *x.shape[2:]).flatten(1, 2)
-
-
 def _sum_groups(x: Tensor, heads: int) -> Tensor:
     """``[B, heads * repeats, ...]`` -> ``[B, heads, ...]``, summed over each head's group (the adjoint of
-    :func:`_repeat_heads`)."""
+    ``repeat_interleave(repeats, dim=1)``, which gives query head ``h`` key/value head ``h // repeats``)."""
     if x.shape[1] == heads:
         return x
     return x.unflatten(1, (heads, -1)).sum(2)

@@ -44,7 +44,7 @@ import functools
 import logging
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -74,41 +74,77 @@ IMPLEMENTATION = "segmask"
 # ------------------------------------------------------------------------------------------------ kernel
 
 
-def _take(x: Tensor, rows: Tensor, positions: Tensor) -> Tensor:
-    """``x [B, H, K, ...]`` at the entries ``(rows, positions)`` -> ``[H, n, ...]``.
+def _row_view(x: Tensor) -> tuple[Tensor, tuple[int, int, int]] | None:
+    """``x [B, H, K, ...]`` as a 2-D view ``[N, inner]`` of its memory (``inner`` = the size of its trailing
+    dimension, or 1 without one) and the strides of its batch, head and position dimensions in rows of that
+    view; None if ``x``'s strides do not allow such a view.
 
-    One ``index_select`` over a contiguous tensor where the layout allows it (one row, positions outermost
-    or not; or rows and positions adjacent in memory, as in the kernel's ``[B, K, H, D]`` outputs), which
-    is 2-3x faster on CPU than advanced indexing. ``index_select`` copies a non-contiguous input whole
-    first (the ``[B, H, K, D]`` transposed view of ``[B, K, H, D]`` that a model's projections give), so
-    such a row is taken along its outermost dimension instead."""
-    if x.shape[0] == 1:
-        row = x[0]
-        by_position = row.transpose(0, 1)  # [K, H, ...]
-        if by_position.is_contiguous():
-            return by_position.index_select(0, positions).transpose(0, 1)
-        if row.is_contiguous():
-            return row.index_select(1, positions)
-        return row[:, positions]
-    if x.stride(0) == x.shape[2] * x.stride(2):  # [B * K, H, ...] is a view
-        flat = x.transpose(1, 2).view(-1, *x.shape[1:2], *x.shape[3:])
-        return flat.index_select(0, rows * x.shape[2] + positions).transpose(0, 1)
-    return x[rows, :, positions].transpose(0, 1)
+    One ``index_select`` (or ``index_copy_``) over this view reads (or writes) the entries of any batch row
+    in any memory layout (contiguous ``[B, H, K, D]``, the transposed view of ``[B, K, H, D]`` that a model's
+    projections give, a slice of a fused projection) without copying ``x`` first, which ``index_select`` on a
+    non-contiguous tensor does, and about 5x faster than advanced indexing over batch rows on CPU."""
+    inner = x.shape[3] if x.ndim == 4 else 1
+    if x.ndim == 4 and inner > 1 and x.stride(3) != 1:
+        return None
+    strides = [s if n > 1 else 0 for n, s in zip(x.shape[:3], x.stride()[:3])]
+    if any(s % inner for s in strides):
+        return None
+    count = 1 + sum((n - 1) * s for n, s in zip(x.shape[:3], strides)) // inner
+    return x.as_strided((count, inner), (inner, 1)), (
+        strides[0] // inner,
+        strides[1] // inner,
+        strides[2] // inner,
+    )
 
 
-def _put(x: Tensor, rows: Tensor, positions: Tensor, values: Tensor, add: bool) -> None:
+def _row_index(strides: tuple[int, int, int], heads: int, rows: Tensor, positions: Tensor) -> Tensor:
+    """Rows of a :func:`_row_view` holding the entries ``(rows, positions)`` of every head: ``[heads * n]``,
+    head-major."""
+    head_rows = torch.arange(heads, device=rows.device) * strides[1]
+    return (head_rows.unsqueeze(1) + (rows * strides[0] + positions * strides[2]).unsqueeze(0)).flatten()
+
+
+Where = tuple[Tensor, Tensor]
+"""A :func:`_row_view` and the rows of it that hold some entries (:func:`_row_index`)."""
+
+
+def _where(x: Tensor, rows: Tensor, positions: Tensor) -> Where | None:
+    view = _row_view(x)
+    if view is None:
+        return None
+    flat, strides = view
+    return flat, _row_index(strides, x.shape[1], rows, positions)
+
+
+def _take(x: Tensor, rows: Tensor | None, positions: Tensor | None, where: Where | None = None) -> Tensor:
+    """``x [B, H, K, ...]`` at the entries ``(rows, positions)`` -> ``[H, n, ...]`` (contiguous), in one
+    ``index_select`` over a 2-D view of ``x``'s memory (:func:`_row_view`); ``where``: that view and index,
+    if already known."""
+    where = where or _where(x, rows, positions)
+    if where is None:
+        return x[rows, :, positions].transpose(0, 1).contiguous()
+    flat, index = where
+    return flat.index_select(0, index).view(x.shape[1], -1, *x.shape[3:])
+
+
+def _put(
+    x: Tensor,
+    rows: Tensor | None,
+    positions: Tensor | None,
+    values: Tensor,
+    add: bool,
+    where: Where | None = None,
+) -> None:
     """Write (or with ``add``, add) ``values [H, n, ...]`` into ``x [B, H, K, ...]`` at the entries
-    ``(rows, positions)``, which are distinct."""
-    if x.shape[0] == 1:
-        (x[0].index_add_ if add else x[0].index_copy_)(1, positions, values.to(x.dtype))
-    elif x.stride(0) == x.shape[2] * x.stride(2):
-        flat = x.transpose(1, 2).view(-1, *x.shape[1:2], *x.shape[3:])
-        index = rows * x.shape[2] + positions
-        (flat.index_add_ if add else flat.index_copy_)(0, index, values.transpose(0, 1).to(x.dtype))
-    else:
+    ``(rows, positions)``, which are distinct; ``where`` as for :func:`_take`."""
+    where = where or _where(x, rows, positions)
+    if where is None:
         heads = torch.arange(x.shape[1], device=x.device)
-        where = (rows.unsqueeze(1), heads.unsqueeze(0), positions.unsqueeze(1))
-        x.index_put_(where, values.transpose(0, 1).to(x.dtype), accumulate=add)
+        index = (rows.unsqueeze(1), heads.unsqueeze(0), positions.unsqueeze(1))
+        x.index_put_(index, values.transpose(0, 1).to(x.dtype), accumulate=add)
+        return
+    flat, index = where
+    (flat.index_add_ if add else flat.index_copy_)(0, index, values.to(x.dtype).reshape(index.numel(), -1))
 
 
 @dataclass(frozen=True)
@@ -116,7 +152,8 @@ class _Reversed:
     """Index tensors of a :class:`Squares` batch: its squares one after another, each reversed and padded.
 
     Entries are ``(row, position)`` pairs, ``count * size`` of them; gathered from ``x [B, H, K, ...]`` they
-    form ``[count, H, size, ...]``, the kernel's batch of squares."""
+    form ``[count, H, size, ...]``, the kernel's batch of squares. Of each square's entries, the first
+    ``end - 1 - start`` are real, the rest padding."""
 
     rows: Tensor  # [count * size] batch rows
     queries: Tensor  # [count * size] query positions (absolute)
@@ -124,18 +161,52 @@ class _Reversed:
     padding: Tensor  # [count * size] True where an entry only pads a square
     real: Tensor  # indices of the other entries
     count: int
+    size: int
+    _index: dict = field(default_factory=dict, compare=False, repr=False)
 
-    def gather(self, x: Tensor, positions: Tensor, fill: float | None = None) -> Tensor:
-        """``x [B, H, K, ...]`` at ``(rows, positions)`` -> ``[count, H, size, ...]``; ``fill`` at the padding."""
-        x = _take(x, self.rows, positions)  # [H, count * size, ...]
+    def where(self, x: Tensor, entries: str, q_offset: int) -> Where | None:
+        """The :func:`_row_view` of ``x [B, H, K, ...]`` and the rows of it holding ``entries`` (see
+        :meth:`entry`), or None where ``x`` has no such view. The index is computed once per memory layout
+        and kept: every layer and step reuses it."""
+        view = _row_view(x)
+        if view is None:
+            return None
+        flat, strides = view
+        key = (entries, q_offset, strides, x.shape[1])
+        if key not in self._index:
+            self._index[key] = _row_index(strides, x.shape[1], *self.entry(entries, q_offset))
+        return flat, self._index[key]
+
+    def entry(self, entries: str, q_offset: int) -> tuple[Tensor, Tensor]:
+        """``(rows, positions)`` of ``entries``: ``"queries"`` or ``"keys"`` (every entry, padding included),
+        ``"real queries"`` or ``"real keys"`` (the real ones), or ``"squares"`` (the real entries of the
+        kernel's ``[count, H, size, ...]``). Query ``i`` is at position ``i - q_offset``."""
+        if entries == "squares":
+            return self.real // self.size, self.real % self.size
+        real, kind = entries.startswith("real "), entries.removeprefix("real ")
+        positions = self.queries - q_offset if kind == "queries" else self.keys
+        return (self.rows[self.real], positions[self.real]) if real else (self.rows, positions)
+
+    def take(self, x: Tensor, entries: str, q_offset: int = 0) -> Tensor:
+        """``x`` at ``entries`` (see :meth:`entry`) -> ``[H, n, ...]``."""
+        where = self.where(x, entries, q_offset)
+        return (
+            _take(x, *self.entry(entries, q_offset), where) if where is None else _take(x, None, None, where)
+        )
+
+    def put(self, x: Tensor, entries: str, q_offset: int, values: Tensor, add: bool) -> None:
+        """Write (or add) ``values [H, n, ...]`` into ``x`` at ``entries`` (see :meth:`entry`)."""
+        where = self.where(x, entries, q_offset)
+        rows, positions = (None, None) if where is not None else self.entry(entries, q_offset)
+        _put(x, rows, positions, values, add, where)
+
+    def gather(self, x: Tensor, entries: str, q_offset: int, fill: float | None = None) -> Tensor:
+        """``x [B, H, K, ...]`` at ``entries`` (``"queries"`` or ``"keys"``) -> ``[count, H, size, ...]``, the
+        kernel's batch of squares; ``fill`` at the padding."""
+        x = self.take(x, entries, q_offset)  # [H, count * size, ...]
         if fill is not None:
             x = x.masked_fill(self.padding.view(-1, *([1] * (x.ndim - 2))), fill)
         return x.view(x.shape[0], self.count, -1, *x.shape[2:]).transpose(0, 1)
-
-    def entries(self, x: Tensor) -> Tensor:
-        """``[count, H, size, ...]`` -> the real entries ``[H, m, ...]``, in the order of ``real``."""
-        x = x.transpose(0, 1)
-        return x.reshape(x.shape[0], -1, *x.shape[3:]).index_select(1, self.real)
 
 
 @functools.lru_cache(maxsize=256)
@@ -157,6 +228,7 @@ def _reversed(squares: Squares, device: torch.device) -> _Reversed:
         pad.to(device),
         torch.nonzero(~pad).flatten().to(device),
         len(squares.segments),
+        squares.size,
     )
 
 
@@ -202,21 +274,19 @@ def _block_forward(kernel: Kernel, block: Block, rows: _Rows) -> None:
 
 def _squares_forward(kernel: Kernel, squares: Squares, rows: _Rows) -> None:
     """Run one batch of reversed squares and merge it into ``rows.out`` and ``rows.lse`` at its queries."""
-    index = _reversed(squares, rows.q.device)
-    positions = index.queries - rows.q_offset
+    index, offset = _reversed(squares, rows.q.device), rows.q_offset
     part_out, part_lse = kernel.forward(
-        index.gather(rows.q, positions),
-        index.gather(rows.k, index.keys),
-        index.gather(rows.v, index.keys),
+        index.gather(rows.q, "queries", offset),
+        index.gather(rows.k, "keys", offset),
+        index.gather(rows.v, "keys", offset),
         True,
         rows.scale,
     )
-    real_rows, real_queries = index.rows[index.real], positions[index.real]
-    running_out = _take(rows.out, real_rows, real_queries)  # [H, m, D]
-    running_lse = _take(rows.lse, real_rows, real_queries)
-    _merge(running_out, running_lse, index.entries(part_out), index.entries(part_lse))
-    _put(rows.out, real_rows, real_queries, running_out, add=False)
-    _put(rows.lse, real_rows, real_queries, running_lse, add=False)
+    running_out = index.take(rows.out, "real queries", offset)  # [H, m, D]
+    running_lse = index.take(rows.lse, "real queries", offset)
+    _merge(running_out, running_lse, index.take(part_out, "squares"), index.take(part_lse, "squares"))
+    index.put(rows.out, "real queries", offset, running_out, add=False)
+    index.put(rows.lse, "real queries", offset, running_lse, add=False)
 
 
 def _block_backward(
@@ -253,26 +323,24 @@ def _squares_backward(
     kernel: Kernel, squares: Squares, rows: _Rows, grad_out: Tensor, grads: tuple[Tensor, ...]
 ) -> None:
     """Add one batch of reversed squares' share of the gradients to ``grads``."""
-    index = _reversed(squares, rows.q.device)
-    positions = index.queries - rows.q_offset
+    index, offset = _reversed(squares, rows.q.device), rows.q_offset
     # padding entries: no gradient, and a log-sum-exp that makes their probabilities 0
     dq, dk, dv = kernel.backward(
-        index.gather(grad_out, positions, 0.0),
-        index.gather(rows.q, positions),
-        index.gather(rows.k, index.keys),
-        index.gather(rows.v, index.keys),
-        index.gather(rows.out, positions),
-        index.gather(rows.lse, positions, torch.finfo(torch.float32).max),
+        index.gather(grad_out, "queries", offset, 0.0),
+        index.gather(rows.q, "queries", offset),
+        index.gather(rows.k, "keys", offset),
+        index.gather(rows.v, "keys", offset),
+        index.gather(rows.out, "queries", offset),
+        index.gather(rows.lse, "queries", offset, torch.finfo(torch.float32).max),
         True,
         rows.scale,
     )
-    real_rows = index.rows[index.real]
-    for grad, part, where in (
-        (grads[0], dq, positions),
-        (grads[1], dk, index.keys),
-        (grads[2], dv, index.keys),
+    for grad, part, entries in (
+        (grads[0], dq, "real queries"),
+        (grads[1], dk, "real keys"),
+        (grads[2], dv, "real keys"),
     ):
-        _put(grad, real_rows, where[index.real], index.entries(part), add=True)
+        index.put(grad, entries, offset, index.take(part, "squares"), add=True)
 
 
 def _covering_block(calls: Calls, batch: int, kv_len: int) -> Block | None:

@@ -285,12 +285,13 @@ def test_many_equal_short_segments_take_few_calls():
     assert calls.blocks == ((0, 1, Block(0, 1280, 0, 1280, causal=True)),)
     assert [(s.size, len(s.segments)) for s in calls.squares] == [(16, 16)] * 4
     assert calls.count() == 5 < 64
-    # four rows, shifted by 0, 5, 10, 15 causal tokens: still one causal call, and the 256 squares in
-    # batches of 4 x 256 queries (each row alone: 7 blocks and 4 batches, 44 calls in all)
+    # four rows, shifted by 0, 5, 10, 15 causal tokens: still one causal call, and the 252 squares in
+    # batches of at most 4 x 320 / 4 = 320 queries (a quarter of a 320-row block per row), which bounds their
+    # memory: 13 calls of 20 squares or fewer (each row planned alone: 7 blocks and 4 batches, 44 calls)
     rows = torch.full((4, 1280), -1)
     for row, shift in enumerate((0, 5, 10, 15)):
         rows[row, shift : shift + 1260] = equal_segments(63, 16, 4)
     calls = Layout(rows).calls(1280, 256)
     assert calls.blocks == ((0, 4, Block(0, 1280, 0, 1280, causal=True)),)
-    assert [(s.size, len(s.segments)) for s in calls.squares] == [(16, 64)] * 3 + [(16, 60)]
-    assert calls.count() == 5
+    assert [(s.size, len(s.segments)) for s in calls.squares] == [(16, 20)] * 12 + [(16, 12)]
+    assert calls.count() == 14 < 44

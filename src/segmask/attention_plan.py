@@ -74,11 +74,15 @@ class Layout:
         return self._plans[(q_len, piece)]
 
     def calls(self, q_len: int, piece: int = PIECE) -> Calls | None:
-        """:func:`batch_calls` of :meth:`plan`, computed once for every layer of the forward call."""
+        """:func:`batch_calls` of :meth:`plan`, computed once for every layer of the forward call.
+
+        A call of reversed squares holds at most a quarter of a block's rows per batch row, and at least
+        ``piece``: its gathered queries, keys and values stay a few percent of the output's memory (the
+        batch's squares grow the number of calls, not the peak)."""
         if (q_len, piece) not in self._calls:
             groups = self.plan(q_len, piece)
             batch, kv_len = self.segment_ids.shape
-            budget = batch * max(piece, block_rows(kv_len, piece) // 4)
+            budget = max(piece, batch * block_rows(kv_len, piece) // 4)
             self._calls[(q_len, piece)] = None if groups is None else batch_calls(groups, budget)
         return self._calls[(q_len, piece)]
 

@@ -53,3 +53,13 @@ def test_model_benchmark_with_memory_column(tmp_path):
         assert r["peak_mib"] > 0 and r["ms"] > 0
         if r["variant"] == "causal":
             assert r["peak_ratio_to_causal"] == 1.0
+
+
+def test_kernel_shapes_prints_causal_and_full_for_every_shape():
+    """benchmarks/kernel_shapes.py (quoted in RESULTS.md): one line per shape, causal beside unmasked."""
+    stdout = run_script("kernel_shapes.py", "--threads", "1", "--repeats", "1")
+    lines = [line for line in stdout.splitlines() if line.startswith("[")]
+    assert len(lines) == 8
+    for line in lines:
+        ratio = float(line.split()[-1])
+        assert ratio > 0

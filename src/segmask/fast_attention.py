@@ -166,16 +166,21 @@ class _Reversed:
 
     def where(self, x: Tensor, entries: str, q_offset: int) -> Where | None:
         """The :func:`_row_view` of ``x [B, H, K, ...]`` and the rows of it holding ``entries`` (see
-        :meth:`entry`), or None where ``x`` has no such view. The index is computed once per memory layout
-        and kept: every layer and step reuses it."""
+        :meth:`entry`), or None where ``x`` has no such view. Each entry's row in the first head is kept per
+        memory layout (every layer and step reuses it; one offset per entry, so the kept indices stay the
+        size of the batch's positions); each head's rows are that plus the head's offset."""
         view = _row_view(x)
         if view is None:
             return None
         flat, strides = view
-        key = (entries, q_offset, strides, x.shape[1])
+        key = (entries, q_offset, strides)
         if key not in self._index:
-            self._index[key] = _row_index(strides, x.shape[1], *self.entry(entries, q_offset))
-        return flat, self._index[key]
+            rows, positions = self.entry(entries, q_offset)
+            self._index[key] = rows * strides[0] + positions * strides[2]
+        heads_key = ("heads", x.shape[1], strides[1])
+        if heads_key not in self._index:
+            self._index[heads_key] = (torch.arange(x.shape[1], device=x.device) * strides[1]).unsqueeze(1)
+        return flat, (self._index[heads_key] + self._index[key].unsqueeze(0)).view(-1)
 
     def entry(self, entries: str, q_offset: int) -> tuple[Tensor, Tensor]:
         """``(rows, positions)`` of ``entries``: ``"queries"`` or ``"keys"`` (every entry, padding included),

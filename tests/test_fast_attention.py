@@ -617,3 +617,19 @@ def test_put_writes_exactly_its_entries_in_every_layout(batch, add):
         expected_lse[rows, :, positions] = values[..., 0].transpose(0, 1)
         fast_attention._put(lse, rows, positions, values[..., 0], add=False)
         assert torch.equal(lse, expected_lse), name
+
+
+@pytest.mark.parametrize("kernel", ["cpu-flash", "reference"])
+def test_inputs_without_a_row_view_match_dense(kernel):
+    """q, k, v whose head dimension is not innermost (no 2-D row view of their memory): the squares'
+    gathers and scatters take the advanced-indexing route, and the result still equals the dense mask,
+    outputs and gradients, for two rows of many short segments."""
+    segment_ids = torch.tensor([[0, 0, 0, -1, 1, 1, 1, 1, -1, -1, 2, 2, -1, 3, 3, 3]] * 2)
+    segment_ids[1, 4:8] = -1
+    q, k, v, grad = random_qkv(2, 16, 16, 2, 2, 8)
+    q, k, v = (t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in (q, k, v))
+    assert fast_attention._row_view(q) is None
+    fast = outputs_and_grads(lambda *t: mas_attention(*t, segment_ids, kernel=kernel), q, k, v, grad)
+    dense = outputs_and_grads(lambda *t: reference(*t, segment_ids), q, k, v, grad)
+    for a, b in zip(fast, dense):
+        assert (a - b).abs().max() < TOLERANCE

@@ -20,9 +20,14 @@ def random_qkv(batch, length, q_heads, kv_heads, head_dim=8, seed=0):
     return q, k, v, grad
 
 
-def test_reference_kernel_equals_cpu_flash():
-    """Both kernels' outputs, log-sum-exps and backward (given another call's merged output and lse)."""
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "head dim strided"])
+def test_reference_kernel_equals_cpu_flash(strided):
+    """Both kernels' outputs, log-sum-exps and backward (given another call's merged output and lse), also
+    for inputs whose head dimension is not contiguous, which torch's flash operators misread unguarded."""
     q, k, v, grad = random_qkv(2, 12, 3, 3)
+    if strided:
+        q, k, v, grad = (t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in (q, k, v, grad))
+        assert q.stride(-1) != 1
     for causal in (False, True):
         flash = kernels.CPU_FLASH.forward(q, k, v, causal, 0.3)
         ref = kernels.REFERENCE.forward(q, k, v, causal, 0.3)
@@ -30,6 +35,8 @@ def test_reference_kernel_equals_cpu_flash():
             assert (a - b).abs().max() < TOLERANCE
         # a merged output and lse over more keys than this call's: each backward returns its share
         out, lse = flash[0] * 0.5, flash[1] + 0.7
+        if strided:
+            out = out.transpose(-1, -2).contiguous().transpose(-1, -2)
         for a, b in zip(
             kernels.CPU_FLASH.backward(grad, q, k, v, out, lse, causal, 0.3),
             kernels.REFERENCE.backward(grad, q, k, v, out, lse, causal, 0.3),

@@ -97,54 +97,52 @@ def _row_view(x: Tensor) -> tuple[Tensor, tuple[int, int, int]] | None:
     )
 
 
-def _row_index(strides: tuple[int, int, int], heads: int, rows: Tensor, positions: Tensor) -> Tensor:
-    """Rows of a :func:`_row_view` holding the entries ``(rows, positions)`` of every head: ``[heads * n]``,
-    head-major."""
-    head_rows = torch.arange(heads, device=rows.device) * strides[1]
-    return (head_rows.unsqueeze(1) + (rows * strides[0] + positions * strides[2]).unsqueeze(0)).flatten()
+def _row_index(strides: tuple[int, int, int], heads: int, first_head: Tensor) -> Tensor:
+    """Rows of a :func:`_row_view` holding some entries in every head, ``[heads * n]`` head-major, from
+    ``first_head`` ``[n]``: the entries' rows in head 0 (``row * strides[0] + position * strides[2]``)."""
+    head_rows = torch.arange(heads, device=first_head.device) * strides[1]
+    return (head_rows.unsqueeze(1) + first_head.unsqueeze(0)).view(-1)
 
 
 Where = tuple[Tensor, Tensor]
 """A :func:`_row_view` and the rows of it that hold some entries (:func:`_row_index`)."""
 
 
-def _where(x: Tensor, rows: Tensor, positions: Tensor) -> Where | None:
-    view = _row_view(x)
-    if view is None:
-        return None
-    flat, strides = view
-    return flat, _row_index(strides, x.shape[1], rows, positions)
-
-
-def _take(x: Tensor, rows: Tensor | None, positions: Tensor | None, where: Where | None = None) -> Tensor:
-    """``x [B, H, K, ...]`` at the entries ``(rows, positions)`` -> ``[H, n, ...]`` (contiguous), in one
-    ``index_select`` over a 2-D view of ``x``'s memory (:func:`_row_view`); ``where``: that view and index,
-    if already known."""
-    where = where or _where(x, rows, positions)
-    if where is None:
-        return x[rows, :, positions].transpose(0, 1).contiguous()
+def _select(x: Tensor, where: Where) -> Tensor:
+    """The entries of ``x [B, H, K, ...]`` at ``where`` -> ``[H, n, ...]`` (contiguous): one ``index_select``."""
     flat, index = where
     return flat.index_select(0, index).view(x.shape[1], -1, *x.shape[3:])
 
 
-def _put(
-    x: Tensor,
-    rows: Tensor | None,
-    positions: Tensor | None,
-    values: Tensor,
-    add: bool,
-    where: Where | None = None,
-) -> None:
+def _scatter(x: Tensor, where: Where, values: Tensor, add: bool) -> None:
+    """Write (or with ``add``, add) ``values [H, n, ...]`` into ``x`` at ``where`` (distinct entries)."""
+    flat, index = where
+    (flat.index_add_ if add else flat.index_copy_)(0, index, values.to(x.dtype).reshape(index.numel(), -1))
+
+
+def _take(x: Tensor, rows: Tensor, positions: Tensor) -> Tensor:
+    """``x [B, H, K, ...]`` at the entries ``(rows, positions)`` -> ``[H, n, ...]`` (contiguous): one
+    ``index_select`` over a 2-D view of ``x``'s memory (:func:`_row_view`), or advanced indexing where
+    ``x`` has none."""
+    view = _row_view(x)
+    if view is None:
+        return x[rows, :, positions].transpose(0, 1).contiguous()
+    flat, strides = view
+    return _select(x, (flat, _row_index(strides, x.shape[1], rows * strides[0] + positions * strides[2])))
+
+
+def _put(x: Tensor, rows: Tensor, positions: Tensor, values: Tensor, add: bool) -> None:
     """Write (or with ``add``, add) ``values [H, n, ...]`` into ``x [B, H, K, ...]`` at the entries
-    ``(rows, positions)``, which are distinct; ``where`` as for :func:`_take`."""
-    where = where or _where(x, rows, positions)
-    if where is None:
+    ``(rows, positions)``, which are distinct (as :func:`_take`)."""
+    view = _row_view(x)
+    if view is None:
         heads = torch.arange(x.shape[1], device=x.device)
         index = (rows.unsqueeze(1), heads.unsqueeze(0), positions.unsqueeze(1))
         x.index_put_(index, values.transpose(0, 1).to(x.dtype), accumulate=add)
         return
-    flat, index = where
-    (flat.index_add_ if add else flat.index_copy_)(0, index, values.to(x.dtype).reshape(index.numel(), -1))
+    flat, strides = view
+    where = (flat, _row_index(strides, x.shape[1], rows * strides[0] + positions * strides[2]))
+    _scatter(x, where, values, add)
 
 
 @dataclass(frozen=True)
@@ -166,9 +164,8 @@ class _Reversed:
 
     def where(self, x: Tensor, entries: str, q_offset: int) -> Where | None:
         """The :func:`_row_view` of ``x [B, H, K, ...]`` and the rows of it holding ``entries`` (see
-        :meth:`entry`), or None where ``x`` has no such view. Each entry's row in the first head is kept per
-        memory layout (every layer and step reuses it; one offset per entry, so the kept indices stay the
-        size of the batch's positions); each head's rows are that plus the head's offset."""
+        :meth:`entry`), or None where ``x`` has no such view. The entries' rows in head 0 are kept per
+        memory layout (every layer and step reuses them; one offset per entry, not per head and entry)."""
         view = _row_view(x)
         if view is None:
             return None
@@ -177,10 +174,7 @@ class _Reversed:
         if key not in self._index:
             rows, positions = self.entry(entries, q_offset)
             self._index[key] = rows * strides[0] + positions * strides[2]
-        heads_key = ("heads", x.shape[1], strides[1])
-        if heads_key not in self._index:
-            self._index[heads_key] = (torch.arange(x.shape[1], device=x.device) * strides[1]).unsqueeze(1)
-        return flat, (self._index[heads_key] + self._index[key].unsqueeze(0)).view(-1)
+        return flat, _row_index(strides, x.shape[1], self._index[key])
 
     def entry(self, entries: str, q_offset: int) -> tuple[Tensor, Tensor]:
         """``(rows, positions)`` of ``entries``: ``"queries"`` or ``"keys"`` (every entry, padding included),
@@ -195,15 +189,15 @@ class _Reversed:
     def take(self, x: Tensor, entries: str, q_offset: int = 0) -> Tensor:
         """``x`` at ``entries`` (see :meth:`entry`) -> ``[H, n, ...]``."""
         where = self.where(x, entries, q_offset)
-        return (
-            _take(x, *self.entry(entries, q_offset), where) if where is None else _take(x, None, None, where)
-        )
+        return _take(x, *self.entry(entries, q_offset)) if where is None else _select(x, where)
 
     def put(self, x: Tensor, entries: str, q_offset: int, values: Tensor, add: bool) -> None:
         """Write (or add) ``values [H, n, ...]`` into ``x`` at ``entries`` (see :meth:`entry`)."""
         where = self.where(x, entries, q_offset)
-        rows, positions = (None, None) if where is not None else self.entry(entries, q_offset)
-        _put(x, rows, positions, values, add, where)
+        if where is None:
+            _put(x, *self.entry(entries, q_offset), values, add)
+        else:
+            _scatter(x, where, values, add)
 
     def gather(self, x: Tensor, entries: str, q_offset: int, fill: float | None = None) -> Tensor:
         """``x [B, H, K, ...]`` at ``entries`` (``"queries"`` or ``"keys"``) -> ``[count, H, size, ...]``, the

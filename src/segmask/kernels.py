@@ -79,7 +79,15 @@ _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 _FLASH_CPU_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 
 
+def _unit_stride(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """The tensors with their last dimension contiguous (copied only where it is not): torch's CPU flash
+    operators read the head dimension as contiguous without checking, and return wrong numbers (not an
+    error) for a tensor whose head dimension is strided (``tests/test_kernels.py`` shows it)."""
+    return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in tensors)
+
+
 def _cpu_flash_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    q, k, v = _unit_stride(q, k, v)
     out, lse = _FLASH_CPU(q, k, v, 0.0, causal, scale=scale)
     return _check_output("aten._scaled_dot_product_flash_attention_for_cpu", q, out, lse)
 
@@ -87,6 +95,7 @@ def _cpu_flash_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: flo
 def _cpu_flash_backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
+    grad_out, q, k, v, out = _unit_stride(grad_out, q, k, v, out)
     grads = _FLASH_CPU_BACKWARD(grad_out, q, k, v, out, lse, 0.0, causal, scale=scale)
     if tuple(g.shape for g in grads) != (q.shape, k.shape, v.shape):
         raise KernelChangedError(

@@ -8,7 +8,8 @@
 For each sequence length and segment layout, forward ("fwd") and forward + backward ("fwd+bwd") of
     causal-sdpa   scaled_dot_product_attention(is_causal=True): the floor MAS is compared to
     mas-dense     SDPA with the dense [B, 1, L, L] MAS mask (segmask.masks.sdpa_mask)
-    mas-fast      segmask.fast_attention.mas_attention (no L x L mask)
+    mas-fast      segmask.fast_attention.mas_attention (no L x L mask), over one Layout per length
+                  (layout_attention), whose plan every step reuses as a model's layers do
     mas-flex      FlexAttention with segmask.masks.block_mask (compiled; forward only where backward fails)
 Times are medians over repeats in which the implementations take turns, so that load from other
 processes hits all of them alike: wall-clock ``ms`` and the process's CPU time ``cpu_ms`` (steadier when
@@ -45,9 +46,9 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention
 from torch.profiler import ProfilerActivity, profile
 
-from segmask import masks
-from segmask.attention_plan import PIECE, Layout
-from segmask.fast_attention import mas_attention
+from segmask import kernels, masks
+from segmask.attention_plan import BAND, PIECE, Layout
+from segmask.fast_attention import layout_attention, mas_attention
 
 IMPLS = ("causal-sdpa", "mas-dense", "mas-fast", "mas-flex")
 LAYOUTS = ("prompt", "chat", "fewshot")
@@ -110,9 +111,11 @@ def pair_ratio(segment_ids: torch.Tensor) -> float:
     return pairs / (batch * seq_len * (seq_len + 1) / 2)
 
 
-def fast_calls(segment_ids: torch.Tensor) -> int:
-    """Kernel calls of the fast path per forward (and per backward) for these ids."""
-    return Layout(segment_ids).calls(segment_ids.shape[1], PIECE).count()
+def fast_calls(segment_ids: torch.Tensor, kernel: str | None = None) -> int:
+    """Kernel calls of the fast path per forward (and per backward) for these ids: band tiles for a kernel
+    that takes a mask, reversed squares for one that does not."""
+    masked = kernels.select(segment_ids.device, kernel).masked
+    return Layout(segment_ids).calls(segment_ids.shape[1], PIECE, BAND if masked else 0).count()
 
 
 def implementations(segment_ids: torch.Tensor, kernel: str | None = None) -> dict[str, tuple[Callable, int]]:
@@ -122,6 +125,7 @@ def implementations(segment_ids: torch.Tensor, kernel: str | None = None) -> dic
     plan likewise, on its first call); their memory counts towards each step's peak.
     """
     dense_mask = masks.sdpa_mask(segment_ids)
+    layout = Layout(segment_ids)  # the fast path's plan, computed on its first call, then kept
     flex_mask = masks.block_mask(segment_ids)
     flex_bytes = sum(
         t.numel() * t.element_size() for t in flex_mask.as_tuple() if isinstance(t, torch.Tensor)
@@ -133,7 +137,7 @@ def implementations(segment_ids: torch.Tensor, kernel: str | None = None) -> dic
             lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask),
             dense_mask.numel() * dense_mask.element_size(),
         ),
-        "mas-fast": (lambda q, k, v: mas_attention(q, k, v, segment_ids, kernel=kernel), 0),
+        "mas-fast": (lambda q, k, v: layout_attention(q, k, v, layout, kernel=kernel), 0),
         "mas-flex": (lambda q, k, v: compiled_flex(q, k, v, block_mask=flex_mask), flex_bytes),
     }
 
@@ -208,7 +212,7 @@ def check(args: argparse.Namespace, layout: str, seq_len: int) -> bool:
 
 def measure(args: argparse.Namespace, layout: str, seq_len: int, backward: bool) -> list[dict]:
     segment_ids = layout_ids(layout, seq_len, args.batch)
-    ratio, calls = pair_ratio(segment_ids), fast_calls(segment_ids)
+    ratio, calls = pair_ratio(segment_ids), fast_calls(segment_ids.to(args.device), args.kernel)
     torch.manual_seed(0)
     shape = (args.batch, args.heads, seq_len, args.head_dim)
     inputs = tuple(

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from segmask import attention_plan, masks
 from segmask.attention_plan import (
+    Band,
     Block,
     Layout,
     Plan,
@@ -73,6 +74,46 @@ def test_literal_plan_against_a_cache_and_with_padding():
     )
     # a row of padding only: every query attends to itself
     assert row([0, 0, -1, -1], mask=[0, 0, 0, 0]) == Plan((), (), ((0, 4),))
+
+
+def test_literal_plan_with_bands():
+    """With a masked kernel, a causal stretch with short segments is tiles of ``band`` queries: each tile's
+    own keys in a band call, the keys before its group as a full block, and a segment crossing a tile's
+    end as a full block of its queries over its keys beyond."""
+    ids = torch.tensor([0, 0, -1, 1, 1, 1, -1, -1, 2, 2, 2, -1])
+    assert plan_row(ids, None, None, 12, 4, False, 4) == Plan(
+        (
+            Block(3, 4, 4, 6, merge=True),  # segment (3, 6) crosses the first tile's end
+            Block(4, 8, 0, 4, merge=True),
+            Block(8, 12, 0, 8, merge=True),
+        ),
+        bands=(
+            Band(0, 4, 1, ((0, 2), (3, 6))),
+            Band(4, 4, 1, ((3, 6),)),
+            Band(8, 4, 1, ((8, 11),)),
+        ),
+    )
+    # a stretch without short segments stays causal blocks (no mask); long segments stay full blocks
+    assert plan_row(torch.tensor([0, 0, 0, 0, -1, -1]), None, None, 6, 4, False, 4) == row(
+        [0, 0, 0, 0, -1, -1], piece=4
+    )
+
+
+def test_literal_band_mask():
+    """In a tile, a query sees the tile's keys up to itself, or to its segment's end when in one (even one
+    that began in an earlier tile or ends in a later one): ``reach`` counts them, ``mask`` hides the rest."""
+    band = Band(4, 4, 2, ((3, 6), (9, 14)))
+    assert band.reach().tolist() == [[2, 2, 3, 4], [1, 4, 4, 4]]
+    assert band.mask()[0].int().tolist() == [[0, 0, 1, 1], [0, 0, 1, 1], [0, 0, 0, 1], [0, 0, 0, 0]]
+    assert band.mask()[1].int().tolist() == [[0, 1, 1, 1], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+    additive = Layout(torch.zeros(1, 12, dtype=torch.long)).band_mask(
+        band, torch.float32, torch.device("cpu")
+    )
+    assert additive.shape == (2, 1, 4, 4)
+    assert (
+        torch.equal(additive[:, 0] == float("-inf"), band.mask())
+        and (additive[:, 0][~band.mask()] == 0).all()
+    )
 
 
 @pytest.mark.parametrize(
@@ -139,14 +180,26 @@ def test_a_layout_plans_once(monkeypatch):
     assert len(calls) == 3
 
 
-def coverage(segment_ids, attention_mask=None, document_ids=None, q_len=None, piece=3) -> torch.Tensor:
+def add_band(count: torch.Tensor, rows, band: Band, offset: int) -> None:
+    """Count the pairs a band's tiles cover into ``count [B, Q, K]``."""
+    seen = (~band.mask()).long()
+    for tile in range(band.count):
+        start = band.start + tile * band.size
+        count[rows, start - offset : start - offset + band.size, start : start + band.size] += seen[tile]
+
+
+def coverage(
+    segment_ids, attention_mask=None, document_ids=None, q_len=None, piece=3, band=0
+) -> torch.Tensor:
     """How many pieces of the plan cover each (query, key) pair: ``[B, Q, K]`` counts."""
     batch, kv_len = segment_ids.shape
     q_len = kv_len if q_len is None else q_len
     offset = kv_len - q_len
     count = torch.zeros(batch, q_len, kv_len, dtype=torch.long)
-    for first, last, plan in plan_layout(segment_ids, attention_mask, document_ids, q_len, piece):
+    for first, last, plan in plan_layout(segment_ids, attention_mask, document_ids, q_len, piece, band):
         rows = slice(first, last)
+        for tiles in plan.bands:
+            add_band(count, rows, tiles, offset)
         for block in plan.blocks:
             area = torch.ones(block.q_end - block.q_start, block.k_end - block.k_start, dtype=torch.long)
             if block.causal:
@@ -195,12 +248,12 @@ def layouts(draw):
     return segment_ids, attention_mask, document_ids, q_len
 
 
-@settings(max_examples=80, deadline=None)
-@given(layout=layouts(), piece=st.sampled_from([1, 3, 256]))
-def test_plan_covers_each_allowed_pair_exactly_once(layout, piece):
+@settings(max_examples=120, deadline=None)
+@given(layout=layouts(), piece=st.sampled_from([1, 3, 256]), band=st.sampled_from([0, 1, 2, 4]))
+def test_plan_covers_each_allowed_pair_exactly_once(layout, piece, band):
     """The plan's pieces are disjoint and their union is the mask; a padded query with no key covers itself."""
     segment_ids, attention_mask, document_ids, q_len = layout
-    count = coverage(segment_ids, attention_mask, document_ids, q_len, piece)
+    count = coverage(segment_ids, attention_mask, document_ids, q_len, piece, band)
     expected = masks.sdpa_mask(segment_ids, attention_mask, document_ids, q_len)[:, 0]
     assert torch.equal(count, expected.long())
 
@@ -226,7 +279,9 @@ def test_literal_calls_of_a_batch():
     assert calls.count() == 9
 
 
-def calls_coverage(segment_ids, attention_mask=None, document_ids=None, q_len=None, piece=3, budget=8):
+def calls_coverage(
+    segment_ids, attention_mask=None, document_ids=None, q_len=None, piece=3, budget=8, band=0
+):
     """Like :func:`coverage`, through :func:`batch_calls`; also checks that every query is written (by a
     non-merging block or as a self) exactly once and before any merge into it."""
     batch, kv_len = segment_ids.shape
@@ -234,8 +289,11 @@ def calls_coverage(segment_ids, attention_mask=None, document_ids=None, q_len=No
     offset = kv_len - q_len
     count = torch.zeros(batch, q_len, kv_len, dtype=torch.long)
     written = torch.zeros(batch, q_len, dtype=torch.long)
-    groups = plan_layout(segment_ids, attention_mask, document_ids, q_len, piece)
+    groups = plan_layout(segment_ids, attention_mask, document_ids, q_len, piece, band)
     calls = batch_calls(groups, budget)
+    for first, last, tiles in calls.bands:  # the fast path runs them first: they write
+        written[first:last, tiles.start - offset : tiles.end - offset] += 1
+        add_band(count, slice(first, last), tiles, offset)
     for first, last, start, end in calls.selfs:
         for i in range(start, end):
             count[first:last, i - offset, i] += 1
@@ -262,11 +320,16 @@ def calls_coverage(segment_ids, attention_mask=None, document_ids=None, q_len=No
     return count
 
 
-@settings(max_examples=80, deadline=None)
-@given(layout=layouts(), piece=st.sampled_from([1, 3, 256]), budget=st.sampled_from([1, 8, 64]))
-def test_calls_cover_each_allowed_pair_exactly_once(layout, piece, budget):
+@settings(max_examples=120, deadline=None)
+@given(
+    layout=layouts(),
+    piece=st.sampled_from([1, 3, 256]),
+    budget=st.sampled_from([1, 8, 64]),
+    band=st.sampled_from([0, 1, 2, 4]),
+)
+def test_calls_cover_each_allowed_pair_exactly_once(layout, piece, budget, band):
     segment_ids, attention_mask, document_ids, q_len = layout
-    count = calls_coverage(segment_ids, attention_mask, document_ids, q_len, piece, budget)
+    count = calls_coverage(segment_ids, attention_mask, document_ids, q_len, piece, budget, band)
     expected = masks.sdpa_mask(segment_ids, attention_mask, document_ids, q_len)[:, 0]
     assert torch.equal(count, expected.long())
 

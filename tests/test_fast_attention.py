@@ -29,8 +29,17 @@ TOLERANCE = 1e-5
 
 @pytest.fixture(autouse=True)
 def _small_pieces(monkeypatch):
-    """Tiny sequences exercise both long-segment blocks and reversed squares only with a small piece."""
+    """Tiny sequences exercise long-segment blocks, band tiles (several per stretch, segments crossing
+    them) and reversed squares only with a small piece and a small band."""
     monkeypatch.setattr(fast_attention, "PIECE", 3)
+    monkeypatch.setattr(fast_attention, "BAND", 2)
+
+
+# the CPU flash kernel without its mask: the plan then takes reversed squares instead of band tiles (as for
+# a kernel that takes no mask, like cuda-flash), so that path is checked on CPU too
+SQUARES = kernels.Kernel(
+    "cpu-flash, unmasked", kernels.CPU_FLASH.forward, kernels.CPU_FLASH.backward, "cpu", grouped=True
+)
 
 
 def random_qkv(batch, q_len, kv_len, q_heads=4, kv_heads=2, head_dim=8, seed=0):
@@ -132,7 +141,9 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("kernel", ["cpu-flash", "reference"])
+@pytest.mark.parametrize(
+    "kernel", ["cpu-flash", "reference", SQUARES], ids=["cpu-flash", "reference", "squares"]
+)
 @pytest.mark.parametrize("heads", [(4, 4), (4, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
 @pytest.mark.parametrize("case", CASES)
 def test_matches_dense_reference(case, heads, kernel):
@@ -190,17 +201,20 @@ def test_causal_token_never_sees_a_later_token():
     assert not torch.allclose(out[:, :, 5:], changed[:, :, 5:])
 
 
-@settings(max_examples=120, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(
-    layout=layouts(), piece=st.sampled_from([1, 3, 256]), kernel=st.sampled_from(["cpu-flash", "reference"])
+    layout=layouts(),
+    piece=st.sampled_from([1, 3, 256]),
+    band=st.sampled_from([1, 2, 4, 256]),
+    kernel=st.sampled_from(["cpu-flash", "reference", SQUARES]),
 )
-def test_random_layouts_match_dense(layout, piece, kernel):
-    fast_attention.PIECE = piece
+def test_random_layouts_match_dense(layout, piece, band, kernel):
+    fast_attention.PIECE, fast_attention.BAND = piece, band
     try:
         segment_ids, attention_mask, document_ids, q_len = layout
         assert_matches_dense(segment_ids, attention_mask, document_ids, q_len, kernel)
     finally:
-        fast_attention.PIECE = 3
+        fast_attention.PIECE, fast_attention.BAND = 3, 2
 
 
 def test_one_causal_call_when_the_batch_shares_a_causal_stretch(monkeypatch):
@@ -418,7 +432,7 @@ def test_a_changed_flash_operator_raises(monkeypatch):
 class CountingKernel:
     """A kernel that counts its forward and backward calls (through the seam every call goes through)."""
 
-    def __init__(self, inner=kernels.CPU_FLASH):
+    def __init__(self, inner=kernels.CPU_FLASH, masked=False):
         self.forward_calls = self.backward_calls = 0
 
         def forward(*args):
@@ -429,7 +443,7 @@ class CountingKernel:
             self.backward_calls += 1
             return inner.backward(*args)
 
-        self.kernel = kernels.Kernel("counting", forward, backward, inner.device)
+        self.kernel = kernels.Kernel("counting", forward, backward, inner.device, masked=masked)
 
 
 # ------------------------------------------------------------------------- many short segments
@@ -482,12 +496,18 @@ MANY_SHORT = ("few-shot", "few-shot, rows differ", "few-shot, padded", "chat", "
 
 
 @pytest.mark.parametrize("blhd", [False, True], ids=["BHLD", "BLHD"])
-@pytest.mark.parametrize("kernel", ["cpu-flash", "reference"])
+@pytest.mark.parametrize(
+    "kernel, band",
+    [("cpu-flash", 256), ("cpu-flash", 64), ("reference", 64), (SQUARES, 256)],
+    ids=["cpu-flash", "cpu-flash, band 64", "reference, band 64", "squares"],
+)
 @pytest.mark.parametrize("name", MANY_SHORT)
-def test_many_short_segments_match_dense(monkeypatch, name, kernel, blhd):
-    """Segments of 8-32 tokens at the real piece (256): the batched reversed squares and shared causal
-    calls equal the dense mask, forward and backward, through either kernel and either memory layout."""
+def test_many_short_segments_match_dense(monkeypatch, name, kernel, band, blhd):
+    """Segments of 8-32 tokens at the real piece (256): band tiles (or, for a kernel without masks, the
+    batched reversed squares) and the full blocks merged into them equal the dense mask, forward and
+    backward, through either kernel and either memory layout."""
     monkeypatch.setattr(fast_attention, "PIECE", 256)
+    monkeypatch.setattr(fast_attention, "BAND", band)
     segment_ids, attention_mask, document_ids = _many_short(name)
     for q_len in (None, 100):
         assert_matches_dense(
@@ -497,7 +517,7 @@ def test_many_short_segments_match_dense(monkeypatch, name, kernel, blhd):
 
 @pytest.mark.parametrize("batch", [1, 4])
 def test_many_equal_short_segments_take_fewer_calls_than_segments(monkeypatch, batch):
-    """64 segments of 16 tokens (+ 4 answer tokens) at 1280 tokens: 1 causal call + 4 batches of 16
+    """Through a kernel without a mask (reversed squares): 64 segments of 16 tokens (+ 4 answer tokens) at 1280 tokens: 1 causal call + 4 batches of 16
     reversed squares, forward and backward, counted through the kernel seam; 4 such rows, each shifted:
     1 causal call for all rows + 13 batches of at most 20 squares (320 queries, the memory cap), 14 calls
     each way (each row alone would take 11, 44 in all)."""
@@ -511,6 +531,24 @@ def test_many_equal_short_segments_take_fewer_calls_than_segments(monkeypatch, b
     fast = outputs_and_grads(lambda *t: mas_attention(*t, segment_ids, kernel=counting.kernel), q, k, v, grad)
     calls = 5 if batch == 1 else 14
     assert (counting.forward_calls, counting.backward_calls) == (calls, calls)
+    dense = outputs_and_grads(lambda *t: reference(*t, segment_ids), q, k, v, grad)
+    for a, b in zip(fast, dense):
+        assert (a - b).abs().max() < TOLERANCE
+
+
+def test_band_tiles_take_one_masked_call_each_and_a_block_per_crossing(monkeypatch):
+    """The same 63 examples through a kernel that takes a mask: 5 band tiles of 256 queries (one masked call
+    each: a tile group holds at most a block's 320 rows), 4 blocks over the keys before a tile, and 3 for the
+    examples that cross a tile's end (at 512, 768 and 1024; the one ending at 256 does not cross): 12
+    forward calls, 14 backward (whose blocks take at most 640 keys a call, so the blocks over 768 and 1,024
+    keys take two), and the dense mask's result."""
+    monkeypatch.setattr(fast_attention, "PIECE", 256)
+    monkeypatch.setattr(fast_attention, "BAND", 256)
+    segment_ids = torch.tensor([sum(([s] * 16 + [-1] * 4 for s in range(64)), [])])
+    counting = CountingKernel(masked=True)
+    q, k, v, grad = random_qkv(1, 1280, 1280, 2, 2, 8)
+    fast = outputs_and_grads(lambda *t: mas_attention(*t, segment_ids, kernel=counting.kernel), q, k, v, grad)
+    assert (counting.forward_calls, counting.backward_calls) == (12, 14)
     dense = outputs_and_grads(lambda *t: reference(*t, segment_ids), q, k, v, grad)
     for a, b in zip(fast, dense):
         assert (a - b).abs().max() < TOLERANCE

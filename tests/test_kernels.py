@@ -45,6 +45,38 @@ def test_reference_kernel_equals_cpu_flash(strided):
 
 
 @pytest.mark.parametrize("kv_heads", [2, 1], ids=["gqa", "mqa"])
+def test_masked_kernels_equal_sdpa_with_the_mask(kv_heads):
+    """Both masked kernels take an additive ``[B, 1, Q, K]`` mask, also one broadcast over the batch (stride
+    0, as the fast path passes one tile's mask to every row): the output is SDPA's with that mask, the
+    log-sum-exp is over the seen keys only, and each backward is its share of a merged output's gradients."""
+    assert kernels.CPU_FLASH.masked and kernels.REFERENCE.masked and not kernels.CUDA_FLASH.masked
+    q, k, v, grad = random_qkv(3, 10, 4, kv_heads)
+    generator = torch.Generator().manual_seed(1)
+    hidden = torch.rand(1, 1, 10, 10, generator=generator) < 0.6
+    hidden[..., torch.arange(10), torch.arange(10)] = False  # every query sees at least one key
+    mask = torch.zeros(1, 1, 10, 10).masked_fill_(hidden, float("-inf")).expand(3, -1, -1, -1)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=~hidden, scale=0.3, enable_gqa=True
+    )
+    k_rep, v_rep = (t.repeat_interleave(4 // kv_heads, dim=1) for t in (k, v))
+    scores = (q @ k_rep.transpose(-1, -2) * 0.3).masked_fill(hidden, float("-inf"))
+    for kernel, keys, values in ((kernels.CPU_FLASH, k, v), (kernels.REFERENCE, k_rep, v_rep)):
+        out, lse = kernel.forward(q, keys, values, False, 0.3, mask)
+        assert (out - expected).abs().max() < TOLERANCE
+        assert (lse - torch.logsumexp(scores, -1)).abs().max() < TOLERANCE
+    merged_out, merged_lse = out * 0.5, lse + 0.7
+    flash = kernels.CPU_FLASH.backward(grad, q, k, v, merged_out, merged_lse, False, 0.3, mask)
+    ref = kernels.REFERENCE.backward(grad, q, k_rep, v_rep, merged_out, merged_lse, False, 0.3, mask)
+    assert (flash[0] - ref[0]).abs().max() < TOLERANCE
+    for grouped, repeated in zip(flash[1:], ref[1:]):
+        assert (grouped - repeated.unflatten(1, (kv_heads, -1)).sum(2)).abs().max() < TOLERANCE
+    with pytest.raises(ValueError, match="a masked call takes causal=False and a mask"):
+        kernels.CPU_FLASH.forward(q, k, v, True, 0.3, mask)
+    with pytest.raises(ValueError, match="a masked call takes causal=False and a mask"):
+        kernels.REFERENCE.forward(q, k_rep, v_rep, False, 0.3, mask[:, :, :5])
+
+
+@pytest.mark.parametrize("kv_heads", [2, 1], ids=["gqa", "mqa"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_cpu_flash_takes_grouped_heads_as_repeated_ones(causal, kv_heads):
     """The CPU flash kernel is marked ``grouped``: its torch operators take k, v with fewer heads, query

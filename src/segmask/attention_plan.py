@@ -20,6 +20,27 @@ later tokens of short segments::
       7     P P P P P P C C ⬚   C  Block(6, 9, 6, 9, causal=True, merge=True)
       8     P P P P P P C C C
 
+Short segments with a kernel that takes a mask (``band`` > 0, the CPU flash and reference kernels): a
+causal stretch with short segments is cut into tiles of ``band`` queries instead. Each tile's queries
+against the tile's own keys are one masked :class:`Band` call for many tiles (the tiles equally spaced, so
+strided views of q, k and v), the keys before a group of tiles one full block, and a segment crossing a
+tile's end one small full block over its keys beyond::
+
+    segment_ids [0, 0, -1, 1, 1, 1, -1, -1], band 4:
+
+         kv 0 1 2 3 4 5 6 7
+    q 0     T T ⬚ ⬚ ⬚ ⬚ ⬚ ⬚   T  Band(0, 4, 1, ((0, 2), (3, 6))) and Band(4, 4, 1, ((3, 6),)): the
+      1     T T ⬚ ⬚ ⬚ ⬚ ⬚ ⬚      tiles [0, 4) and [4, 8) (one call for both at real sizes), their mask
+      2     T T T ⬚ ⬚ ⬚ ⬚ ⬚      hides each query's later keys outside its segment
+      3     T T T T X X ⬚ ⬚   X  Block(3, 4, 4, 6, merge=True): segment (3, 6) beyond the tile
+      4     P P P P T T ⬚ ⬚   P  Block(4, 8, 0, 4, merge=True): the keys before the tile
+      5     P P P P T T ⬚ ⬚
+      6     P P P P T T T ⬚
+      7     P P P P T T T T
+
+Its work is the causal call's, whose kernel also computes whole diagonal tiles; the reversed squares
+(``band`` 0, for kernels without a mask) cost about as much again in small calls and gathers.
+
 :func:`plan_layout` plans a batch (rows sharing a plan grouped); :func:`batch_calls` turns the batch's plans
 into as few kernel calls as it can (a block shared by neighbouring rows runs once over them; the reversed
 squares of every row go in a few padded batches); :class:`Layout` carries one forward call's ids and
@@ -28,6 +49,7 @@ computes its plan and calls once for every layer. :mod:`segmask.fast_attention` 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -37,6 +59,9 @@ from segmask import masks
 PIECE = 256
 """Segments with at least this many queries are computed as full blocks, shorter ones as reversed causal
 squares; blocks have at least this many query rows (the CPU flash kernel's query block)."""
+
+BAND = 256
+"""Queries per tile of a :class:`Band` (the diagonal tiles of a stretch of short segments, one masked call)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -55,36 +80,48 @@ class Layout:
     """How many keys each layer kind holds, by sliding window (None: full attention), as the KV cache
     reported them when the mask was built; None: exactly ``K``. The kernel refuses any other count."""
 
-    _plans: dict[tuple[int, int], tuple[RowGroup, ...] | None] = field(
+    _plans: dict[tuple[int, int, int], tuple[RowGroup, ...] | None] = field(
         default_factory=dict, init=False, repr=False
     )
-    _calls: dict[tuple[int, int], Calls | None] = field(default_factory=dict, init=False, repr=False)
+    _calls: dict[tuple[int, int, int], Calls | None] = field(default_factory=dict, init=False, repr=False)
     _masks: dict[tuple, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         masks.validate_layout(self.segment_ids, self.attention_mask, self.document_ids)
 
-    def plan(self, q_len: int, piece: int = PIECE) -> tuple[RowGroup, ...] | None:
+    def plan(self, q_len: int, piece: int = PIECE, band: int = 0) -> tuple[RowGroup, ...] | None:
         """:func:`plan_layout` of these ids for the last ``q_len`` queries, computed once: every layer of the
         forward call that built this layout shares it."""
-        if (q_len, piece) not in self._plans:
-            self._plans[(q_len, piece)] = plan_layout(
-                self.segment_ids, self.attention_mask, self.document_ids, q_len, piece
+        if (q_len, piece, band) not in self._plans:
+            self._plans[(q_len, piece, band)] = plan_layout(
+                self.segment_ids, self.attention_mask, self.document_ids, q_len, piece, band
             )
-        return self._plans[(q_len, piece)]
+        return self._plans[(q_len, piece, band)]
 
-    def calls(self, q_len: int, piece: int = PIECE) -> Calls | None:
+    def calls(self, q_len: int, piece: int = PIECE, band: int = 0) -> Calls | None:
         """:func:`batch_calls` of :meth:`plan`, computed once for every layer of the forward call.
 
         A call of reversed squares holds at most a quarter of a block's rows per batch row, and at least
         ``piece``: its gathered queries, keys and values stay a few percent of the output's memory (the
         batch's squares grow the number of calls, not the peak)."""
-        if (q_len, piece) not in self._calls:
-            groups = self.plan(q_len, piece)
+        if (q_len, piece, band) not in self._calls:
+            groups = self.plan(q_len, piece, band)
             batch, kv_len = self.segment_ids.shape
             budget = max(piece, batch * block_rows(kv_len, piece) // 4)
-            self._calls[(q_len, piece)] = None if groups is None else batch_calls(groups, budget)
-        return self._calls[(q_len, piece)]
+            self._calls[(q_len, piece, band)] = None if groups is None else batch_calls(groups, budget)
+        return self._calls[(q_len, piece, band)]
+
+    def band_mask(self, band: Band, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """:meth:`Band.mask` as the additive mask its kernel call takes, ``[count, 1, size, size]`` (0 seen,
+        ``-inf`` hidden) in ``dtype`` on ``device``: each query's row of it picked from a table of the
+        ``size + 1`` possible rows. The picks (:meth:`Band.reach`, 8 bytes a query) are kept for every layer
+        of the forward call, the mask (4 bytes a pair in float32) is made anew for each call, so that one
+        call's worth of it is alive at a time; picking rows costs a tenth of filling a mask."""
+        key = ("band", band, torch.device(device))
+        if key not in self._masks:
+            self._masks[key] = band.reach().flatten().to(device)
+        rows = _band_rows(band.size, dtype, torch.device(device))
+        return rows.index_select(0, self._masks[key]).view(band.count, 1, band.size, band.size)
 
     def dense(
         self, q_len: int, window: int | None, kv_offset: int, kv_len: int, device: torch.device
@@ -109,6 +146,13 @@ class Layout:
                 f"the MAS mask was built for {expected} keys (the KV cache's length when the mask was made) but "
                 f"the attention layer has {keys} keys; the cache and the mask disagree, so segmask refuses to run"
             )
+
+
+@functools.lru_cache(maxsize=16)
+def _band_rows(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[size + 1, size]`` additive rows: row ``n`` sees (0) the first ``n`` keys and hides (``-inf``) the rest."""
+    hidden = torch.arange(size, device=device) >= torch.arange(size + 1, device=device).unsqueeze(1)
+    return torch.zeros(hidden.shape, dtype=dtype, device=device).masked_fill_(hidden, float("-inf"))
 
 
 @dataclass(frozen=True)
@@ -139,6 +183,39 @@ class Upper:
 
 
 @dataclass(frozen=True)
+class Band:
+    """The diagonal tiles of a causal stretch with short segments: ``count`` tiles of ``size`` queries from
+    ``start``, each query against the keys of its own tile, in ONE masked call (the tiles equally spaced,
+    so they are strided views of q, k and v, no copy).
+
+    In tile ``[a, a + size)`` query ``i`` sees key ``j`` iff ``j <= i``, or ``i`` and ``j`` lie in one of
+    the short ``segments`` (``(start, end)``, a segment may begin before the tile or end after it). The
+    keys a tile's queries see beyond it (a segment crossing its end) and before it are full blocks."""
+
+    start: int
+    size: int
+    count: int
+    segments: tuple[tuple[int, int], ...]
+
+    @property
+    def end(self) -> int:
+        return self.start + self.count * self.size
+
+    def reach(self) -> torch.Tensor:
+        """How many keys of its tile each query sees, ``[count, size]`` long in ``[1, size]``: the tile's
+        first keys up to the query itself (a causal query) or to its segment's end, pure."""
+        ends = torch.arange(self.start + 1, self.end + 1)  # end(i): i + 1 for a causal query
+        for start, end in self.segments:
+            ends[max(start, self.start) - self.start : min(end, self.end) - self.start] = end
+        tile_starts = torch.arange(self.start, self.end, self.size).unsqueeze(1)
+        return (ends.view(self.count, self.size) - tile_starts).clamp_(max=self.size)
+
+    def mask(self) -> torch.Tensor:
+        """Which key of its tile each query does NOT see: ``[count, size, size]`` bool (True: hidden), pure."""
+        return torch.arange(self.size) >= self.reach().unsqueeze(-1)
+
+
+@dataclass(frozen=True)
 class Plan:
     """One row's attention as disjoint pieces. Each query's keys are the union of its pieces' keys;
     ``selfs`` are query ranges that see no key (padding) and attend to their own position only."""
@@ -146,6 +223,7 @@ class Plan:
     blocks: tuple[Block, ...]
     uppers: tuple[Upper, ...] = ()
     selfs: tuple[tuple[int, int], ...] = ()
+    bands: tuple[Band, ...] = ()
 
 
 RowGroup = tuple[int, int, Plan]
@@ -174,10 +252,14 @@ class Calls:
     blocks: tuple[tuple[int, int, Block], ...]
     squares: tuple[Squares, ...] = ()
     selfs: tuple[tuple[int, int, int, int], ...] = ()
+    bands: tuple[tuple[int, int, Band], ...] = ()
+    """``(first, last, band)``: the band over rows ``[first, last)``; bands write their queries (before any
+    block merges into them): one call per row, or one for all rows where the band is one tile."""
 
     def count(self) -> int:
         """Kernel calls of a forward pass."""
-        return len(self.blocks) + len(self.squares)
+        bands = sum(1 if band.count == 1 else last - first for first, last, band in self.bands)
+        return len(self.blocks) + len(self.squares) + bands
 
 
 @dataclass(frozen=True)
@@ -287,9 +369,11 @@ class _Pieces:
     q_len: int
     size: int
     whole: bool
+    band: int = 0
     blocks: list[Block] = field(default_factory=list)
     uppers: list[tuple[int, int]] = field(default_factory=list)
     selfs: list[tuple[int, int]] = field(default_factory=list)
+    bands: list[Band] = field(default_factory=list)
     stretch: tuple[int, int] | None = None
 
     def full(self, start: int, end: int, k_start: int, k_end: int) -> None:
@@ -313,6 +397,11 @@ class _Pieces:
             self.uppers.pop()
             self.full(first, end, doc_start, end)
             return
+        shorts = [segment for segment in self.uppers if segment[0] >= first]
+        if self.band and shorts:
+            del self.uppers[len(self.uppers) - len(shorts) :]
+            self.tiles(first, end, doc_start, shorts)
+            return
         if self.whole and first == doc_start == 0 and end == self.kv_len == self.q_len:
             self.blocks.append(Block(0, self.kv_len, 0, self.kv_len, causal=True))
             return
@@ -321,8 +410,46 @@ class _Pieces:
                 self.blocks.append(Block(a, b, doc_start, a))
             self.blocks.append(Block(a, b, a, b, causal=True, merge=a > doc_start))
 
+    def tiles(self, first: int, end: int, doc_start: int, shorts: list[tuple[int, int]]) -> None:
+        """The causal stretch ``[first, end)`` with short segments ``shorts`` as :class:`Band` tiles of
+        ``band`` queries (the last one shorter, a band of its own), plus full blocks that merge into each
+        tile: the keys before it and, for a segment crossing the tile's end, that segment's keys after it."""
+        size = self.band
+        count = (end - first) // size
+        tiles = [(first + m * size, first + (m + 1) * size) for m in range(count)]
+        if first + count * size < end:
+            tiles.append((first + count * size, end))
+        # one full block over the keys before each group of tiles (long calls run faster per pair than short
+        # ones), then for each later tile of the group one over the group's keys before it; one band call
+        # per at most a block's rows of tiles (which bounds its temporary memory)
+        per_group = max(1, self.size // size)
+        per_call = per_group
+        for m in range(0, count, per_call):
+            start, stop = tiles[m][0], tiles[min(m + per_call, count) - 1][1]
+            inside = tuple(s for s in shorts if s[0] < stop and s[1] > start)
+            self.bands.append(Band(start, size, min(per_call, count - m), inside))
+        if len(tiles) > count:
+            start, stop = tiles[-1]
+            self.bands.append(Band(start, stop - start, 1, tuple(s for s in shorts if s[1] > start)))
+        groups = [tiles[m : min(m + per_group, count)] for m in range(0, count, per_group)]
+        if len(tiles) > count:
+            groups.append(tiles[count:])
+        for group in groups:
+            start, stop = group[0][0], group[-1][1]
+            if start > doc_start:
+                self.blocks.append(Block(start, stop, doc_start, start, merge=True))
+            for a, b in group:
+                if a > start:
+                    self.blocks.append(Block(a, b, start, a, merge=True))
+                self.blocks.extend(Block(max(s, a), b, b, e, merge=True) for s, e in shorts if s < b < e)
+
     def plan(self, upper_budget: int) -> Plan:
-        return Plan(tuple(self.blocks), _group_uppers(self.uppers, upper_budget), tuple(self.selfs))
+        return Plan(
+            tuple(self.blocks),
+            _group_uppers(self.uppers, upper_budget),
+            tuple(self.selfs),
+            tuple(self.bands),
+        )
 
 
 def plan_row(
@@ -332,6 +459,7 @@ def plan_row(
     q_len: int,
     piece: int | None = None,
     whole: bool = False,
+    band: int = 0,
 ) -> Plan | None:
     """Pieces of one row (``[K]`` tensors), or None where some query's keys are not one contiguous range.
 
@@ -370,7 +498,7 @@ def plan_row(
         return None
     documents, segments = spans
 
-    pieces = _Pieces(kv_len, q_len, size, whole)
+    pieces = _Pieces(kv_len, q_len, size, whole, band)
     for run in runs:
         if run.end <= q_start:
             continue
@@ -408,6 +536,7 @@ def plan_layout(
     document_ids: torch.Tensor | None,
     q_len: int,
     piece: int | None = None,
+    band: int = 0,
 ) -> tuple[RowGroup, ...] | None:
     """Plans for a batch (``[B, K]`` ids), consecutive rows with one layout grouped; None if any row has none."""
     segment_ids = segment_ids.cpu()
@@ -415,7 +544,9 @@ def plan_layout(
     document_ids = None if document_ids is None else document_ids.cpu()
     groups: list[RowGroup] = []
     for b in range(segment_ids.shape[0]):
-        plan = plan_row(segment_ids[b], _row(attention_mask, b), _row(document_ids, b), q_len, piece)
+        plan = plan_row(
+            segment_ids[b], _row(attention_mask, b), _row(document_ids, b), q_len, piece, False, band
+        )
         if plan is None:
             return None
         if groups and groups[-1][2] == plan:
@@ -430,7 +561,9 @@ def plan_layout(
             (
                 a,
                 b,
-                plan_row(segment_ids[a], _row(attention_mask, a), _row(document_ids, a), q_len, piece, True),
+                plan_row(
+                    segment_ids[a], _row(attention_mask, a), _row(document_ids, a), q_len, piece, True, band
+                ),
             )
             for a, b, _ in groups
         ]
@@ -461,7 +594,15 @@ def batch_calls(groups: tuple[RowGroup, ...], budget: int) -> Calls:
     ]
     squares = tuple(Squares(size, group) for size, group in _batches(segments, budget))
     selfs = tuple((first, last, start, end) for first, last, plan in groups for start, end in plan.selfs)
-    return Calls(tuple(blocks), squares, selfs)
+    bands: list[tuple[int, int, Band]] = []
+    for first, last, plan in groups:
+        for band in plan.bands:
+            previous = next((i for i, call in enumerate(bands) if call[2] == band and call[1] == first), None)
+            if previous is None:
+                bands.append((first, last, band))
+            else:
+                bands[previous] = (bands[previous][0], last, band)
+    return Calls(tuple(blocks), squares, selfs, tuple(bands))
 
 
 def _row(ids: torch.Tensor | None, b: int) -> torch.Tensor | None:

@@ -19,7 +19,11 @@ of a causal square (as causal attention itself does)::
       6     P P P P P C C ⬚   causal run, C: its own        6     C C C C C C C ⬚   segment reversed, all
       7     P P P P P C C C   causal square                 7     C C C C C C C C   batched in one call
 
-A query covered by several calls (P and C, C and U) gets their softmaxes merged through their
+That drawing is the plan for a kernel without a mask. With one (torch's CPU flash operators take an
+additive mask, as does the reference kernel) a stretch of short segments is cut into tiles of
+:data:`BAND` queries instead: one masked call for the diagonal tiles of many (strided views of q, k and
+v, no gathers), full blocks for the keys before them, and no reversed squares
+(:mod:`segmask.attention_plan` draws it). A query covered by several calls (P and C, C and U) gets their softmaxes merged through their
 log-sum-exps, which public ``scaled_dot_product_attention`` does not return; each call therefore goes to
 a :class:`segmask.kernels.Kernel` (on CPU the flash-attention operators SDPA itself dispatches to, which
 return the log-sum-exp), all inside one ``autograd.Function``. The backward of each call, given the merged
@@ -51,7 +55,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from segmask import attention_plan, kernels
-from segmask.attention_plan import PIECE, Block, Calls, Layout, Squares, block_rows, split_range
+from segmask.attention_plan import BAND, PIECE, Band, Block, Calls, Layout, Squares, block_rows, split_range
 from segmask.kernels import Kernel
 
 logger = logging.getLogger(__name__)
@@ -288,6 +292,55 @@ def _squares_forward(kernel: Kernel, squares: Squares, rows: _Rows) -> None:
     index.put(rows.lse, "real queries", offset, running_lse, add=False)
 
 
+def _tiles(x: Tensor, row: int, start: int, count: int, size: int) -> Tensor:
+    """Positions ``[start, start + count * size)`` of batch row ``row`` of ``x [B, H, N, ...]`` as a view
+    ``[count, H, size, ...]`` (tile ``t`` = positions ``start + t * size ...``), whatever ``x``'s layout."""
+    strides = x.stride()
+    return x.as_strided(
+        (count, x.shape[1], size, *x.shape[3:]),
+        (size * strides[2], strides[1], strides[2], *strides[3:]),
+        x.storage_offset() + row * strides[0] + start * strides[2],
+    )
+
+
+def _band_views(band: Band, rows: _Rows, row: int | None, *tensors: Tensor) -> list[Tensor]:
+    """The band's tiles in query-indexed ``tensors`` (``q``, ``out``, ``lse``, gradients of the queries;
+    first in the list) and key-indexed ones (``k``, ``v``), as ``[count, H, size, ...]``: of batch row
+    ``row``, or, with ``row`` None (a one-tile band), of every row of ``rows``."""
+    views = []
+    for t in tensors:
+        start = band.start - (rows.q_offset if t.shape[2] != rows.k.shape[2] else 0)
+        if row is None:
+            views.append(t[:, :, start : start + band.size])
+        else:
+            views.append(_tiles(t, row, start, band.count, band.size))
+    return views
+
+
+def _band_forward(kernel: Kernel, band: Band, rows: _Rows, mask: Tensor) -> None:
+    """Run a band (one call per batch row, or one for all rows when it is one tile) and write its queries."""
+    for row in [None] if band.count == 1 else range(rows.q.shape[0]):
+        q, k, v, out, lse = _band_views(band, rows, row, rows.q, rows.k, rows.v, rows.out, rows.lse)
+        part_out, part_lse = kernel.forward(q, k, v, False, rows.scale, mask.expand(q.shape[0], -1, -1, -1))
+        out.copy_(part_out)
+        lse.copy_(part_lse)
+
+
+def _band_backward(
+    kernel: Kernel, band: Band, rows: _Rows, mask: Tensor, grad_out: Tensor, grads: tuple[Tensor, ...]
+) -> None:
+    """Add a band's share of the gradients to ``grads``."""
+    for row in [None] if band.count == 1 else range(rows.q.shape[0]):
+        views = _band_views(band, rows, row, grad_out, rows.q, rows.k, rows.v, rows.out, rows.lse, *grads)
+        grad, q, k, v, out, lse, grad_q, grad_k, grad_v = views
+        parts = kernel.backward(
+            grad, q, k, v, out, lse, False, rows.scale, mask.expand(q.shape[0], -1, -1, -1)
+        )
+        for total, part in zip((grad_q, grad_k, grad_v), parts):
+            total += part
+        del parts
+
+
 def _block_backward(
     kernel: Kernel, block: Block, rows: _Rows, grad_out: Tensor, grads: tuple[Tensor, ...], size: int
 ) -> None:
@@ -362,7 +415,7 @@ class _PlannedAttention(torch.autograd.Function):
     """Attention of ``q [B, H, Q, D]`` over ``k, v [B, H, K, D]`` as a plan's kernel calls, forward and backward."""
 
     @staticmethod
-    def forward(ctx, query, key, value, calls, scale, size, kernel):
+    def forward(ctx, query, key, value, calls, scale, size, kernel, band_mask):
         batch, heads, q_len, head_dim = query.shape
         q_offset = key.shape[2] - q_len
         covering = _covering_block(calls, batch, key.shape[2])
@@ -374,6 +427,9 @@ class _PlannedAttention(torch.autograd.Function):
             # every query is written by its first block (or as a self-attending padded query), then merged into
             out = query.new_empty(batch, q_len, heads, head_dim, dtype=torch.float32).transpose(1, 2)
             lse = query.new_empty(batch, q_len, heads, dtype=torch.float32).transpose(1, 2)
+        for first, last, band in calls.bands:  # they write, blocks merge into them
+            rows = _Rows(*(t[first:last] for t in (query, key, value, out, lse)), q_offset, scale)
+            _band_forward(kernel, band, rows, band_mask(band))
         for first, last, block in calls.blocks[covering is not None :]:
             rows = _Rows(*(t[first:last] for t in (query, key, value, out, lse)), q_offset, scale)
             _block_forward(kernel, block, rows)
@@ -387,7 +443,7 @@ class _PlannedAttention(torch.autograd.Function):
             lse[first:last, :, queries] = 0.0
         out = out.to(query.dtype)
         ctx.save_for_backward(query, key, value, out, lse)
-        ctx.calls, ctx.scale, ctx.size, ctx.kernel = calls, scale, size, kernel
+        ctx.calls, ctx.scale, ctx.size, ctx.kernel, ctx.band_mask = calls, scale, size, kernel, band_mask
         return out
 
     @staticmethod
@@ -404,6 +460,16 @@ class _PlannedAttention(torch.autograd.Function):
         else:
             grads = tuple(torch.zeros_like(t, dtype=accumulate) for t in (query, key, value))
         q_offset = key.shape[2] - query.shape[2]
+        for first, last, band in calls.bands:
+            rows = _Rows(*(t[first:last] for t in (query, key, value, out, lse)), q_offset, ctx.scale)
+            _band_backward(
+                kernel,
+                band,
+                rows,
+                ctx.band_mask(band),
+                grad_out[first:last],
+                tuple(g[first:last] for g in grads),
+            )
         for first, last, block in calls.blocks[covering is not None :]:
             rows = _Rows(*(t[first:last] for t in (query, key, value, out, lse)), q_offset, ctx.scale)
             _block_backward(
@@ -415,7 +481,7 @@ class _PlannedAttention(torch.autograd.Function):
         for first, last, start, end in calls.selfs:
             own = grad_out[first:last, :, everything.queries(start, end)]
             grads[2][first:last, :, start:end] += _sum_groups(own, value.shape[1])
-        return *(g.to(t.dtype) for g, t in zip(grads, (query, key, value))), None, None, None, None
+        return *(g.to(t.dtype) for g, t in zip(grads, (query, key, value))), None, None, None, None, None
 
 
 # -------------------------------------------------------------------------------------------- public API
@@ -545,7 +611,7 @@ def layout_attention(
     reason = chosen if isinstance(chosen, str) else _fast_path_blocker(query, key, value, dropout)
     calls = None
     if reason is None:
-        calls = layout.calls(query.shape[2], PIECE)
+        calls = layout.calls(query.shape[2], PIECE, BAND if chosen.masked else 0)
         if calls is None:
             reason = "a segment id repeats within a document, or padding or a document is not contiguous"
     if reason is not None:
@@ -556,11 +622,21 @@ def layout_attention(
         key, value = (t.repeat_interleave(query.shape[1] // key.shape[1], dim=1) for t in (key, value))
     scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
     size = block_rows(key.shape[2], PIECE)
+    arguments = (
+        query,
+        key,
+        value,
+        calls,
+        scale,
+        size,
+        chosen,
+        functools.partial(layout.band_mask, dtype=query.dtype, device=query.device),
+    )
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))):
         # no graph to record (inference mode, no_grad, frozen inputs): run the forward without autograd,
         # which also keeps inference tensors out of save_for_backward
-        return _PlannedAttention.forward(_NoGraph(), query, key, value, calls, scale, size, chosen)
-    return _PlannedAttention.apply(query, key, value, calls, scale, size, chosen)
+        return _PlannedAttention.forward(_NoGraph(), *arguments)
+    return _PlannedAttention.apply(*arguments)
 
 
 def _sum_groups(x: Tensor, heads: int) -> Tensor:

@@ -3,12 +3,14 @@
 The segment-blocked plan (:mod:`segmask.attention_plan`) is pure and device-neutral; what runs each of its
 pieces is a :class:`Kernel`, two small functions per device:
 
-    forward(q, k, v, causal, scale) -> (out, lse)
+    forward(q, k, v, causal, scale, mask=None) -> (out, lse)
         q ``[B, H, Q, D]``, k and v ``[B, H, K, D]`` (same heads, or fewer for a ``grouped`` kernel);
-        every query sees every key, or, when ``causal`` (then ``Q == K``), query ``i`` sees keys ``<= i``.
+        every query sees every key, or, when ``causal`` (then ``Q == K``), query ``i`` sees keys ``<= i``,
+        or, with ``mask`` (a ``masked`` kernel only; ``[B, 1, Q, K]`` additive, 0 or ``-inf``, q's dtype,
+        at least one key seen per query), the keys where it is 0.
         Returns out ``[B, H, Q, D]`` in q's dtype and the log-sum-exp ``lse [B, H, Q]`` float32 of each
         query's scaled scores.
-    backward(grad_out, q, k, v, out, lse, causal, scale) -> (dq, dk, dv)
+    backward(grad_out, q, k, v, out, lse, causal, scale, mask=None) -> (dq, dk, dv)
         Given the MERGED output and log-sum-exp of every call covering these queries, exactly this call's
         share of the gradients (as in ring attention), in q's dtype.
 
@@ -45,12 +47,13 @@ class Kernel:
     """One device's attention kernel: see the module docstring for the two functions' contracts."""
 
     name: str
-    forward: Callable[[Tensor, Tensor, Tensor, bool, float], tuple[Tensor, Tensor]]
-    backward: Callable[
-        [Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, bool, float], tuple[Tensor, Tensor, Tensor]
-    ]
+    forward: Callable[..., tuple[Tensor, Tensor]]
+    backward: Callable[..., tuple[Tensor, Tensor, Tensor]]
     device: str | None
     """The device type it runs on; None: any."""
+    masked: bool = False
+    """Whether it takes an additive ``mask`` (the plan's :class:`segmask.attention_plan.Band` tiles need one;
+    without it the plan uses reversed squares instead)."""
     grouped: bool = False
     """Whether it takes grouped-query attention as is: k and v with fewer heads than q (a divisor of them;
     query head ``h`` reads key/value head ``h // (Hq // Hkv)``), and ``dk, dv`` summed over each group.
@@ -68,9 +71,14 @@ def _check_output(name: str, q: Tensor, out: Tensor, lse: Tensor) -> tuple[Tenso
     return out, lse
 
 
-def _check_causal(q: Tensor, k: Tensor, causal: bool) -> None:
+def _check_causal(q: Tensor, k: Tensor, causal: bool, mask: Tensor | None = None) -> None:
     if causal and q.shape[2] != k.shape[2]:
         raise ValueError(f"a causal call needs as many queries as keys, got {q.shape[2]} and {k.shape[2]}")
+    if mask is not None and (causal or mask.shape != (q.shape[0], 1, q.shape[2], k.shape[2])):
+        raise ValueError(
+            f"a masked call takes causal=False and a mask [B, 1, Q, K] = {[q.shape[0], 1, q.shape[2], k.shape[2]]}, "
+            f"got causal={causal} and {tuple(mask.shape)}"
+        )
 
 
 # --------------------------------------------------------------------------------------------- CPU flash
@@ -86,17 +94,29 @@ def _unit_stride(*tensors: Tensor) -> tuple[Tensor, ...]:
     return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in tensors)
 
 
-def _cpu_flash_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+def _cpu_flash_forward(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, mask: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    _check_causal(q, k, causal, mask)
     q, k, v = _unit_stride(q, k, v)
-    out, lse = _FLASH_CPU(q, k, v, 0.0, causal, scale=scale)
+    out, lse = _FLASH_CPU(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
     return _check_output("aten._scaled_dot_product_flash_attention_for_cpu", q, out, lse)
 
 
 def _cpu_flash_backward(
-    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, scale: float
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    causal: bool,
+    scale: float,
+    mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    _check_causal(q, k, causal, mask)
     grad_out, q, k, v, out = _unit_stride(grad_out, q, k, v, out)
-    grads = _FLASH_CPU_BACKWARD(grad_out, q, k, v, out, lse, 0.0, causal, scale=scale)
+    grads = _FLASH_CPU_BACKWARD(grad_out, q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale)
     if tuple(g.shape for g in grads) != (q.shape, k.shape, v.shape):
         raise KernelChangedError(
             f"aten._scaled_dot_product_flash_attention_for_cpu_backward returned gradients of shapes "
@@ -109,35 +129,45 @@ def _cpu_flash_backward(
 
 # torch's CPU flash operators take grouped-query attention natively (k, v with fewer heads), forward and
 # backward, as SDPA's enable_gqa uses them; tests/test_kernels.py checks it against repeated heads
-CPU_FLASH = Kernel("cpu-flash", _cpu_flash_forward, _cpu_flash_backward, "cpu", grouped=True)
+CPU_FLASH = Kernel("cpu-flash", _cpu_flash_forward, _cpu_flash_backward, "cpu", masked=True, grouped=True)
 
 
 # --------------------------------------------------------------------------------------------- reference
 
 
-def _scores(q: Tensor, k: Tensor, causal: bool, scale: float) -> Tensor:
-    """Scaled scores ``[B, H, Q, K]`` in float32, ``-inf`` above the diagonal when causal."""
-    _check_causal(q, k, causal)
+def _scores(q: Tensor, k: Tensor, causal: bool, scale: float, mask: Tensor | None) -> Tensor:
+    """Scaled scores ``[B, H, Q, K]`` in float32, ``-inf`` above the diagonal when causal, plus ``mask``."""
+    _check_causal(q, k, causal, mask)
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
     if causal:
         above = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).triu(1)
         scores = scores.masked_fill(above, float("-inf"))
-    return scores
+    return scores if mask is None else scores + mask.float()
 
 
-def _reference_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
-    scores = _scores(q, k, causal, scale)
+def _reference_forward(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, mask: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    scores = _scores(q, k, causal, scale, mask)
     lse = torch.logsumexp(scores, dim=-1)
     out = torch.matmul(torch.exp(scores - lse.unsqueeze(-1)), v.float())
     return out.to(q.dtype), lse
 
 
 def _reference_backward(
-    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, scale: float
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    causal: bool,
+    scale: float,
+    mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     # this call's probabilities under the merged softmax, then the usual softmax backward, whose row term
     # (grad_out . out) is that of the merged output
-    probs = torch.exp(_scores(q, k, causal, scale) - lse.float().unsqueeze(-1))
+    probs = torch.exp(_scores(q, k, causal, scale, mask) - lse.float().unsqueeze(-1))
     grad_out = grad_out.float()
     grad_v = torch.matmul(probs.transpose(-1, -2), grad_out)
     grad_probs = torch.matmul(grad_out, v.float().transpose(-1, -2))
@@ -148,7 +178,7 @@ def _reference_backward(
     return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype)
 
 
-REFERENCE = Kernel("reference", _reference_forward, _reference_backward, None)
+REFERENCE = Kernel("reference", _reference_forward, _reference_backward, None, masked=True)
 
 
 # -------------------------------------------------------------------------------------------- CUDA flash

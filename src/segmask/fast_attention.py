@@ -303,24 +303,28 @@ def _tiles(x: Tensor, row: int, start: int, count: int, size: int) -> Tensor:
     )
 
 
-def _band_views(band: Band, rows: _Rows, row: int | None, *tensors: Tensor) -> list[Tensor]:
-    """The band's tiles in query-indexed ``tensors`` (``q``, ``out``, ``lse``, gradients of the queries;
-    first in the list) and key-indexed ones (``k``, ``v``), as ``[count, H, size, ...]``: of batch row
-    ``row``, or, with ``row`` None (a one-tile band), of every row of ``rows``."""
-    views = []
-    for t in tensors:
-        start = band.start - (rows.q_offset if t.shape[2] != rows.k.shape[2] else 0)
+def _band_views(
+    band: Band, rows: _Rows, row: int | None, queries: tuple[Tensor, ...], keys: tuple[Tensor, ...]
+) -> tuple[Tensor, ...]:
+    """The band's tiles, ``[count, H, size, ...]`` each, in ``queries`` (tensors indexed by query: q, out,
+    lse, their gradients) then in ``keys`` (indexed by key position: k, v, theirs): of batch row ``row``, or,
+    with ``row`` None (a one-tile band), of every row of ``rows``."""
+
+    def tiles(x: Tensor, start: int) -> Tensor:
         if row is None:
-            views.append(t[:, :, start : start + band.size])
-        else:
-            views.append(_tiles(t, row, start, band.count, band.size))
-    return views
+            return x[:, :, start : start + band.size]
+        return _tiles(x, row, start, band.count, band.size)
+
+    return (
+        *(tiles(x, band.start - rows.q_offset) for x in queries),
+        *(tiles(x, band.start) for x in keys),
+    )
 
 
 def _band_forward(kernel: Kernel, band: Band, rows: _Rows, mask: Tensor) -> None:
     """Run a band (one call per batch row, or one for all rows when it is one tile) and write its queries."""
     for row in [None] if band.count == 1 else range(rows.q.shape[0]):
-        q, k, v, out, lse = _band_views(band, rows, row, rows.q, rows.k, rows.v, rows.out, rows.lse)
+        q, out, lse, k, v = _band_views(band, rows, row, (rows.q, rows.out, rows.lse), (rows.k, rows.v))
         part_out, part_lse = kernel.forward(q, k, v, False, rows.scale, mask.expand(q.shape[0], -1, -1, -1))
         out.copy_(part_out)
         lse.copy_(part_lse)
@@ -329,10 +333,11 @@ def _band_forward(kernel: Kernel, band: Band, rows: _Rows, mask: Tensor) -> None
 def _band_backward(
     kernel: Kernel, band: Band, rows: _Rows, mask: Tensor, grad_out: Tensor, grads: tuple[Tensor, ...]
 ) -> None:
-    """Add a band's share of the gradients to ``grads``."""
+    """Add a band's share of the gradients to ``grads`` (``dq, dk, dv`` of ``rows``)."""
     for row in [None] if band.count == 1 else range(rows.q.shape[0]):
-        views = _band_views(band, rows, row, grad_out, rows.q, rows.k, rows.v, rows.out, rows.lse, *grads)
-        grad, q, k, v, out, lse, grad_q, grad_k, grad_v = views
+        grad, q, out, lse, grad_q, k, v, grad_k, grad_v = _band_views(
+            band, rows, row, (grad_out, rows.q, rows.out, rows.lse, grads[0]), (rows.k, rows.v, *grads[1:])
+        )
         parts = kernel.backward(
             grad, q, k, v, out, lse, False, rows.scale, mask.expand(q.shape[0], -1, -1, -1)
         )

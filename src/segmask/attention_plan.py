@@ -57,8 +57,9 @@ import torch
 from segmask import masks
 
 PIECE = 256
-"""Segments with at least this many queries are computed as full blocks, shorter ones as reversed causal
-squares; blocks have at least this many query rows (the CPU flash kernel's query block)."""
+"""Segments with at least this many queries are computed as full blocks, shorter ones as band tiles (or,
+for a kernel without a mask, reversed causal squares); blocks have at least this many query rows (the CPU
+flash kernel's query block)."""
 
 BAND = 256
 """Queries per tile of a :class:`Band` (the diagonal tiles of a stretch of short segments, one masked call)."""
@@ -419,23 +420,17 @@ class _Pieces:
         tiles = [(first + m * size, first + (m + 1) * size) for m in range(count)]
         if first + count * size < end:
             tiles.append((first + count * size, end))
-        # one full block over the keys before each group of tiles (long calls run faster per pair than short
-        # ones), then for each later tile of the group one over the group's keys before it; one band call
-        # per at most a block's rows of tiles (which bounds its temporary memory)
+        # tiles in groups of at most a block's rows: one band call per group (which bounds its temporary
+        # memory) and one full block over the keys before it (long calls run faster per pair than short
+        # ones), then for each later tile of the group one over the group's keys before that tile
         per_group = max(1, self.size // size)
-        per_call = per_group
-        for m in range(0, count, per_call):
-            start, stop = tiles[m][0], tiles[min(m + per_call, count) - 1][1]
-            inside = tuple(s for s in shorts if s[0] < stop and s[1] > start)
-            self.bands.append(Band(start, size, min(per_call, count - m), inside))
-        if len(tiles) > count:
-            start, stop = tiles[-1]
-            self.bands.append(Band(start, stop - start, 1, tuple(s for s in shorts if s[1] > start)))
         groups = [tiles[m : min(m + per_group, count)] for m in range(0, count, per_group)]
         if len(tiles) > count:
             groups.append(tiles[count:])
         for group in groups:
             start, stop = group[0][0], group[-1][1]
+            inside = tuple(s for s in shorts if s[0] < stop and s[1] > start)
+            self.bands.append(Band(start, group[0][1] - start, len(group), inside))
             if start > doc_start:
                 self.blocks.append(Block(start, stop, doc_start, start, merge=True))
             for a, b in group:
@@ -470,8 +465,10 @@ def plan_row(
     - a long segment (``>= piece`` queries): full blocks over ``[doc_start, segment_end)``;
     - a short segment alone in its stretch (neither a causal token nor another short segment before the
       next long segment, padding or the document's end): full blocks over ``[doc_start, segment_end)``;
-    - any other stretch of the document: causal blocks, each a full block over the keys before it and a
-      causal square over its own rows, plus an :class:`Upper` square for each short segment's later tokens.
+    - any other stretch of the document: with ``band`` (a kernel that takes a mask), where it holds a short
+      segment, :class:`Band` tiles of ``band`` queries and the full blocks merged into them (see the
+      module docstring); otherwise causal blocks, each a full block over the keys before it and a causal
+      square over its own rows, plus an :class:`Upper` square for each short segment's later tokens.
 
     Blocks have at most ``max(piece, K / 4)`` query rows and reversed-square calls at most a quarter of that,
     which bounds the temporary memory of a call. Except with ``whole`` (the plan serves the whole batch): a

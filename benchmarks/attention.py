@@ -114,7 +114,10 @@ def pair_ratio(segment_ids: torch.Tensor) -> float:
 def fast_calls(segment_ids: torch.Tensor, kernel: str | None = None) -> int:
     """Kernel calls of the fast path per forward (and per backward) for these ids: band tiles for a kernel
     that takes a mask, reversed squares for one that does not."""
-    masked = kernels.select(segment_ids.device, kernel).masked
+    try:
+        masked = kernels.select(segment_ids.device, kernel).masked
+    except kernels.KernelUnavailable:  # no fast kernel here: mas-fast runs the dense route (and says so)
+        masked = False
     return Layout(segment_ids).calls(segment_ids.shape[1], PIECE, BAND if masked else 0).count()
 
 

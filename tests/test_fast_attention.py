@@ -517,8 +517,9 @@ def test_many_short_segments_match_dense(monkeypatch, name, kernel, band, blhd):
 
 @pytest.mark.parametrize("batch", [1, 4])
 def test_many_equal_short_segments_take_fewer_calls_than_segments(monkeypatch, batch):
-    """Through a kernel without a mask (reversed squares): 64 segments of 16 tokens (+ 4 answer tokens) at 1280 tokens: 1 causal call + 4 batches of 16
-    reversed squares, forward and backward, counted through the kernel seam; 4 such rows, each shifted:
+    """Through a kernel without a mask (reversed squares): 64 segments of 16 tokens (+ 4 answer tokens) at
+    1280 tokens: 1 causal call + 4 batches of 16 reversed squares, forward and backward, counted through
+    the kernel seam; 4 such rows, each shifted:
     1 causal call for all rows + 13 batches of at most 20 squares (320 queries, the memory cap), 14 calls
     each way (each row alone would take 11, 44 in all)."""
     monkeypatch.setattr(fast_attention, "PIECE", 256)
@@ -537,7 +538,7 @@ def test_many_equal_short_segments_take_fewer_calls_than_segments(monkeypatch, b
 
 
 def test_band_tiles_take_one_masked_call_each_and_a_block_per_crossing(monkeypatch):
-    """The same 63 examples through a kernel that takes a mask: 5 band tiles of 256 queries (one masked call
+    """64 examples of 16 tokens (+ 4 answer tokens) through a kernel that takes a mask: 5 band tiles of 256 queries (one masked call
     each: a tile group holds at most a block's 320 rows), 4 blocks over the keys before a tile, and 3 for the
     examples that cross a tile's end (at 512, 768 and 1024; the one ending at 256 does not cross): 12
     forward calls, 14 backward (whose blocks take at most 640 keys a call, so the blocks over 768 and 1,024

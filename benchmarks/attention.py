@@ -193,7 +193,7 @@ def check(args: argparse.Namespace, layout: str, seq_len: int) -> bool:
     q, k, v, grad = (torch.randn(shape, generator=generator, device=args.device) for _ in range(4))
 
     def run(fn, dtype):
-        inputs = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        inputs = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]  # fresh leaves each run
         out = fn(*inputs)
         out.backward(grad.to(dtype))
         return [t.float() for t in (out, *(i.grad for i in inputs))]

@@ -115,7 +115,7 @@ class Layout:
 
     def band_mask(self, band: Band, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """:meth:`Band.mask` as the additive mask its kernel call takes, ``[count, 1, size, size]`` (0 seen,
-        ``-inf`` hidden) in ``dtype`` on ``device``: each query's row of it picked from a table of the
+        the dtype's minimum hidden) in ``dtype`` on ``device``: each query's row of it picked from a table of the
         ``size + 1`` possible rows. The picks (:meth:`Band.reach`, 8 bytes a query) are kept for every layer
         of the forward call, the mask (4 bytes a pair in float32) is made anew for each call, so that one
         call's worth of it is alive at a time; picking rows costs a tenth of filling a mask."""
@@ -152,9 +152,10 @@ class Layout:
 
 @functools.lru_cache(maxsize=16)
 def _band_rows(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``[size + 1, size]`` additive rows: row ``n`` sees (0) the first ``n`` keys and hides (``-inf``) the rest."""
-    hidden = torch.arange(size, device=device) >= torch.arange(size + 1, device=device).unsqueeze(1)
-    return torch.zeros(hidden.shape, dtype=dtype, device=device).masked_fill_(hidden, float("-inf"))
+    """``[size + 1, size]`` additive rows (:func:`segmask.masks.to_additive`, as the dense route's mask): row
+    ``n`` sees the first ``n`` keys and hides the rest (row 0 is never picked: a query sees itself)."""
+    seen = torch.arange(size, device=device) < torch.arange(size + 1, device=device).unsqueeze(1)
+    return masks.to_additive(seen, dtype)
 
 
 @dataclass(frozen=True)
@@ -399,11 +400,13 @@ class _Pieces:
             self.uppers.pop()
             self.full(first, end, doc_start, end)
             return
-        shorts = [segment for segment in self.uppers if segment[0] >= first]
-        if self.band and shorts:
-            del self.uppers[len(self.uppers) - len(shorts) :]
-            self.tiles(first, end, doc_start, shorts)
-            return
+        if self.band:
+            # this stretch's short segments are the last ones recorded
+            shorts = [segment for segment in self.uppers if segment[0] >= first]
+            if shorts:
+                del self.uppers[len(self.uppers) - len(shorts) :]
+                self.tiles(first, end, doc_start, shorts)
+                return
         if self.whole and first == doc_start == 0 and end == self.kv_len == self.q_len:
             self.blocks.append(Block(0, self.kv_len, 0, self.kv_len, causal=True))
             return

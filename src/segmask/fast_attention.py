@@ -23,10 +23,12 @@ That drawing is the plan for a kernel without a mask. With one (torch's CPU flas
 additive mask, as does the reference kernel) a stretch of short segments is cut into tiles of
 :data:`BAND` queries instead: one masked call for the diagonal tiles of many (strided views of q, k and
 v, no gathers), full blocks for the keys before them, and no reversed squares
-(:mod:`segmask.attention_plan` draws it). A query covered by several calls (P and C, C and U) gets their softmaxes merged through their
-log-sum-exps, which public ``scaled_dot_product_attention`` does not return; each call therefore goes to
-a :class:`segmask.kernels.Kernel` (on CPU the flash-attention operators SDPA itself dispatches to, which
-return the log-sum-exp), all inside one ``autograd.Function``. The backward of each call, given the merged
+(:mod:`segmask.attention_plan` draws it).
+
+A query covered by several calls (P and C, C and U, a tile and its blocks) gets their softmaxes merged
+through their log-sum-exps, which public ``scaled_dot_product_attention`` does not return; each call
+therefore goes to a :class:`segmask.kernels.Kernel` (on CPU the flash-attention operators SDPA itself
+dispatches to, which return the log-sum-exp), all inside one ``autograd.Function``. The backward of each call, given the merged
 output and log-sum-exp, is exactly that call's share of the gradients (as in ring attention). Calls have
 at most a quarter of the sequence as query rows, which keeps the extra memory to a fraction of the
 output; nothing grows as L x L.

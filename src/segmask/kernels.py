@@ -6,8 +6,8 @@ pieces is a :class:`Kernel`, two small functions per device:
     forward(q, k, v, causal, scale, mask=None) -> (out, lse)
         q ``[B, H, Q, D]``, k and v ``[B, H, K, D]`` (same heads, or fewer for a ``grouped`` kernel);
         every query sees every key, or, when ``causal`` (then ``Q == K``), query ``i`` sees keys ``<= i``,
-        or, with ``mask`` (a ``masked`` kernel only; ``[B, 1, Q, K]`` additive, 0 or ``-inf``, q's dtype,
-        at least one key seen per query), the keys where it is 0.
+        or, with ``mask`` (a ``masked`` kernel only; ``[B, 1, Q, K]`` additive in q's dtype: 0 where a key is
+        seen, ``-inf`` or the dtype's minimum where not, at least one key seen per query), the keys where it is 0.
         Returns out ``[B, H, Q, D]`` in q's dtype and the log-sum-exp ``lse [B, H, Q]`` float32 of each
         query's scaled scores.
     backward(grad_out, q, k, v, out, lse, causal, scale, mask=None) -> (dq, dk, dv)
@@ -71,7 +71,9 @@ def _check_output(name: str, q: Tensor, out: Tensor, lse: Tensor) -> tuple[Tenso
     return out, lse
 
 
-def _check_causal(q: Tensor, k: Tensor, causal: bool, mask: Tensor | None = None) -> None:
+def _check_call(q: Tensor, k: Tensor, causal: bool, mask: Tensor | None = None) -> None:
+    """Raise unless the call is one the contract allows: causal with as many queries as keys, or masked
+    (not causal) with a ``[B, 1, Q, K]`` mask."""
     if causal and q.shape[2] != k.shape[2]:
         raise ValueError(f"a causal call needs as many queries as keys, got {q.shape[2]} and {k.shape[2]}")
     if mask is not None and (causal or mask.shape != (q.shape[0], 1, q.shape[2], k.shape[2])):
@@ -97,7 +99,7 @@ def _unit_stride(*tensors: Tensor) -> tuple[Tensor, ...]:
 def _cpu_flash_forward(
     q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, mask: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    _check_causal(q, k, causal, mask)
+    _check_call(q, k, causal, mask)
     q, k, v = _unit_stride(q, k, v)
     out, lse = _FLASH_CPU(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
     return _check_output("aten._scaled_dot_product_flash_attention_for_cpu", q, out, lse)
@@ -114,7 +116,7 @@ def _cpu_flash_backward(
     scale: float,
     mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    _check_causal(q, k, causal, mask)
+    _check_call(q, k, causal, mask)
     grad_out, q, k, v, out = _unit_stride(grad_out, q, k, v, out)
     grads = _FLASH_CPU_BACKWARD(grad_out, q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale)
     if tuple(g.shape for g in grads) != (q.shape, k.shape, v.shape):
@@ -137,7 +139,7 @@ CPU_FLASH = Kernel("cpu-flash", _cpu_flash_forward, _cpu_flash_backward, "cpu", 
 
 def _scores(q: Tensor, k: Tensor, causal: bool, scale: float, mask: Tensor | None) -> Tensor:
     """Scaled scores ``[B, H, Q, K]`` in float32, ``-inf`` above the diagonal when causal, plus ``mask``."""
-    _check_causal(q, k, causal, mask)
+    _check_call(q, k, causal, mask)
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
     if causal:
         above = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).triu(1)
@@ -189,7 +191,7 @@ _FLASH_CUDA_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attent
 
 
 def _cuda_flash_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
-    _check_causal(q, k, causal)
+    _check_call(q, k, causal)
     if q.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"the cuda-flash kernel needs float16 or bfloat16 inputs, got {q.dtype}")
     out, lse = _FLASH_CUDA(q, k, v, 0.0, causal, False, scale=scale)[:2]

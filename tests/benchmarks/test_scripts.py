@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
@@ -32,6 +34,17 @@ def test_attention_benchmark_checks_and_times_every_layout(tmp_path):
     for layout in ("prompt", "chat", "fewshot"):
         for impl in ("causal-sdpa", "mas-dense", "mas-fast"):
             assert (layout, impl, "fwd+bwd") in seen
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_attention_benchmark_check_passes_in_each_dtype(dtype):
+    """``--check-only`` (what ``benchmarks/gpu.sh`` runs first, in bf16): mas-fast's output and gradients
+    against the dense mask, one ``ok`` per layout. A float32 run before the bf16 one once left the inputs
+    non-leaf, so the bf16 gradients were None and the check crashed."""
+    stdout = run_script(
+        "attention.py", "--check-only", "--lengths", "96", "--threads", "1", "--dtype", dtype, "--batch", "2"
+    )
+    assert stdout.count(": ok") == 3, stdout
 
 
 def test_model_benchmark_with_memory_column(tmp_path):

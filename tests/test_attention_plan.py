@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from segmask import attention_plan, masks
 from segmask.attention_plan import (
+    LONG_CALL,
     Band,
     Block,
     Layout,
@@ -17,8 +18,10 @@ from segmask.attention_plan import (
     Squares,
     Upper,
     batch_calls,
+    block_rows,
     plan_layout,
     plan_row,
+    quarter_rows,
 )
 
 pytestmark = pytest.mark.exactness
@@ -96,6 +99,34 @@ def test_literal_plan_with_bands():
     # a stretch without short segments stays causal blocks (no mask); long segments stay full blocks
     assert plan_row(torch.tensor([0, 0, 0, 0, -1, -1]), None, None, 6, 4, False, 4) == row(
         [0, 0, 0, 0, -1, -1], piece=4
+    )
+
+
+def test_literal_plan_with_long_calls_at_2048_keys():
+    """From 2,048 keys on, blocks over the keys before a group of tiles have LONG_CALL (768) rows: groups
+    of three tiles, the first taking the remainder; band calls keep at most a quarter of the keys (two
+    tiles), which bounds their temporary memory, whatever the groups."""
+    assert (block_rows(2047, 256), block_rows(2048, 256), block_rows(4096, 256)) == (512, LONG_CALL, 1024)
+    assert (quarter_rows(2048, 256), quarter_rows(4096, 256)) == (512, 1024)
+    ids = torch.full((2048,), -1)
+    ids[100:110], ids[1270:1290] = 0, 1  # the second crosses the end of the tile [1024, 1280)
+    assert plan_row(ids, None, None, 2048, 256, False, 256) == Plan(
+        (
+            Block(256, 512, 0, 256, merge=True),  # group [0, 512): two tiles
+            Block(512, 1280, 0, 512, merge=True),  # group [512, 1280): one long call over the keys before it
+            Block(768, 1024, 512, 768, merge=True),
+            Block(1024, 1280, 512, 1024, merge=True),
+            Block(1270, 1280, 1280, 1290, merge=True),
+            Block(1280, 2048, 0, 1280, merge=True),  # group [1280, 2048)
+            Block(1536, 1792, 1280, 1536, merge=True),
+            Block(1792, 2048, 1280, 1792, merge=True),
+        ),
+        bands=(
+            Band(0, 256, 2, ((100, 110),)),
+            Band(512, 256, 2, ()),
+            Band(1024, 256, 2, ((1270, 1290),)),
+            Band(1536, 256, 2, ()),
+        ),
     )
 
 

@@ -515,6 +515,35 @@ def test_many_short_segments_match_dense(monkeypatch, name, kernel, band, blhd):
         )
 
 
+@pytest.mark.parametrize("blhd", [False, True], ids=["BHLD", "BLHD"])
+@pytest.mark.parametrize("name", ["chat", "few-shot"])
+def test_long_calls_from_2048_keys_match_dense(monkeypatch, name, blhd):
+    """At 2,048 keys (real piece and band: 256) the blocks over the keys before a group of tiles have 768
+    rows (groups of three tiles, the first taking the remainder) while band calls keep two tiles: still the
+    dense mask's result, forward and backward, also for the last 1,000 queries against a cache."""
+    monkeypatch.setattr(fast_attention, "PIECE", 256)
+    monkeypatch.setattr(fast_attention, "BAND", 256)
+    ids = chat(2048, 3) if name == "chat" else few_shot(2048, 3)
+    for q_len in (None, 1000):
+        assert_matches_dense(torch.tensor([ids]), q_len=q_len, blhd=blhd, q_heads=2, kv_heads=1, head_dim=8)
+
+
+@pytest.mark.parametrize("blhd", [False, True], ids=["BHLD", "BLHD"])
+def test_output_has_the_layout_sdpa_gives(blhd):
+    """The output is laid out as SDPA's for the same query: heads-major for a ``[B, H, L, D]`` query, and
+    for a ``[B, L, H, D]`` one (a model's projection, transposed) such that transposing it back to
+    ``[B, L, H, D]`` needs no copy."""
+    segment_ids = torch.tensor([chat(600, 0)])
+    q, k, v, _ = random_qkv(1, 600, 600, 2, 2, 8)
+    if blhd:
+        q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    with torch.no_grad():
+        fast = mas_attention(q, k, v, segment_ids)
+        sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert fast.stride() == sdpa.stride()
+    assert fast.transpose(1, 2).is_contiguous() == blhd
+
+
 @pytest.mark.parametrize("batch", [1, 4])
 def test_many_equal_short_segments_take_fewer_calls_than_segments(monkeypatch, batch):
     """Through a kernel without a mask (reversed squares): 64 segments of 16 tokens (+ 4 answer tokens) at

@@ -109,7 +109,7 @@ class Layout:
         if (q_len, piece, band) not in self._calls:
             groups = self.plan(q_len, piece, band)
             batch, kv_len = self.segment_ids.shape
-            budget = max(piece, batch * block_rows(kv_len, piece) // 4)
+            budget = max(piece, batch * quarter_rows(kv_len, piece) // 4)
             self._calls[(q_len, piece, band)] = None if groups is None else batch_calls(groups, budget)
         return self._calls[(q_len, piece, band)]
 
@@ -296,9 +296,23 @@ def _runs(
     return [_Run(*fields) for fields in zip(starts, ends, regions, documents, segments)]
 
 
-def block_rows(kv_len: int, piece: int) -> int:
-    """Most query rows (and keys in the backward) of one kernel call: a quarter of the keys, at least ``piece``."""
+LONG_CALL = 768
+"""Query rows from which the CPU flash kernel splits queries into blocks of 256 rather than 64: such calls
+run 7-10 % faster per query-key pair (2 threads, 2,048 keys: 14.8 against 15.9-16.7 ns a pair for 8 heads at
+512 rows and fewer). Where that is at most 3/8 of the keys (from 2,048 keys on), blocks may have this many
+rows: their temporary output is then at most 9.4 % of the memory of q, k, v and the output."""
+
+
+def quarter_rows(kv_len: int, piece: int) -> int:
+    """A quarter of the keys, at least ``piece``: the most query rows of a band call and half the most keys
+    of one backward call, which bounds their temporary memory."""
     return max(piece, -(-kv_len // 4))
+
+
+def block_rows(kv_len: int, piece: int) -> int:
+    """Most query rows of a block's kernel call: :func:`quarter_rows`, and at least :data:`LONG_CALL` where
+    that is at most 3/8 of the keys."""
+    return max(quarter_rows(kv_len, piece), LONG_CALL if 8 * LONG_CALL <= 3 * kv_len else 0)
 
 
 def split_range(start: int, end: int, size: int) -> list[tuple[int, int]]:
@@ -365,12 +379,13 @@ def _spans(runs: list[_Run]) -> tuple[dict[int, list[int]], dict[tuple[int, int]
 @dataclass
 class _Pieces:
     """One row's pieces, collected as :func:`plan_row` walks its runs. ``size``: most query rows of a block;
-    ``whole``: the plan serves the whole batch; ``stretch``: (first query, document start) of the open
-    causal stretch."""
+    ``quarter``: of a band call; ``whole``: the plan serves the whole batch; ``stretch``: (first query,
+    document start) of the open causal stretch."""
 
     kv_len: int
     q_len: int
     size: int
+    quarter: int
     whole: bool
     band: int = 0
     blocks: list[Block] = field(default_factory=list)
@@ -424,23 +439,35 @@ class _Pieces:
         tiles = [(first + m * size, first + (m + 1) * size) for m in range(count)]
         if first + count * size < end:
             tiles.append((first + count * size, end))
-        # tiles in groups of at most a block's rows: one band call per group (which bounds its temporary
-        # memory) and one full block over the keys before it (long calls run faster per pair than short
-        # ones), then for each later tile of the group one over the group's keys before that tile
+        # one band call per run of tiles of at most a quarter of the keys (which bounds its temporary
+        # memory); the tiles in groups of at most a block's rows, each with one full block over the keys
+        # before it (long calls run faster per pair than short ones), then for each later tile of the group
+        # one over the group's keys before that tile. The first group takes the remainder, so that the
+        # later groups, whose blocks over the keys before them are the longest, have all their rows.
+        per_band = max(1, self.quarter // size)
+        for m in range(0, count, per_band):
+            self.add_band(tiles[m : min(m + per_band, count)], shorts)
+        if len(tiles) > count:
+            self.add_band(tiles[count:], shorts)
         per_group = max(1, self.size // size)
-        groups = [tiles[m : min(m + per_group, count)] for m in range(0, count, per_group)]
+        bounds = list(range(count, 0, -per_group))[::-1]
+        groups = [tiles[m:n] for m, n in zip([0, *bounds[:-1]], bounds)]
         if len(tiles) > count:
             groups.append(tiles[count:])
         for group in groups:
-            start, stop = group[0][0], group[-1][1]
-            inside = tuple(s for s in shorts if s[0] < stop and s[1] > start)
-            self.bands.append(Band(start, group[0][1] - start, len(group), inside))
+            start = group[0][0]
             if start > doc_start:
-                self.blocks.append(Block(start, stop, doc_start, start, merge=True))
+                self.blocks.append(Block(start, group[-1][1], doc_start, start, merge=True))
             for a, b in group:
                 if a > start:
                     self.blocks.append(Block(a, b, start, a, merge=True))
                 self.blocks.extend(Block(max(s, a), b, b, e, merge=True) for s, e in shorts if s < b < e)
+
+    def add_band(self, tiles: list[tuple[int, int]], shorts: list[tuple[int, int]]) -> None:
+        """One :class:`Band` of these equal, consecutive ``tiles`` (``(start, end)`` each)."""
+        start, stop = tiles[0][0], tiles[-1][1]
+        inside = tuple(s for s in shorts if s[0] < stop and s[1] > start)
+        self.bands.append(Band(start, tiles[0][1] - start, len(tiles), inside))
 
     def plan(self, upper_budget: int) -> Plan:
         return Plan(
@@ -474,8 +501,9 @@ def plan_row(
       module docstring); otherwise causal blocks, each a full block over the keys before it and a causal
       square over its own rows, plus an :class:`Upper` square for each short segment's later tokens.
 
-    Blocks have at most ``max(piece, K / 4)`` query rows and reversed-square calls at most a quarter of that,
-    which bounds the temporary memory of a call. Except with ``whole`` (the plan serves the whole batch): a
+    Blocks have at most :func:`block_rows` query rows (``max(piece, K / 4)``, at least 768 from 2,048 keys
+    on), band calls at most :func:`quarter_rows` (``max(piece, K / 4)``) and reversed-square calls at most a
+    quarter of that, which bounds the temporary memory of a call. Except with ``whole`` (the plan serves the whole batch): a
     causal stretch over every query and key is then one block, whose output is the whole output.
     """
     kv_len = segment_ids.numel()
@@ -499,7 +527,8 @@ def plan_row(
         return None
     documents, segments = spans
 
-    pieces = _Pieces(kv_len, q_len, size, whole, band)
+    quarter = quarter_rows(kv_len, piece)
+    pieces = _Pieces(kv_len, q_len, size, quarter, whole, band)
     for run in runs:
         if run.end <= q_start:
             continue
@@ -528,7 +557,7 @@ def plan_row(
         else:
             pieces.full(start, run.end, keys[0], keys[1])
     pieces.close(kv_len)
-    return pieces.plan(max(piece, size // 4))
+    return pieces.plan(max(piece, quarter // 4))
 
 
 def plan_layout(

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from segmask import attention_plan, kernels
-from segmask.attention_plan import BAND, PIECE, Band, Block, Calls, Layout, Squares, block_rows, split_range
+from segmask.attention_plan import BAND, PIECE, Band, Block, Calls, Layout, Squares, quarter_rows, split_range
 from segmask.kernels import Kernel
 
 logger = logging.getLogger(__name__)
@@ -240,10 +240,13 @@ def _reversed(squares: Squares, device: torch.device) -> _Reversed:
 def _merge(out: Tensor, lse: Tensor, part_out: Tensor, part_lse: Tensor) -> None:
     """Fold a call's softmax over more keys into the running ``out [.., n, D]`` and ``lse [.., n]``, in place.
 
-    The part's share of the joint softmax is ``exp(part_lse) / (exp(lse) + exp(part_lse))``, a sigmoid.
+    The part's share of the joint softmax is ``exp(part_lse) / (exp(lse) + exp(part_lse))``, a sigmoid of
+    their difference ``d``, and the joint log-sum-exp is ``lse + softplus(d)`` (both log-sum-exps are finite:
+    every query of a call has a key).
     """
-    out.lerp_(part_out.to(out.dtype), torch.sigmoid(part_lse - lse).unsqueeze(-1))
-    torch.logaddexp(lse, part_lse, out=lse)
+    difference = part_lse - lse
+    out.lerp_(part_out.to(out.dtype), torch.sigmoid(difference).unsqueeze(-1))
+    lse.add_(F.softplus(difference))
 
 
 @dataclass(frozen=True)
@@ -262,6 +265,14 @@ class _Rows:
     def queries(self, start: int, end: int) -> slice:
         """The query rows of key positions ``[start, end)``."""
         return slice(start - self.q_offset, end - self.q_offset)
+
+    def batch_rows(self, first: int, last: int) -> _Rows:
+        """These rows for batch rows ``[first, last)`` (themselves when that is all of them)."""
+        if first == 0 and last == self.q.shape[0]:
+            return self
+        return _Rows(
+            *(t[first:last] for t in (self.q, self.k, self.v, self.out, self.lse)), self.q_offset, self.scale
+        )
 
 
 def _block_forward(kernel: Kernel, block: Block, rows: _Rows) -> None:
@@ -418,6 +429,23 @@ def _covering_block(calls: Calls, batch: int, kv_len: int) -> Block | None:
     return block if whole else None
 
 
+def _outputs_like(query: Tensor) -> tuple[Tensor, Tensor]:
+    """Empty float32 ``out [B, H, Q, D]`` and ``lse [B, H, Q]`` in the memory layout the kernel (and SDPA)
+    gives for ``query``: heads-major when ``query`` is, else ``[B, Q, H, D]``, the layout a model's
+    ``q_proj(x).view(B, Q, H, D).transpose(1, 2)`` has, so that its transpose back to ``[B, Q, H * D]``
+    needs no copy. Kernel outputs then copy and merge into it with contiguous rows."""
+    batch, heads, q_len, head_dim = query.shape
+    if query.stride(1) >= query.stride(2) or q_len == 1:
+        return (
+            query.new_empty(batch, heads, q_len, head_dim, dtype=torch.float32),
+            query.new_empty(batch, heads, q_len, dtype=torch.float32),
+        )
+    return (
+        query.new_empty(batch, q_len, heads, head_dim, dtype=torch.float32).transpose(1, 2),
+        query.new_empty(batch, q_len, heads, dtype=torch.float32).transpose(1, 2),
+    )
+
+
 class _PlannedAttention(torch.autograd.Function):
     """Attention of ``q [B, H, Q, D]`` over ``k, v [B, H, K, D]`` as a plan's kernel calls, forward and backward."""
 
@@ -430,17 +458,15 @@ class _PlannedAttention(torch.autograd.Function):
             out, lse = kernel.forward(query, key, value, covering.causal, scale)
             out = out.float()
         else:
-            # the kernel's own layout [B, Q, H, D], so callers that transpose back get a contiguous tensor;
             # every query is written by its first block (or as a self-attending padded query), then merged into
-            out = query.new_empty(batch, q_len, heads, head_dim, dtype=torch.float32).transpose(1, 2)
-            lse = query.new_empty(batch, q_len, heads, dtype=torch.float32).transpose(1, 2)
+            out, lse = _outputs_like(query)
+        everything = _Rows(query, key, value, out, lse, q_offset, scale)
         for first, last, band in calls.bands:  # they write, blocks merge into them
-            rows = _Rows(*(t[first:last] for t in (query, key, value, out, lse)), q_offset, scale)
+            rows = everything.batch_rows(first, last)
             _band_forward(kernel, band, rows, band_mask(band))
         for first, last, block in calls.blocks[covering is not None :]:
-            rows = _Rows(*(t[first:last] for t in (query, key, value, out, lse)), q_offset, scale)
+            rows = everything.batch_rows(first, last)
             _block_forward(kernel, block, rows)
-        everything = _Rows(query, key, value, out, lse, q_offset, scale)
         for squares in calls.squares:
             _squares_forward(kernel, squares, everything)
         repeats = heads // value.shape[1]  # grouped-query attention in a grouped kernel
@@ -467,8 +493,9 @@ class _PlannedAttention(torch.autograd.Function):
         else:
             grads = tuple(torch.zeros_like(t, dtype=accumulate) for t in (query, key, value))
         q_offset = key.shape[2] - query.shape[2]
+        everything = _Rows(query, key, value, out, lse, q_offset, ctx.scale)
         for first, last, band in calls.bands:
-            rows = _Rows(*(t[first:last] for t in (query, key, value, out, lse)), q_offset, ctx.scale)
+            rows = everything.batch_rows(first, last)
             _band_backward(
                 kernel,
                 band,
@@ -478,11 +505,10 @@ class _PlannedAttention(torch.autograd.Function):
                 tuple(g[first:last] for g in grads),
             )
         for first, last, block in calls.blocks[covering is not None :]:
-            rows = _Rows(*(t[first:last] for t in (query, key, value, out, lse)), q_offset, ctx.scale)
+            rows = everything.batch_rows(first, last)
             _block_backward(
                 kernel, block, rows, grad_out[first:last], tuple(g[first:last] for g in grads), ctx.size
             )
-        everything = _Rows(query, key, value, out, lse, q_offset, ctx.scale)
         for squares in calls.squares:
             _squares_backward(kernel, squares, everything, grad_out, grads)
         for first, last, start, end in calls.selfs:
@@ -628,7 +654,7 @@ def layout_attention(
         # grouped-query attention for a kernel that needs as many key/value heads as query heads
         key, value = (t.repeat_interleave(query.shape[1] // key.shape[1], dim=1) for t in (key, value))
     scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
-    size = block_rows(key.shape[2], PIECE)
+    size = quarter_rows(key.shape[2], PIECE)
     arguments = (
         query,
         key,

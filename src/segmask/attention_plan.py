@@ -38,8 +38,9 @@ tile's end one small full block over its keys beyond::
       6     P P P P T T T ⬚
       7     P P P P T T T T
 
-The kernel time of these calls is the causal call's (whose kernel also computes whole diagonal tiles);
-the reversed squares (``band`` 0, for kernels without a mask) cost more: many small calls, each computing
+The kernel time of these calls is the causal call's (whose kernel also computes whole diagonal tiles),
+given long enough calls: blocks have at least :data:`LONG_CALL` rows where memory allows (from 2,048 keys),
+the size from which the CPU flash kernel runs its faster query blocks. The reversed squares (``band`` 0, for kernels without a mask) cost more: many small calls, each computing
 its whole square, and the gathers around them (``benchmarks/RESULTS.md``, "Band tiles, idle cores").
 
 :func:`plan_layout` plans a batch (rows sharing a plan grouped); :func:`batch_calls` turns the batch's plans

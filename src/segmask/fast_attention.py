@@ -30,8 +30,8 @@ through their log-sum-exps, which public ``scaled_dot_product_attention`` does n
 therefore goes to a :class:`segmask.kernels.Kernel` (on CPU the flash-attention operators SDPA itself
 dispatches to, which return the log-sum-exp), all inside one ``autograd.Function``. The backward of each call, given the merged
 output and log-sum-exp, is exactly that call's share of the gradients (as in ring attention). Calls have
-at most a quarter of the sequence as query rows, which keeps the extra memory to a fraction of the
-output; nothing grows as L x L.
+at most a quarter of the sequence as query rows (blocks 768 where that is at most 3/8 of it), which keeps
+the extra memory to a fraction of the output; nothing grows as L x L.
 
 Where this is not exact or not available (a segment id repeated inside a document, padding or a document
 split in the middle of a row, dropout, a device without a default kernel, tracing) :func:`mas_attention`

@@ -41,7 +41,7 @@ tile's end one small full block over its keys beyond::
 The kernel time of these calls is the causal call's (whose kernel also computes whole diagonal tiles),
 given long enough calls: blocks have at least :data:`LONG_CALL` rows where memory allows (from 2,048 keys),
 the size from which the CPU flash kernel runs its faster query blocks. The reversed squares (``band`` 0, for kernels without a mask) cost more: many small calls, each computing
-its whole square, and the gathers around them (``benchmarks/RESULTS.md``, "Band tiles, idle cores").
+its whole square, and the gathers around them (``benchmarks/RESULTS-archive.md``, "Band tiles, idle cores").
 
 :func:`plan_layout` plans a batch (rows sharing a plan grouped); :func:`batch_calls` turns the batch's plans
 into as few kernel calls as it can (a block shared by neighbouring rows runs once over them; the reversed

@@ -1,4 +1,4 @@
-"""The benchmark scripts the README and benchmarks/RESULTS.md quote run, with tiny sizes (no timing asserted:
+"""The benchmark scripts the README and benchmarks/RESULTS*.md quote run, with tiny sizes (no timing asserted:
 speed is measured by the scripts themselves, never by tests)."""
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def test_model_benchmark_with_memory_column(tmp_path):
 
 
 def test_kernel_shapes_prints_causal_and_full_for_every_shape():
-    """benchmarks/kernel_shapes.py (quoted in RESULTS.md): one line per shape, causal beside unmasked."""
+    """benchmarks/kernel_shapes.py (quoted in RESULTS-archive.md): one line per shape, causal beside unmasked."""
     stdout = run_script("kernel_shapes.py", "--threads", "1", "--repeats", "1")
     lines = [line.split("]")[1].split() for line in stdout.splitlines() if line.startswith("[")]
     assert len(lines) == 8
@@ -77,7 +77,7 @@ def test_kernel_shapes_prints_causal_and_full_for_every_shape():
 
 
 def test_row_windows_checks_each_design_against_the_fast_path():
-    """benchmarks/row_windows.py (quoted in RESULTS.md) exits non-zero if a design differs from
+    """benchmarks/row_windows.py (quoted in RESULTS-archive.md) exits non-zero if a design differs from
     ``mas_attention`` by more than 1e-5; here it passes for every layout and prints one row each."""
     stdout = run_script("row_windows.py", "--threads", "1", "--lengths", "512", "--repeats", "1")
     rows = [

@@ -40,8 +40,9 @@ tile's end one small full block over its keys beyond::
 
 The kernel time of these calls is the causal call's (whose kernel also computes whole diagonal tiles),
 given long enough calls: blocks have at least :data:`LONG_CALL` rows where memory allows (from 2,048 keys),
-the size from which the CPU flash kernel runs its faster query blocks. The reversed squares (``band`` 0, for kernels without a mask) cost more: many small calls, each computing
-its whole square, and the gathers around them (``benchmarks/RESULTS-archive.md``, "Band tiles, idle cores").
+the size from which the CPU flash kernel runs its faster query blocks. The reversed squares (``band`` 0,
+for kernels without a mask) cost more: many small calls, each computing its whole square, and the gathers
+around them (``benchmarks/RESULTS-archive.md``, "Band tiles, idle cores").
 
 :func:`plan_layout` plans a batch (rows sharing a plan grouped); :func:`batch_calls` turns the batch's plans
 into as few kernel calls as it can (a block shared by neighbouring rows runs once over them; the reversed
@@ -504,8 +505,9 @@ def plan_row(
 
     Blocks have at most :func:`block_rows` query rows (``max(piece, K / 4)``, at least 768 from 2,048 keys
     on), band calls at most :func:`quarter_rows` (``max(piece, K / 4)``) and reversed-square calls at most a
-    quarter of that, which bounds the temporary memory of a call. Except with ``whole`` (the plan serves the whole batch): a
-    causal stretch over every query and key is then one block, whose output is the whole output.
+    quarter of that, which bounds the temporary memory of a call. Except with ``whole`` (the plan serves the
+    whole batch): a causal stretch over every query and key is then one block, whose output is the whole
+    output.
     """
     kv_len = segment_ids.numel()
     q_start = kv_len - q_len

@@ -278,12 +278,23 @@ def layouts(draw):
     return segment_ids, attention_mask, document_ids, q_len
 
 
-@settings(max_examples=120, deadline=None)
-@given(layout=layouts(), piece=st.sampled_from([1, 3, 256]), band=st.sampled_from([0, 1, 2, 4]))
-def test_plan_covers_each_allowed_pair_exactly_once(layout, piece, band):
-    """The plan's pieces are disjoint and their union is the mask; a padded query with no key covers itself."""
+@settings(max_examples=160, deadline=None)
+@given(
+    layout=layouts(),
+    piece=st.sampled_from([1, 3, 256]),
+    band=st.sampled_from([0, 1, 2, 4]),
+    long_call=st.sampled_from([LONG_CALL, 5, 6]),
+)
+def test_plan_covers_each_allowed_pair_exactly_once(layout, piece, band, long_call):
+    """The plan's pieces are disjoint and their union is the mask; a padded query with no key covers itself.
+    ``long_call`` 5 and 6 make blocks longer than a quarter of these short rows' keys (from 14 and 16), so
+    that groups of tiles and band calls part ways, as from 2,048 keys at the real size."""
     segment_ids, attention_mask, document_ids, q_len = layout
-    count = coverage(segment_ids, attention_mask, document_ids, q_len, piece, band)
+    saved, attention_plan.LONG_CALL = attention_plan.LONG_CALL, long_call
+    try:
+        count = coverage(segment_ids, attention_mask, document_ids, q_len, piece, band)
+    finally:
+        attention_plan.LONG_CALL = saved
     expected = masks.sdpa_mask(segment_ids, attention_mask, document_ids, q_len)[:, 0]
     assert torch.equal(count, expected.long())
 

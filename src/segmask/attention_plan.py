@@ -299,10 +299,12 @@ def _runs(
 
 
 LONG_CALL = 768
-"""Query rows from which the CPU flash kernel splits queries into blocks of 256 rather than 64: such calls
-run 7-10 % faster per query-key pair (2 threads, 2,048 keys: 14.8 against 15.9-16.7 ns a pair for 8 heads at
-512 rows and fewer). Where that is at most 3/8 of the keys (from 2,048 keys on), blocks may have this many
-rows: their temporary output is then at most 9.4 % of the memory of q, k, v and the output."""
+"""Query rows from which torch's CPU flash kernel splits a call's queries into blocks of 256 rather than 64
+(``q_seq_len >= 768`` in ATen's ``FlashAttentionKernel.cpp``): such calls run 7-11 % faster per query-key
+pair (2 threads, 8 heads, 512-1,024 keys: 14.8-15.0 ns a pair at 768-1,024 rows against 15.9-16.7 at 256-512;
+``benchmarks/RESULTS.md``, "Long calls"). Where that is at most 3/8 of the keys (from 2,048 keys on),
+blocks may have this many rows: their temporary output is then at most 9.4 % of the memory of q, k, v and
+the output."""
 
 
 def quarter_rows(kv_len: int, piece: int) -> int:

@@ -12,7 +12,9 @@ from segmask.compare import compare_runs, load_run, mcnemar, paired_test
 from segmask.results import Prediction, average_accuracy, score_predictions, write_results
 
 
-def _write_run(path, outcomes: dict[str, list[bool]], golds: dict[str, list[str]] | None = None):
+def _write_run(
+    path, outcomes: dict[str, list[bool]], golds: dict[str, list[str]] | None = None, scoring: str = "loglik"
+):
     """A results file whose record i of each task is right iff outcomes[task][i]."""
     predictions = []
     for task, flags in outcomes.items():
@@ -23,7 +25,7 @@ def _write_run(path, outcomes: dict[str, list[bool]], golds: dict[str, list[str]
     results = {
         "model": "m",
         "policy": "mas",
-        "scoring": "loglik",
+        "scoring": scoring,
         "limit": None,
         "commit": None,
         "tasks": {task: vars(score) for task, score in scores.items()},
@@ -76,6 +78,49 @@ def test_only_shared_records_are_paired(tmp_path):
     base = _write_run(tmp_path / "a.json", {"boolq": [False, False, True, True]})
     other = _write_run(tmp_path / "b.json", {"boolq": [True, True]})  # e.g. a smaller --limit
     assert "(2/0 of 2)" in compare_runs([base, other])
+
+
+def test_average_is_over_the_tasks_every_run_scored(tmp_path):
+    # a scored piqa too (all right); b did not: the averages compare boolq with boolq, 50.0 both
+    base = _write_run(tmp_path / "a.json", {"boolq": [True, False], "piqa": [True, True]})
+    other = _write_run(tmp_path / "b.json", {"boolq": [False, True]})
+    lines = compare_runs([base, other]).splitlines()
+    assert lines[2].startswith("| boolq (n=2) | 50.0 [")
+    assert not any(line.startswith("| piqa") for line in lines)
+    assert lines[3] == "| **average** | **50.0** | **50.0** | +0.0, p=1 (1/1 of 2) pooled |"
+    assert "- dropped task piqa: only in a" in lines
+
+
+def test_different_limits_compare_the_shared_records(tmp_path):
+    # a: --limit 5, 4 of 5 right (80.0); b: 20 records, 15 right (75.0), its first 5 as a's
+    first = [True, True, False, True, True]
+    base = _write_run(tmp_path / "a.json", {"boolq": first})
+    other = _write_run(tmp_path / "b.json", {"boolq": first + [True] * 11 + [False] * 4})
+    lines = compare_runs([base, other]).splitlines()
+    assert lines[2].startswith("| boolq (n=5) | 80.0 [")
+    assert lines[2].split("|")[3].startswith(" 80.0 [") and "+0.0, p=1 (0/0 of 5)" in lines[2]
+    assert lines[3].startswith("| **average** | **80.0** | **80.0** | +0.0")
+    assert "- dropped 15 records of task boolq only in b" in lines
+
+
+def test_sizes_that_differ_without_predictions_are_not_compared(tmp_path):
+    base = _write_run(tmp_path / "a.json", {"boolq": [True] * 4, "piqa": [True, False]})
+    other = _write_run(tmp_path / "b.json", {"boolq": [True, False], "piqa": [False, False]})
+    (tmp_path / "b.predictions.jsonl").unlink()
+    lines = compare_runs([base, other]).splitlines()
+    assert not any(line.startswith("| boolq") for line in lines)
+    assert "- dropped task boolq: 4 in a, 2 in b, and no predictions of b to match the records by" in lines
+    assert lines[3] == "| **average** | **50.0** | **0.0** | -50.0 (no predictions) |"
+
+
+def test_mixed_scoring_is_refused(tmp_path, capsys):
+    base = _write_run(tmp_path / "a.json", {"boolq": [True, False]}, scoring="generate")
+    other = _write_run(tmp_path / "b.json", {"boolq": [True, True]}, scoring="loglik")
+    with pytest.raises(ValueError, match="scored differently .*a.json: generate, .*b.json: loglik"):
+        compare_runs([base, other])
+    assert main(["compare", str(base), str(other)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("segmask compare: error: the runs were scored differently") and err.count("\n") == 1
 
 
 def test_different_gold_labels_are_refused(tmp_path):

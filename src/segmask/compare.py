@@ -8,6 +8,13 @@ records both runs scored (matched by record index, with equal gold labels): unde
 discordant records (right in one run, wrong in the other) split 50/50, so the p-value is a two-sided
 binomial test on them. A small p-value says the difference is unlikely to be noise.
 
+Every number of the table is over the same records (:func:`align`): the tasks every run scored and, within a
+task, the records every run scored (matched by index; without a predictions file, a task's records count as
+the same only where every run scored as many). A task or record that some run lacks is left out and the
+table says so below it (``dropped 15 records of task boolq only in a``): a run with ``--limit 20`` against one
+with ``--limit 5`` is compared on the 5 shared records, and the average is over the shared tasks. Runs
+scored differently (``generate`` against ``loglik``) are refused: their accuracies measure different things.
+
 McNemar treats one trained model as fixed, so it measures test-set noise only. Where several training seeds
 exist the seed is the unit of replication: :func:`over_seeds` gives the mean with its 95 % t interval and
 :func:`paired_t` the two-sided t-test of the seed-level differences (same seed, two conditions) against 0.
@@ -26,6 +33,7 @@ from scipy import stats
 from scipy.stats import binomtest
 
 from segmask.files import read_json
+from segmask.results import wilson_interval
 
 SIGNIFICANCE = 0.05
 
@@ -96,18 +104,24 @@ def mcnemar(a: Sequence[bool], b: Sequence[bool]) -> McNemar:
     return McNemar(len(a), only_a, only_b, p_value)
 
 
+def _check_golds(base: Run, other: Run, task: str, indices: Sequence[int]) -> None:
+    """Refuse records of ``task`` that the two runs give different gold labels: the data differ."""
+    a, b = base.records[task], other.records[task]  # type: ignore[index]
+    for index in indices:
+        if a[index][0] != b[index][0]:
+            raise ValueError(
+                f"task {task!r} record {index}: gold {a[index][0]!r} in {base.path} but {b[index][0]!r} in "
+                f"{other.path}; the runs did not use the same data"
+            )
+
+
 def shared_outcomes(base: Run, other: Run, task: str) -> tuple[list[bool], list[bool]] | None:
     """Paired correctness on the records of ``task`` both runs scored; ``None`` without predictions for both."""
     if base.records is None or other.records is None:
         return None
     a, b = base.records.get(task, {}), other.records.get(task, {})
     shared = sorted(set(a) & set(b))
-    for index in shared:
-        if a[index][0] != b[index][0]:
-            raise ValueError(
-                f"task {task!r} record {index}: gold {a[index][0]!r} in {base.path} but {b[index][0]!r} in "
-                f"{other.path}; the runs did not use the same data"
-            )
+    _check_golds(base, other, task, shared)
     return [a[i][1] for i in shared], [b[i][1] for i in shared]
 
 
@@ -123,6 +137,107 @@ def paired_test(base: Run, other: Run, tasks: Sequence[str]) -> McNemar | None:
             return None
         a += outcomes[0]
         b += outcomes[1]
+    return mcnemar(a, b)
+
+
+def check_scoring(runs: Sequence[Run]) -> None:
+    """Refuse runs scored differently (``generate`` against ``loglik``): one measures whether generated text
+    names the label, the other which candidate is likeliest; their difference is no effect of the mask."""
+    kinds = {run.results.get("scoring") for run in runs} - {None}
+    if len(kinds) > 1:
+        listing = ", ".join(f"{run.path}: {run.results.get('scoring') or 'unknown'}" for run in runs)
+        raise ValueError(
+            f"the runs were scored differently ({listing}); compare runs of one scoring (generate or loglik)"
+        )
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """What runs are compared on (:func:`align`).
+
+    ``tasks``: the tasks compared, in order of first appearance. ``indices[task]``: the record indices every
+    run scored, or ``None`` where some run has no predictions (then every run's whole task, all of one size).
+    ``scores[r][task]``: run ``r``'s ``accuracy``, ``ci_low``, ``ci_high`` (95% Wilson) and ``n`` on them;
+    ``averages[r]``: its unweighted mean over ``tasks`` (``None`` without tasks). ``dropped``: a sentence
+    per task or group of records left out.
+    """
+
+    tasks: list[str]
+    indices: dict[str, list[int] | None]
+    scores: list[dict[str, dict]]
+    averages: list[float | None]
+    dropped: list[str]
+
+
+def _score(correct: int, n: int) -> dict:
+    low, high = wilson_interval(correct, n)
+    return {"accuracy": correct / n, "ci_low": low, "ci_high": high, "n": n}
+
+
+def align(runs: Sequence[Run]) -> Alignment:
+    """The tasks and records every run scored, each run's scores on them, and what was left out.
+
+    Records are matched by index (their gold labels must agree, else a ``ValueError``). A task some run
+    lacks is dropped; so is a record some run did not score (a smaller ``--limit``, a skipped record), and a
+    task whose sizes differ where some run has no predictions to match its records by. Refuses runs of
+    different scorings (:func:`check_scoring`).
+    """
+    check_scoring(runs)
+    base = runs[0]
+    tasks: list[str] = []
+    indices: dict[str, list[int] | None] = {}
+    scores: list[dict[str, dict]] = [{} for _ in runs]
+    dropped: list[str] = []
+    for task in dict.fromkeys(task for run in runs for task in run.results["tasks"]):
+        holders = [run.name for run in runs if task in run.results["tasks"]]
+        if len(holders) < len(runs):
+            dropped.append(f"dropped task {task}: only in {', '.join(holders)}")
+            continue
+        if all(run.records is not None for run in runs):
+            found = [set(run.records.get(task, {})) for run in runs]  # type: ignore[union-attr]
+            shared = sorted(set.intersection(*found))
+            for run, own in zip(runs, found):
+                if len(own) > len(shared):
+                    where = f"only in {run.name}" if len(runs) == 2 else f"of {run.name} not in every run"
+                    dropped.append(f"dropped {len(own) - len(shared)} records of task {task} {where}")
+            if not shared:
+                dropped.append(f"dropped task {task}: no record that every run scored")
+                continue
+            for run in runs[1:]:
+                _check_golds(base, run, task, shared)
+            for run, run_scores in zip(runs, scores):
+                outcomes = run.records[task]  # type: ignore[index]
+                run_scores[task] = _score(sum(outcomes[i][1] for i in shared), len(shared))
+            indices[task] = shared
+        else:
+            sizes = [run.results["tasks"][task]["n"] for run in runs]
+            if len(set(sizes)) > 1:
+                counts = ", ".join(f"{n} in {run.name}" for run, n in zip(runs, sizes))
+                lacking = ", ".join(run.name for run in runs if run.records is None)
+                dropped.append(
+                    f"dropped task {task}: {counts}, and no predictions of {lacking} to match the records by"
+                )
+                continue
+            for run, run_scores in zip(runs, scores):
+                score = run.results["tasks"][task]
+                run_scores[task] = {key: score[key] for key in ("accuracy", "ci_low", "ci_high", "n")}
+            indices[task] = None
+        tasks.append(task)
+    averages = [statistics.fmean(s[task]["accuracy"] for task in tasks) if tasks else None for s in scores]
+    return Alignment(tasks, indices, scores, averages, dropped)
+
+
+def aligned_test(aligned: Alignment, base: Run, other: Run, tasks: Sequence[str]) -> McNemar | None:
+    """McNemar of ``other`` against ``base`` on the aligned records of ``tasks`` (pooled); ``None`` where
+    a task has no predictions to pair."""
+    a: list[bool] = []
+    b: list[bool] = []
+    for task in tasks:
+        shared = aligned.indices[task]
+        if shared is None:
+            return None
+        a += [base.records[task][i][1] for i in shared]  # type: ignore[index]
+        b += [other.records[task][i][1] for i in shared]  # type: ignore[index]
     return mcnemar(a, b)
 
 
@@ -190,10 +305,10 @@ def _cell(score: dict | None) -> str:
     return f"{100 * score['accuracy']:.1f} [{100 * score['ci_low']:.1f}, {100 * score['ci_high']:.1f}]"
 
 
-def _test_cell(base: dict | None, other: dict | None, test: McNemar | None) -> str:
+def _test_cell(base: float | None, other: float | None, test: McNemar | None) -> str:
     if base is None or other is None:
         return "–"
-    delta = 100 * (other["accuracy"] - base["accuracy"])
+    delta = 100 * (other - base)
     if test is None:
         return f"{delta:+.1f} (no predictions)"
     star = "*" if test.p_value < SIGNIFICANCE else ""
@@ -201,45 +316,49 @@ def _test_cell(base: dict | None, other: dict | None, test: McNemar | None) -> s
 
 
 def table(runs: Sequence[Run]) -> str:
-    """The markdown comparison table (see the module docstring)."""
-    tasks = list(dict.fromkeys(task for run in runs for task in run.results["tasks"]))
+    """The markdown comparison table (see the module docstring), on the records of :func:`align`."""
+    aligned = align(runs)
     base = runs[0]
     header = ["task", *(run.name for run in runs), *(f"{run.name} vs {base.name}" for run in runs[1:])]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for task in tasks:
-        scores = [run.results["tasks"].get(task) for run in runs]
-        sizes = sorted({score["n"] for score in scores if score is not None})
-        cells = [f"{task} (n={'/'.join(map(str, sizes))})", *(_cell(score) for score in scores)]
+    for task in aligned.tasks:
+        scores = [run_scores[task] for run_scores in aligned.scores]
+        cells = [f"{task} (n={scores[0]['n']})", *(_cell(score) for score in scores)]
         for run, score in zip(runs[1:], scores[1:]):
-            test = paired_test(base, run, [task]) if scores[0] is not None and score is not None else None
-            cells.append(_test_cell(scores[0], score, test))
+            test = aligned_test(aligned, base, run, [task])
+            cells.append(_test_cell(scores[0]["accuracy"], score["accuracy"], test))
         lines.append("| " + " | ".join(cells) + " |")
-    averages = [{"accuracy": run.results["average"]} if "average" in run.results else None for run in runs]
-    cells = ["**average**", *(f"**{100 * a['accuracy']:.1f}**" if a else "–" for a in averages)]
+    averages = aligned.averages
+    cells = ["**average**", *(f"**{100 * a:.1f}**" if a is not None else "–" for a in averages)]
     for run, average in zip(runs[1:], averages[1:]):
-        common = [task for task in tasks if task in base.results["tasks"] and task in run.results["tasks"]]
-        cells.append(_test_cell(averages[0], average, paired_test(base, run, common)) + " pooled")
+        test = aligned_test(aligned, base, run, aligned.tasks) if aligned.tasks else None
+        cells.append(_test_cell(averages[0], average, test) + (" pooled" if test is not None else ""))
     lines.append("| " + " | ".join(cells) + " |")
     if len(runs) > 1:
         lines.append("")
         lines.append(
-            f"Accuracy in % [95% Wilson interval]. Last columns: difference against {base.name}, McNemar exact "
-            f"p-value on the shared records (* p < {SIGNIFICANCE}), records right only in that run / only in "
-            f"{base.name}, of the shared ones. Average: unweighted mean over tasks; its test pools the shared "
-            f"records of the tasks both runs have."
+            f"Accuracy in % [95% Wilson interval] on the records every run scored. Last columns: difference "
+            f"against {base.name}, McNemar exact p-value on those records (* p < {SIGNIFICANCE}), records "
+            f"right only in that run / only in {base.name}, of them. Average: unweighted mean over the tasks "
+            f"every run scored; its test pools their records."
         )
+    if aligned.dropped:
+        lines.append("")
+        lines += [f"- {sentence}" for sentence in aligned.dropped]
     return "\n".join(lines) + "\n"
 
 
 def bar_chart(runs: Sequence[Run], out: str | Path) -> Path:
-    """A grouped bar chart PNG: tasks on the x axis, one bar per run, 95% intervals as error bars."""
+    """A grouped bar chart PNG: tasks on the x axis, one bar per run, 95% intervals as error bars; on the
+    tasks and records of :func:`align`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    tasks = list(dict.fromkeys(task for run in runs for task in run.results["tasks"]))
+    aligned = align(runs)
+    tasks = aligned.tasks
     groups = [*tasks, "average"]
     width = 0.8 / len(runs)
     x = np.arange(len(groups))
@@ -247,12 +366,12 @@ def bar_chart(runs: Sequence[Run], out: str | Path) -> Path:
     for offset, run in enumerate(runs):
         values, low, high = [], [], []
         for task in tasks:
-            score = run.results["tasks"].get(task)
-            accuracy = score["accuracy"] if score else np.nan
-            values.append(accuracy)
-            low.append(accuracy - score["ci_low"] if score else 0.0)
-            high.append(score["ci_high"] - accuracy if score else 0.0)
-        values.append(run.results.get("average", np.nan))
+            score = aligned.scores[offset][task]
+            values.append(score["accuracy"])
+            low.append(score["accuracy"] - score["ci_low"])
+            high.append(score["ci_high"] - score["accuracy"])
+        average = aligned.averages[offset]
+        values.append(np.nan if average is None else average)
         positions = x - 0.4 + width * (offset + 0.5)
         ax.bar(positions, 100 * np.array(values), width, label=run.name)
         ax.errorbar(

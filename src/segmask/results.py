@@ -24,8 +24,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from segmask.files import write_text_atomic
 
 Z_95 = 1.959963984540054  # the 97.5% quantile of the standard normal
@@ -270,6 +268,8 @@ def git_commit() -> str | None:
 
 def machine() -> dict:
     """Where a run ran: platform, CPU count, torch threads, load average, Python and torch versions."""
+    import torch  # here, not at the top: compare (and its command) needs the statistics above, not torch
+
     return {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),

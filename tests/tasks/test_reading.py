@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import random
@@ -14,6 +15,8 @@ import pytest
 from segmask.tasks.commonsense import check_record, record_candidates
 from segmask.tasks.reading import (
     ANSWER_PREFIX,
+    OBJECTS,
+    PEOPLE,
     PLACES,
     ReadingTask,
     Story,
@@ -27,6 +30,8 @@ from segmask.tasks.reading import (
 )
 
 SENTENCE = re.compile(r"^(\w+) (?:went to|moved to|travelled to|journeyed to|went back to) the (\w+)\.$")
+PICKUP = re.compile(r"^(\w+) picked up the (\w+)\.$")
+HARD = ReadingTask(people=PEOPLE, min_sentences=6, max_sentences=10, pickups=2, two_hop=True)
 TEMPLATES = Path(__file__).parents[1] / "fixtures" / "chat_templates"
 
 
@@ -82,9 +87,54 @@ def test_too_small_a_task_is_refused():
         generate_stories(11, seed=0, task=tiny)
 
 
+def test_default_task_draws_the_stories_it_drew_before_the_difficulty_knob():
+    """The knob leaves the original task draw for draw (hash of 200 stories from the code before it)."""
+    digest = hashlib.sha256(repr(generate_stories(200, seed=7)).encode()).hexdigest()
+    assert digest == "863cb71545b752f13c5db43940c3e36a0d63bee4ccf2159762a7e46dabade858"
+    assert generate_stories(200, seed=7) == generate_stories(200, seed=7, task=ReadingTask(pickups=0))
+
+
+def two_hop_answer(story: Story) -> str:
+    """The reference answer of a two-hop story, from the text: where the object's holder went last."""
+    thing = re.fullmatch(r"Where is the (\w+)\?", story.question).group(1)
+    [holder] = [m.group(1) for m in map(PICKUP.match, story.sentences) if m and m.group(2) == thing]
+    return [m.group(2) for m in map(SENTENCE.match, story.sentences) if m and m.group(1) == holder][-1]
+
+
+def test_two_hop_answer_is_where_the_holder_went_last():
+    stories = generate_stories(400, seed=3, task=HARD)
+    for story in stories:
+        moves = [m for m in map(SENTENCE.match, story.sentences) if m]
+        pickups = [m for m in map(PICKUP.match, story.sentences) if m]
+        assert len(moves) + len(pickups) == len(story.sentences)
+        assert HARD.min_sentences <= len(moves) <= HARD.max_sentences and len(pickups) == HARD.pickups
+        assert len({m.group(2) for m in pickups}) == HARD.pickups  # each object picked up once
+        assert {m.group(2) for m in pickups} <= set(OBJECTS)
+        assert {m.group(1) for m in pickups} <= {m.group(1) for m in moves}  # holders move
+        assert story.answer == two_hop_answer(story)
+    # two look-ups needed: the answer is often neither the last sentence's place nor where the holder was
+    # when the object was picked up
+    last = sum(SENTENCE.match(s.sentences[-1]) is not None and s.answer in s.sentences[-1] for s in stories)
+    assert last < 0.4 * len(stories)
+    assert {s.answer for s in stories} == set(PLACES)
+    assert len({s.question for s in stories}) == len(OBJECTS)
+
+
+def test_pickups_without_two_hop_are_distractors_for_a_question_about_a_person():
+    task = ReadingTask(pickups=2)
+    for story in generate_stories(200, seed=4, task=task):
+        assert sum(PICKUP.match(s) is not None for s in story.sentences) == 2
+        plain = Story(tuple(s for s in story.sentences if SENTENCE.match(s)), story.question, story.answer)
+        assert story.answer == last_place(plain)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
+        ({"pickups": 7}, "pickups"),
+        ({"pickups": -1}, "pickups"),
+        ({"two_hop": True}, "two_hop"),
+        ({"objects": ("key", "key"), "pickups": 1}, "objects"),
         ({"people": ()}, "people"),
         ({"people": ("Mary", "Mary")}, "people"),
         ({"places": ("kitchen",)}, "places"),
@@ -119,6 +169,20 @@ def test_record_is_an_llm_adapters_record_the_evaluator_accepts(tmp_path):
     assert "Answer format" not in to_record(story, answer_format=False)["instruction"]
     path = write_json([record], tmp_path / "reading_test.json")
     assert json.loads(path.read_text()) == [record]
+
+
+def test_question_first_record_has_the_same_words_in_the_other_order():
+    story = Story(("Mary went to the kitchen.", "John moved to the garden."), "Where is Mary?", "kitchen")
+    after, first = to_record(story, answer_format=False), to_record(story, False, question_first=True)
+    assert first["instruction"] == (
+        "Read the story and answer the question.\n\nQuestion: Where is Mary?\n\nMary went to the kitchen.\n"
+        "John moved to the garden."
+    )
+    assert sorted(after["instruction"].split("\n")) == sorted(first["instruction"].split("\n"))
+    assert {k: v for k, v in after.items() if k != "instruction"} == {
+        k: v for k, v in first.items() if k != "instruction"
+    }
+    assert to_record(story) == to_record(story, question_first=False)  # the default layout is unchanged
 
 
 def test_messages_and_jsonl(tmp_path):

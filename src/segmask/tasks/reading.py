@@ -10,11 +10,18 @@ nothing is downloaded. A story is a few sentences ``"<person> <verb> the <place>
 where one of the people who moved is now, and the answer is the place of that person's *last* move, so
 earlier moves of the same person are distractors. Chance accuracy is ``1 / len(places)``.
 
+The difficulty knob (:class:`ReadingTask`; the defaults draw exactly the stories above): more ``people``,
+``places`` and sentences, ``pickups`` sentences ``"<person> picked up the <object>."`` mixed in among the
+moves (distractors for a question about a person), and ``two_hop`` questions ``"Where is the <object>?"``:
+the answer is where the person who picked the object up went last (the object goes with them), two
+look-ups instead of one.
+
 Two exports of the same story:
 
     to_record    an LLM-Adapters record {"instruction", "input", "output", "answer"} (story, question and
                  the answer format in the instruction; output "the correct answer is <place>"), for
-                 ``segmask train`` and ``segmask eval`` with the paper's Alpaca template
+                 ``segmask train`` and ``segmask eval`` with the paper's Alpaca template; the question
+                 after the story (default) or, ``question_first=True``, before it, in the same segment
     to_messages  chat messages: the story and the question as two user turns, then the assistant's answer;
                  under ``mas`` the story and the question are two segments, under ``prefix`` one
 
@@ -35,6 +42,7 @@ from segmask.tasks.commonsense import ANSWER_PREFIX  # records in the LLM-Adapte
 PEOPLE: tuple[str, ...] = ("Mary", "John", "Sandra", "Daniel", "Emma", "Oliver")
 PLACES: tuple[str, ...] = ("kitchen", "garden", "office", "bathroom", "hallway", "bedroom")
 VERBS: tuple[str, ...] = ("went to", "moved to", "travelled to", "journeyed to", "went back to")
+OBJECTS: tuple[str, ...] = ("apple", "football", "milk", "book", "key", "umbrella")
 INSTRUCTION = "Read the story and answer the question."
 
 
@@ -63,12 +71,20 @@ class Story:
 
 @dataclass(frozen=True)
 class ReadingTask:
-    """How stories are drawn: who moves, where, and how many sentences a story has."""
+    """How stories are drawn: who moves, where, and how many sentences a story has.
+
+    ``min_sentences`` / ``max_sentences`` count the moves; ``pickups`` adds that many sentences in which
+    a person who moves picks up one of ``objects`` (each object at most once, never put down);
+    ``two_hop`` asks where a picked-up object is instead of where a person is (needs ``pickups >= 1``).
+    """
 
     people: tuple[str, ...] = PEOPLE[:4]
     places: tuple[str, ...] = PLACES
     min_sentences: int = 3
     max_sentences: int = 6
+    objects: tuple[str, ...] = OBJECTS
+    pickups: int = 0
+    two_hop: bool = False
 
     def __post_init__(self) -> None:
         if len(self.people) < 1 or len(set(self.people)) != len(self.people):
@@ -79,12 +95,21 @@ class ReadingTask:
             raise ValueError(
                 f"need 1 <= min_sentences <= max_sentences, got {self.min_sentences} and {self.max_sentences}"
             )
+        if len(set(self.objects)) != len(self.objects):
+            raise ValueError(f"objects must be distinct names; got {list(self.objects)}")
+        if not 0 <= self.pickups <= len(self.objects):
+            raise ValueError(f"need 0 <= pickups <= {len(self.objects)} (the objects), got {self.pickups}")
+        if self.two_hop and self.pickups < 1:
+            raise ValueError("two_hop questions ask where a picked-up object is: they need pickups >= 1")
 
 
 def generate_story(rng: random.Random, task: ReadingTask = ReadingTask()) -> Story:
     """One story: ``n`` moves of random people to random places, and where one of them is now.
 
     A person never "moves" to the place they are already in, and the asked person is one who moved.
+    With ``task.pickups``, that many pickup sentences by people who move go in at random places among the
+    moves; with ``task.two_hop`` the question asks for one picked-up object, whose place is its holder's
+    last move (before or after the pickup: the story ends with the object in their hands).
     """
     where: dict[str, str] = {}
     sentences = []
@@ -93,6 +118,15 @@ def generate_story(rng: random.Random, task: ReadingTask = ReadingTask()) -> Sto
         place = rng.choice([p for p in task.places if p != where.get(person)])
         where[person] = place
         sentences.append(f"{person} {rng.choice(VERBS)} the {place}.")
+    if not task.pickups:  # the original task, draw for draw
+        person = rng.choice(sorted(where))
+        return Story(tuple(sentences), f"Where is {person}?", where[person], task.places)
+    holders = {thing: rng.choice(sorted(where)) for thing in rng.sample(task.objects, task.pickups)}
+    for thing, holder in holders.items():
+        sentences.insert(rng.randint(0, len(sentences)), f"{holder} picked up the {thing}.")
+    if task.two_hop:
+        thing = rng.choice(sorted(holders))
+        return Story(tuple(sentences), f"Where is the {thing}?", where[holders[thing]], task.places)
     person = rng.choice(sorted(where))
     return Story(tuple(sentences), f"Where is {person}?", where[person], task.places)
 
@@ -134,9 +168,15 @@ def train_test_split(
 # ---- exports --------------------------------------------------------------------------------------
 
 
-def to_record(story: Story, answer_format: bool = True) -> dict[str, str]:
-    """The story as an LLM-Adapters record; ``answer_format`` lists the choices as the commonsense files do."""
-    instruction = f"{INSTRUCTION}\n\n{story.text}\n\nQuestion: {story.question}"
+def to_record(story: Story, answer_format: bool = True, question_first: bool = False) -> dict[str, str]:
+    """The story as an LLM-Adapters record; ``answer_format`` lists the choices as the commonsense files do.
+
+    The story and the question are both in the instruction (one segment under ``mas``): the question after
+    the story (the paper's layout), or before it with ``question_first``; the words are the same.
+    """
+    question = f"Question: {story.question}"
+    body = f"{question}\n\n{story.text}" if question_first else f"{story.text}\n\n{question}"
+    instruction = f"{INSTRUCTION}\n\n{body}"
     if answer_format:
         instruction += f"\n\nAnswer format: {'/'.join(story.choices)}"
     return {

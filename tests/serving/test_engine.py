@@ -1,15 +1,20 @@
 """The batching engine without HTTP: each engine numbers its own jobs, batch keys group jobs that sample
-alike (a seeded sampling job alone), and a full queue refuses a job with QueueFull."""
+alike (a seeded sampling job alone), a full queue refuses a job with QueueFull, and the text a RowTracker
+streams joins to the decode of the row's tokens, multi-byte characters of a byte-fallback tokenizer
+included (issue 31)."""
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass, field
 
 import pytest
-from transformers import AutoModelForCausalLM
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from segmask.segments import Encoded
-from segmask.serving.engine import Engine, QueueFull, Sampling, Scheduler
+from segmask.serving.engine import Engine, Job, QueueFull, RowTracker, Sampling, Scheduler, byte_token_ids
 
 GREEDY = Sampling(max_tokens=4, temperature=0.0, top_p=1.0, seed=None, stop=())
 SEEDED = Sampling(max_tokens=4, temperature=0.7, top_p=0.9, seed=1, stop=())
@@ -17,9 +22,8 @@ PROMPT = Encoded([1, 2, 3], [0, 0, 0], [-100] * 3)
 
 
 @pytest.fixture(scope="module")
-def engine(stories_path, stories_tokenizer):
-    model = AutoModelForCausalLM.from_pretrained(stories_path).eval()
-    return Engine(model, stories_tokenizer, prefix_cache=None)
+def engine(stories_model, stories_tokenizer):
+    return Engine(stories_model, stories_tokenizer, prefix_cache=None)
 
 
 def new_jobs(engine: Engine, samplings: list[Sampling]) -> list:
@@ -68,3 +72,113 @@ async def run_alone(engine: Engine, sampling: Sampling) -> list[tuple[str, str]]
     while events[-1][0] == "text":
         events.append(await job.events.get())
     return events
+
+
+# ------------------------------------------------------------------------------------------ streamed text
+
+
+@dataclass(eq=False)
+class RecordedJob(Job):
+    """A job whose events are kept in a list instead of sent to a handler's queue."""
+
+    sent: list = field(default_factory=list)
+
+    def emit(self, kind: str, value: str) -> None:
+        self.sent.append((kind, value))
+
+
+def tracked(tokenizer, tokens: list[int], max_tokens: int | None = None, stop: tuple[str, ...] = ()) -> list:
+    """The text pieces a RowTracker sends for one row that generates ``tokens`` (until it is done)."""
+    sampling = Sampling(max_tokens or len(tokens) + 1, 0.0, 1.0, None, stop)
+    job = RecordedJob(PROMPT, "mas", sampling, None, 0)
+    tracker = RowTracker([job], tokenizer, {tokenizer.eos_token_id}, byte_token_ids(tokenizer))
+    for token in tokens:
+        if tracker.done[0]:
+            break
+        tracker(torch.tensor([[token]]), None)
+    tracker.finish_all()
+    kinds = [kind for kind, _ in job.sent]
+    assert kinds == ["text"] * (len(kinds) - 1) + ["done"]
+    return [piece for _, piece in job.sent[:-1]]
+
+
+def whole(tokenizer, tokens: list[int]) -> str:
+    if tokenizer.eos_token_id in tokens:
+        tokens = tokens[: tokens.index(tokenizer.eos_token_id)]
+    return tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def test_stories_tokenizer_falls_back_to_bytes(stories_tokenizer):
+    """The tests below need a byte-fallback tokenizer: stories260K's (a llama2.c sentencepiece) is one."""
+    ids = stories_tokenizer("猫", add_special_tokens=False).input_ids
+    assert stories_tokenizer.convert_ids_to_tokens(ids)[-3:] == ["<0xE7>", "<0x8C>", "<0xAB>"]
+    assert len(byte_token_ids(stories_tokenizer)) == 256
+
+
+@pytest.mark.parametrize(
+    "text", ["Look 😀 at the 猫 now", "猫猫😀😀", "😀", "a 猫 b 猫\n😀x", "é ñ ü 日本語 🙂👍🏽 ok"]
+)
+def test_multibyte_characters_are_streamed_whole(stories_tokenizer, text):
+    """Before: one U+FFFD held back of the one per byte that a partial character decodes to; the others
+    were sent, and the text after the character was cut by as many (``'Look ��at the � now'``)."""
+    tokens = stories_tokenizer(text, add_special_tokens=False).input_ids
+    pieces = tracked(stories_tokenizer, tokens)
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in piece for piece in pieces)
+
+
+@pytest.mark.parametrize(
+    "bytes_, after",
+    [
+        ([0xE7, 0x8C, 0xAB, 0xFF], "▁a"),  # a complete 猫, then a stray byte: the run decodes to 4 U+FFFD
+        ([0xE7, 0x8C, 0xAB, 0xE7], "▁a"),  # a complete 猫, then a partial one
+        ([0x4C, 0x8D], "▁a"),  # an ASCII byte, then a stray one
+    ],
+)
+@pytest.mark.parametrize("special", [False, True])
+def test_a_run_of_byte_tokens_is_sent_when_it_ends(stories_tokenizer, bytes_, after, special):
+    """The decoder decodes a run of byte tokens as one (special tokens skipped): invalid UTF-8 anywhere in it
+    turns every byte into U+FFFD, the characters it had completed too."""
+    tokens = stories_tokenizer.convert_tokens_to_ids([f"<0x{b:02X}>" for b in bytes_] + [after])
+    if special:  # <s> (skipped) inside the run
+        tokens = tokens[:3] + [stories_tokenizer.bos_token_id] + tokens[3:]
+    assert "".join(tracked(stories_tokenizer, tokens)) == whole(stories_tokenizer, tokens)
+    for cut in range(1, len(tokens) + 1):  # and when max_tokens ends the row inside the run
+        assert "".join(tracked(stories_tokenizer, tokens, max_tokens=cut)) == whole(
+            stories_tokenizer, tokens[:cut]
+        )
+
+
+def token_sequences(tokenizer):
+    """Token ids as a model may generate them: any id (special ones, stray bytes), and texts of emoji, CJK and
+    ASCII as the tokenizer encodes them."""
+    texts = st.text(alphabet=st.sampled_from("ab .\n猫日本😀🙂é"), max_size=8).map(
+        lambda text: tokenizer(text, add_special_tokens=False).input_ids
+    )
+    ids = st.lists(st.integers(0, len(tokenizer) - 1), max_size=4)
+    byte_runs = st.lists(st.sampled_from(sorted(byte_token_ids(tokenizer))), min_size=1, max_size=5)
+    return st.lists(st.one_of(texts, ids, byte_runs), max_size=6).map(lambda parts: sum(parts, []))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_streamed_pieces_join_to_the_whole_decode(stories_tokenizer, data):
+    """For any token sequence, ended by EOS, by max_tokens or by generate: what is sent is the decode of all."""
+    tokens = data.draw(token_sequences(stories_tokenizer))
+    assert "".join(tracked(stories_tokenizer, tokens)) == whole(stories_tokenizer, tokens)
+    cut = data.draw(st.integers(1, len(tokens) + 1))
+    assert "".join(tracked(stories_tokenizer, tokens, max_tokens=cut)) == whole(
+        stories_tokenizer, tokens[:cut]
+    )
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    text=st.text(alphabet=st.sampled_from("ab .\n猫日本😀🙂é"), max_size=16),
+    stop=st.sampled_from(["b.", "猫 ", "😀"]),
+)
+def test_a_stop_string_cuts_the_whole_decode(stories_tokenizer, text, stop):
+    tokens = stories_tokenizer(text, add_special_tokens=False).input_ids
+    decoded = stories_tokenizer.decode(tokens)
+    expected = decoded[: decoded.find(stop)] if stop in decoded else decoded
+    assert "".join(tracked(stories_tokenizer, tokens, stop=(stop,))) == expected

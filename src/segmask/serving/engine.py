@@ -14,6 +14,7 @@ import collections
 import contextlib
 import itertools
 import logging
+import re
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -111,15 +112,24 @@ class RowTracker(StoppingCriteria):
     Called by ``generate`` after each new token (``input_ids`` ``[B, L + t]``); returns ``[B]`` bools,
     True for rows that are done: EOS (``finish_reason="stop"``), a stop string (``"stop"``, the text cut
     before it), ``max_tokens`` reached (``"length"``), or a client that left (``"cancelled"``, nothing
-    sent). Text is streamed as it becomes final: a trailing partial UTF-8 character and anything that
-    could still become a stop string are held back.
+    sent). Text is streamed as it becomes final, so that the pieces sent join to the decode of all the
+    row's tokens: held back are anything that could still become a stop string, every trailing U+FFFD
+    (a partial UTF-8 character decodes to one or more), and all the text of an open run of
+    ``byte_ids`` (byte-fallback tokens such as ``<0xE7>``: the decoder joins a run of them, special tokens
+    skipped, and turns the whole run into one U+FFFD per byte if it is not valid UTF-8, so a later byte
+    can spoil characters the run already completed).
     """
 
-    def __init__(self, jobs: Sequence[Job], tokenizer, eos_ids: set[int]) -> None:
+    def __init__(
+        self, jobs: Sequence[Job], tokenizer, eos_ids: set[int], byte_ids: frozenset[int] = frozenset()
+    ) -> None:
         self.jobs = list(jobs)
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
+        self.byte_ids = byte_ids
+        self.special_ids = frozenset(tokenizer.all_special_ids)  # what decoding skips
         self.tokens: list[list[int]] = [[] for _ in self.jobs]
+        self.in_byte_run = [False] * len(self.jobs)  # the row's last token that decodes is a byte token
         self.sent = [0] * len(self.jobs)
         self.done = [False] * len(self.jobs)
 
@@ -139,6 +149,8 @@ class RowTracker(StoppingCriteria):
             self._finish(row, "stop", self._text(row))
             return
         self.tokens[row].append(token)
+        if token not in self.special_ids:
+            self.in_byte_run[row] = token in self.byte_ids
         text = self._text(row)
         cut = min((i for i in (text.find(s) for s in job.sampling.stop) if i >= 0), default=None)
         if cut is not None:
@@ -146,11 +158,10 @@ class RowTracker(StoppingCriteria):
         elif len(self.tokens[row]) >= job.sampling.max_tokens:
             self._finish(row, "length", text)
         else:
+            if self.in_byte_run[row]:
+                return
             hold = max((len(s) - 1 for s in job.sampling.stop), default=0)
-            ready = len(text) - hold
-            if text.endswith("\ufffd"):
-                ready = min(ready, len(text) - 1)
-            self._send(row, text, ready)
+            self._send(row, text, min(len(text) - hold, len(text.rstrip("\ufffd"))))
 
     def finish_all(self) -> None:
         """End the rows ``generate`` stopped without us (its own length limit)."""
@@ -173,6 +184,14 @@ class RowTracker(StoppingCriteria):
         self.jobs[row].emit("done", reason)
 
 
+BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # how sentencepiece and tokenizers' ByteFallback name a byte
+
+
+def byte_token_ids(tokenizer) -> frozenset[int]:
+    """The ids of the tokenizer's byte-fallback tokens (``<0x00>`` to ``<0xFF>``; none in byte-level BPE)."""
+    return frozenset(i for token, i in tokenizer.get_vocab().items() if BYTE_TOKEN.fullmatch(token))
+
+
 class Engine:
     """Runs batches of jobs on the model: :meth:`run` on one thread only (the scheduler's worker).
 
@@ -187,6 +206,7 @@ class Engine:
         self.prefix_cache = prefix_cache
         self.pad_id = pad_token_id(tokenizer)
         self.eos_ids = eos_token_ids(model, tokenizer)
+        self.byte_ids = byte_token_ids(tokenizer)
         self._job_ids = itertools.count()
 
     def new_job(self, prompt: Encoded, policy: MaskPolicy, sampling: Sampling) -> Job:
@@ -198,7 +218,7 @@ class Engine:
         jobs = [job for job in jobs if not job.cancelled.is_set()]
         if not jobs:
             return
-        tracker = RowTracker(jobs, self.tokenizer, self.eos_ids)
+        tracker = RowTracker(jobs, self.tokenizer, self.eos_ids, self.byte_ids)
         try:
             with torch.inference_mode():
                 self._generate(jobs, tracker)

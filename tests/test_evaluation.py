@@ -148,6 +148,25 @@ def test_eval_cli_names_a_missing_task(stories_path, commonsense_dir, tmp_path, 
     assert not (tmp_path / "r.json").exists()
 
 
+def test_repeated_records_are_counted_once_and_reported(stories, commonsense_dir, tmp_path):
+    model, tokenizer = stories
+    distinct = json.loads((commonsense_dir / "boolq_test.json").read_text())[:3]
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "boolq_test.json").write_text(json.dumps(distinct + distinct))  # each record twice: 6 rows
+    with pytest.warns(UserWarning, match=r"boolq_test.json: 3 repeated records of boolq counted once \(3 "):
+        results = _evaluate(model, tokenizer, data, "boolq", scoring="loglik", out=tmp_path / "r.json")
+    score = results["tasks"]["boolq"]
+    assert (score["n"], score["duplicates"]) == (3, 3)
+    assert (score["ci_low"], score["ci_high"]) == pytest.approx(wilson_interval(score["correct"], 3))
+    assert [row["index"] for row in _read_jsonl(tmp_path / "r.predictions.jsonl")] == [0, 1, 2]
+    # a limit counts distinct records; a record with the same prompt but another answer is its own
+    other = {**distinct[0], "answer": "false" if distinct[0]["answer"] == "true" else "true"}
+    (data / "boolq_test.json").write_text(json.dumps([distinct[0], distinct[0], other, distinct[1]]))
+    task = load_task(data, "boolq", limit=2)
+    assert (task.records, task.duplicates) == ((distinct[0], other), 1)
+
+
 # ---------------------------------------------------------------------------------------------- resume
 
 

@@ -138,7 +138,9 @@ def evaluate(
     """Evaluate ``model`` as ``config`` says and return the results (written to ``config.out`` when given).
 
     Every task file is read and validated before the model runs, so a bad file fails fast. The results hold
-    per-task ``accuracy``, ``ci_low``/``ci_high`` (95% Wilson), ``n``, ``correct``, ``unparseable``; the
+    per-task ``accuracy``, ``ci_low``/``ci_high`` (95% Wilson), ``n``, ``correct``, ``unparseable`` (and
+    ``duplicates``, with a warning, where the task file repeats records: each is counted once, see
+    :func:`segmask.tasks.commonsense.load_task`); the
     unweighted ``average``; ``model`` (``model_name``, else the model's own name), ``policy``, ``scoring``,
     ``limit``, ``overflow``, ``causal_sink`` (as :func:`segmask.segments.sink_on` resolves it), ``template`` (``None`` counts as
     ``alpaca``), ``extract`` (``generate`` scoring only) and the git ``commit``. With ``out``, predictions go to ``<out stem>.predictions.jsonl`` next
@@ -152,6 +154,13 @@ def evaluate(
     if config.out is not None:
         results.check_out(config.out)
     loaded = [commonsense.load_task(config.data_dir, name, config.limit) for name in config.tasks]
+    for task in loaded:
+        if task.duplicates:
+            warnings.warn(
+                f"{task.path}: {task.duplicates} repeated records of {task.name} counted once "
+                f"({len(task.records)} distinct records scored)",
+                stacklevel=2,
+            )
     name = model_name or str(getattr(model.config, "_name_or_path", "")) or type(model).__name__
     journal = _journal(config, name, loaded) if config.out is not None else None
     try:
@@ -170,6 +179,9 @@ def evaluate(
     report = results.run_results(predictions, run, {task.name: str(task.path) for task in loaded})
     for task_name, count in counts.items():
         report["tasks"][task_name] |= count
+    for task in loaded:
+        if task.duplicates:
+            report["tasks"][task.name]["duplicates"] = task.duplicates
     if config.scoring == "generate":
         report["generation"] = {"num_beams": config.num_beams, "max_new_tokens": config.max_new_tokens}
     if journal is not None:
@@ -190,6 +202,8 @@ def _journal(config: EvalConfig, model_name: str, loaded: Sequence[commonsense.T
         header["extract"] = config.extract
     if config.scoring == "generate":  # decoding settings do not change loglik predictions
         header |= {key: getattr(config, key) for key in ("num_beams", "max_new_tokens", "batch_size")}
+    if any(task.duplicates for task in loaded):  # record indices count distinct records (since issue 31)
+        header["distinct_records"] = True
     header["files"] = [str(task.path.resolve()) for task in loaded]
     return results.Journal(results.journal_path(config.out), header, config.resume)
 

@@ -45,13 +45,15 @@ _FORMAT_LINE = re.compile(r"Answer format:\s*(\S+)")
 
 @dataclass(frozen=True)
 class Task:
-    """One task: its records and answer vocabulary. ``candidates[i]`` are the labels record ``i`` offers."""
+    """One task: its records and answer vocabulary. ``candidates[i]`` are the labels record ``i`` offers;
+    ``duplicates`` the repeated records of the file that :func:`load_task` left out."""
 
     name: str
     path: Path
     records: tuple[dict, ...]
     labels: tuple[str, ...]
     candidates: tuple[tuple[str, ...], ...]
+    duplicates: int = 0
 
     def __post_init__(self) -> None:
         if not self.records:
@@ -93,10 +95,16 @@ def parse_tasks(tasks: str | Sequence[str]) -> list[str]:
 
 
 def load_task(data_dir: str | Path, name: str, limit: int | None = None) -> Task:
-    """Read and validate a task's first ``limit`` records (all when ``None``).
+    """Read and validate a task's first ``limit`` distinct records (all when ``None``).
 
-    Raises a ``ValueError`` naming the file and the record index for a malformed record or an answer outside
-    the task's vocabulary, and a ``FileNotFoundError`` for a missing file.
+    A record that repeats an earlier one (:func:`distinct_records`: same instruction, input and answer) is
+    counted once: it is left out, and ``Task.duplicates`` says how many were (the results of
+    :func:`segmask.evaluation.evaluate` report it per task). Scoring a repeat again would add no evidence
+    but count it twice, narrowing the interval (the suite's own ``social_i_qa_test.json`` repeats 19 of
+    its 1,954 records). A record's index in ``Task.records`` (and in the predictions) counts the records kept.
+
+    Raises a ``ValueError`` naming the file and the record's position in it for a malformed record or an
+    answer outside the task's vocabulary, and a ``FileNotFoundError`` for a missing file.
     """
     if limit is not None and limit <= 0:
         raise ValueError(f"limit must be positive, got {limit}")
@@ -107,9 +115,29 @@ def load_task(data_dir: str | Path, name: str, limit: int | None = None) -> Task
     for index, record in enumerate(records):
         check_record(record, path, index)
     labels = TASK_LABELS.get(name) or _labels_from_records(records)
-    records = records[:limit]
-    candidates = tuple(record_candidates(record, labels, path, index) for index, record in enumerate(records))
-    return Task(name, path, tuple(records), labels, candidates)
+    kept, duplicates = distinct_records(records, limit)
+    candidates = tuple(record_candidates(records[index], labels, path, index) for index in kept)
+    return Task(name, path, tuple(records[index] for index in kept), labels, candidates, duplicates)
+
+
+def distinct_records(records: Sequence[dict], limit: int | None = None) -> tuple[list[int], int]:
+    """The positions of the first ``limit`` records (all when ``None``) that repeat no earlier one, and how
+    many repeats were passed over on the way. Two records are the same test item when their
+    ``instruction``, ``input`` and ``answer`` agree: the same prompt with the same gold label (the same
+    prompt with another label stays, a record of its own)."""
+    kept: list[int] = []
+    seen: set[tuple[str, str, str]] = set()
+    repeats = 0
+    for index, record in enumerate(records):
+        if limit is not None and len(kept) == limit:
+            break
+        key = (record["instruction"], record.get("input") or "", record["answer"])
+        if key in seen:
+            repeats += 1
+            continue
+        seen.add(key)
+        kept.append(index)
+    return kept, repeats
 
 
 def check_record(record: Any, path: Path, index: int) -> None:

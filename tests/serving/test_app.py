@@ -189,6 +189,50 @@ def test_models_and_health(server):
     assert health["status"] == "ok" and health["queued"] == 0 and health["prefix_cache"] is not None
 
 
+# ------------------------------------------------------------------------------------------ multi-byte text
+
+PROMPT_IDS = [1, 307, 347]  # "<s> Loo"
+
+
+@pytest.fixture(scope="module")
+def scripted(stories_path, tokenizer):
+    """A live server whose model generates the tokens of ``script`` (a list the test fills) after PROMPT_IDS:
+    each decoding step's logits are overwritten to pick the script's next token."""
+    script: list[int] = []
+    model = segmask.enable(AutoModelForCausalLM.from_pretrained(stories_path).eval())
+
+    def force(module, args, kwargs, output):
+        if kwargs.get("segment_ids") is not None:  # the prompt's prefill
+            return
+        step = int(kwargs["position_ids"][0, -1]) + 1 - len(PROMPT_IDS)  # tokens generated so far
+        output.logits[:, -1, :] = -1e4
+        output.logits[:, -1, script[min(step, len(script) - 1)]] = 1e4
+
+    model.register_forward_hook(force, with_kwargs=True)
+    with live(model, tokenizer) as server:
+        yield server, script
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["Look 😀 at the 猫 now", "猫猫😀😀 end", "é ñ 日本語 🙂👍🏽\nok"],
+)
+def test_emoji_and_cjk_of_a_byte_fallback_tokenizer_arrive_whole(scripted, tokenizer, text):
+    """stories260K spells these characters in byte tokens (one per UTF-8 byte). Before, the client received
+    ``'Look ��at the � now'`` for the first, streaming or not."""
+    server, script = scripted
+    script[:] = tokenizer(text, add_special_tokens=False).input_ids
+    assert {3 + 0xF0, 3 + 0xE7} & set(script)  # <0xF0> or <0xE7>: byte tokens
+    expected = tokenizer.decode(script, skip_special_tokens=True)
+    assert expected == text
+    client = server.client()
+    args = {"model": NAME, "prompt": PROMPT_IDS, "max_tokens": len(script), "temperature": 0}
+    reply = client.completions.create(**args)
+    assert reply.choices[0].text == expected and reply.choices[0].finish_reason == "length"
+    pieces = [chunk.choices[0].text for chunk in client.completions.create(stream=True, **args)]
+    assert "".join(pieces) == expected and not any("\ufffd" in piece for piece in pieces)
+
+
 # ------------------------------------------------------------------------------------------ bad input
 
 

@@ -51,6 +51,11 @@ class TrainConfig:
     mask: str = _help("mask policy: causal, mas or prefix", "mas")
     causal_sink: bool | None = _help(CAUSAL_SINK_HELP, None)
     template: str = _help(f"{TEMPLATE_HELP}; for LLM-Adapters records", "alpaca")
+    chat_template: str | None = _help(
+        "Jinja chat template file (or the template itself, inline) for chat records, replacing the model's; "
+        "lets a model without one train on chat data (default: the model's)",
+        None,
+    )
     # data
     cutoff_len: int = _help("most tokens per example (prompt + answer)", 256)
     overflow: str = _help(
@@ -205,7 +210,7 @@ class TrainConfig:
         try:
             values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as error:
-            raise ValueError(f"{path}: not valid YAML ({error})") from None
+            raise ValueError(_yaml_error(path, error)) from None
         if not isinstance(values, dict):
             raise ValueError(f"{path}: expected a mapping of config keys, got {type(values).__name__}")
         return cls.from_dict({**values, **overrides})
@@ -213,6 +218,22 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """JSON/YAML-ready values (tuples as lists)."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+def _yaml_error(path: Path, error: yaml.YAMLError) -> str:
+    """One line: ``FILE:LINE:COLUMN: not valid YAML: PROBLEM (CONTEXT at line L, column C)``, 1-based
+    (PyYAML's own text spans several lines, with the offending line drawn under a caret)."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None)
+    if mark is None or problem is None:
+        return f"{path}: not valid YAML ({' '.join(str(error).split())})"
+    text = f"{path}:{mark.line + 1}:{mark.column + 1}: not valid YAML: {problem}"
+    context, where = getattr(error, "context", None), getattr(error, "context_mark", None)
+    if context and where is not None:
+        text += f" ({context} at line {where.line + 1}, column {where.column + 1})"
+    elif context:
+        text += f" ({context})"
+    return text
 
 
 def _coerce(name: str, value: Any, kind: Any) -> Any:

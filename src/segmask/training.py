@@ -15,6 +15,10 @@ What is written to ``output``::
     model.safetensors + config.json                     the adapter kept in adapter/)   (full fine-tuning)
     tokenizer files, segmask.json (policy, causal_sink, template, base model, config, data fingerprint)
     checkpoint-N/ (atomic: written as checkpoint-N.tmp, then renamed), metrics.jsonl, loss_curve.png
+    .segmask.lock while the run lasts: a second run into the same folder is refused, not interleaved
+
+``overwrite: true`` removes only these files (:func:`run_files`): other files in the folder stay. Inputs
+(data files, the base model) inside the output folder are refused.
 
 ``resume: true`` continues from the last complete checkpoint with the same data order, so the loss curve
 is the one an uninterrupted run with the same seed would have drawn. It resumes only a segmask run with the
@@ -26,6 +30,7 @@ The config is :mod:`segmask.train_config`; metrics.jsonl, the progress bar and t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -33,7 +38,7 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +52,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from segmask import __version__, compat, data, loading
 from segmask.attention import enable
-from segmask.files import write_json_atomic
+from segmask.files import check_outputs, exclusive_lock, write_json_atomic
 from segmask.parallel import check_sequence_sharding
 from segmask.train_config import TrainConfig
 from segmask.train_metrics import MetricsFile, ProgressBar, plot_loss_curve, truncate_metrics
@@ -69,12 +74,33 @@ METRICS_FILE = "metrics.jsonl"
 LOSS_CURVE_FILE = "loss_curve.png"
 RUN_CONFIG_FILE = "train_config.json"
 SEGMASK_FILE = "segmask.json"
+LOCK_FILE = ".segmask.lock"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+# every name a run writes into its output folder (weights, tokenizer, Trainer's and segmask's files), and
+# checkpoint-N(.tmp), weight shards and write_json_atomic's temporaries: what --overwrite removes. peft's
+# README.md is not among them: peft updates a README.md in place, which may be the user's notes
+RUN_FILES = frozenset(
+    {
+        METRICS_FILE, LOSS_CURVE_FILE, RUN_CONFIG_FILE, SEGMASK_FILE, "training_args.bin", "adapter",
+        "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin",
+        "config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+        "pytorch_model.bin", "pytorch_model.bin.index.json",
+        "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+        "chat_template.jinja", "chat_template.json", "additional_chat_templates", "tokenizer.model",
+        "vocab.json", "merges.txt", "vocab.txt", "spiece.model",
+    }
+)  # fmt: skip
+RUN_FILE_RE = re.compile(r"^(checkpoint-\d+(\.tmp)?|model-\d+-of-\d+\.safetensors|\.(?P<name>.+)\.\d+\.tmp)$")
 # fields that may change between an interrupted run and its --resume: the flags themselves, and where the
 # run lives (a moved folder resumes); everything else defines the run
 RESUMABLE_CHANGES = frozenset({"resume", "overwrite", "merge", "output"})
 # fields added after runs were saved, with the value such a run had: it resumes unless the new one differs
-ADDED_FIELDS: dict[str, Any] = {"causal_sink": False, "template": "alpaca", "load_best_model_at_end": False}
+ADDED_FIELDS: dict[str, Any] = {
+    "causal_sink": False,
+    "template": "alpaca",
+    "load_best_model_at_end": False,
+    "chat_template": None,
+}
 
 
 # ---- the run -------------------------------------------------------------------------------------
@@ -88,7 +114,8 @@ def train(config: TrainConfig, callbacks: Sequence[TrainerCallback] = ()) -> Pat
     """Run ``config`` to the end and return the output folder (see the module docstring for its contents).
 
     Every check (output folder, data files and records, cutoff vs template, model and mask backend) runs
-    before the first step; ``callbacks`` are extra ``TrainerCallback`` objects (e.g. for tests).
+    before the first step; ``callbacks`` are extra ``TrainerCallback`` objects (e.g. for tests). The output
+    folder is locked (``.segmask.lock``) from its checks to the end: another run into it is a ``ValueError``.
     """
     output = Path(config.output)
     records = data.read_records(data.expand_paths(config.data))
@@ -98,16 +125,35 @@ def train(config: TrainConfig, callbacks: Sequence[TrainerCallback] = ()) -> Pat
     arguments = training_arguments(config, output, has_eval=bool(eval_records))  # sets up the processes
     if config.uses_segment_ids:  # context/sequence parallelism drops the mask: it would train causally
         check_sequence_sharding(getattr(arguments, "parallelism_config", None))
-    with arguments.main_process_first(local=False, desc="checking the output folder"):
-        if arguments.should_save:
-            finished = prepare_output(config, output)
-        else:
-            finished = finished_step(output) if config.resume else None
-    if finished is not None:  # resuming a finished run: nothing to train, nothing to write
-        logger.info("%s already finished at step %d; nothing to do", output, finished)
-        return output
+    with contextlib.ExitStack() as held:
+        with arguments.main_process_first(local=False, desc="checking the output folder"):
+            if arguments.should_save:
+                held.enter_context(lock_output(output))
+                finished = prepare_output(config, output)
+            else:
+                finished = finished_step(output) if config.resume else None
+        if finished is not None:  # resuming a finished run: nothing to train, nothing to write
+            logger.info("%s already finished at step %d; nothing to do", output, finished)
+            return output
+        _run(config, output, records, train_records, eval_records, arguments, callbacks)
+    return output
+
+
+def _run(
+    config: TrainConfig,
+    output: Path,
+    records: Sequence[data.Record],
+    train_records: Sequence[data.Record],
+    eval_records: Sequence[data.Record],
+    arguments: TrainingArguments,
+    callbacks: Sequence[TrainerCallback],
+) -> None:
+    """The run once its output folder is checked and locked: tokenizer, data, model, Trainer, outputs."""
     checkpoint = last_checkpoint(output) if config.resume else None
     tokenizer = loading.load_tokenizer(config.model)
+    if config.chat_template is not None:
+        loading.set_chat_template(tokenizer, config.chat_template)
+    check_chat_template(tokenizer, records, config)
     check_cutoff(tokenizer, records, config)
     encode = dict(
         policy=config.mask,
@@ -171,20 +217,51 @@ def train(config: TrainConfig, callbacks: Sequence[TrainerCallback] = ()) -> Pat
         "segmask_version": _version(),
     }
     save_final(trainer, config, output, info)
-    return output
+
+
+@contextlib.contextmanager
+def lock_output(output: Path) -> Iterator[None]:
+    """Create ``output`` and hold its lock (:func:`segmask.files.exclusive_lock` on ``output/.segmask.lock``)
+    for the ``with`` block; a ``ValueError`` when it is a file, cannot be written, or another run holds it."""
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"output {output} is a file, not a folder")
+    with contextlib.ExitStack() as held:
+        try:
+            output.mkdir(parents=True, exist_ok=True)
+            held.enter_context(exclusive_lock(output / LOCK_FILE, f"output {output}"))
+        except OSError as error:
+            raise ValueError(f"cannot write to output {output}: {error.strerror or error}") from None
+        yield
+
+
+def run_files(output: Path) -> list[Path]:
+    """The entries of ``output`` that a run writes (:data:`RUN_FILES`, checkpoints, shards, temporaries),
+    which ``overwrite`` removes; the lock file and anything else stay."""
+    found = []
+    for entry in sorted(output.iterdir()):
+        match = RUN_FILE_RE.match(entry.name)
+        if entry.name in RUN_FILES or (match and (match["name"] is None or match["name"] in RUN_FILES)):
+            found.append(entry)
+    return found
 
 
 def prepare_output(config: TrainConfig, output: Path) -> int | None:
     """Check ``output`` against ``resume``/``overwrite`` before anything is written, then make it ready.
 
-    Refuses (``ValueError``, nothing touched) a file, an unwritable folder, a folder of other files under
-    ``resume`` or ``overwrite``, a run with another config under ``resume``, and any existing run without
-    one of them. Returns the last step of a finished run that ``resume`` leaves as it is (else ``None``);
-    otherwise empties the folder for ``overwrite`` or removes half-written ``checkpoint-N.tmp`` folders.
+    Refuses (``ValueError``, nothing touched) a file, an unwritable folder, a folder holding the run's data
+    or base model, a folder of other files under ``resume`` or ``overwrite``, a run with another config
+    under ``resume``, and any existing run without one of them. Returns the last step of a finished run that
+    ``resume`` leaves as it is (else ``None``); otherwise removes the run's files (:func:`run_files`) for
+    ``overwrite`` or half-written ``checkpoint-N.tmp`` folders for ``resume``. Called under
+    :func:`lock_output`: the folder does not change while it looks.
     """
     if output.exists() and not output.is_dir():
         raise ValueError(f"output {output} is a file, not a folder")
-    existing = output.is_dir() and any(output.iterdir())
+    inputs = [*data.expand_paths(config.data), Path(config.model)]
+    if config.chat_template is not None and os.path.isfile(config.chat_template):
+        inputs.append(Path(config.chat_template))
+    check_outputs([("output", output)], inputs)
+    existing = output.is_dir() and any(entry.name != LOCK_FILE for entry in output.iterdir())
     if existing and (config.resume or config.overwrite):
         saved = saved_config(output)
         if saved is None:
@@ -210,7 +287,7 @@ def prepare_output(config: TrainConfig, output: Path) -> int | None:
     except OSError as error:
         raise ValueError(f"cannot write to output {output}: {error.strerror or error}") from None
     if existing and config.overwrite:
-        for entry in output.iterdir():
+        for entry in run_files(output):
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
             else:
@@ -284,6 +361,15 @@ def last_checkpoint(output: Path) -> Path | None:
 
 def _checkpoint_step(checkpoint: Path) -> int:
     return int(CHECKPOINT_RE.match(checkpoint.name).group(1))
+
+
+def check_chat_template(tokenizer, records: Sequence[data.Record], config: TrainConfig) -> None:
+    """Refuse chat records for a tokenizer without a chat template, naming the flag that gives one."""
+    if not getattr(tokenizer, "chat_template", None) and any(data.record_kind(r) == "chat" for r in records):
+        raise ValueError(
+            f"the data holds chat records but {config.model} has no chat template; pass --chat-template FILE "
+            "(chat_template: in a YAML config), a Jinja file or the template itself"
+        )
 
 
 def check_cutoff(tokenizer, records: Sequence[data.Record], config: TrainConfig) -> None:
@@ -497,6 +583,7 @@ def save_final(trainer: Trainer, config: TrainConfig, output: Path, info: dict[s
     if config.merge:
         write_json_atomic(weights_dir / SEGMASK_FILE, info)
         loading.merge_adapter(config.model, weights_dir, output)
+        trainer.processing_class.save_pretrained(str(output))  # the tokenizer trained with (--chat-template)
         info = {**info, "adapter": False}
     plot_loss_curve(output / METRICS_FILE, output / LOSS_CURVE_FILE)
     write_json_atomic(output / SEGMASK_FILE, info)

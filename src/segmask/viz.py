@@ -181,10 +181,22 @@ def visualize(
     segmented = views.get("mas") or next(iter(views.values()))
     spans = segment_spans(segmented.segment_ids, messages)
     maps = attention_maps(model, views, layer, head)
+    mask_png, attention_png = drawing_paths(out_dir, model.config.num_hidden_layers, layer, head)
     layer_index = layer % model.config.num_hidden_layers
     head_name = "mean" if head is None else str(head)
     title = f"attention probabilities, layer {layer_index}, head {head_name}"
     return [
-        draw_masks(views, spans, out_dir / "mask.png"),
-        draw_attention(maps, spans, title, out_dir / f"attention_layer{layer_index}_head{head_name}.png"),
+        draw_masks(views, spans, mask_png),
+        draw_attention(maps, spans, title, attention_png),
     ]
+
+
+def drawing_paths(
+    out_dir: str | Path, layers: int, layer: int = -1, head: int | None = None
+) -> tuple[Path, Path]:
+    """The files :func:`visualize` writes: ``out_dir/mask.png`` and
+    ``out_dir/attention_layer<L>_head<H>.png`` (``L`` counted from 0 in a model of ``layers`` layers, ``H``
+    ``mean`` without a head)."""
+    out_dir = Path(out_dir)
+    head_name = "mean" if head is None else str(head)
+    return out_dir / "mask.png", out_dir / f"attention_layer{layer % layers}_head{head_name}.png"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 
 from segmask.compare import compare_runs
+from segmask.files import check_outputs
+from segmask.results import predictions_path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,6 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    inputs = [*args.results, *(predictions_path(path) for path in args.results)]
+    check_outputs([("--out-md", args.out_md), ("--out-png", args.out_png)], inputs)
     print(compare_runs(args.results, out_md=args.out_md, out_png=args.out_png), end="")
     if args.out_png:
         print(f"bar chart: {args.out_png}")

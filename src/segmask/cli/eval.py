@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 
 from segmask.cli.options import add_config_arguments, add_model_arguments, config_values
 from segmask.compare import compare_runs
 from segmask.evaluation import EvalConfig, evaluate
+from segmask.files import check_outputs
 from segmask.loading import load_model, resolve_causal_sink, resolve_template
+from segmask.results import journal_path, predictions_path
 from segmask.tasks.commonsense import task_path
 
 
@@ -34,8 +37,11 @@ def run(args: argparse.Namespace) -> int:
     if args.greedy:
         values["num_beams"] = 1
     config = EvalConfig(**values)  # checked, and every task file found, before the model loads
-    for name in config.tasks:
-        task_path(config.data_dir, name)
+    inputs = [task_path(config.data_dir, name) for name in config.tasks] + [args.model]
+    if args.chat_template is not None and os.path.isfile(args.chat_template):
+        inputs.append(args.chat_template)
+    written = (args.out, predictions_path(args.out), journal_path(args.out))
+    check_outputs([("--out", path) for path in written], inputs)
     model, tokenizer, policy = load_model(args.model, policy=args.mask, chat_template=args.chat_template)
     sink = resolve_causal_sink(args.model, config.causal_sink)
     template = resolve_template(args.model, config.template)

@@ -118,12 +118,14 @@ def add_causal_sink_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_chat_template_argument(parser: argparse.ArgumentParser) -> None:
+def add_chat_template_argument(parser: argparse.ArgumentParser, default: Any = None) -> None:
     """``--chat-template FILE``: a Jinja chat template in place of the model's, as vLLM's flag (a file, or the
-    template itself on one line); :func:`segmask.loading.load_model`'s ``chat_template``."""
+    template itself on one line); :func:`segmask.loading.load_model`'s ``chat_template`` (``train``: the
+    :class:`~segmask.train_config.TrainConfig` field, ``default`` ``argparse.SUPPRESS`` so that an absent flag
+    leaves the YAML file's value)."""
     parser.add_argument(
         "--chat-template",
-        default=None,
+        default=default,
         metavar="FILE",
         help="Jinja chat template file (or the template itself, inline) replacing the model's; "
         "lets a model without one chat (default: the model's)",

@@ -5,6 +5,7 @@ override the YAML file. Examples::
 
     segmask train configs/cpu_smollm2.yaml --mask mas --max-steps 100 --output runs/smollm2-mas
     segmask train --model ../shared/models/stories260K --data train.json --mask prefix --lora-r 0
+    segmask train --model ../shared/models/stories260K --data chats.jsonl --chat-template chatml.jinja
     accelerate launch -m segmask train configs/paper_llama3.2-1b.yaml --mask mas
 """
 
@@ -15,14 +16,16 @@ import os
 import sys
 from pathlib import Path
 
-from segmask.cli.options import add_config_arguments, config_values
+from segmask.cli.options import add_chat_template_argument, add_config_arguments, config_values
 from segmask.train_config import TrainConfig
 from segmask.training import Interrupted, finished_step, train
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", help="YAML file of TrainConfig fields (flags override it)")
-    add_config_arguments(parser, TrainConfig, overrides_file=True)
+    # chat_template: the flag every command that reads chat has (an absent flag leaves the YAML's value)
+    add_config_arguments(parser, TrainConfig, skip=("chat_template",), overrides_file=True)
+    add_chat_template_argument(parser, default=argparse.SUPPRESS)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from segmask import loading, viz
+from segmask.files import check_outputs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,7 +24,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     messages = viz.read_messages(args.messages)
+    if Path(args.out).is_file():
+        raise ValueError(f"--out {args.out} is a file; give the folder to write the drawings into")
     model, tokenizer, _ = loading.load_model(args.model)
+    drawings = viz.drawing_paths(args.out, model.config.num_hidden_layers, args.layer, args.head)
+    check_outputs([("--out", path) for path in drawings], [args.messages])
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     for path in viz.visualize(model, tokenizer, messages, args.out, args.layer, args.head, policies):
         print(path)

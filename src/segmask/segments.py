@@ -271,10 +271,11 @@ def encode_chat(
     text, char_turns, kinds = turns.chat_layout(
         tokenizer, messages, add_generation_prompt, chat_template, template_kwargs
     )
-    ids, token_turns, token_kinds = turns.token_layout(
-        tokenizer, text, char_turns, kinds, add_special_tokens=False
-    )
     labelled = _labelled_turns(roles, train_on)
+    prompt = {t for t, role in enumerate(roles) if role in PROMPT_ROLES}
+    ids, token_turns, token_kinds = turns.token_layout(
+        tokenizer, text, char_turns, kinds, add_special_tokens=False, prompt=prompt, labelled=labelled
+    )
     if add_generation_prompt:
         roles.append("assistant")  # the generation prompt (turn len(messages)) opens an answer
     encoded = _with_sink(_encode(ids, token_turns, token_kinds, roles, policy, labelled), policy, causal_sink)

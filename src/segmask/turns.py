@@ -11,6 +11,11 @@ rendering per message would make encoding quadratic in the conversation's length
 of its last character (a token straddling two turns belongs to the later one). Text a template adds before
 the first message (BOS, a default system prompt) belongs to the first message.
 
+Two renderings are refused (``ValueError``), as no layout of them is right: a template that renders the
+messages out of order (``messages|reverse``: an answer would be labelled before its prompt), and, given the
+prompt and labelled turns, a token that holds characters of both (a template without separators between a
+question and its answer: the label would cover prompt text).
+
 :func:`chat_layout` gives the rendered text with each character's turn and kind (``HEADER``, ``CONTENT``,
 ``END``); :func:`token_layout` tokenizes a text once and gives each token the turn and kind of its last
 character. :mod:`segmask.segments` turns those into segment ids and labels under a mask policy.
@@ -19,7 +24,7 @@ character. :mod:`segmask.segments` turns those into segment ids and labels under
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 from jinja2 import TemplateError
 
@@ -144,6 +149,12 @@ def chat_layout(
             "cannot locate the message contents in the chat template's output "
             "(the template changes them beyond trimming, or depends on them)"
         )
+    for before, after in zip(order, order[1:]):
+        if after <= before:  # a turn starts where the previous one ended, so contents come in message order
+            raise ValueError(
+                f"the chat template renders message {after} after message {before}: turns out of order "
+                f"(or one rendered twice); segmask needs each message rendered once, in the conversation's order"
+            )
     turns, kinds = [order[0]] * len(text), [HEADER] * len(text)
     ends: dict[tuple, str] = {}  # one cut rendering per kind of turn end: linear in the conversation
     for j, (start, end) in enumerate(spans):
@@ -169,12 +180,21 @@ def chat_layout(
 
 
 def token_layout(
-    tokenizer, text: str, turns: list[int], kinds: list[int], add_special_tokens: bool
+    tokenizer,
+    text: str,
+    turns: list[int],
+    kinds: list[int],
+    add_special_tokens: bool,
+    *,
+    prompt: Collection[int] = (),
+    labelled: Collection[int] = (),
 ) -> tuple[list[int], list[int], list[int]]:
     """Tokenize ``text`` once; each token takes the turn and kind of its last character.
 
     Tokens without characters (a BOS or EOS the tokenizer adds) take those of their neighbour: the next
-    token at the start, the previous one elsewhere.
+    token at the start, the previous one elsewhere. A token that would be labelled (its last character lies
+    in a ``labelled`` turn, outside its header) but holds characters of a ``prompt`` turn is a
+    ``ValueError``: the template puts no separator between them, and the label would cover prompt text.
     """
     if not getattr(tokenizer, "is_fast", True):
         raise ValueError("segmask needs a fast tokenizer (character offsets); load it with use_fast=True")
@@ -185,6 +205,8 @@ def token_layout(
     for t, (start, end) in enumerate(offsets):
         if end > start:
             token_turns[t], token_kinds[t] = turns[end - 1], kinds[end - 1]
+            if turns[end - 1] in labelled and kinds[end - 1] != HEADER and turns[start] != turns[end - 1]:
+                _check_apart(text, (start, end), turns, prompt)
     real = [t for t in range(len(ids)) if token_turns[t] is not None]
     if not real:
         raise ValueError("the text tokenizes to no tokens")
@@ -193,3 +215,15 @@ def token_layout(
             source = real[0] if t < real[0] else t - 1
             token_turns[t], token_kinds[t] = token_turns[source], token_kinds[source]
     return ids, token_turns, token_kinds  # type: ignore[return-value]
+
+
+def _check_apart(text: str, span: tuple[int, int], turns: list[int], prompt: Collection[int]) -> None:
+    """Refuse a labelled token (characters ``span`` of ``text``) that holds characters of a prompt turn."""
+    start, end = span
+    inside = sorted({turns[c] for c in range(start, end) if turns[c] in prompt})
+    if inside:
+        raise ValueError(
+            f"the token {text[start:end]!r} (characters {start}..{end - 1}) spans prompt turn {inside[0]} "
+            f"and labelled turn {turns[end - 1]}: the chat template puts no separator between them, so the "
+            "label would cover prompt text; add one (a newline, an end-of-turn token)"
+        )

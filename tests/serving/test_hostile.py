@@ -3,10 +3,15 @@ error body, and ``/health`` answers right after it. Covers requests that would f
 huge conversation: encoded off the loop, linear, capped by max_messages / max_prompt_chars /
 max_prompt_tokens), underflowing temperatures, seeds outside int64, every unsupported OpenAI field, auth
 edge cases and the API pages of a keyed server, and POSTs that are not declared JSON (a browser page's
-text/plain). The load part is ``benchmarks/serve_load.py``."""
+text/plain); and from issue 31, a client that hangs up in the middle of its body (one log line),
+``HEAD /health``, and a refused ``max_completion_tokens`` named as sent. The load part is
+``benchmarks/serve_load.py``."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import socket
 import threading
 import time
 
@@ -288,3 +293,85 @@ def test_a_keyed_server_keeps_its_api_pages_closed(model, stories_tokenizer, ser
         assert post(keyed, CHAT_URL, GOOD, {"Authorization": "Bearer sekret"}).status_code == 200
         health_answers(keyed)
     assert httpx.get(server.url + "/openapi.json").status_code == 200  # an open server may show them
+
+
+# ------------------------------------------------------------------------------------------ issue 31
+
+
+class Records(logging.Handler):
+    """Every log record that reaches it, kept in a list."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def log():
+    """The records of the server's loggers (INFO and up for segmask's) and of uvicorn's (which propagate
+    no further than ``uvicorn``) while the test runs."""
+    records, segmask_logger = Records(), logging.getLogger("segmask")
+    level, segmask_logger.level = segmask_logger.level, logging.INFO
+    loggers = [logging.getLogger(), logging.getLogger("uvicorn")]
+    for logger in loggers:
+        logger.addHandler(records)
+    try:
+        yield records.records
+    finally:
+        for logger in loggers:
+            logger.removeHandler(records)
+        segmask_logger.level = level
+
+
+def raw_exchange(server, request: bytes, wait: float = 0.5) -> bytes:
+    """Send ``request`` on a socket of its own, read for ``wait`` seconds, close; what the server sent."""
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as connection:
+        connection.sendall(request)
+        connection.settimeout(wait)
+        received = b""
+        with contextlib.suppress(TimeoutError):
+            while chunk := connection.recv(65536):
+                received += chunk
+    return received
+
+
+@pytest.mark.parametrize("path", [CHAT_URL, COMPLETIONS_URL])
+def test_a_client_that_hangs_up_mid_body_is_one_log_line(server, log, path):
+    """Before: a 500 and two tracebacks (ClientDisconnect reached the catch-all handler), ~120 log lines
+    for a 100-byte connection."""
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+    )
+    raw_exchange(server, head.encode() + b'{"model": "stor', wait=0.2)
+    deadline = time.monotonic() + 10
+    while not log and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.5)  # and nothing more
+    assert len(log) == 1, [record.getMessage() for record in log]
+    [record] = log
+    assert (record.levelno, record.exc_info) == (logging.INFO, None)
+    assert "disconnected before sending its whole body" in record.getMessage() and path in record.getMessage()
+    health_answers(server)
+
+
+def test_health_answers_head(server):
+    """Liveness probes ask with HEAD: 200 and the headers, no body (before: 405)."""
+    assert httpx.head(server.url + "/health").status_code == 200
+    answer = raw_exchange(server, b"HEAD /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    status, _, rest = answer.partition(b"\r\n")
+    assert status == b"HTTP/1.1 200 OK" and rest.endswith(b"\r\n\r\n") and rest.count(b"\r\n\r\n") == 1
+
+
+@pytest.mark.parametrize("param", ["max_tokens", "max_completion_tokens"])
+def test_a_token_limit_over_the_context_is_refused_by_the_name_sent(server, param):
+    error = assert_error(
+        post(server, CHAT_URL, {**GOOD, "max_tokens": None, param: 100_000}),
+        400,
+        param,
+        "context_length_exceeded",
+    )
+    assert error["message"].startswith(f"{param} 100000 + ")

@@ -28,6 +28,7 @@ import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from segmask.loading import load_model, resolve_causal_sink
 from segmask.masks import MaskPolicy, check_policy
@@ -191,6 +192,7 @@ def create_app(
     )
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(ClientDisconnect, _client_left)
     app.add_exception_handler(Exception, _internal_error)
     app.include_router(router)
     return app
@@ -235,6 +237,14 @@ async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
     )
 
 
+async def _client_left(request: Request, error: ClientDisconnect) -> Response:
+    """A client that hung up before sending its whole body: one line, no traceback (499, which nobody reads)."""
+    logger.info(
+        "%s %r: the client disconnected before sending its whole body", request.method, request.url.path
+    )
+    return Response(status_code=499)
+
+
 async def _internal_error(request: Request, error: Exception) -> JSONResponse:
     logger.exception("unhandled error")
     return JSONResponse(APIError(500, "internal server error", type="server_error").body(), status_code=500)
@@ -261,7 +271,7 @@ router = APIRouter()
 guarded = [Depends(authorize)]  # every route but /health, which liveness probes call without a key
 
 
-@router.get("/health")
+@router.api_route("/health", methods=["GET", "HEAD"])  # liveness probes may ask with HEAD (no body sent)
 async def health(request: Request) -> dict:
     scheduler: Scheduler = request.app.state.scheduler
     cache = request.app.state.served.prefix_cache

@@ -166,9 +166,9 @@ class BaseRequest(_Schema):
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         return tuple(s for s in stop if s)
 
-    def token_limit(self) -> int | None:
-        """The completion's ``max_tokens``; None: up to the rest of the context."""
-        return self.max_tokens
+    def token_limit(self) -> tuple[int | None, str]:
+        """The completion's token limit (None: up to the rest of the context) and the parameter that set it."""
+        return self.max_tokens, "max_tokens"
 
 
 class ChatCompletionRequest(BaseRequest):
@@ -180,15 +180,17 @@ class ChatCompletionRequest(BaseRequest):
         if not self.messages:
             raise APIError(400, "messages must not be empty", param="messages", code="invalid_value")
 
-    def token_limit(self) -> int | None:
-        return self.max_completion_tokens or self.max_tokens
+    def token_limit(self) -> tuple[int | None, str]:
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens, "max_completion_tokens"
+        return self.max_tokens, "max_tokens"
 
 
 class CompletionRequest(BaseRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
 
-    def token_limit(self) -> int | None:
-        return self.max_tokens or DEFAULT_COMPLETION_TOKENS
+    def token_limit(self) -> tuple[int | None, str]:
+        return self.max_tokens or DEFAULT_COMPLETION_TOKENS, "max_tokens"
 
 
 # --------------------------------------------------------------------------------------------- responses

@@ -169,7 +169,8 @@ def submit(
     prompt_param: str,
 ) -> Job:
     """Check the lengths against the limits and the context, and enqueue the job (429 when the queue is full)."""
-    prompt_len, context, max_tokens = len(encoded.input_ids), served.max_context, body.token_limit()
+    prompt_len, context = len(encoded.input_ids), served.max_context
+    max_tokens, max_tokens_param = body.token_limit()
     if served.max_prompt_tokens < prompt_len < context:
         raise APIError(
             400,
@@ -190,8 +191,9 @@ def submit(
     elif prompt_len + max_tokens > context:
         raise APIError(
             400,
-            f"max_tokens {max_tokens} + {prompt_len} prompt tokens exceed the context of {context} tokens",
-            param="max_tokens",
+            f"{max_tokens_param} {max_tokens} + {prompt_len} prompt tokens exceed the context of {context} "
+            "tokens",
+            param=max_tokens_param,
             code="context_length_exceeded",
         )
     sampling = Sampling(max_tokens, body.temperature, body.top_p, body.seed, body.stops())

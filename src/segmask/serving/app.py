@@ -271,7 +271,13 @@ router = APIRouter()
 guarded = [Depends(authorize)]  # every route but /health, which liveness probes call without a key
 
 
-@router.api_route("/health", methods=["GET", "HEAD"])  # liveness probes may ask with HEAD (no body sent)
+@router.head("/health", include_in_schema=False)
+async def health_head() -> Response:
+    """For liveness probes that ask with HEAD: 200, no body."""
+    return Response(status_code=200)
+
+
+@router.get("/health")
 async def health(request: Request) -> dict:
     scheduler: Scheduler = request.app.state.scheduler
     cache = request.app.state.served.prefix_cache

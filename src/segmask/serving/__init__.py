@@ -8,8 +8,9 @@
 
 Endpoints: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (streaming over server-sent events
 or not; ``temperature``, ``top_p``, ``max_tokens``, ``stop``, ``seed``, ``n=1``), ``GET /v1/models`` and
-``GET /health`` (and ``HEAD``, for liveness probes). A request may set ``"mask_policy"`` (``causal``, ``mas``, ``prefix``) to run with
-another policy than the model's; every response echoes the policy it ran with.
+``GET /health`` (``HEAD`` too, for liveness probes). A request may set ``"mask_policy"`` (``causal``,
+``mas``, ``prefix``) to run with another policy than the model's; every response echoes the policy it ran
+with.
 
 How a request runs::
 

@@ -292,14 +292,15 @@ class Probe(demo_study.Probe):
 # ---- one unit -------------------------------------------------------------------------------------
 
 
-def commit_unit(unit: Path, message: str) -> bool:
-    """Commit the unit's three result files (only those paths); False (with a note) if git refuses."""
-    paths = [str(unit / name) for name in ("config.json", "curve.jsonl", "unit.json")]
+def commit_unit(unit: Path, message: str, repo: Path = REPO) -> bool:
+    """Commit the unit's three result files (only those paths, whatever else is staged); False (with a note)
+    if git refuses. A busy index (``index.lock``) is retried for about a minute."""
+    paths = [str(Path(unit).resolve() / name) for name in ("config.json", "curve.jsonl", "unit.json")]
     for attempt in range(20):
-        add = subprocess.run(["git", "add", "--", *paths], cwd=REPO, capture_output=True, text=True)
+        add = subprocess.run(["git", "add", "--", *paths], cwd=repo, capture_output=True, text=True)
         if add.returncode == 0:
             done = subprocess.run(
-                ["git", "commit", "-q", "-m", message, "--", *paths], cwd=REPO, capture_output=True, text=True
+                ["git", "commit", "-q", "-m", message, "--", *paths], cwd=repo, capture_output=True, text=True
             )
             if done.returncode == 0:
                 return True
@@ -318,12 +319,12 @@ def run_unit(
 ) -> str:
     """Train, check and evaluate one unit; returns what happened."""
     unit = unit_dir(out, task, layout, condition, seed)
-    if (unit / "unit.json").exists():
-        return "already done"
     settings = unit_settings(args, task, layout, condition, seed, digest)
     saved = unit / "config.json"
     if saved.exists() and json.loads(saved.read_text()) != settings:
-        raise ValueError(f"{unit} was started with other settings ({saved}); use another --out")
+        raise ValueError(f"{unit} was run with other settings ({saved}); use another --out")
+    if (unit / "unit.json").exists():
+        return "already done"
     if not demo_study.take_lock(unit):
         return "held by another process"
     try:

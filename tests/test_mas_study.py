@@ -1,0 +1,131 @@
+"""The MAS study's runner (experiments/mas_study): both layouts hold the same items, the conditions differ only
+in the mask, a unit runs end to end on stories260K (curve, accuracy bits, cross-mask, leak checks, CPU time),
+resumes, refuses other settings, commits only its own files; the pilot stays causal-only."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "experiments" / "mas_study"))
+
+import pilot  # noqa: E402  (experiments/mas_study/pilot.py: scripts, not part of the package)
+import run  # noqa: E402
+import status  # noqa: E402
+
+TINY = {
+    "source": "segmask.tasks.reading",
+    "params": {
+        "people": ["Mary", "John"],
+        "min_sentences": 1,
+        "max_sentences": 2,
+        "pickups": 1,
+        "two_hop": True,
+    },
+}
+
+
+@pytest.mark.parametrize("task", ["reading", "family"])
+def test_both_layouts_hold_the_same_items_in_the_same_order(task):
+    if task == "family":
+        pytest.importorskip("reasoning_gym")
+    records = run.task_records(task, 6, 4, seed=0)
+    assert set(records) == {"after", "first"}
+    for split in (0, 1):
+        after, first = records["after"][split], records["first"][split]
+        assert [r["answer"] for r in after] == [r["answer"] for r in first]
+        for a, f in zip(after, first):
+            assert sorted(a["instruction"].split("\n\n")) == sorted(f["instruction"].split("\n\n"))
+            question = next(p for p in a["instruction"].split("\n\n") if p.startswith("Question: "))
+            assert a["instruction"].endswith(question) and not f["instruction"].endswith(question)
+            assert f["instruction"].index(question) < a["instruction"].index(question)
+    train_keys = {r["instruction"] for r in records["after"][0]}
+    assert not train_keys & {r["instruction"] for r in records["after"][1]}
+
+
+def test_conditions_and_layouts_differ_only_in_what_they_name():
+    args = run.parse_args(["--steps", "8"])
+    base = run.unit_settings(args, "reading", "after", "causal", 0, "h")
+    assert args.acc_steps == [2, 4, 6] and args.train_size == 32
+    expected = {
+        ("after", "mas"): {"condition", "mask"},  # the paper's mask: causal_sink False, as causal's
+        ("after", "mas_sink"): {"condition", "mask", "causal_sink"},
+        ("first", "causal"): {"layout"},
+    }
+    for (layout, condition), names in expected.items():
+        other = run.unit_settings(args, "reading", layout, condition, 0, "h")
+        assert {key for key in base if base[key] != other[key]} == names
+    assert (run.MASKS["mas"], run.MASKS["mas_sink"]) == (("mas", False), ("mas", True))
+    # seed-major: every condition of a (task, layout) before the next seed
+    order = run.units(run.parse_args(["--seeds", "0", "1"]))
+    assert order[:3] == [("reading", "after", c, 0) for c in ("causal", "mas", "mas_sink")]
+    assert {u[3] for u in order[:12]} == {0} and len(order) == 24
+
+
+def test_a_unit_runs_end_to_end_resumes_and_refuses_other_settings(
+    tmp_path, stories_path, monkeypatch, capsys
+):
+    monkeypatch.setitem(run.TASKS, "tiny", TINY)
+    monkeypatch.setattr(status, "TASKS", {"tiny": TINY})
+    out = tmp_path / "study"
+    argv = [
+        "--model", str(stories_path), "--steps", "2", "--eval-every", "1", "--test-size", "4", "--loss-size", "2",
+        "--tasks", "tiny", "--layouts", "after", "--conditions", "mas", "--seeds", "0", "--out", str(out),
+    ]  # fmt: skip
+    assert run.main(argv) == 0
+    unit = run.unit_dir(out, "tiny", "after", "mas", 0)
+    summary = json.loads((unit / "unit.json").read_text())
+    assert set(summary["final"]) == {"causal", "mas", "mas_sink"}  # cross-mask evaluation
+    assert all(len(score["correct_bits"]) == 4 == score["n"] for score in summary["final"].values())
+    assert all(value == 0.0 for value in summary["leak_check_final"].values())
+    curve = summary["curve"]
+    assert [r["step"] for r in curve if r["kind"] == "loss"] == [0, 1, 2]
+    [checkpoint] = [r for r in curve if r["kind"] == "accuracy"]
+    assert (
+        checkpoint["step"] == 1 and checkpoint["leak_check"] == 0.0 and len(checkpoint["correct_bits"]) == 4
+    )
+    assert summary["settings"]["causal_sink"] is False and summary["cpu_time_s"]["total"] > 0
+    assert json.loads((out / "data" / "tiny" / "first" / "tiny_test.json").read_text())  # both layouts drawn
+
+    assert run.main(argv) == 0
+    assert "mas seed 0: already done" in capsys.readouterr().out
+    assert run.main(argv + ["--learning-rate", "5e-4"]) == 2
+    assert "was run with other settings" in capsys.readouterr().err
+
+    text = status.status(out, [0], 2)
+    assert "tiny     question-after mas       seed 0: done: own-mask accuracy" in text
+    assert "1 of 6 units done, 5 left" in text and f"--out {out}" in text
+
+
+def test_commit_unit_commits_only_the_units_files(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout
+
+    git("init", "-q")
+    git("config", "user.email", "t@example.com")
+    git("config", "user.name", "t")
+    (repo / "other.txt").write_text("someone else's work\n")
+    git("add", "other.txt")  # staged by another helper: must stay out of the unit's commit
+    unit = repo / "results" / "runs" / "seed0"
+    unit.mkdir(parents=True)
+    for name in ("config.json", "curve.jsonl", "unit.json", "ignored.bin"):
+        (unit / name).write_text("{}\n")
+    assert run.commit_unit(unit, "unit done", repo=repo)
+    assert git("log", "--format=%s") == "unit done\n"
+    committed = git("show", "--name-only", "--format=", "HEAD").split()
+    assert committed == [f"results/runs/seed0/{n}" for n in ("config.json", "curve.jsonl", "unit.json")]
+    assert "A  other.txt" in git("status", "--short")
+
+
+def test_pilot_is_causal_only(capsys):
+    assert pilot.FORCED[:4] == ["--conditions", "causal", "--eval-masks", "causal"]
+    for flag in ("--conditions", "--eval-masks"):
+        assert pilot.main([flag, "mas"]) == 2
+        assert "fixed in the pilot" in capsys.readouterr().err

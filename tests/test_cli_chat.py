@@ -127,3 +127,13 @@ def test_causal_sink_flag_chats_as_a_session_with_the_sink(stories_path, monkeyp
     monkeypatch.setattr(sys, "stdin", io.StringIO("A cat?\n/quit\n"))
     assert main([*argv, "--causal-sink"]) == 0
     assert f"[mas] you> assistant> {expected}\n" in capsys.readouterr().out
+
+
+def test_a_paste_past_the_context_is_refused_and_the_chat_goes_on(stories_chat):
+    model, tokenizer, _ = load_model(stories_chat)
+    session = ChatSession(model, tokenizer, policy="mas", max_new_tokens=5)
+    stdout = io.StringIO()
+    assert loop(session, io.StringIO("Hello\n" + "word " * 20_000 + "\nAgain\n"), stdout) == 0
+    out = stdout.getvalue()
+    assert "(not sent: the prompt has" in out and "more than the model's context of 512 positions" in out
+    assert [m["content"] for m in session.messages if m["role"] == "user"] == ["Hello", "Again"]

@@ -226,3 +226,17 @@ def test_template_flag_renders_an_instruction_record(stories_path, tmp_path, cap
     with pytest.raises(SystemExit) as stop:
         main(["generate", *argv, "--template", "official"])
     assert stop.value.code == 2 and "invalid choice: 'official'" in capsys.readouterr().err
+
+
+def test_past_the_models_context_is_a_one_line_error(stories_path, tmp_path, capsys):
+    """stories260K has 512 positions: a long prompt, or too many new tokens, is refused before running."""
+    base = ["generate", "--model", str(stories_path)]
+    assert main([*base, "--prompt", "Tim has a dog. " * 120, "--max-new-tokens", "5"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the weight-loading bar
+    assert "more than the model's context of 512 positions" in last and "Traceback" not in last
+    assert main([*base, "--prompt", STORY, "--max-new-tokens", "700"]) == 2
+    assert "up to 700 new tokens" in capsys.readouterr().err
+    big = tmp_path / "big.json"
+    big.write_text(json.dumps([{"role": "user", "content": "word " * 200_000}]))
+    assert main([*base, "--chat-template", str(PLAIN_ROLES), "--messages", str(big)]) == 2
+    assert "more than the model's context" in capsys.readouterr().err

@@ -293,3 +293,36 @@ def test_bad_inputs_are_refused_clearly(stories_model, stories_tokenizer):
         generate(stories_model, stories_tokenizer, [])
     with pytest.raises(ValueError, match="unknown mask policy"):
         generate(stories_model, stories_tokenizer, STORY, policy="bidirectional")
+
+
+def test_generation_past_the_context_is_refused(stories_model, stories_tokenizer):
+    """A 512-position model: a prompt plus new tokens over 512 raises before any forward, in every entry."""
+    from segmask.attention import ContextOverflowError
+    from segmask.chat import ChatSession
+
+    long_prompt = "Tim has a dog. " * 120
+    with pytest.raises(ContextOverflowError, match="more than the model's context of 512"):
+        generate(stories_model, stories_tokenizer, long_prompt, max_new_tokens=5)
+    with pytest.raises(ContextOverflowError, match="up to 700 new tokens"):
+        generate(stories_model, stories_tokenizer, "Tim", max_new_tokens=700)
+    with pytest.raises(ContextOverflowError):
+        list(stream(stories_model, stories_tokenizer, long_prompt, max_new_tokens=5))
+    session = ChatSession(stories_model, stories_tokenizer, max_new_tokens=5)
+    with pytest.raises(ContextOverflowError):
+        session.send(long_prompt)
+    assert session.turns == []
+    generation.check_context(stories_model, 12, {"max_new_tokens": 500})  # exactly 512 fits
+    with pytest.raises(ContextOverflowError):
+        generation.check_context(stories_model, 13, {"max_new_tokens": 500})
+    with pytest.raises(ContextOverflowError):  # max_length counts the prompt
+        generation.check_context(stories_model, 13, {"max_length": 513})
+
+
+def test_a_mas_forward_past_the_context_is_refused(stories_model):
+    """The hook refuses a MAS row longer than the model's positions (a Collator row of 8,280 tokens for a
+    512-token model used to run)."""
+    from segmask.attention import ContextOverflowError
+
+    ids = torch.ones(1, 600, dtype=torch.long)
+    with pytest.raises(ContextOverflowError, match="600 positions"):
+        stories_model(ids, segment_ids=torch.zeros_like(ids))

@@ -25,6 +25,8 @@ _EXPORTS = {
     "mask_function": "masks",
     "enable": "attention",
     "disable": "attention",
+    "NotEnabledError": "guard",
+    "ContextOverflowError": "attention",
     "Encoded": "segments",
     "encode_chat": "segments",
     "encode_instruction": "segments",

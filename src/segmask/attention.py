@@ -33,13 +33,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from segmask import compat, fast_attention, masks, parallel
+from segmask import compat, fast_attention, guard, masks, parallel
 from segmask.attention_plan import Layout
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED = ("eager", "sdpa", "flex_attention", "segmask")
 _HANDLE = "_segmask_hook"
+
+
+class ContextOverflowError(ValueError):
+    """More tokens than the model's positions (``max_position_embeddings``): past them a model writes
+    garbage or crashes deep inside torch, so segmask refuses first."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,20 @@ def disable(model: nn.Module) -> nn.Module:
 
 def is_enabled(model: nn.Module) -> bool:
     return getattr(_decoder(model), _HANDLE, None) is not None
+
+
+def require_enabled(
+    model: nn.Module, segment_ids: torch.Tensor | None, document_ids: torch.Tensor | None = None
+) -> None:
+    """Raise :class:`segmask.guard.NotEnabledError` if ``model`` would ignore these ids (not enabled).
+
+    Ids that ask for nothing but the causal mask (every segment id ``-1``, no documents) need no hook; a
+    module that is not a transformers model (no ``get_decoder``) reads its own arguments and is not checked."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not hasattr(base, "get_decoder"):
+        return
+    if guard.asks_for_mas(segment_ids, document_ids) and not is_enabled(model):
+        raise guard.NotEnabledError(guard.message(f"segment ids given to {type(model).__name__}"))
 
 
 def check_implementation(model: nn.Module) -> str:
@@ -239,6 +258,13 @@ def prepare_mask(
         document_ids = _full_length(document_ids, "document_ids", batch_size, q_len, past, device, fill=0)
     masks.validate_layout(segment_ids, attention_mask, document_ids)
 
+    context = int(getattr(decoder.config, "max_position_embeddings", 0) or 0)
+    if context and kv_len > context:
+        raise ContextOverflowError(
+            f"a MAS forward over {kv_len} positions ({past} cached + {q_len} new tokens), more than the "
+            f"model's context of {context} (max_position_embeddings); cut the records to fit "
+            f"(segmask.segments.apply_cutoff, or the Collator's max_length)"
+        )
     implementation = check_implementation(decoder)
     layers = layer_masks(decoder.config)
     sizes = {layer.layer_type: _key_sizes(decoder.config, cache, layer, q_len, kv_len) for layer in layers}

@@ -18,6 +18,7 @@ import torch
 
 from segmask.generation import (
     Conversation,
+    check_context,
     completion,
     decode,
     eos_token_ids,
@@ -172,6 +173,7 @@ class ChatSession:
             causal_sink=self.causal_sink,
         )
         ids, segments = encoded.input_ids, encoded.segment_ids
+        check_context(self.model, len(ids), self.generation_kwargs)
         # Keeping at most all tokens but the last is exact even inside the last token's segment: the cached
         # entries were computed with it, and generate recomputes the last token itself.
         reusable = min(reusable_prefix(self._cached_ids, self._cached_segments, ids, segments), len(ids) - 1)

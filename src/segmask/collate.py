@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 import torch
 
+from segmask import guard
 from segmask.segments import IGNORE_INDEX, Encoded
 
 Feature = Encoded | Mapping[str, Sequence[int]]
@@ -163,4 +164,6 @@ class Collator:
                 batch[key][r, span] = torch.tensor(value, dtype=torch.long)
         if not self.pack:
             del batch["document_ids"]
+        if self.pack or bool((batch["segment_ids"] >= 0).any()):
+            guard.install()  # a model that was not enabled now raises instead of ignoring these ids
         return batch

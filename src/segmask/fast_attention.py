@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from segmask import attention_plan, kernels
+from segmask import attention_plan, guard, kernels
 from segmask.attention_plan import BAND, PIECE, Band, Block, Calls, Layout, Squares, quarter_rows, split_range
 from segmask.kernels import Kernel
 
@@ -706,6 +706,7 @@ def segmask_attention_forward(
     """
     layout = kwargs.pop("segmask_layout", None)
     if layout is None:
+        guard.check(kwargs, f"segment ids reached {type(module).__name__}'s attention")
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(

@@ -37,7 +37,9 @@ import torch
 from transformers import DynamicCache, TextIteratorStreamer
 
 from segmask import compat
+from segmask.attention import ContextOverflowError, require_enabled
 from segmask.collate import Collator, pad_token_id
+from segmask.eval_overflow import context_length
 from segmask.masks import MaskPolicy, check_policy
 from segmask.segments import Encoded, encode_chat, encode_instruction, encode_text
 from segmask.templates import DEFAULT_TEMPLATE
@@ -160,6 +162,7 @@ def prefill(
         raise ValueError(
             f"input_ids {tuple(input_ids.shape)} and segment_ids {tuple(segment_ids.shape)} differ"
         )
+    require_enabled(model, segment_ids)
     cache = new_cache(model) if cache is None else cache
     batch_size, q_len = input_ids.shape
     device = model.device
@@ -203,6 +206,33 @@ def prefill_for_decoding(
 
 
 # --------------------------------------------------------------------------------------------- decode
+
+
+def new_tokens(model: torch.nn.Module, prompt_length: int, generation_kwargs: dict) -> int:
+    """How many tokens ``generate`` may add to a prompt of ``prompt_length``: ``max_new_tokens``, else what
+    ``max_length`` leaves (the call's arguments first, then its ``generation_config``, then the model's)."""
+    configs = [generation_kwargs, generation_kwargs.get("generation_config") or model.generation_config]
+    for config in configs:
+        value = config.get("max_new_tokens") if isinstance(config, dict) else config.max_new_tokens
+        if value is not None:
+            return int(value)
+        value = config.get("max_length") if isinstance(config, dict) else config.max_length
+        if value is not None:
+            return max(0, int(value) - prompt_length)
+    return 0
+
+
+def check_context(model: torch.nn.Module, prompt_length: int, generation_kwargs: dict) -> None:
+    """Raise :class:`ContextOverflowError` if the prompt and the new tokens exceed the model's positions
+    (``max_position_embeddings``): past them a model writes garbage, or crashes deep in torch."""
+    context = context_length(model)
+    wanted = new_tokens(model, prompt_length, generation_kwargs)
+    if context is not None and prompt_length + wanted > context:
+        raise ContextOverflowError(
+            f"the prompt has {prompt_length} tokens and up to {wanted} new tokens are asked for, "
+            f"{prompt_length + wanted} in all, more than the model's context of {context} positions; "
+            f"shorten the prompt or ask for fewer new tokens (max_new_tokens)"
+        )
 
 
 def expand_size(model: torch.nn.Module, generation_kwargs: dict) -> int:
@@ -261,6 +291,7 @@ def generate_ids(
         )
     if bool((attention_mask[:, -1] == 0).any()):
         raise ValueError("prompts must be left-padded for generation (a row ends in padding)")
+    check_context(model, input_ids.shape[1], generation_kwargs)
     cache = prefill_for_decoding(model, input_ids, segment_ids, attention_mask)
     return decode(model, input_ids, attention_mask, cache, **generation_kwargs)
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from segmask.attention import require_enabled
 from segmask.segments import Encoded
 
 
@@ -53,6 +54,7 @@ def leak_check(
     change seen and raises a ``ValueError`` naming the cut if it exceeds ``tolerance``. ``model`` must have
     gone through :func:`segmask.enable`; it runs in eval mode (dropout off) and is put back as it was.
     """
+    require_enabled(model, torch.tensor(encoded.segment_ids))
     cuts = leak_cuts(encoded.segment_ids)
     if not cuts:
         raise ValueError("no cut to test: the example is a single bidirectional segment")

@@ -15,6 +15,7 @@ import sys
 from typing import TextIO
 
 from segmask import loading
+from segmask.attention import ContextOverflowError
 from segmask.chat import ChatSession
 from segmask.cli.options import (
     add_causal_sink_argument,
@@ -76,6 +77,8 @@ def loop(session, stdin: TextIO, stdout: TextIO) -> int:
                 stdout.flush()
         except KeyboardInterrupt:
             stdout.write(" (interrupted; turn dropped)")
+        except ContextOverflowError as error:
+            stdout.write(f"(not sent: {error}; /reset starts afresh)")
         stdout.write("\n")
         stdout.flush()
 

@@ -55,7 +55,7 @@ def imported(tree: ast.Module) -> list[str]:
 
 
 # kept for one release: each re-exports a module that moved (see docs/architecture.md)
-SHIMS = {"babi", "demo", "lm_eval_backend", "prefix_cache", "reading_task"}
+SHIMS = {"prefix_cache", "reading_task"}
 
 
 def test_every_module_is_in_the_layer_table():

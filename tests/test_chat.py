@@ -10,7 +10,6 @@ import torch
 from test_generation import CHAT, assert_caches_close, full_prefill, tiny
 from transformers import AutoTokenizer
 
-from segmask import chat, generation
 from segmask.chat import ChatSession, reusable_prefix
 from segmask.generation import generate, prefill
 from segmask.segments import encode_chat
@@ -189,9 +188,3 @@ def test_closing_a_stream_cancels_the_turn(stories_model, stories_tokenizer):
 def test_chat_session_needs_a_chat_template(stories_model, stories_path):
     with pytest.raises(ValueError, match="chat template"):
         ChatSession(stories_model, AutoTokenizer.from_pretrained(stories_path))
-
-
-def test_old_import_path_warns():
-    for name in ("ChatSession", "TurnStats", "reusable_prefix", "DEFAULT_CHAT_TOKENS"):
-        with pytest.warns(DeprecationWarning, match="moved to segmask.chat"):
-            assert getattr(generation, name) is getattr(chat, name)

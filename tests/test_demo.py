@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import sys
 
@@ -96,11 +95,3 @@ def test_the_study_note_reads_the_committed_summary(tmp_path):
     ]
     assert "missing" in demo.study_note(tmp_path / "none.json")
     assert demo.STUDY_SUMMARY.is_file()  # the committed one the demo prints
-
-
-def test_old_module_path_runs_the_same_pipeline(monkeypatch):
-    monkeypatch.delitem(sys.modules, "segmask.demo", raising=False)
-    with pytest.warns(DeprecationWarning, match="segmask.demo moved to experiments/demo/demo.py"):
-        old = importlib.import_module("segmask.demo")
-    assert old.parse_args(["--steps", "3"]).steps == 3 and old.DemoConfig().out == "runs/demo"
-    assert "make demo" in old.__doc__ and old.main is not demo.main  # its own copy of the same file

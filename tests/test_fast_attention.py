@@ -403,12 +403,6 @@ def test_enabled_model_matches_sdpa_under_mas(config):
     assert (fast_grad - sdpa_grad).abs().max() < TOLERANCE
 
 
-def test_planner_names_at_their_old_path_warn():
-    for name in ("Plan", "plan_row", "plan_layout"):
-        with pytest.warns(DeprecationWarning, match="moved to segmask.attention_plan"):
-            assert getattr(fast_attention, name) is getattr(segmask.attention_plan, name)
-
-
 # ------------------------------------------------------------------------------------ the kernel seam
 
 

@@ -49,30 +49,17 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import warnings
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from segmask import attention_plan, guard, kernels
+from segmask import guard, kernels
 from segmask.attention_plan import BAND, PIECE, Band, Block, Calls, Layout, Squares, quarter_rows, split_range
 from segmask.kernels import Kernel
 
 logger = logging.getLogger(__name__)
-
-_MOVED = ("Plan", "plan_row", "plan_layout")  # to segmask.attention_plan; old path kept for one release
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        warnings.warn(
-            f"segmask.fast_attention.{name} moved to segmask.attention_plan", DeprecationWarning, stacklevel=2
-        )
-        return getattr(attention_plan, name)
-    raise AttributeError(f"module 'segmask.fast_attention' has no attribute {name!r}")
-
 
 IMPLEMENTATION = "segmask"
 """Name of the transformers attention implementation registered by :func:`register`."""

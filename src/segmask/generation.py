@@ -28,7 +28,6 @@ Conversations that keep their cache across turns are :class:`segmask.chat.ChatSe
 from __future__ import annotations
 
 import threading
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -55,19 +54,6 @@ class Completion:
 
     text: str
     token_ids: list[int]
-
-
-_MOVED = ("ChatSession", "TurnStats", "reusable_prefix", "DEFAULT_CHAT_TOKENS")  # to segmask.chat
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED:
-        warnings.warn(f"segmask.generation.{name} moved to segmask.chat", DeprecationWarning, stacklevel=2)
-        # imported here: segmask.chat imports this module (the old path is kept for one release)
-        from segmask import chat
-
-        return getattr(chat, name)
-    raise AttributeError(f"module 'segmask.generation' has no attribute {name!r}")
 
 
 # --------------------------------------------------------------------------------------------- encoding

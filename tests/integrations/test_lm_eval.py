@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import subprocess
@@ -22,7 +21,6 @@ from segmask.cli import build_parser
 from segmask.cli import main as segmask_main
 from segmask.generation import generate
 from segmask.integrations.lm_eval import SegmaskLM, _cut
-from segmask.integrations.lm_eval import main as lm_eval_main
 from segmask.segments import encode_chat
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -342,13 +340,6 @@ def test_segmask_lm_eval_subcommand_runs_the_script_function(monkeypatch, capsys
     with pytest.raises(SystemExit) as done:  # the real lm_eval command line answers --help
         segmask_main(["lm-eval", "--help"])
     assert done.value.code == 0 and "--model_args" in capsys.readouterr().out
-
-
-def test_old_module_path_warns_and_is_the_same_backend():
-    sys.modules.pop("segmask.lm_eval_backend", None)
-    with pytest.warns(DeprecationWarning, match="moved to segmask.integrations.lm_eval"):
-        old = importlib.import_module("segmask.lm_eval_backend")
-    assert old.SegmaskLM is SegmaskLM and old.main is lm_eval_main
 
 
 def test_template_model_argument(stories_path, lm):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-import sys
 from dataclasses import replace
 
 import pytest
@@ -149,10 +147,3 @@ def test_read_story_questions_shared(babi_dir):
     assert len(stories) == 200 and all(len(story) == 5 for story in stories)
     assert sum(len(story) for story in stories) == 1000
     assert [len(s) for s in read_story_questions(babi_dir / "en-10k", 1, "train", limit=7)] == [5, 2]
-
-
-def test_old_module_path_warns(monkeypatch):
-    monkeypatch.delitem(sys.modules, "segmask.babi", raising=False)
-    with pytest.warns(DeprecationWarning, match="segmask.babi moved to segmask.tasks.babi"):
-        old = importlib.import_module("segmask.babi")
-    assert old.read_task is read_task

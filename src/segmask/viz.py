@@ -181,22 +181,23 @@ def visualize(
     segmented = views.get("mas") or next(iter(views.values()))
     spans = segment_spans(segmented.segment_ids, messages)
     maps = attention_maps(model, views, layer, head)
-    mask_png, attention_png = drawing_paths(out_dir, model.config.num_hidden_layers, layer, head)
     layer_index = layer % model.config.num_hidden_layers
     head_name = "mean" if head is None else str(head)
     title = f"attention probabilities, layer {layer_index}, head {head_name}"
     return [
-        draw_masks(views, spans, mask_png),
-        draw_attention(maps, spans, title, attention_png),
+        draw_masks(views, spans, mask_path(out_dir)),
+        draw_attention(
+            maps, spans, title, attention_path(out_dir, model.config.num_hidden_layers, layer, head)
+        ),
     ]
 
 
-def drawing_paths(
-    out_dir: str | Path, layers: int, layer: int = -1, head: int | None = None
-) -> tuple[Path, Path]:
-    """The files :func:`visualize` writes: ``out_dir/mask.png`` and
-    ``out_dir/attention_layer<L>_head<H>.png`` (``L`` counted from 0 in a model of ``layers`` layers, ``H``
-    ``mean`` without a head)."""
-    out_dir = Path(out_dir)
-    head_name = "mean" if head is None else str(head)
-    return out_dir / "mask.png", out_dir / f"attention_layer{layer % layers}_head{head_name}.png"
+def mask_path(out_dir: str | Path) -> Path:
+    """Where :func:`visualize` draws the masks: ``out_dir/mask.png``."""
+    return Path(out_dir) / "mask.png"
+
+
+def attention_path(out_dir: str | Path, layers: int, layer: int = -1, head: int | None = None) -> Path:
+    """Where :func:`visualize` draws the attention maps of a model of ``layers`` layers:
+    ``out_dir/attention_layer<L>_head<H>.png`` (``L`` counted from 0, ``H`` ``mean`` without a head)."""
+    return Path(out_dir) / f"attention_layer{layer % layers}_head{'mean' if head is None else head}.png"

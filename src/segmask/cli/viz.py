@@ -26,9 +26,10 @@ def run(args: argparse.Namespace) -> int:
     messages = viz.read_messages(args.messages)
     if Path(args.out).is_file():
         raise ValueError(f"--out {args.out} is a file; give the folder to write the drawings into")
+    check_outputs([("--out", viz.mask_path(args.out))], [args.messages])
     model, tokenizer, _ = loading.load_model(args.model)
-    drawings = viz.drawing_paths(args.out, model.config.num_hidden_layers, args.layer, args.head)
-    check_outputs([("--out", path) for path in drawings], [args.messages])
+    layers = model.config.num_hidden_layers  # the attention drawing's name needs them
+    check_outputs([("--out", viz.attention_path(args.out, layers, args.layer, args.head))], [args.messages])
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     for path in viz.visualize(model, tokenizer, messages, args.out, args.layer, args.head, policies):
         print(path)

@@ -6,6 +6,7 @@ included (issue 31)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 from dataclasses import dataclass, field
 
 import pytest
@@ -87,11 +88,22 @@ class RecordedJob(Job):
         self.sent.append((kind, value))
 
 
+@functools.cache
+def byte_ids_of(tokenizer) -> frozenset[int]:
+    """``byte_token_ids(tokenizer)``, read once per tokenizer (Llama-3's vocabulary has 128,256 tokens)."""
+    return byte_token_ids(tokenizer)
+
+
+@functools.cache
+def vocab_size(tokenizer) -> int:
+    return len(tokenizer)
+
+
 def tracked(tokenizer, tokens: list[int], max_tokens: int | None = None, stop: tuple[str, ...] = ()) -> list:
     """The text pieces a RowTracker sends for one row that generates ``tokens`` (until it is done)."""
     sampling = Sampling(max_tokens or len(tokens) + 1, 0.0, 1.0, None, stop)
     job = RecordedJob(PROMPT, "mas", sampling, None, 0)
-    tracker = RowTracker([job], tokenizer, {tokenizer.eos_token_id}, byte_token_ids(tokenizer))
+    tracker = RowTracker([job], tokenizer, {tokenizer.eos_token_id}, byte_ids_of(tokenizer))
     for token in tokens:
         if tracker.done[0]:
             break
@@ -155,21 +167,22 @@ def token_sequences(tokenizer):
     texts = st.text(alphabet=st.sampled_from("ab .\n猫日本😀🙂é"), max_size=8).map(
         lambda text: tokenizer(text, add_special_tokens=False).input_ids
     )
-    ids = st.lists(st.integers(0, len(tokenizer) - 1), max_size=4)
-    byte_runs = st.lists(st.sampled_from(sorted(byte_token_ids(tokenizer))), min_size=1, max_size=5)
-    return st.lists(st.one_of(texts, ids, byte_runs), max_size=6).map(lambda parts: sum(parts, []))
+    parts = [texts, st.lists(st.integers(0, vocab_size(tokenizer) - 1), max_size=4)]
+    if byte_ids_of(tokenizer):
+        parts.append(st.lists(st.sampled_from(sorted(byte_ids_of(tokenizer))), min_size=1, max_size=5))
+    return st.lists(st.one_of(*parts), max_size=6).map(lambda parts: sum(parts, []))
 
 
+@pytest.mark.parametrize("name", ["stories_tokenizer", "llama3_tokenizer"])  # byte fallback, byte-level BPE
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_streamed_pieces_join_to_the_whole_decode(stories_tokenizer, data):
+def test_streamed_pieces_join_to_the_whole_decode(request, name, data):
     """For any token sequence, ended by EOS, by max_tokens or by generate: what is sent is the decode of all."""
-    tokens = data.draw(token_sequences(stories_tokenizer))
-    assert "".join(tracked(stories_tokenizer, tokens)) == whole(stories_tokenizer, tokens)
+    tokenizer = request.getfixturevalue(name)
+    tokens = data.draw(token_sequences(tokenizer))
+    assert "".join(tracked(tokenizer, tokens)) == whole(tokenizer, tokens)
     cut = data.draw(st.integers(1, len(tokens) + 1))
-    assert "".join(tracked(stories_tokenizer, tokens, max_tokens=cut)) == whole(
-        stories_tokenizer, tokens[:cut]
-    )
+    assert "".join(tracked(tokenizer, tokens, max_tokens=cut)) == whole(tokenizer, tokens[:cut])
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -1,27 +1,71 @@
 #!/usr/bin/env bash
-# MAS attention on a CUDA machine: first the fast path's exactness against the dense mask, then causal /
-# dense / fast / flex at 2k-16k tokens in bf16, forward and forward + backward, into a table.
+# segmask's first CUDA run, in one call of the device tool: exactness of every MAS route against float64
+# dense SDPA (cuda-flash, eager, flex; bf16, fp16, fp32), generation against the CPU, one LoRA step of a
+# 1B-shape model (segmask train and TRL), then speed against causal. The steps are benchmarks/gpu/run.py's.
 #
-#     benchmarks/gpu.sh                        # table: benchmarks/gpu-results.txt, records: .json beside it
-#     PYTHON=python benchmarks/gpu.sh /tmp/gpu.txt
+# 1. Here, once (network to PyPI; fills the ignored folders .whl/ and .carry/):
+#        benchmarks/gpu.sh prepare
+#    downloads, for the device's Python 3.12 (manylinux x86_64), the wheels its image lacks or has too old,
+#    at requirements/lock.txt's versions (transformers: 5.17 there, below segmask's 5.18; trl, datasets, dill,
+#    multiprocess: missing; peft, regex, fsspec: versions unchecked there), as
+#        pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#            --platform manylinux_2_28_x86_64 ... -d .whl NAME==VERSION ...
+#    and copies stories260K (../shared/models/stories260K; ../shared does not travel) to .carry/stories260K.
+# 2. Here, before any device time: the same steps on CPU with tiny sizes (tests/benchmarks/test_gpu_script.py
+#    runs it):
+#        benchmarks/gpu.sh --dry-run
+# 3. On the device (about 8 minutes: the steps stop starting cases after 450 s; timeout_s 540 leaves the
+#    rest of the 15-minute lease for the machine's start and one partial rerun):
+#        run(command="benchmarks/gpu.sh", carry=[".whl", ".carry"], timeout_s=540)
+#    a rerun of some steps, on the same warm machine (the wheels are installed again: 10-20 s):
+#        run(command="benchmarks/gpu.sh --steps training speed-model --budget-s 180", carry=[".whl", ".carry"],
+#            timeout_s=240)
 #
-# The fast path's CUDA kernel (segmask.kernels "cuda-flash") is never selected by default; this script
-# names it. If the check fails nothing is timed and the script exits 1; without CUDA it exits 2.
+# Everything lands under $OUT (default runs/gpu): gpu.log (this output), results.json (every check, record
+# and step timing), summary.txt. Other arguments go to benchmarks/gpu/run.py (--help there). Exit status:
+# 0 when every step is ok, 1 when a check failed or a step raised, 2 without CUDA (and no --dry-run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-.venv/bin/python}"
-[ -x "$PYTHON" ] || PYTHON=python
-TABLE="${1:-benchmarks/gpu-results.txt}"
+[ -x "$PYTHON" ] || PYTHON=python3
 
-if ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-    echo "benchmarks/gpu.sh: no CUDA device here (torch.cuda.is_available() is False); nothing checked or timed" >&2
-    exit 2
+if [ "${1:-}" = prepare ]; then
+    WHEELS=(transformers trl datasets dill multiprocess peft regex fsspec)
+    pins=()
+    for name in "${WHEELS[@]}"; do
+        pin=$(grep -i "^${name}==" requirements/lock.txt) || { echo "gpu.sh: $name is not in requirements/lock.txt" >&2; exit 2; }
+        pins+=("$pin")
+    done
+    rm -rf .whl && mkdir -p .whl
+    "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl "${pins[@]}"
+    STORIES="${STORIES:-../shared/models/stories260K}"
+    rm -rf .carry/stories260K && mkdir -p .carry
+    cp -rL --no-preserve=mode "$STORIES" .carry/stories260K
+    du -sh .whl .carry
+    ls .whl
+    exit 0
 fi
 
-COMMON=(--device cuda --kernel cuda-flash --dtype bfloat16 --layouts prompt chat fewshot)
-echo "== exactness: mas-fast (cuda-flash) against SDPA with the dense mask, output and gradients"
-"$PYTHON" benchmarks/attention.py "${COMMON[@]}" --check-only --lengths 2048 4096 --batch 1
-"$PYTHON" benchmarks/attention.py "${COMMON[@]}" --check-only --lengths 2048 --batch 3
-echo "== timing (table: $TABLE)"
-"$PYTHON" benchmarks/attention.py "${COMMON[@]}" --lengths 2048 4096 8192 16384 --repeats 10 \
-    --json "${TABLE%.*}.json" | tee "$TABLE"
+OUT="${OUT:-runs/gpu}"
+mkdir -p "$OUT"
+export OUT
+case " $* " in *" --dry-run "*) dry=1 ;; *) dry=0 ;; esac
+if [ "$dry" = 0 ] && ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+    echo "benchmarks/gpu.sh: no CUDA device here; benchmarks/gpu.sh --dry-run runs every step on CPU" >&2
+    exit 2
+fi
+if [ "$dry" = 0 ] && compgen -G ".whl/*.whl" >/dev/null; then
+    if "$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))'; then
+        echo "installing $(ls .whl | wc -l) carried wheels into /tmp/site"
+        "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target /tmp/site .whl/*.whl
+        export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+    else
+        echo "the carried wheels are for Python 3.12: not installed here"
+    fi
+fi
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"  # segmask from this checkout (not installed there)
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+"$PYTHON" benchmarks/gpu/run.py --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu.log"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import require_shared
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 
 from segmask.masks import POLICIES
@@ -97,6 +97,9 @@ FAMILIES = [
     ),
 ]
 BY_NAME = {family.name: family for family in FAMILIES}
+NO_SEPARATOR = {
+    "mistral"
+}  # "[/INST]" then the answer (mistral_system puts a space between): a token may span both
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
@@ -591,7 +594,14 @@ def test_random_conversations(family, family_tokenizers):
     def check(messages, add_generation_prompt):
         if not add_generation_prompt and "assistant" not in [m["role"] for m in messages]:
             add_generation_prompt = True
-        check_policies(tokenizer, messages, add_generation_prompt)
+        try:
+            check_policies(tokenizer, messages, add_generation_prompt)
+        except ValueError as error:
+            # Mistral's "[INST] question [/INST]answer" has no separator: an answer starting with ":" makes
+            # the token "]:", which would label prompt text; segmask refuses it (issue 31)
+            if family.name not in NO_SEPARATOR or "spans prompt turn" not in str(error):
+                raise
+            reject()
 
     check()
 
@@ -1052,3 +1062,13 @@ def test_llama3_chat_bos_is_causal_with_the_sink_and_segment_0_without(llama3_to
     assert paper.segment_ids == [0] * 9 + [1] * 7 + [-1] * 7
     assert sunk.segment_ids == [-1] + [0] * 8 + [1] * 7 + [-1] * 7  # the official blocks: 128006 .. 128009
     assert default.segment_ids == [-1] + [0] * 8 + [1] * 7 + [-1] * 7
+
+
+@pytest.mark.parametrize("name", sorted(NO_SEPARATOR))
+def test_a_token_across_mistrals_inst_and_the_answer_is_refused(name, family_tokenizers):
+    """ "[/INST]" then an answer starting with ":" tokenizes as "]:": labelling it would label prompt text."""
+    tokenizer = family_tokenizers[name]
+    messages = [{"role": "user", "content": "Say"}, {"role": "assistant", "content": ": done"}]
+    with pytest.raises(ValueError, match=r"the token '\]:' .* spans prompt turn 0 and labelled turn 1"):
+        encode_chat(tokenizer, messages)
+    assert encode_chat(tokenizer, [messages[0], {"role": "assistant", "content": "done"}]).labels[-1] != -100

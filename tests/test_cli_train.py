@@ -147,3 +147,25 @@ def test_two_processes_train_as_one_data_parallel_job(recipe, tmp_path):
     assert [row["step"] for row in logged] == [1, 2, 3]  # one writer
     assert [row["epoch"] for row in logged] == pytest.approx([0.5, 1.0, 1.5])
     assert (output / "segmask.json").exists() and (output / "adapter_model.safetensors").exists()
+
+
+def test_chat_template_is_a_flag_overriding_the_yaml(tmp_path):
+    """--chat-template, as serve, generate, chat and eval have it; absent, the YAML file's value stands."""
+    parse = build_parser().parse_args
+    assert not hasattr(parse(["train", "run.yaml"]), "chat_template")
+    assert parse(["train", "run.yaml", "--chat-template", "chatml.jinja"]).chat_template == "chatml.jinja"
+    recipe = tmp_path / "run.yaml"
+    recipe.write_text("model: m\ndata: [a.json]\nchat_template: mine.jinja\n")
+    assert TrainConfig.from_yaml(recipe).chat_template == "mine.jinja"
+
+
+def test_chat_data_on_a_model_without_a_template_names_the_flag(stories_path, tmp_path, capsys):
+    """The message told the user to pass chat_template=, a Python argument that train had no flag for."""
+    chats = tmp_path / "chat.jsonl"
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    chats.write_text(json.dumps({"messages": turns}) + "\n")
+    argv = ["train", "--model", str(stories_path), "--data", str(chats), "--output", str(tmp_path / "run")]
+    assert main([*argv, "--max-steps", "1"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("segmask train: error: ") and "pass --chat-template FILE" in error
+    assert error.count("\n") == 1 and "chat_template=" not in error

@@ -82,6 +82,25 @@ def test_yaml_unknown_key_and_overrides(tmp_path):
         TrainConfig.from_yaml(tmp_path / "missing.yaml")
 
 
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("model: m\ndata: [a.json\nmask: mas\n",
+         "3:5: not valid YAML: expected ',' or ']', but got ':' (while parsing a flow sequence at line 2, column 7)"),
+        ("model: m\n  data: a.json\n", "2:7: not valid YAML: mapping values are not allowed here"),
+        ('model: "m\n', "2:1: not valid YAML: found unexpected end of stream (while scanning a quoted scalar at "
+                        "line 1, column 8)"),
+    ],
+)  # fmt: skip
+def test_a_yaml_syntax_error_is_one_line_naming_file_line_and_column(tmp_path, text, message):
+    """PyYAML's own text spans up to 8 lines (the offending line drawn under a caret)."""
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError) as error:
+        TrainConfig.from_yaml(path)
+    assert str(error.value) == f"{path}:{message}"
+
+
 @pytest.mark.parametrize("name", ["paper_llama3.2-1b.yaml", "paper_qwen2.5-3b.yaml", "cpu_smollm2.yaml"])
 def test_shipped_recipes_are_valid_configs(name):
     config = TrainConfig.from_yaml(ROOT / "configs" / name)

@@ -5,16 +5,19 @@ their recorded policy."""
 from __future__ import annotations
 
 import json
+import os
 import random
+import re
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import STORIES_CHAT_TEMPLATE
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM, TrainerCallback
 
-from segmask import loading, training
+from segmask import files, loading, training
 from segmask.train_config import TrainConfig
 from segmask.train_metrics import read_metrics
 from segmask.training import SegmaskTrainer, train
@@ -398,6 +401,134 @@ def test_resume_and_overwrite_refuse_a_folder_of_other_files(stories_path, data_
     with pytest.raises(ValueError, match=r"metrics\.jsonl:2: not a segmask metrics row"):
         train(config)
     assert snapshot(run) == before
+
+
+def test_overwrite_removes_the_runs_files_and_nothing_else(stories_path, data_file, tmp_path):
+    """The probe: --overwrite emptied the folder, the user's notes with it. Now it removes what a run writes
+    (run_files: weights, tokenizer, checkpoints, metrics, half-written temporaries) and keeps the rest."""
+    run = tmp_path / "run"
+    train(tiny(stories_path, data_file, run, max_steps=2, save_steps=1))
+    (run / "NOTES.txt").write_text("precious")
+    (run / "mine").mkdir()
+    (run / "mine" / "eval.json").write_text("{}")
+    (run / ".segmask.json.999.tmp").write_text("half")  # a killed write_json_atomic's
+    removed = {p.name for p in training.run_files(run)}
+    assert {"checkpoint-1", "checkpoint-2", "metrics.jsonl", "adapter_model.safetensors", "tokenizer.json",
+            "segmask.json", "train_config.json", "loss_curve.png", ".segmask.json.999.tmp"} <= removed  # fmt: skip
+    assert not removed & {"NOTES.txt", "mine", "README.md"}
+    train(tiny(stories_path, data_file, run, max_steps=1, overwrite=True, lora_r=0))
+    assert (run / "NOTES.txt").read_text() == "precious" and (run / "mine" / "eval.json").read_text() == "{}"
+    assert [step for step, _ in losses(run)] == [1] and [p.name for p in run.glob("checkpoint-*")] == [
+        "checkpoint-1"
+    ]
+    assert not (run / "adapter_model.safetensors").exists() and (run / "model.safetensors").exists()
+    assert not list(run.glob(".*.tmp")) and not (run / training.LOCK_FILE).exists()
+
+
+def test_inputs_inside_the_output_folder_are_refused(stories_path, data_file, tmp_path):
+    """Data or a base model inside the output folder: --overwrite would delete it (a model.safetensors is a
+    run file), a run would write over it. Refused before anything changes, with or without a flag."""
+    run = tmp_path / "run"
+    train(tiny(stories_path, data_file, run, max_steps=1))
+    inside = run / "data.json"
+    inside.write_bytes(data_file.read_bytes())
+    base = run / "base"
+    base.mkdir()
+    for file in stories_path.iterdir():
+        (base / file.name).write_bytes(file.read_bytes())
+    before = snapshot(run)
+    output = re.escape(str(run))
+    cases = [
+        (
+            stories_path,
+            inside,
+            {"overwrite": True},
+            f"output {output} holds the input {re.escape(str(inside))}; keep",
+        ),
+        (
+            base,
+            data_file,
+            {"overwrite": True},
+            f"output {output} holds the input {re.escape(str(base))}; keep",
+        ),
+        (
+            stories_path,
+            inside,
+            {"resume": True},
+            f"output {output} holds the input {re.escape(str(inside))}; keep",
+        ),
+        (run, data_file, {"overwrite": True}, f"output {output} is also an input; refusing to overwrite it"),
+    ]
+    for model, data, flags, message in cases:
+        with pytest.raises(ValueError, match=message):
+            train(tiny(model, data, run, max_steps=1, **flags))
+        assert snapshot(run) == before
+
+
+class LockSeen(TrainerCallback):
+    """Records the lock file's text at each step."""
+
+    def __init__(self, output: Path):
+        self.lock, self.seen = output / training.LOCK_FILE, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seen.append(self.lock.read_text() if self.lock.exists() else None)
+
+
+class Crash(TrainerCallback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise RuntimeError(f"crash at step {self.step}")
+
+
+def test_the_output_folder_is_locked_for_the_whole_run(stories_path, data_file, tmp_path):
+    """The run holds .segmask.lock (its pid inside) at every step and releases it on every exit: the end,
+    an interruption, an error. Another holder refuses the run before anything is written."""
+    run = tmp_path / "run"
+    seen = LockSeen(run)
+    with pytest.raises(training.Interrupted):
+        train(tiny(stories_path, data_file, run, max_steps=4, save_steps=2), callbacks=[seen, StopAt(2)])
+    assert seen.seen == [f"{os.getpid()}\n"] * 2 and not seen.lock.exists()
+    with pytest.raises(ValueError, match="cannot resume .* with a different config"):  # a refusal
+        train(tiny(stories_path, data_file, run, max_steps=4, save_steps=2, resume=True, cutoff_len=200))
+    assert not seen.lock.exists()
+    with pytest.raises(RuntimeError, match="crash at step 3"):  # a crash mid-run
+        train(
+            tiny(stories_path, data_file, run, max_steps=4, save_steps=2, resume=True), callbacks=[Crash(3)]
+        )
+    assert not seen.lock.exists()
+    before = snapshot(run)
+    with files.exclusive_lock(seen.lock, "test"):
+        with pytest.raises(
+            ValueError, match=rf"output {re.escape(str(run))} is in use by another run \(process"
+        ):
+            train(tiny(stories_path, data_file, run, max_steps=4, save_steps=2, resume=True))
+        assert snapshot(run) == {**before, training.LOCK_FILE: f"{os.getpid()}\n".encode()}
+    seen.seen.clear()
+    train(tiny(stories_path, data_file, run, max_steps=4, save_steps=2, resume=True), callbacks=[seen])
+    assert seen.seen == [f"{os.getpid()}\n"] * 2 and not seen.lock.exists()  # steps 3 and 4
+
+
+def test_chat_data_without_a_chat_template_names_the_flag(stories_path, tmp_path):
+    """stories260K has no chat template: the error names --chat-template, and with one the run trains on
+    the chats and saves the template with its tokenizer (merged weights' folder too)."""
+    chats = tmp_path / "chat.jsonl"
+    lines = [{"messages": [{"role": "user", "content": f"{a} plus {b}?"}, {"role": "assistant", "content": str(a + b)}]}
+             for a in range(4) for b in range(4)]  # fmt: skip
+    chats.write_text("\n".join(json.dumps(line) for line in lines))
+    with pytest.raises(ValueError, match="has no chat template; pass --chat-template FILE"):
+        train(tiny(stories_path, chats, tmp_path / "none", max_steps=1))
+    template = tmp_path / "chat.jinja"
+    template.write_text(STORIES_CHAT_TEMPLATE)
+    output = train(
+        tiny(stories_path, chats, tmp_path / "run", max_steps=2, chat_template=str(template), merge=True)
+    )
+    for folder in (output, output / "adapter"):
+        assert AutoTokenizer.from_pretrained(folder).chat_template == STORIES_CHAT_TEMPLATE, folder
+    assert json.loads((output / "segmask.json").read_text())["train_config"]["chat_template"] == str(template)
 
 
 def test_a_moved_run_resumes(stories_path, data_file, tmp_path):

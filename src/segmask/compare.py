@@ -143,7 +143,7 @@ def paired_test(base: Run, other: Run, tasks: Sequence[str]) -> McNemar | None:
 def check_scoring(runs: Sequence[Run]) -> None:
     """Refuse runs scored differently (``generate`` against ``loglik``): one measures whether generated text
     names the label, the other which candidate is likeliest; their difference is no effect of the mask."""
-    kinds = {run.results.get("scoring") for run in runs} - {None}
+    kinds = {str(run.results["scoring"]) for run in runs if run.results.get("scoring") is not None}
     if len(kinds) > 1:
         listing = ", ".join(f"{run.path}: {run.results.get('scoring') or 'unknown'}" for run in runs)
         raise ValueError(
@@ -199,7 +199,8 @@ def align(runs: Sequence[Run]) -> Alignment:
             for run, own in zip(runs, found):
                 if len(own) > len(shared):
                     where = f"only in {run.name}" if len(runs) == 2 else f"of {run.name} not in every run"
-                    dropped.append(f"dropped {len(own) - len(shared)} records of task {task} {where}")
+                    extra = len(own) - len(shared)
+                    dropped.append(f"dropped {extra} record{'s' * (extra > 1)} of task {task} {where}")
             if not shared:
                 dropped.append(f"dropped task {task}: no record that every run scored")
                 continue

@@ -254,6 +254,8 @@ def encode_chat(
     policy (under ``prefix`` the final one). ``chat_template`` overrides the tokenizer's template;
     ``template_kwargs`` go to the template. With ``cutoff`` see :func:`apply_cutoff` (``None`` only for a
     dropped conversation). ``causal_sink``: token 0 causal (:func:`sink_on`; ``None``: on under ``mas``).
+    A template that renders the messages out of order, or a token that would label prompt text (no separator
+    between a prompt turn and its answer), is a ``ValueError`` (:mod:`segmask.turns`).
     """
     policy = check_policy(policy)
     messages = check_messages(messages)

@@ -116,7 +116,7 @@ def test_block_mask_covers_exactly_the_dense_blocks():
 
 def test_window_limits_both_directions():
     segment_ids = torch.tensor([[0, 0, 0, 0, -1, -1]])
-    fn = masks.and_functions(masks.mask_function(segment_ids), masks.window_function(2))
+    fn = masks.and_masks(masks.mask_function(segment_ids), masks.window_function(2))
     got = masks.evaluate(fn, 1, 6, 6, torch.device("cpu"))[0, 0].int().tolist()
     assert got == [
         [1, 1, 0, 0, 0, 0],
@@ -229,3 +229,61 @@ def test_segments_of_length_one_equal_causal(length):
 
 def test_draw():
     assert masks.draw(masks.dense_mask(torch.tensor([[0, 0, -1]]))[0, 0]) == "■ ■ ⬚\n■ ■ ⬚\n■ ■ ■"
+
+
+# ------------------------------------------------------------- against transformers' blockwise overlay
+
+
+@pytest.fixture(scope="module")
+def upstream_mask():
+    """transformers' own MAS mask: ``create_causal_mask(block_sequence_ids=segment_ids)`` (the causal mask OR
+    ``blockwise_overlay``, then padding and packed sequences), as a function of ``(backend, segment_ids,
+    attention_mask, position_ids)``; skipped on a transformers release without ``block_sequence_ids``."""
+    import inspect
+
+    import transformers
+    from transformers import masking_utils
+
+    if "block_sequence_ids" not in inspect.signature(masking_utils.create_causal_mask).parameters:
+        pytest.skip(
+            f"transformers {transformers.__version__} has no create_causal_mask(block_sequence_ids=...)"
+        )
+
+    def build(backend, segment_ids, attention_mask=None, position_ids=None):
+        config = transformers.LlamaConfig(hidden_size=8, num_attention_heads=1, num_hidden_layers=1)
+        config._attn_implementation = backend
+        return masking_utils.create_causal_mask(
+            config,
+            torch.zeros(*segment_ids.shape, 8),
+            attention_mask,
+            None,  # no cache (the argument's name changed within the supported range)
+            position_ids=position_ids,
+            block_sequence_ids=segment_ids,
+            allow_is_causal_skip=False,
+        )
+
+    return build
+
+
+def positions_of(document_ids: torch.Tensor) -> torch.Tensor:
+    """Per-document positions (0 at each document's first token), from which transformers finds packed rows."""
+    index = torch.arange(document_ids.shape[1]).expand_as(document_ids)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    return index - torch.cummax(torch.where(starts, index, 0), dim=1).values
+
+
+@settings(max_examples=100, deadline=None)
+@given(layouts())
+def test_masks_equal_transformers_block_sequence_masks(upstream_mask, layout):
+    """segmask's segment clause is upstream's ``blockwise_overlay``: on random layouts the dense mask (SDPA)
+    and the additive mask (eager, on every row with a key to see) equal transformers' own, with padding, and
+    with packed documents (which transformers reads from per-document positions, without padding)."""
+    segment_ids, document_ids, attention_mask = layout
+    padded = upstream_mask("sdpa", segment_ids, attention_mask)
+    assert torch.equal(padded, masks.dense_mask(segment_ids, attention_mask))
+    packed = upstream_mask("sdpa", segment_ids, position_ids=positions_of(document_ids))
+    assert torch.equal(packed, masks.dense_mask(segment_ids, None, document_ids))
+    additive = upstream_mask("eager", segment_ids, attention_mask)
+    seen = masks.dense_mask(segment_ids, attention_mask).any(-1)
+    assert torch.equal(additive[seen], masks.attention_bias(segment_ids, attention_mask)[seen])

@@ -179,7 +179,7 @@ def sliding_window_case(run: Run, dtype: torch.dtype, length: int, window: int) 
     q = torch.randn(2, 8, length, 64, generator=generator, device=device)
     k, v = (torch.randn(2, 2, length, 64, generator=generator, device=device) for _ in "kv")
     real = pad.bool()
-    function = masks.and_functions(masks.mask_function(seg, pad), masks.window_function(window))
+    function = masks.and_masks(masks.mask_function(seg, pad), masks.window_function(window))
     mask = masks.never_empty(masks.evaluate(function, 2, length, length, device))
 
     def reference(*t):

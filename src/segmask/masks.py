@@ -15,9 +15,25 @@ For ``segment_ids = [0, 0, 1, 1, -1, -1]`` (system, user, answer) the mask is::
       4     ■ ■ ■ ■ ■ ⬚      answer: causal, never sees a later token
       5     ■ ■ ■ ■ ■ ■
 
-:func:`mask_function` is the only place the rule is written. Everything else (the dense boolean mask,
-the additive float mask for eager attention, FlexAttention's ``BlockMask``, the masks handed to
-transformers models) evaluates that function; nothing re-derives the rule.
+The rule is four named primitives, index functions ``(b, h, q_idx, kv_idx) -> bool`` as in transformers'
+``masking_utils``, combined with :func:`and_masks` and :func:`or_masks`::
+
+    mask_function = and_masks(or_masks(causal_function, segment_function(s)), document_function(d),
+                              padding_function(attention_mask))
+
+:func:`mask_function` is the only place they are combined. Everything else (the dense boolean mask, the
+additive float mask for eager attention, FlexAttention's ``BlockMask``, the masks handed to transformers
+models, a sliding window intersected with :func:`window_function`) evaluates that function; nothing
+re-derives the rule.
+
+Why not transformers' own primitives: ``segment_function`` is exactly ``masking_utils.blockwise_overlay``
+(``create_causal_mask(block_sequence_ids=...)``, in every supported release, 5.18 to 5.24), and
+``tests/test_masks.py`` checks that the two masks agree on random layouts. Building on it would save about
+ten lines and cost more: this module stays free of transformers (whose ``masking_utils`` import takes longer
+than torch's, for every command that only needs a policy name), upstream's packed sequences come from
+``position_ids`` and only without padding or a cache where segmask takes ``document_ids`` always, and
+upstream's sliding-window mask ORs the block overlay after the window (a segment token sees its whole
+segment past the window) where segmask intersects the window last.
 
 Shapes: ``segment_ids``, ``document_ids`` and ``attention_mask`` are ``[B, K]`` over all key positions.
 Queries are the last ``Q`` of those ``K`` positions (``Q == K`` for a full forward, ``Q < K`` when a
@@ -26,6 +42,8 @@ prefill continues against a KV cache).
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Callable
 from typing import Literal, get_args
 
@@ -70,30 +88,64 @@ def validate_layout(
             )
 
 
-def mask_function(
-    segment_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-    document_ids: torch.Tensor | None = None,
-) -> MaskFunction:
-    """The MAS rule as an index function ``(b, h, q_idx, kv_idx) -> bool``.
+def causal_function(
+    b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor
+) -> torch.Tensor:
+    """Causal: a query sees itself and every earlier key (transformers' ``causal_mask_function``)::
 
-    ``q_idx`` and ``kv_idx`` are absolute positions in ``[0, K)``. The function only indexes and compares
-    tensors, so it works element-wise, with broadcast index tensors, under ``torch.vmap``, inside
-    transformers' ``masking_utils`` and as a FlexAttention ``mask_mod``.
+    ■ ⬚ ⬚
+    ■ ■ ⬚
+    ■ ■ ■
     """
-    validate_layout(segment_ids, attention_mask, document_ids)
-    padding = None if attention_mask is None else attention_mask.bool()
+    return kv_idx <= q_idx
 
-    def mas(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+
+def segment_function(segment_ids: torch.Tensor) -> MaskFunction:
+    """Segments: a query of segment ``s >= 0`` sees every key of the same segment, later ones included; a
+    causal token (``-1``) sees nothing through this clause. ``segment_ids`` ``[B, K]``. For ``[0, 0, -1]``::
+
+        ■ ■ ⬚
+        ■ ■ ⬚
+        ⬚ ⬚ ⬚
+
+    The same clause as transformers' ``blockwise_overlay(block_sequence_ids)``.
+    """
+
+    def segment(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
         s_q = segment_ids[b, q_idx]
-        allowed = (kv_idx <= q_idx) | ((s_q == segment_ids[b, kv_idx]) & (s_q >= 0))
-        if document_ids is not None:
-            allowed = allowed & (document_ids[b, q_idx] == document_ids[b, kv_idx])
-        if padding is not None:
-            allowed = allowed & padding[b, kv_idx]
-        return allowed
+        return (s_q == segment_ids[b, kv_idx]) & (s_q >= 0)
 
-    return mas
+    return segment
+
+
+def document_function(document_ids: torch.Tensor) -> MaskFunction:
+    """Documents: a query sees only keys of its own document (``document_ids`` ``[B, K]``, packed rows).
+    For ``[0, 0, 1]``::
+
+        ■ ■ ⬚
+        ■ ■ ⬚
+        ⬚ ⬚ ■
+    """
+
+    def document(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        return document_ids[b, q_idx] == document_ids[b, kv_idx]
+
+    return document
+
+
+def padding_function(attention_mask: torch.Tensor) -> MaskFunction:
+    """Padding: no query sees a padded key (``attention_mask`` ``[B, K]``, 1 real, 0 padding). For ``[0, 1, 1]``::
+
+    ⬚ ■ ■
+    ⬚ ■ ■
+    ⬚ ■ ■
+    """
+    padding = attention_mask.bool()
+
+    def real(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        return padding[b, kv_idx]
+
+    return real
 
 
 def window_function(sliding_window: int) -> MaskFunction:
@@ -111,16 +163,46 @@ def window_function(sliding_window: int) -> MaskFunction:
     return window
 
 
-def and_functions(*functions: MaskFunction) -> MaskFunction:
-    """The intersection of several mask functions."""
+def and_masks(*functions: MaskFunction) -> MaskFunction:
+    """The intersection of mask functions: a pair is allowed where every one allows it."""
+    return _fold(operator.and_, functions)
 
-    def both(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
-        allowed = functions[0](b, h, q_idx, kv_idx)
-        for fn in functions[1:]:
-            allowed = allowed & fn(b, h, q_idx, kv_idx)
-        return allowed
 
-    return both
+def or_masks(*functions: MaskFunction) -> MaskFunction:
+    """The union of mask functions: a pair is allowed where any one allows it."""
+    return _fold(operator.or_, functions)
+
+
+def _fold(combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], functions: tuple) -> MaskFunction:
+    """One mask function that folds ``functions``' answers with ``combine`` (``&`` or ``|``)."""
+    if not functions:
+        raise ValueError("combining mask functions needs at least one")
+
+    def combined(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        return functools.reduce(combine, (fn(b, h, q_idx, kv_idx) for fn in functions))
+
+    return combined
+
+
+def mask_function(
+    segment_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    document_ids: torch.Tensor | None = None,
+) -> MaskFunction:
+    """The MAS rule as an index function ``(b, h, q_idx, kv_idx) -> bool``: causal or same segment, within
+    the document, never a padded key (the primitives above; the module docstring draws the result).
+
+    ``q_idx`` and ``kv_idx`` are absolute positions in ``[0, K)``. The function only indexes and compares
+    tensors, so it works element-wise, with broadcast index tensors, under ``torch.vmap``, inside
+    transformers' ``masking_utils`` and as a FlexAttention ``mask_mod``.
+    """
+    validate_layout(segment_ids, attention_mask, document_ids)
+    rule = or_masks(causal_function, segment_function(segment_ids))
+    if document_ids is not None:
+        rule = and_masks(rule, document_function(document_ids))
+    if attention_mask is not None:
+        rule = and_masks(rule, padding_function(attention_mask))
+    return rule
 
 
 def offset_queries(function: MaskFunction, q_offset: int) -> MaskFunction:
@@ -169,7 +251,7 @@ def dense(
         raise ValueError(f"q_len must be in [1, {full_len}], got {q_len}")
     function = mask_function(segment_ids, attention_mask, document_ids)
     if sliding_window is not None:
-        function = and_functions(function, window_function(sliding_window))
+        function = and_masks(function, window_function(sliding_window))
     mask = evaluate(function, batch_size, q_len, full_len, segment_ids.device)
     kv_len = full_len - kv_offset if kv_len is None else kv_len
     mask = mask[..., kv_offset : kv_offset + kv_len]
@@ -250,7 +332,7 @@ def block_mask(
     q_len = kv_len if q_len is None else q_len
     fn = mask_function(segment_ids, attention_mask, document_ids)
     if sliding_window is not None:
-        fn = and_functions(fn, window_function(sliding_window))
+        fn = and_masks(fn, window_function(sliding_window))
     return create_block_mask(
         offset_queries(fn, kv_len - q_len),
         B=batch_size,

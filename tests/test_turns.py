@@ -57,7 +57,7 @@ def test_a_template_that_renders_turns_out_of_order_is_refused(stories_tokenizer
         ValueError, match="turns out of order"
     ):  # the answer would be labelled before its prompt
         segments.encode_chat(stories_tokenizer, CHAT, chat_template=reverse)
-    twice = "{{ messages[0].content }}\n{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}</s>\n{% endfor %}"
+    twice = "{{ messages[0].content }}\n" + reverse.replace("|reverse", "")
     with pytest.raises(ValueError, match="renders message 0 after message 0: turns out of order"):
         chat_layout(stories_tokenizer, CHAT, add_generation_prompt=False, chat_template=twice)
 

@@ -47,9 +47,10 @@ class EvalConfig:
     """One evaluation run of the commonsense suite; validated on construction.
 
     ``tasks`` takes ``"boolq,piqa"`` or a list (kept as a tuple of unique names, in order); ``limit`` the
-    first N records of each task, so runs with the same limit share their records. With ``out`` the results
-    go to that JSON file, the predictions beside it, and an unfinished run's predictions to a journal that
-    ``resume`` picks up (see :func:`evaluate`). ``num_beams``, ``max_new_tokens`` and ``batch_size`` are the
+    first N distinct records of each task (a repeated record counts once:
+    :func:`segmask.tasks.commonsense.load_task`), so runs with the same limit share their records. With
+    ``out`` the results go to that JSON file, the predictions beside it, and an unfinished run's predictions
+    to a journal that ``resume`` picks up (see :func:`evaluate`). ``num_beams``, ``max_new_tokens`` and ``batch_size`` are the
     decoding settings of ``generate`` scoring. ``causal_sink`` keeps each prompt's token 0 causal under
     ``mas``/``prefix``; ``None`` is the policy's default here (:func:`segmask.segments.sink_on`: on under
     ``mas``), and ``segmask eval`` resolves it to the run's saved value
@@ -68,7 +69,9 @@ class EvalConfig:
     )
     policy: str = "mas"
     scoring: Scoring = field(default="generate", metadata={"help": "paper protocol or log-likelihood"})
-    limit: int | None = field(default=None, metadata={"help": "first N records of each task (default: all)"})
+    limit: int | None = field(
+        default=None, metadata={"help": "first N distinct records of each task (default: all)"}
+    )
     out: str | None = field(
         default=None, metadata={"help": "results JSON; predictions go to <stem>.predictions.jsonl"}
     )

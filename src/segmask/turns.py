@@ -153,7 +153,8 @@ def chat_layout(
         if after <= before:  # a turn starts where the previous one ended, so contents come in message order
             raise ValueError(
                 f"the chat template renders message {after} after message {before}: turns out of order "
-                f"(or one rendered twice); segmask needs each message rendered once, in the conversation's order"
+                "(or one rendered twice); segmask needs each message rendered once, in the conversation's "
+                "order"
             )
     turns, kinds = [order[0]] * len(text), [HEADER] * len(text)
     ends: dict[tuple, str] = {}  # one cut rendering per kind of turn end: linear in the conversation

@@ -27,17 +27,20 @@ Conversations that keep their cache across turns are :class:`segmask.chat.ChatSe
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import DynamicCache, TextIteratorStreamer
+from transformers import DynamicCache
+from transformers.generation.streamers import BaseStreamer
 
 from segmask import compat
 from segmask.attention import ContextOverflowError, require_enabled
 from segmask.collate import Collator, pad_token_id
+from segmask.detokenize import TextStream
 from segmask.eval_overflow import context_length
 from segmask.masks import MaskPolicy, check_policy
 from segmask.segments import Encoded, encode_chat, encode_instruction, encode_text
@@ -359,6 +362,36 @@ class StreamCancelled(Exception):
     """Raised inside a generation thread whose stream the consumer stopped reading."""
 
 
+class _Streamer(BaseStreamer):
+    """``generate``'s streamer for one row: the prompt skipped, then text pieces as they become final
+    (:class:`segmask.detokenize.TextStream`, special tokens skipped), to be iterated from another thread."""
+
+    def __init__(self, tokenizer) -> None:
+        self.text = TextStream(tokenizer)
+        self.pieces: queue.Queue[str | None] = queue.Queue()
+        self.prompt_seen = False
+        self.cancelled = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.cancelled:
+            raise StreamCancelled
+        if not self.prompt_seen:  # generate's first call hands over the prompt
+            self.prompt_seen = True
+            return
+        for token in value.reshape(-1).tolist():
+            if piece := self.text.push(token):
+                self.pieces.put(piece)
+
+    def end(self) -> None:
+        if piece := self.text.flush():
+            self.pieces.put(piece)
+        self.pieces.put(None)
+
+    def __iter__(self) -> Iterator[str]:
+        while (piece := self.pieces.get()) is not None:
+            yield piece
+
+
 def streamed(tokenizer, run, result: list | None = None) -> Iterator[str]:
     """Run ``run(streamer)`` in a thread and yield the text it streams; its return value goes to ``result``.
 
@@ -366,15 +399,7 @@ def streamed(tokenizer, run, result: list | None = None) -> Iterator[str]:
     its next token and the thread joined, so nothing keeps running in the background.
     """
 
-    class Streamer(TextIteratorStreamer):
-        cancelled = False
-
-        def put(self, value: torch.Tensor) -> None:
-            if self.cancelled:
-                raise StreamCancelled
-            super().put(value)
-
-    streamer = Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    streamer = _Streamer(tokenizer)
     failure: list[BaseException] = []
 
     def target() -> None:

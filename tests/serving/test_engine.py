@@ -14,8 +14,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from segmask.detokenize import byte_token_ids
 from segmask.segments import Encoded
-from segmask.serving.engine import Engine, Job, QueueFull, RowTracker, Sampling, Scheduler, byte_token_ids
+from segmask.serving.engine import Engine, Job, QueueFull, RowTracker, Sampling, Scheduler
 
 GREEDY = Sampling(max_tokens=4, temperature=0.0, top_p=1.0, seed=None, stop=())
 SEEDED = Sampling(max_tokens=4, temperature=0.7, top_p=0.9, seed=1, stop=())

@@ -14,7 +14,6 @@ import collections
 import contextlib
 import itertools
 import logging
-import re
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +23,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from segmask.attention import layer_masks
+from segmask.detokenize import TextStream, byte_token_ids
 from segmask.generation import (
     decode,
     eos_token_ids,
@@ -112,25 +112,20 @@ class RowTracker(StoppingCriteria):
     Called by ``generate`` after each new token (``input_ids`` ``[B, L + t]``); returns ``[B]`` bools,
     True for rows that are done: EOS (``finish_reason="stop"``), a stop string (``"stop"``, the text cut
     before it), ``max_tokens`` reached (``"length"``), or a client that left (``"cancelled"``, nothing
-    sent). Text is streamed as it becomes final, so that the pieces sent join to the decode of all the
-    row's tokens: held back are anything that could still become a stop string, every trailing U+FFFD
-    (a partial UTF-8 character decodes to one or more), and all the text of an open run of
-    ``byte_ids`` (byte-fallback tokens such as ``<0xE7>``: the decoder joins a run of them, special tokens
-    skipped, and turns the whole run into one U+FFFD per byte if it is not valid UTF-8, so a later byte
-    can spoil characters the run already completed).
+    sent). Text is sent as it becomes final (:class:`segmask.detokenize.TextStream`), so that the pieces
+    sent join to the decode of all the row's tokens; held back on top is anything that could still become
+    a stop string.
     """
 
     def __init__(
         self, jobs: Sequence[Job], tokenizer, eos_ids: set[int], byte_ids: frozenset[int] = frozenset()
     ) -> None:
         self.jobs = list(jobs)
-        self.tokenizer = tokenizer
         self.eos_ids = eos_ids
-        self.byte_ids = byte_ids
-        self.special_ids = frozenset(tokenizer.all_special_ids)  # what decoding skips
-        self.tokens: list[list[int]] = [[] for _ in self.jobs]
-        self.in_byte_run = [False] * len(self.jobs)  # the row's last token that decodes is a byte token
-        self.sent = [0] * len(self.jobs)
+        self.streams = [
+            TextStream(tokenizer, byte_ids, hold=max((len(s) - 1 for s in job.sampling.stop), default=0))
+            for job in self.jobs
+        ]
         self.done = [False] * len(self.jobs)
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
@@ -145,51 +140,35 @@ class RowTracker(StoppingCriteria):
             self._finish(row, "cancelled", None)
             return
         job.completion_tokens += 1
+        stream = self.streams[row]
         if token in self.eos_ids:
-            self._finish(row, "stop", self._text(row))
+            self._finish(row, "stop", stream.text())
             return
-        self.tokens[row].append(token)
-        if token not in self.special_ids:
-            self.in_byte_run[row] = token in self.byte_ids
-        text = self._text(row)
+        stream.add(token)
+        text = stream.text()
         cut = min((i for i in (text.find(s) for s in job.sampling.stop) if i >= 0), default=None)
         if cut is not None:
             self._finish(row, "stop", text[:cut])
-        elif len(self.tokens[row]) >= job.sampling.max_tokens:
+        elif len(stream.tokens) >= job.sampling.max_tokens:
             self._finish(row, "length", text)
         else:
-            if self.in_byte_run[row]:
-                return
-            hold = max((len(s) - 1 for s in job.sampling.stop), default=0)
-            self._send(row, text, min(len(text) - hold, len(text.rstrip("\ufffd"))))
+            self._emit(row, stream.send(text, stream.final(text)))
 
     def finish_all(self) -> None:
         """End the rows ``generate`` stopped without us (its own length limit)."""
         for row in range(len(self.jobs)):
             if not self.done[row]:
-                self._finish(row, "length", self._text(row))
+                self._finish(row, "length", self.streams[row].text())
 
-    def _text(self, row: int) -> str:
-        return self.tokenizer.decode(self.tokens[row], skip_special_tokens=True)
-
-    def _send(self, row: int, text: str, end: int) -> None:
-        if end > self.sent[row]:
-            self.jobs[row].emit("text", text[self.sent[row] : end])
-            self.sent[row] = end
+    def _emit(self, row: int, piece: str) -> None:
+        if piece:
+            self.jobs[row].emit("text", piece)
 
     def _finish(self, row: int, reason: str, text: str | None) -> None:
         self.done[row] = True
         if text is not None:
-            self._send(row, text, len(text))
+            self._emit(row, self.streams[row].flush(text))
         self.jobs[row].emit("done", reason)
-
-
-BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # how sentencepiece and tokenizers' ByteFallback name a byte
-
-
-def byte_token_ids(tokenizer) -> frozenset[int]:
-    """The ids of the tokenizer's byte-fallback tokens (``<0x00>`` to ``<0xFF>``; none in byte-level BPE)."""
-    return frozenset(i for token, i in tokenizer.get_vocab().items() if BYTE_TOKEN.fullmatch(token))
 
 
 class Engine:

@@ -20,6 +20,23 @@ COMMONSENSE = SHARED / "data" / "commonsense"
 BABI = SHARED / "data" / "babi"
 
 
+# Layouts the segment-blocked plan cannot express (some query's keys are not one contiguous range): the plan
+# refuses them and the fast path falls back to the dense mask. name -> (segment_ids, attention_mask,
+# document_ids), one row of 5 tokens each, as lists (see inexpressible()).
+INEXPRESSIBLE = {
+    "repeated segment": ([0, 0, -1, 0, -1], None, None),  # segment 0 twice in one document
+    "inner padding": ([0, 0, -1, -1, -1], [1, 1, 0, 1, 1], None),  # padding in the middle
+    "split document": ([0, 0, -1, -1, -1], None, [0, 0, 1, 0, 0]),  # document 0 split by document 1
+}
+
+
+def inexpressible(name: str) -> tuple:
+    """``INEXPRESSIBLE[name]`` as ``[1, 5]`` tensors (None stays None)."""
+    import torch
+
+    return tuple(None if ids is None else torch.tensor([ids]) for ids in INEXPRESSIBLE[name])
+
+
 def write_recipe(folder: Path, model: Path, records: list[dict], settings: str) -> Path:
     """Write ``records`` to ``folder/train.json`` and a training recipe ``folder/tiny.yaml`` for them:
     ``model`` and that data, then ``settings`` (YAML lines as they stand in the file)."""

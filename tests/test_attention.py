@@ -1,15 +1,23 @@
 """`segmask.enable` on every model family and backend: exact when causal, consistent across backends under MAS,
-exact with packed documents and a KV cache, and leak-free on the real pretrained stories260K."""
+exact with packed documents and a KV cache, and leak-free on the real pretrained stories260K; the "segmask"
+attention implementation: plain SDPA without a layout, MAS with one, one plan and one mask per forward."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
+from test_fast_attention import CASES, TOLERANCE, random_qkv, reference
 from transformers import AutoModelForCausalLM
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import segmask
-from segmask import attention, compat
+from segmask import attention, attention_plan, compat, fast_attention, masks
+from segmask.attention import segmask_attention_forward
+from segmask.attention_plan import Layout
 
 pytestmark = pytest.mark.exactness
 
@@ -272,3 +280,183 @@ def test_stories_mas_is_on_inside_a_segment_and_segments_are_isolated(stories):
         causal_base = stories(ids).logits
         causal_out = stories(changed).logits
     assert (causal_out[0, :12] - causal_base[0, :12]).abs().max() == 0
+
+
+@pytest.fixture
+def small_pieces(monkeypatch):
+    """Tiny sequences exercise long-segment blocks, band tiles and reversed squares only with a small piece
+    and a small band (as throughout tests/test_fast_attention.py)."""
+    monkeypatch.setattr(fast_attention, "PIECE", 3)
+    monkeypatch.setattr(fast_attention, "BAND", 2)
+
+
+# ------------------------------------------------------------ the "segmask" attention implementation
+
+
+class FakeAttention(torch.nn.Module):
+    def __init__(self, groups: int = 2, sliding_window: int | None = None):
+        super().__init__()
+        self.num_key_value_groups, self.is_causal, self.sliding_window = groups, True, sliding_window
+
+
+@pytest.mark.usefixtures("small_pieces")
+@pytest.mark.parametrize("with_padding", [False, True])
+def test_without_layout_is_sdpa_attention_forward(with_padding):
+    q, k, v, _ = random_qkv(2, 6, 6)
+    mask = None
+    if with_padding:
+        mask = masks.sdpa_mask(torch.full((2, 6), -1), torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]]))
+    module = FakeAttention()
+    ours, weights = segmask_attention_forward(module, q, k, v, mask, scaling=0.3)
+    theirs, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.3)
+    assert weights is None and torch.equal(ours, theirs)
+
+
+@pytest.mark.usefixtures("small_pieces")
+def test_with_layout_is_mas():
+    segment_ids, attention_mask = CASES["left padding"][:2]
+    q, k, v, _ = random_qkv(2, 8, 8)
+    layout = Layout(segment_ids, attention_mask)
+    placeholder = torch.ones((), dtype=torch.bool).expand(2, 1, 8, 8)
+    out, _ = segmask_attention_forward(FakeAttention(), q, k, v, placeholder, segmask_layout=layout)
+    assert out.shape == (2, 8, 4, 8) and out.is_contiguous()
+    assert (out - reference(q, k, v, segment_ids, attention_mask).transpose(1, 2)).abs().max() < TOLERANCE
+
+
+@pytest.mark.usefixtures("small_pieces")
+def test_sliding_window_layer_takes_the_dense_route():
+    segment_ids = torch.tensor([[0, 0, 0, 0, 1, 1, 1, -1, -1, -1]])
+    q, k, v, _ = random_qkv(1, 10, 10)
+    out, _ = segmask_attention_forward(
+        FakeAttention(sliding_window=3), q, k, v, None, segmask_layout=Layout(segment_ids)
+    )
+    function = masks.and_masks(masks.mask_function(segment_ids), masks.window_function(3))
+    mask = masks.never_empty(masks.evaluate(function, 1, 10, 10, q.device))
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True).transpose(1, 2)
+    assert (out - expected).abs().max() < TOLERANCE
+
+
+@pytest.mark.usefixtures("small_pieces")
+def test_keys_other_than_the_mask_was_built_for_are_refused():
+    """The kernel never truncates or pads silently: a layer whose key count differs from the cache's
+    reported length when the mask was built raises, naming both counts."""
+    segment_ids = torch.tensor([[0, 0, 0, 1, 1, -1, -1, -1]])
+    q, k, v, _ = random_qkv(1, 3, 8)
+    too_few_keys = (k[:, :, :5], v[:, :, :5])
+    with pytest.raises(ValueError, match="built for 8 keys .* has 5 keys"):
+        segmask_attention_forward(FakeAttention(), q, *too_few_keys, None, segmask_layout=Layout(segment_ids))
+    stale = Layout(segment_ids, key_lengths={None: 8})
+    longer = (torch.cat([k, k], 2), torch.cat([v, v], 2))
+    with pytest.raises(ValueError, match="built for 8 keys .* has 16 keys"):
+        segmask_attention_forward(FakeAttention(), q, *longer, None, segmask_layout=stale)
+    # a static cache reports its unused slots: those (and only those) are dropped
+    static = Layout(segment_ids, key_lengths={None: 16})
+    out, _ = segmask_attention_forward(FakeAttention(), q, *longer, None, segmask_layout=static)
+    expected, _ = segmask_attention_forward(
+        FakeAttention(), q, k, v, None, segmask_layout=Layout(segment_ids)
+    )
+    assert torch.equal(out, expected)
+
+
+def twin_models(config):
+    """The same random weights under "segmask" and "sdpa"."""
+    attention.register()
+    models = []
+    for implementation in ("segmask", "sdpa"):
+        torch.manual_seed(0)
+        models.append(
+            AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=implementation).eval()
+        )
+    return models
+
+
+@pytest.mark.usefixtures("small_pieces")
+def test_registered_implementation_without_segment_ids_is_sdpa():
+    fast, sdpa = twin_models(transformers.LlamaConfig(num_key_value_heads=2, **TINY))
+    input_ids = torch.randint(1, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    attention_mask = torch.tensor([[1] * 10, [0, 0, 0] + [1] * 7])
+    with torch.no_grad():
+        assert torch.equal(fast(input_ids).logits, sdpa(input_ids).logits)
+        assert torch.equal(
+            fast(input_ids, attention_mask=attention_mask).logits,
+            sdpa(input_ids, attention_mask=attention_mask).logits,
+        )
+    generated = [
+        m.generate(input_ids, attention_mask=attention_mask, max_new_tokens=4, do_sample=False)
+        for m in (fast, sdpa)
+    ]
+    assert torch.equal(*generated)
+
+
+@pytest.mark.usefixtures("small_pieces")
+@pytest.mark.parametrize(
+    "config",
+    [
+        transformers.LlamaConfig(num_key_value_heads=2, **TINY),
+        transformers.MistralConfig(num_key_value_heads=2, sliding_window=4, **TINY),
+    ],
+    ids=["llama", "mistral-sliding-window"],
+)
+def test_enabled_model_matches_sdpa_under_mas(config):
+    """Through ``segmask.enable``: logits and LoRA-free parameter gradients equal the dense sdpa route."""
+    fast, sdpa = (segmask.enable(m) for m in twin_models(config))
+    segment_ids = torch.tensor([[0, 0, 0, 1, 1, 1, -1, -1, -1, -1], [-1, -1, -1, 0, 0, 1, 1, -1, -1, -1]])
+    attention_mask = torch.tensor([[1] * 10, [0, 0, 0] + [1] * 7])
+    input_ids = torch.randint(1, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    results = []
+    for model in (fast, sdpa):
+        model.zero_grad()
+        logits = model(input_ids, attention_mask=attention_mask, segment_ids=segment_ids).logits
+        logits[attention_mask.bool()].square().mean().backward()
+        results.append((logits.detach(), model.model.layers[0].self_attn.q_proj.weight.grad))
+    (fast_logits, fast_grad), (sdpa_logits, sdpa_grad) = results
+    real = attention_mask.bool()
+    assert (fast_logits - sdpa_logits)[real].abs().max() < TOLERANCE
+    assert (fast_grad - sdpa_grad).abs().max() < TOLERANCE
+
+
+# --------------------------------------------------------------------------- once per forward
+
+
+@pytest.mark.usefixtures("small_pieces")
+@pytest.mark.parametrize(
+    "family, plans, dense_masks",
+    [("llama", 1, 0), ("gemma3", 1, 1), ("mistral", 0, 1)],
+    ids=["full attention", "full and sliding layers", "sliding layers"],
+)
+def test_one_plan_and_one_mask_per_forward(monkeypatch, family, plans, dense_masks):
+    """Four decoder layers share one plan (full attention) and one dense mask (sliding window) per forward
+    call, forward and backward; the next forward call builds its own."""
+    layers = dict(TINY, num_hidden_layers=4)
+    config = {
+        "llama": lambda: transformers.LlamaConfig(num_key_value_heads=2, **layers),
+        "gemma3": lambda: transformers.Gemma3TextConfig(
+            num_key_value_heads=2,
+            head_dim=16,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention"] * 2,
+            **layers,
+        ),
+        "mistral": lambda: transformers.MistralConfig(num_key_value_heads=2, sliding_window=4, **layers),
+    }[family]()
+    fast, _ = twin_models(config)
+    fast = segmask.enable(fast)
+    assert fast.config._attn_implementation == "segmask"
+    counts = {"plan": 0, "dense": 0}
+    plan, dense = attention_plan.plan_layout, masks.dense
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            counts[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(attention_plan, "plan_layout", counted("plan", plan))
+    monkeypatch.setattr(masks, "dense", counted("dense", dense))
+    segment_ids = torch.tensor([[0, 0, 0, 1, 1, 1, -1, -1, -1, -1], [0, 0, -1, 1, 1, -1, 2, 2, -1, -1]])
+    input_ids = torch.randint(1, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    fast(input_ids, segment_ids=segment_ids).logits.square().mean().backward()
+    assert counts == {"plan": plans, "dense": dense_masks}
+    fast(input_ids, segment_ids=segment_ids)
+    assert counts == {"plan": 2 * plans, "dense": 2 * dense_masks}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import INEXPRESSIBLE, inexpressible
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -146,17 +147,9 @@ def test_literal_band_mask():
     assert (additive[:, 0][~band.mask()] == 0).all()
 
 
-@pytest.mark.parametrize(
-    "segment_ids, attention_mask, document_ids",
-    [
-        (torch.tensor([[0, 0, -1, 0, -1]]), None, None),  # segment 0 twice in one document
-        (torch.tensor([[0, 0, -1, -1, -1]]), torch.tensor([[1, 1, 0, 1, 1]]), None),  # padding in the middle
-        (torch.tensor([[0, 0, -1, -1, -1]]), None, torch.tensor([[0, 0, 1, 0, 0]])),  # document split
-    ],
-    ids=["repeated segment", "inner padding", "split document"],
-)
-def test_inexpressible_layouts_have_no_plan(segment_ids, attention_mask, document_ids):
-    assert plan_layout(segment_ids, attention_mask, document_ids, 5) is None
+@pytest.mark.parametrize("name", INEXPRESSIBLE)
+def test_inexpressible_layouts_have_no_plan(name):
+    assert plan_layout(*inexpressible(name), 5) is None
 
 
 def test_plan_work_is_the_pair_count():

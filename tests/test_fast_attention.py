@@ -1,26 +1,23 @@
-"""The fast MAS kernel equals SDPA with the dense mask (outputs and gradients), its plan covers exactly the
-mask, and as transformers' "segmask" implementation it is plain SDPA without a layout and MAS with one."""
+"""The fast MAS kernel equals SDPA with the dense mask (outputs and gradients) through every kernel and memory
+layout, falls back exactly where the plan cannot express a layout, and takes the calls its plan counts.
+(As transformers' "segmask" implementation it is tested in tests/test_attention.py.)"""
 
 from __future__ import annotations
 
-import copy
 import logging
 import random
 
 import pytest
 import torch
 import torch.nn.functional as F
-import transformers
+from conftest import INEXPRESSIBLE, inexpressible
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_attention_plan import layouts
-from transformers import AutoModelForCausalLM
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-import segmask
-from segmask import attention_plan, fast_attention, kernels, masks
+from segmask import attention_plan, fast_attention, kernels, masks, reversed_squares
 from segmask.attention_plan import Layout, plan_layout
-from segmask.fast_attention import mas_attention, segmask_attention_forward
+from segmask.fast_attention import mas_attention
 
 pytestmark = pytest.mark.exactness
 
@@ -229,16 +226,9 @@ def test_one_causal_call_when_the_batch_shares_a_causal_stretch(monkeypatch):
     assert_matches_dense(torch.tensor([row, row[::-1]]))
 
 
-@pytest.mark.parametrize(
-    "segment_ids, attention_mask, document_ids",
-    [
-        (torch.tensor([[0, 0, -1, 0, -1]]), None, None),  # segment 0 twice in one document
-        (torch.tensor([[0, 0, -1, -1, -1]]), torch.tensor([[1, 1, 0, 1, 1]]), None),  # padding in the middle
-        (torch.tensor([[0, 0, -1, -1, -1]]), None, torch.tensor([[0, 0, 1, 0, 0]])),  # document split
-    ],
-    ids=["repeated segment", "inner padding", "split document"],
-)
-def test_inexpressible_layouts_fall_back_exactly(segment_ids, attention_mask, document_ids, caplog):
+@pytest.mark.parametrize("name", INEXPRESSIBLE)
+def test_inexpressible_layouts_fall_back_exactly(name, caplog):
+    segment_ids, attention_mask, document_ids = inexpressible(name)
     assert plan_layout(segment_ids, attention_mask, document_ids, 5) is None
     q, k, v, grad = random_qkv(1, 5, 5)
     fast_attention._log_fallback.cache_clear()
@@ -279,128 +269,6 @@ def test_bad_input_raises_value_error():
         mas_attention(torch.randn(1, 4, 6, 8), k, v, torch.zeros(1, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="segment_ids must be >= 0"):
         Layout(torch.tensor([[0, -2]]))
-
-
-# ------------------------------------------------------------------------------------- transformers
-
-
-class FakeAttention(torch.nn.Module):
-    def __init__(self, groups: int = 2, sliding_window: int | None = None):
-        super().__init__()
-        self.num_key_value_groups, self.is_causal, self.sliding_window = groups, True, sliding_window
-
-
-@pytest.mark.parametrize("with_padding", [False, True])
-def test_without_layout_is_sdpa_attention_forward(with_padding):
-    q, k, v, _ = random_qkv(2, 6, 6)
-    mask = None
-    if with_padding:
-        mask = masks.sdpa_mask(torch.full((2, 6), -1), torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]]))
-    module = FakeAttention()
-    ours, weights = segmask_attention_forward(module, q, k, v, mask, scaling=0.3)
-    theirs, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.3)
-    assert weights is None and torch.equal(ours, theirs)
-
-
-def test_with_layout_is_mas():
-    segment_ids, attention_mask = CASES["left padding"][:2]
-    q, k, v, _ = random_qkv(2, 8, 8)
-    layout = Layout(segment_ids, attention_mask)
-    placeholder = torch.ones((), dtype=torch.bool).expand(2, 1, 8, 8)
-    out, _ = segmask_attention_forward(FakeAttention(), q, k, v, placeholder, segmask_layout=layout)
-    assert out.shape == (2, 8, 4, 8) and out.is_contiguous()
-    assert (out - reference(q, k, v, segment_ids, attention_mask).transpose(1, 2)).abs().max() < TOLERANCE
-
-
-def test_sliding_window_layer_takes_the_dense_route():
-    segment_ids = torch.tensor([[0, 0, 0, 0, 1, 1, 1, -1, -1, -1]])
-    q, k, v, _ = random_qkv(1, 10, 10)
-    out, _ = segmask_attention_forward(
-        FakeAttention(sliding_window=3), q, k, v, None, segmask_layout=Layout(segment_ids)
-    )
-    function = masks.and_functions(masks.mask_function(segment_ids), masks.window_function(3))
-    mask = masks.never_empty(masks.evaluate(function, 1, 10, 10, q.device))
-    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True).transpose(1, 2)
-    assert (out - expected).abs().max() < TOLERANCE
-
-
-def test_keys_other_than_the_mask_was_built_for_are_refused():
-    """The kernel never truncates or pads silently: a layer whose key count differs from the cache's
-    reported length when the mask was built raises, naming both counts."""
-    segment_ids = torch.tensor([[0, 0, 0, 1, 1, -1, -1, -1]])
-    q, k, v, _ = random_qkv(1, 3, 8)
-    too_few_keys = (k[:, :, :5], v[:, :, :5])
-    with pytest.raises(ValueError, match="built for 8 keys .* has 5 keys"):
-        segmask_attention_forward(FakeAttention(), q, *too_few_keys, None, segmask_layout=Layout(segment_ids))
-    stale = Layout(segment_ids, key_lengths={None: 8})
-    longer = (torch.cat([k, k], 2), torch.cat([v, v], 2))
-    with pytest.raises(ValueError, match="built for 8 keys .* has 16 keys"):
-        segmask_attention_forward(FakeAttention(), q, *longer, None, segmask_layout=stale)
-    # a static cache reports its unused slots: those (and only those) are dropped
-    static = Layout(segment_ids, key_lengths={None: 16})
-    out, _ = segmask_attention_forward(FakeAttention(), q, *longer, None, segmask_layout=static)
-    expected, _ = segmask_attention_forward(
-        FakeAttention(), q, k, v, None, segmask_layout=Layout(segment_ids)
-    )
-    assert torch.equal(out, expected)
-
-
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=128)
-
-
-def twin_models(config):
-    """The same random weights under "segmask" and "sdpa"."""
-    fast_attention.register()
-    models = []
-    for implementation in ("segmask", "sdpa"):
-        torch.manual_seed(0)
-        models.append(
-            AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=implementation).eval()
-        )
-    return models
-
-
-def test_registered_implementation_without_segment_ids_is_sdpa():
-    fast, sdpa = twin_models(transformers.LlamaConfig(num_key_value_heads=2, **TINY))
-    input_ids = torch.randint(1, 128, (2, 10), generator=torch.Generator().manual_seed(0))
-    attention_mask = torch.tensor([[1] * 10, [0, 0, 0] + [1] * 7])
-    with torch.no_grad():
-        assert torch.equal(fast(input_ids).logits, sdpa(input_ids).logits)
-        assert torch.equal(
-            fast(input_ids, attention_mask=attention_mask).logits,
-            sdpa(input_ids, attention_mask=attention_mask).logits,
-        )
-    generated = [
-        m.generate(input_ids, attention_mask=attention_mask, max_new_tokens=4, do_sample=False)
-        for m in (fast, sdpa)
-    ]
-    assert torch.equal(*generated)
-
-
-@pytest.mark.parametrize(
-    "config",
-    [
-        transformers.LlamaConfig(num_key_value_heads=2, **TINY),
-        transformers.MistralConfig(num_key_value_heads=2, sliding_window=4, **TINY),
-    ],
-    ids=["llama", "mistral-sliding-window"],
-)
-def test_enabled_model_matches_sdpa_under_mas(config):
-    """Through ``segmask.enable``: logits and LoRA-free parameter gradients equal the dense sdpa route."""
-    fast, sdpa = (segmask.enable(m) for m in twin_models(config))
-    segment_ids = torch.tensor([[0, 0, 0, 1, 1, 1, -1, -1, -1, -1], [-1, -1, -1, 0, 0, 1, 1, -1, -1, -1]])
-    attention_mask = torch.tensor([[1] * 10, [0, 0, 0] + [1] * 7])
-    input_ids = torch.randint(1, 128, (2, 10), generator=torch.Generator().manual_seed(0))
-    results = []
-    for model in (fast, sdpa):
-        model.zero_grad()
-        logits = model(input_ids, attention_mask=attention_mask, segment_ids=segment_ids).logits
-        logits[attention_mask.bool()].square().mean().backward()
-        results.append((logits.detach(), model.model.layers[0].self_attn.q_proj.weight.grad))
-    (fast_logits, fast_grad), (sdpa_logits, sdpa_grad) = results
-    real = attention_mask.bool()
-    assert (fast_logits - sdpa_logits)[real].abs().max() < TOLERANCE
-    assert (fast_grad - sdpa_grad).abs().max() < TOLERANCE
 
 
 # ------------------------------------------------------------------------------------ the kernel seam
@@ -582,109 +450,6 @@ def test_band_tiles_take_one_masked_call_each_and_a_block_per_crossing(monkeypat
         assert (a - b).abs().max() < TOLERANCE
 
 
-# --------------------------------------------------------------------------- once per forward
-
-
-@pytest.mark.parametrize(
-    "family, plans, dense_masks",
-    [("llama", 1, 0), ("gemma3", 1, 1), ("mistral", 0, 1)],
-    ids=["full attention", "full and sliding layers", "sliding layers"],
-)
-def test_one_plan_and_one_mask_per_forward(monkeypatch, family, plans, dense_masks):
-    """Four decoder layers share one plan (full attention) and one dense mask (sliding window) per forward
-    call, forward and backward; the next forward call builds its own."""
-    layers = dict(TINY, num_hidden_layers=4)
-    config = {
-        "llama": lambda: transformers.LlamaConfig(num_key_value_heads=2, **layers),
-        "gemma3": lambda: transformers.Gemma3TextConfig(
-            num_key_value_heads=2,
-            head_dim=16,
-            sliding_window=4,
-            layer_types=["sliding_attention", "full_attention"] * 2,
-            **layers,
-        ),
-        "mistral": lambda: transformers.MistralConfig(num_key_value_heads=2, sliding_window=4, **layers),
-    }[family]()
-    fast, _ = twin_models(config)
-    fast = segmask.enable(fast)
-    assert fast.config._attn_implementation == "segmask"
-    counts = {"plan": 0, "dense": 0}
-    plan, dense = attention_plan.plan_layout, masks.dense
-
-    def counted(name, fn):
-        def wrapper(*args, **kwargs):
-            counts[name] += 1
-            return fn(*args, **kwargs)
-
-        return wrapper
-
-    monkeypatch.setattr(attention_plan, "plan_layout", counted("plan", plan))
-    monkeypatch.setattr(masks, "dense", counted("dense", dense))
-    segment_ids = torch.tensor([[0, 0, 0, 1, 1, 1, -1, -1, -1, -1], [0, 0, -1, 1, 1, -1, 2, 2, -1, -1]])
-    input_ids = torch.randint(1, 128, (2, 10), generator=torch.Generator().manual_seed(0))
-    fast(input_ids, segment_ids=segment_ids).logits.square().mean().backward()
-    assert counts == {"plan": plans, "dense": dense_masks}
-    fast(input_ids, segment_ids=segment_ids)
-    assert counts == {"plan": 2 * plans, "dense": 2 * dense_masks}
-
-
-def _layouts_of(batch: int) -> dict[str, torch.Tensor]:
-    """The same ``[batch, 3, 10, 4]`` values in the memory layouts attention meets: contiguous
-    ``[B, H, K, D]``, the transposed view of ``[B, K, H, D]`` (a model's projections), a slice of a fused
-    projection (contiguous in neither order), and one whose last dimension is not contiguous."""
-    base = torch.randn(batch, 3, 10, 4)
-    fused = torch.randn(batch, 10, 3, 8)
-    fused[..., :4] = base.transpose(1, 2)
-    return {
-        "BHKD": base.clone(),
-        "BKHD view": base.transpose(1, 2).contiguous().transpose(1, 2),
-        "fused slice": fused[..., :4].transpose(1, 2),
-        "D strided": base.transpose(-1, -2).contiguous().transpose(-1, -2),
-    }
-
-
-@pytest.mark.parametrize("batch", [1, 2])
-def test_take_reads_every_layout_without_copying_it_whole(batch):
-    """``_take`` equals advanced indexing in every layout, and never clones the input first (which
-    ``index_select`` on a non-contiguous tensor does: a copy of all of q per batch of squares) nor
-    indexes over batch rows (5x slower on CPU) where the layout has a row view."""
-    rows = torch.tensor([0, batch - 1, 0])
-    positions = torch.tensor([7, 2, 3])
-    for name, x in _layouts_of(batch).items():
-        expected = x[rows, :, positions].transpose(0, 1)
-        with torch.profiler.profile() as profiler:
-            taken = fast_attention._take(x, rows, positions)
-        assert torch.equal(taken, expected), name
-        assert (fast_attention._row_view(x) is None) == (name == "D strided"), name
-        slow = [
-            e.name for e in profiler.events() if e.name in ("aten::clone", "aten::contiguous", "aten::index")
-        ]
-        if name != "D strided":
-            assert slow == [], f"{name}: {slow}"
-
-
-@pytest.mark.parametrize("batch", [1, 2])
-@pytest.mark.parametrize("add", [False, True])
-def test_put_writes_exactly_its_entries_in_every_layout(batch, add):
-    """``_put`` writes (or adds) values at its entries and touches nothing else, in every layout."""
-    rows = torch.tensor([0, batch - 1, 0])
-    positions = torch.tensor([7, 2, 3])
-    values = torch.randn(3, 3, 4)
-    for name, x in _layouts_of(batch).items():
-        expected = x.clone()
-        if add:
-            expected[rows, :, positions] += values.transpose(0, 1)
-        else:
-            expected[rows, :, positions] = values.transpose(0, 1)
-        fast_attention._put(x, rows, positions, values, add)
-        assert torch.equal(x, expected), name
-        lse = x[..., 0]  # [B, H, K] with a stride of 4 between positions
-        expected_lse = lse.clone()
-        expected_lse[rows, :, positions] = values[..., 0].transpose(0, 1)
-        fast_attention._put(lse, rows, positions, values[..., 0], add=False)
-        assert torch.equal(lse, expected_lse), name
-
-
 @pytest.mark.parametrize("kernel", ["cpu-flash", "reference"])
 def test_inputs_without_a_row_view_match_dense(kernel):
     """q, k, v whose head dimension is not innermost (no 2-D row view of their memory): the squares'
@@ -694,7 +459,7 @@ def test_inputs_without_a_row_view_match_dense(kernel):
     segment_ids[1, 4:8] = -1
     q, k, v, grad = random_qkv(2, 16, 16, 2, 2, 8)
     q, k, v = (t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in (q, k, v))
-    assert fast_attention._row_view(q) is None
+    assert reversed_squares.row_view(q) is None
     fast = outputs_and_grads(lambda *t: mas_attention(*t, segment_ids, kernel=kernel), q, k, v, grad)
     dense = outputs_and_grads(lambda *t: reference(*t, segment_ids), q, k, v, grad)
     for a, b in zip(fast, dense):

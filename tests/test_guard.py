@@ -127,11 +127,11 @@ def test_a_plain_trainer_with_the_collator_fails_loudly_without_enable(tmp_path)
 
 def test_the_segmask_implementation_without_a_layout_refuses_segment_ids():
     """A model set to attn_implementation="segmask" by hand but never enabled gets no layout: refuse."""
-    from segmask import fast_attention
+    from segmask import attention
 
-    fast_attention.register()
+    attention.register()
     model = tiny_llama("sdpa")
-    model.set_attn_implementation(fast_attention.IMPLEMENTATION)
+    model.set_attn_implementation(attention.IMPLEMENTATION)
     with pytest.raises(guard.NotEnabledError):
         model(**collated_batch())
 

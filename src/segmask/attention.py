@@ -15,7 +15,8 @@ untouched (a dict ``{layer_type: mask}`` for models that mix full and sliding-wi
     eager            additive float mask (a boolean mask there would be added as 0/1 and mask nothing)
     sdpa             boolean mask, empty (padded) query rows made safe
     flex_attention   a ``BlockMask`` (a dense tensor there crashes)
-    segmask          no mask at all: the exact segment-blocked kernel of :mod:`segmask.fast_attention`
+    segmask          no mask at all: :func:`segmask_attention_forward` runs the exact segment-blocked
+                     kernel of :mod:`segmask.fast_attention` (registered by :func:`register`)
     flash_attention_* refused: transformers' flash path drops custom masks silently
 
 Sliding-window layers keep their window: MAS is intersected with ``|i - j| < window``.
@@ -33,12 +34,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from segmask import compat, fast_attention, guard, masks, parallel
+from segmask import compat, guard, masks, parallel
 from segmask.attention_plan import Layout
+from segmask.fast_attention import dense_attention, layout_attention
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED = ("eager", "sdpa", "flex_attention", "segmask")
+IMPLEMENTATION = "segmask"
+"""Name of the transformers attention implementation registered by :func:`register`."""
 _HANDLE = "_segmask_hook"
 
 
@@ -70,9 +74,9 @@ def enable(model: nn.Module, fast: bool = True) -> nn.Module:
     parallel.check_sequence_sharding()  # context / sequence parallelism would drop the mask silently
     decoder = _decoder(model)
     if fast and (decoder.config._attn_implementation or "eager") == "sdpa":
-        fast_attention.register()
+        register()
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        base.set_attn_implementation(fast_attention.IMPLEMENTATION)
+        base.set_attn_implementation(IMPLEMENTATION)
     if getattr(decoder, _HANDLE, None) is None:
         handles = (
             decoder.register_forward_pre_hook(_pre_hook, with_kwargs=True),
@@ -127,6 +131,54 @@ def check_implementation(model: nn.Module) -> str:
             f"attention implementation {implementation!r} is not supported by segmask; use one of {SUPPORTED}"
         )
     return implementation
+
+
+def segmask_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention implementation ``"segmask"`` (signature of ``sdpa_attention_forward``).
+
+    With ``segmask_layout`` (a :class:`Layout` over all ``K`` key positions, set by the pre-hook) it runs
+    :func:`segmask.fast_attention.layout_attention` and ignores ``attention_mask`` (a placeholder);
+    sliding-window layers take the dense route with the window applied. Without it, it is transformers'
+    ``sdpa_attention_forward``. Returns ``attn_output [B, Q, Hq, D]`` and no attention weights.
+    """
+    layout = kwargs.pop("segmask_layout", None)
+    if layout is None:
+        guard.check(kwargs, f"segment ids reached {type(module).__name__}'s attention")
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+
+    kv_len = layout.segment_ids.shape[1]
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    layout.check_keys(key.shape[2], window)
+    if key.shape[2] > kv_len:  # a static cache's unused slots (the cache said so), later than every real one
+        key, value = key[:, :, :kv_len], value[:, :, :kv_len]
+    if window is not None:
+        output = dense_attention(query, key, value, layout, scaling, dropout, window)
+    else:
+        output = layout_attention(query, key, value, layout, scaling, dropout)
+    return output.transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    """Register ``"segmask"`` with transformers: :func:`segmask_attention_forward` and, for calls without a
+    layout (plain causal forward, decoding without segment ids), transformers' own ``sdpa_mask``."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(IMPLEMENTATION, segmask_attention_forward)
+    AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
 
 
 def layer_masks(config) -> list[LayerMask]:

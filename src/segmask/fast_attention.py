@@ -28,8 +28,9 @@ v, no gathers), full blocks for the keys before them, and no reversed squares
 A query covered by several calls (P and C, C and U, a tile and its blocks) gets their softmaxes merged
 through their log-sum-exps, which public ``scaled_dot_product_attention`` does not return; each call
 therefore goes to a :class:`segmask.kernels.Kernel` (on CPU the flash-attention operators SDPA itself
-dispatches to, which return the log-sum-exp), all inside one ``autograd.Function``. The backward of each call, given the merged
-output and log-sum-exp, is exactly that call's share of the gradients (as in ring attention). Calls have
+dispatches to, which return the log-sum-exp), all inside one ``autograd.Function``. The backward of each
+call, given the merged output and log-sum-exp, is exactly that call's share of the gradients (as in ring
+attention). Calls have
 at most a quarter of the sequence as query rows (blocks 768 where that is at most 3/8 of it), which keeps
 the extra memory to a fraction of the output; nothing grows as L x L.
 
@@ -38,10 +39,10 @@ split in the middle of a row, dropout, a device without a default kernel, tracin
 logs the reason once and runs SDPA with the dense mask of :func:`segmask.masks.sdpa_mask` instead.
 
 The calls (which kernel calls, over which rows and ranges) come from :mod:`segmask.attention_plan`; the
-kernel that runs each from :mod:`segmask.kernels`; this module runs the one on the other.
-Layers of a transformers model reach this through :func:`segmask_attention_forward`, registered as the
-attention implementation ``"segmask"`` by :func:`register`; ``segmask.enable`` hands each call the
-token-level :class:`Layout`.
+kernel that runs each from :mod:`segmask.kernels`; the gathers of the reversed squares from
+:mod:`segmask.reversed_squares`; this module runs the calls on the kernel. Pure torch: layers of a
+transformers model reach it through :func:`segmask.attention.segmask_attention_forward`, the attention
+implementation ``"segmask"``.
 """
 
 from __future__ import annotations
@@ -49,179 +50,19 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from segmask import guard, kernels
+from segmask import kernels, reversed_squares
 from segmask.attention_plan import BAND, PIECE, Band, Block, Calls, Layout, Squares, quarter_rows, split_range
 from segmask.kernels import Kernel
 
 logger = logging.getLogger(__name__)
 
-IMPLEMENTATION = "segmask"
-"""Name of the transformers attention implementation registered by :func:`register`."""
-
-# ------------------------------------------------------------------------------------------------ kernel
-
-
-def _row_view(x: Tensor) -> tuple[Tensor, tuple[int, int, int]] | None:
-    """``x [B, H, K, ...]`` as a 2-D view ``[N, inner]`` of its memory (``inner`` = the size of its trailing
-    dimension, or 1 without one) and the strides of its batch, head and position dimensions in rows of that
-    view; None if ``x``'s strides do not allow such a view.
-
-    One ``index_select`` (or ``index_copy_``) over this view reads (or writes) the entries of any batch row
-    in any memory layout (contiguous ``[B, H, K, D]``, the transposed view of ``[B, K, H, D]`` that a model's
-    projections give, a slice of a fused projection) without copying ``x`` first, which ``index_select`` on a
-    non-contiguous tensor does, and about 5x faster than advanced indexing over batch rows on CPU."""
-    inner = x.shape[3] if x.ndim == 4 else 1
-    if x.ndim == 4 and inner > 1 and x.stride(3) != 1:
-        return None
-    strides = [s if n > 1 else 0 for n, s in zip(x.shape[:3], x.stride()[:3])]
-    if any(s % inner for s in strides):
-        return None
-    count = 1 + sum((n - 1) * s for n, s in zip(x.shape[:3], strides)) // inner
-    return x.as_strided((count, inner), (inner, 1)), (
-        strides[0] // inner,
-        strides[1] // inner,
-        strides[2] // inner,
-    )
-
-
-def _row_index(strides: tuple[int, int, int], heads: int, first_head: Tensor) -> Tensor:
-    """Rows of a :func:`_row_view` holding some entries in every head, ``[heads * n]`` head-major, from
-    ``first_head`` ``[n]``: the entries' rows in head 0 (``row * strides[0] + position * strides[2]``)."""
-    head_rows = torch.arange(heads, device=first_head.device) * strides[1]
-    return (head_rows.unsqueeze(1) + first_head.unsqueeze(0)).view(-1)
-
-
-Where = tuple[Tensor, Tensor]
-"""A :func:`_row_view` and the rows of it that hold some entries (:func:`_row_index`)."""
-
-
-def _select(x: Tensor, where: Where) -> Tensor:
-    """The entries of ``x [B, H, K, ...]`` at ``where`` -> ``[H, n, ...]`` (contiguous): one ``index_select``."""
-    flat, index = where
-    return flat.index_select(0, index).view(x.shape[1], -1, *x.shape[3:])
-
-
-def _scatter(x: Tensor, where: Where, values: Tensor, add: bool) -> None:
-    """Write (or with ``add``, add) ``values [H, n, ...]`` into ``x`` at ``where`` (distinct entries)."""
-    flat, index = where
-    (flat.index_add_ if add else flat.index_copy_)(0, index, values.to(x.dtype).reshape(index.numel(), -1))
-
-
-def _take(x: Tensor, rows: Tensor, positions: Tensor) -> Tensor:
-    """``x [B, H, K, ...]`` at the entries ``(rows, positions)`` -> ``[H, n, ...]`` (contiguous): one
-    ``index_select`` over a 2-D view of ``x``'s memory (:func:`_row_view`), or advanced indexing where
-    ``x`` has none."""
-    view = _row_view(x)
-    if view is None:
-        return x[rows, :, positions].transpose(0, 1).contiguous()
-    flat, strides = view
-    return _select(x, (flat, _row_index(strides, x.shape[1], rows * strides[0] + positions * strides[2])))
-
-
-def _put(x: Tensor, rows: Tensor, positions: Tensor, values: Tensor, add: bool) -> None:
-    """Write (or with ``add``, add) ``values [H, n, ...]`` into ``x [B, H, K, ...]`` at the entries
-    ``(rows, positions)``, which are distinct (as :func:`_take`)."""
-    view = _row_view(x)
-    if view is None:
-        heads = torch.arange(x.shape[1], device=x.device)
-        index = (rows.unsqueeze(1), heads.unsqueeze(0), positions.unsqueeze(1))
-        x.index_put_(index, values.transpose(0, 1).to(x.dtype), accumulate=add)
-        return
-    flat, strides = view
-    where = (flat, _row_index(strides, x.shape[1], rows * strides[0] + positions * strides[2]))
-    _scatter(x, where, values, add)
-
-
-@dataclass(frozen=True)
-class _Reversed:
-    """Index tensors of a :class:`Squares` batch: its squares one after another, each reversed and padded.
-
-    Entries are ``(row, position)`` pairs, ``count * size`` of them; gathered from ``x [B, H, K, ...]`` they
-    form ``[count, H, size, ...]``, the kernel's batch of squares. Of each square's entries, the first
-    ``end - 1 - start`` are real, the rest padding."""
-
-    rows: Tensor  # [count * size] batch rows
-    queries: Tensor  # [count * size] query positions (absolute)
-    keys: Tensor  # [count * size] key positions
-    padding: Tensor  # [count * size] True where an entry only pads a square
-    real: Tensor  # indices of the other entries
-    count: int
-    size: int
-    _index: dict = field(default_factory=dict, compare=False, repr=False)
-
-    def where(self, x: Tensor, entries: str, q_offset: int) -> Where | None:
-        """The :func:`_row_view` of ``x [B, H, K, ...]`` and the rows of it holding ``entries`` (see
-        :meth:`entry`), or None where ``x`` has no such view. The entries' rows in head 0 are kept per
-        memory layout (every layer and step reuses them; one offset per entry, not per head and entry)."""
-        view = _row_view(x)
-        if view is None:
-            return None
-        flat, strides = view
-        key = (entries, q_offset, strides)
-        if key not in self._index:
-            rows, positions = self.entry(entries, q_offset)
-            self._index[key] = rows * strides[0] + positions * strides[2]
-        return flat, _row_index(strides, x.shape[1], self._index[key])
-
-    def entry(self, entries: str, q_offset: int) -> tuple[Tensor, Tensor]:
-        """``(rows, positions)`` of ``entries``: ``"queries"`` or ``"keys"`` (every entry, padding included),
-        ``"real queries"`` or ``"real keys"`` (the real ones), or ``"squares"`` (the real entries of the
-        kernel's ``[count, H, size, ...]``). Query ``i`` is at position ``i - q_offset``."""
-        if entries == "squares":
-            return self.real // self.size, self.real % self.size
-        real, kind = entries.startswith("real "), entries.removeprefix("real ")
-        positions = self.queries - q_offset if kind == "queries" else self.keys
-        return (self.rows[self.real], positions[self.real]) if real else (self.rows, positions)
-
-    def take(self, x: Tensor, entries: str, q_offset: int = 0) -> Tensor:
-        """``x`` at ``entries`` (see :meth:`entry`) -> ``[H, n, ...]``."""
-        where = self.where(x, entries, q_offset)
-        return _take(x, *self.entry(entries, q_offset)) if where is None else _select(x, where)
-
-    def put(self, x: Tensor, entries: str, q_offset: int, values: Tensor, add: bool) -> None:
-        """Write (or add) ``values [H, n, ...]`` into ``x`` at ``entries`` (see :meth:`entry`)."""
-        where = self.where(x, entries, q_offset)
-        if where is None:
-            _put(x, *self.entry(entries, q_offset), values, add)
-        else:
-            _scatter(x, where, values, add)
-
-    def gather(self, x: Tensor, entries: str, q_offset: int, fill: float | None = None) -> Tensor:
-        """``x [B, H, K, ...]`` at ``entries`` (``"queries"`` or ``"keys"``) -> ``[count, H, size, ...]``, the
-        kernel's batch of squares; ``fill`` at the padding."""
-        x = self.take(x, entries, q_offset)  # [H, count * size, ...]
-        if fill is not None:
-            x = x.masked_fill(self.padding.view(-1, *([1] * (x.ndim - 2))), fill)
-        return x.view(x.shape[0], self.count, -1, *x.shape[2:]).transpose(0, 1)
-
-
-@functools.lru_cache(maxsize=256)
-def _reversed(squares: Squares, device: torch.device) -> _Reversed:
-    """The index tensors of ``squares`` on ``device``, built once per batch (every layer and step reuses them)."""
-    rows: list[int] = []
-    queries: list[int] = []
-    keys: list[int] = []
-    padding: list[bool] = []
-    for row, start, end in squares.segments:
-        n = end - 1 - start
-        rows += [row] * squares.size
-        queries += list(range(end - 2, start - 1, -1)) + [start] * (squares.size - n)
-        keys += list(range(end - 1, start, -1)) + [start + 1] * (squares.size - n)
-        padding += [False] * n + [True] * (squares.size - n)
-    pad = torch.tensor(padding)
-    return _Reversed(
-        *(torch.tensor(t, device=device) for t in (rows, queries, keys)),
-        pad.to(device),
-        torch.nonzero(~pad).flatten().to(device),
-        len(squares.segments),
-        squares.size,
-    )
+# ------------------------------------------------------------------- the runner: a plan's calls on a kernel
 
 
 def _merge(out: Tensor, lse: Tensor, part_out: Tensor, part_lse: Tensor) -> None:
@@ -277,7 +118,7 @@ def _block_forward(kernel: Kernel, block: Block, rows: _Rows) -> None:
 
 def _squares_forward(kernel: Kernel, squares: Squares, rows: _Rows) -> None:
     """Run one batch of reversed squares and merge it into ``rows.out`` and ``rows.lse`` at its queries."""
-    index, offset = _reversed(squares, rows.q.device), rows.q_offset
+    index, offset = reversed_squares.indices(squares.size, squares.segments, rows.q.device), rows.q_offset
     part_out, part_lse = kernel.forward(
         index.gather(rows.q, "queries", offset),
         index.gather(rows.k, "keys", offset),
@@ -380,7 +221,7 @@ def _squares_backward(
     kernel: Kernel, squares: Squares, rows: _Rows, grad_out: Tensor, grads: tuple[Tensor, ...]
 ) -> None:
     """Add one batch of reversed squares' share of the gradients to ``grads``."""
-    index, offset = _reversed(squares, rows.q.device), rows.q_offset
+    index, offset = reversed_squares.indices(squares.size, squares.segments, rows.q.device), rows.q_offset
     # padding entries: no gradient, and a log-sum-exp that makes their probabilities 0
     dq, dk, dv = kernel.backward(
         index.gather(grad_out, "queries", offset, 0.0),
@@ -405,15 +246,8 @@ def _covering_block(calls: Calls, batch: int, kv_len: int) -> Block | None:
     if not calls.blocks:
         return None
     first, last, block = calls.blocks[0]
-    whole = (first, last, block.q_start, block.k_start, block.q_end, block.k_end) == (
-        0,
-        batch,
-        0,
-        0,
-        kv_len,
-        kv_len,
-    )
-    return block if whole else None
+    spans = (first, last, block.q_start, block.k_start, block.q_end, block.k_end)
+    return block if spans == (0, batch, 0, 0, kv_len, kv_len) else None
 
 
 def _outputs_like(query: Tensor) -> tuple[Tensor, Tensor]:
@@ -504,7 +338,22 @@ class _PlannedAttention(torch.autograd.Function):
         return *(g.to(t.dtype) for g, t in zip(grads, (query, key, value))), None, None, None, None, None
 
 
-# -------------------------------------------------------------------------------------------- public API
+def _sum_groups(x: Tensor, heads: int) -> Tensor:
+    """``[B, heads * repeats, ...]`` -> ``[B, heads, ...]``, summed over each head's group (the adjoint of
+    ``repeat_interleave(repeats, dim=1)``, which gives query head ``h`` key/value head ``h // repeats``)."""
+    if x.shape[1] == heads:
+        return x
+    return x.unflatten(1, (heads, -1)).sum(2)
+
+
+class _NoGraph:
+    """A stand-in autograd context for forward-only calls: saves nothing."""
+
+    def save_for_backward(self, *tensors: torch.Tensor) -> None:
+        pass
+
+
+# ------------------------------------------------------ the route: the plan on a kernel, or the dense mask
 
 
 @functools.cache
@@ -657,66 +506,3 @@ def layout_attention(
         # which also keeps inference tensors out of save_for_backward
         return _PlannedAttention.forward(_NoGraph(), *arguments)
     return _PlannedAttention.apply(*arguments)
-
-
-def _sum_groups(x: Tensor, heads: int) -> Tensor:
-    """``[B, heads * repeats, ...]`` -> ``[B, heads, ...]``, summed over each head's group (the adjoint of
-    ``repeat_interleave(repeats, dim=1)``, which gives query head ``h`` key/value head ``h // repeats``)."""
-    if x.shape[1] == heads:
-        return x
-    return x.unflatten(1, (heads, -1)).sum(2)
-
-
-class _NoGraph:
-    """A stand-in autograd context for forward-only calls: saves nothing."""
-
-    def save_for_backward(self, *tensors: torch.Tensor) -> None:
-        pass
-
-
-def segmask_attention_forward(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """transformers attention implementation ``"segmask"`` (signature of ``sdpa_attention_forward``).
-
-    With ``segmask_layout`` (a :class:`Layout` over all ``K`` key positions, set by ``segmask.enable``) it
-    runs :func:`mas_attention` and ignores ``attention_mask`` (a placeholder); sliding-window layers take the
-    dense route with the window applied. Without it, it is transformers' ``sdpa_attention_forward``.
-    Returns ``attn_output [B, Q, Hq, D]`` and no attention weights.
-    """
-    layout = kwargs.pop("segmask_layout", None)
-    if layout is None:
-        guard.check(kwargs, f"segment ids reached {type(module).__name__}'s attention")
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
-
-    kv_len = layout.segment_ids.shape[1]
-    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
-    layout.check_keys(key.shape[2], window)
-    if key.shape[2] > kv_len:  # a static cache's unused slots (the cache said so), later than every real one
-        key, value = key[:, :, :kv_len], value[:, :, :kv_len]
-    if window is not None:
-        output = dense_attention(query, key, value, layout, scaling, dropout, window)
-    else:
-        output = layout_attention(query, key, value, layout, scaling, dropout)
-    return output.transpose(1, 2).contiguous(), None
-
-
-def register() -> None:
-    """Register ``"segmask"`` with transformers: the attention function and, for calls without a layout
-    (plain causal forward, decoding without segment ids), transformers' own ``sdpa_mask``."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(IMPLEMENTATION, segmask_attention_forward)
-    AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)

@@ -37,8 +37,8 @@ from jinja2 import TemplateError, TemplateSyntaxError
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-from segmask import compat, fast_attention
-from segmask.attention import enable
+from segmask import compat
+from segmask.attention import enable, register
 from segmask.masks import MaskPolicy, check_policy
 from segmask.templates import DEFAULT_TEMPLATE, TEMPLATES, check_template
 
@@ -326,7 +326,7 @@ def load_model(
     run = read_run_info(path) if path.is_dir() else None
     policy = resolve_policy(run.policy if run else None, policy)
     if attn_implementation == "segmask":
-        fast_attention.register()  # the exact fast kernel, as a transformers attention implementation
+        register()  # the exact fast kernel, as a transformers attention implementation
     options = {"dtype": dtype, "attn_implementation": attn_implementation}
     if run is not None and run.adapter:
         model = _load_adapter(path, _base_path(path, run.base_model), options)

@@ -47,8 +47,9 @@ from torch.nn.attention.flex_attention import flex_attention
 from torch.profiler import ProfilerActivity, profile
 
 from segmask import kernels, masks
-from segmask.attention_plan import BAND, PIECE, Layout
+from segmask.attention_plan import Layout
 from segmask.fast_attention import layout_attention, mas_attention
+from segmask.row_plan import BAND, PIECE
 
 IMPLS = ("causal-sdpa", "mas-dense", "mas-fast", "mas-flex")
 LAYOUTS = ("prompt", "chat", "fewshot")

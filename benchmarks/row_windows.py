@@ -1,5 +1,5 @@
 """Two designs measured before the fast path took band tiles: masked row windows (not used), and the
-diagonal-band prototype that the fast path's band tiles (:class:`segmask.attention_plan.Band`) grew from.
+diagonal-band prototype that the fast path's band tiles (:class:`segmask.row_plan.Band`) grew from.
 The fast path's tiles differ: a band as wide as its tile (a segment crossing the tile's end gets a small
 full block), tiles grouped so that the keys before a group are one long call, the mask picked row by row
 from a table anew for each call. The "fast path" column is ``mas_attention`` as it now is.

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_attention_plan import layouts
 
-from segmask import attention_plan, fast_attention, kernels, masks, reversed_squares
+from segmask import fast_attention, kernels, masks, reversed_squares, row_plan
 from segmask.attention_plan import Layout, plan_layout
 from segmask.fast_attention import mas_attention
 
@@ -204,18 +204,18 @@ def test_causal_token_never_sees_a_later_token():
     piece=st.sampled_from([1, 3, 256]),
     band=st.sampled_from([1, 2, 4, 256]),
     kernel=st.sampled_from(["cpu-flash", "reference", SQUARES]),
-    long_call=st.sampled_from([attention_plan.LONG_CALL, 6]),
+    long_call=st.sampled_from([row_plan.LONG_CALL, 6]),
 )
 def test_random_layouts_match_dense(layout, piece, band, kernel, long_call):
     """``long_call`` 6: blocks longer than a quarter of the keys from 16 keys on (as from 2,048 at the real
     size), so that tile groups and band calls part ways."""
-    saved = attention_plan.LONG_CALL
-    fast_attention.PIECE, fast_attention.BAND, attention_plan.LONG_CALL = piece, band, long_call
+    saved = row_plan.LONG_CALL
+    fast_attention.PIECE, fast_attention.BAND, row_plan.LONG_CALL = piece, band, long_call
     try:
         segment_ids, attention_mask, document_ids, q_len = layout
         assert_matches_dense(segment_ids, attention_mask, document_ids, q_len, kernel)
     finally:
-        fast_attention.PIECE, fast_attention.BAND, attention_plan.LONG_CALL = 3, 2, saved
+        fast_attention.PIECE, fast_attention.BAND, row_plan.LONG_CALL = 3, 2, saved
 
 
 def test_one_causal_call_when_the_batch_shares_a_causal_stretch(monkeypatch):

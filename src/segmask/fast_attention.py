@@ -23,7 +23,7 @@ That drawing is the plan for a kernel without a mask. With one (torch's CPU flas
 additive mask, as does the reference kernel) a stretch of short segments is cut into tiles of
 :data:`BAND` queries instead: one masked call for the diagonal tiles of many (strided views of q, k and
 v, no gathers), full blocks for the keys before them, and no reversed squares
-(:mod:`segmask.attention_plan` draws it).
+(:mod:`segmask.row_plan` draws it).
 
 A query covered by several calls (P and C, C and U, a tile and its blocks) gets their softmaxes merged
 through their log-sum-exps, which public ``scaled_dot_product_attention`` does not return; each call
@@ -57,8 +57,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from segmask import kernels, reversed_squares
-from segmask.attention_plan import BAND, PIECE, Band, Block, Calls, Layout, Squares, quarter_rows, split_range
+from segmask.attention_plan import Calls, Layout, Squares
 from segmask.kernels import Kernel
+from segmask.row_plan import BAND, PIECE, Band, Block, quarter_rows, split_range
 
 logger = logging.getLogger(__name__)
 

@@ -52,7 +52,7 @@ class Kernel:
     device: str | None
     """The device type it runs on; None: any."""
     masked: bool = False
-    """Whether it takes an additive ``mask`` (the plan's :class:`segmask.attention_plan.Band` tiles need one;
+    """Whether it takes an additive ``mask`` (the plan's :class:`segmask.row_plan.Band` tiles need one;
     without it the plan uses reversed squares instead)."""
     grouped: bool = False
     """Whether it takes grouped-query attention as is: k and v with fewer heads than q (a divisor of them;

@@ -54,13 +54,11 @@ def imported(tree: ast.Module) -> list[str]:
     return targets
 
 
-# kept for one release: each re-exports a module that moved (see docs/architecture.md)
-SHIMS = {"prefix_cache", "reading_task"}
 
 
 def test_every_module_is_in_the_layer_table():
     table = layers()
-    missing = [name for name in modules() if name not in SHIMS and layer_of(name, table) is None]
+    missing = [name for name in modules() if layer_of(name, table) is None]
     assert not missing, f"docs/architecture.md gives no layer for {missing}"
 
 
@@ -68,8 +66,6 @@ def test_no_module_imports_from_a_later_layer():
     table = layers()
     upward = []
     for name, tree in modules().items():
-        if name in SHIMS:
-            continue
         own = layer_of(name, table)
         for target in imported(tree):
             if target.split(".")[0] == "cli" and name.startswith("cli"):

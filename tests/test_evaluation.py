@@ -12,7 +12,7 @@ import pytest
 
 from segmask.cli import main
 from segmask.eval_overflow import context_length, fit_prompt
-from segmask.evaluation import EvalConfig, evaluate, evaluate_tasks, mas_prefill
+from segmask.evaluation import EvalConfig, evaluate
 from segmask.generation import generate
 from segmask.loading import load_model
 from segmask.results import Journal, wilson_interval
@@ -274,41 +274,6 @@ def test_loglik_resume_ignores_decoding_settings(stories, commonsense_dir, tmp_p
         model, tokenizer, commonsense_dir, "boolq", scoring="loglik", limit=2, out=out, batch_size=4
     )
     assert results["tasks"]["boolq"]["n"] == 2
-
-
-def test_evaluate_tasks_is_a_deprecated_evaluate(stories, commonsense_dir):
-    model, tokenizer = stories
-    with pytest.warns(DeprecationWarning, match="use segmask.evaluate"):
-        old = evaluate_tasks(
-            model, tokenizer, commonsense_dir, "boolq", "mas", "loglik", 2, model_name="m", progress=False
-        )
-    new = evaluate(
-        model,
-        tokenizer,
-        EvalConfig(commonsense_dir, ("boolq",), "mas", "loglik", 2),
-        model_name="m",
-        progress=False,
-    )
-    assert old == new
-
-
-def test_mas_prefill_is_a_deprecated_prefill(stories):
-    model, _ = stories
-    with pytest.warns(DeprecationWarning, match="use segmask.generation.prefill"):
-        last, cache = mas_prefill(model, [1, 2, 3], [0, 0, -1])
-    assert last.shape == (1, model.config.vocab_size) and cache.get_seq_length() == 3
-
-
-def test_the_scoring_names_resolve_through_evaluation_with_a_warning():
-    import segmask.evaluation as evaluation
-    import segmask.scoring as scoring
-
-    moved = ("ContinuationScore", "continuation_logprobs", "rank_candidates", "chat_candidates")
-    for name in (*moved, "loglik_predictions", "generate_predictions"):
-        with pytest.warns(
-            DeprecationWarning, match=rf"^segmask\.evaluation\.{name} moved to segmask\.scoring\.{name}$"
-        ):
-            assert getattr(evaluation, name) is getattr(scoring, name)
 
 
 # -------------------------------------------------------------------------------------- context overflow

@@ -8,7 +8,6 @@ import json
 import pytest
 from scipy.stats import binomtest
 
-from segmask import evaluation
 from segmask.results import (
     Journal,
     Prediction,
@@ -73,13 +72,6 @@ def test_run_results_and_files(tmp_path):
     assert json.loads(out.read_text())["predictions"] == "r.predictions.jsonl"
     rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
     assert [row["correct"] for row in rows] == [True, False] and rows[1]["scores"] == {"x": -2.0, "y": -1.0}
-
-
-def test_old_import_path_warns():
-    with pytest.warns(DeprecationWarning, match="segmask.evaluation.Prediction moved to segmask.results"):
-        assert evaluation.Prediction is Prediction
-    with pytest.raises(AttributeError):
-        evaluation.no_such_name  # noqa: B018
 
 
 def test_check_out_refuses_what_cannot_be_written_and_leaves_nothing(tmp_path):

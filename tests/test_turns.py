@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from segmask import segments, turns
+from segmask import segments
 from segmask.turns import CONTENT, END, HEADER, chat_layout, token_layout
 
 TEMPLATES = Path(__file__).parent / "fixtures" / "chat_templates"
@@ -34,11 +34,6 @@ def test_token_layout_gives_each_token_its_last_characters_turn(stories_tokenize
     assert ids == stories_tokenizer(text, add_special_tokens=False)["input_ids"]
     assert len(token_turns) == len(token_kinds) == len(ids)
     assert token_turns == sorted(token_turns) and set(token_turns) == {0, 1}
-
-
-def test_old_import_path_warns():
-    with pytest.warns(DeprecationWarning, match="segmask.segments.chat_layout moved to segmask.turns"):
-        assert segments.chat_layout is turns.chat_layout
 
 
 CHAT = [

@@ -39,7 +39,6 @@ _EXPORTS = {
     "train": "training",
     "EvalConfig": "evaluation",
     "evaluate": "evaluation",
-    "evaluate_tasks": "evaluation",  # deprecated: evaluate(model, tokenizer, EvalConfig(...))
     "compare_runs": "compare",
     "leak_check": "leaks",
     "serve": "serving",

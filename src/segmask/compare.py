@@ -71,7 +71,7 @@ def load_run(path: str | Path) -> Run:
         missing = [key for key in ("accuracy", "ci_low", "ci_high", "n") if key not in score]
         if missing:
             raise ValueError(f"{path}: task {task!r} lacks {missing}")
-    # evaluate_tasks records the predictions file's name; older files follow its naming rule
+    # evaluate records the predictions file's name; older files follow its naming rule
     jsonl = path.parent / (results.get("predictions") or f"{path.stem}.predictions.jsonl")
     return Run(path.stem, path, results, _read_records(jsonl) if jsonl.is_file() else None)
 

@@ -16,20 +16,16 @@ tests of :mod:`segmask.compare`), and journals each prediction as it is made so 
 
 from __future__ import annotations
 
-import importlib
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Literal, get_args
 
-import torch
 from torch import nn
 
 from segmask import results, scoring
 from segmask.attention import enable
 from segmask.eval_overflow import OVERFLOWS, Overflow, context_length, overflow_counts, resumable
-from segmask.generation import prefill
 from segmask.masks import check_policy
 from segmask.segments import CAUSAL_SINK_HELP_RUN, sink_on
 from segmask.tasks import commonsense
@@ -211,35 +207,6 @@ def _journal(config: EvalConfig, model_name: str, loaded: Sequence[commonsense.T
     return results.Journal(results.journal_path(config.out), header, config.resume)
 
 
-def evaluate_tasks(
-    model: nn.Module,
-    tokenizer,
-    data_dir: str | Path,
-    tasks: str | Sequence[str],
-    policy: str = "mas",
-    scoring: str = "generate",
-    limit: int | None = None,
-    out: str | Path | None = None,
-    *,
-    num_beams: int = 4,
-    max_new_tokens: int = 32,
-    batch_size: int = 8,
-    model_name: str | None = None,
-    progress: bool = True,
-    resume: bool = True,
-) -> dict:
-    """Deprecated: ``evaluate(model, tokenizer, EvalConfig(data_dir, tasks, ...))``, the same run."""
-    warnings.warn(
-        "segmask.evaluate_tasks is deprecated; use segmask.evaluate(model, tokenizer, EvalConfig(...))",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    config = EvalConfig(
-        data_dir, tasks, policy, scoring, limit, out, num_beams, max_new_tokens, batch_size, resume
-    )
-    return evaluate(model, tokenizer, config, model_name=model_name, progress=progress)
-
-
 def _predict_tasks(
     model: nn.Module,
     tokenizer,
@@ -279,46 +246,3 @@ def _predict_tasks(
                 config.extract,
             )
     return predictions
-
-
-def mas_prefill(
-    model: nn.Module, input_ids: Sequence[int], segment_ids: Sequence[int]
-) -> tuple[torch.Tensor, Any]:
-    """Deprecated: :func:`segmask.generation.prefill` with ``logits_to_keep=1``. Next-token logits ``[1, V]``
-    of one prompt under its segments, and the KV cache."""
-    warnings.warn(
-        "segmask.evaluation.mas_prefill is deprecated; use segmask.generation.prefill(..., logits_to_keep=1)",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    ids, segments = (torch.tensor([list(values)], dtype=torch.long) for values in (input_ids, segment_ids))
-    logits, cache = prefill(model, ids, segments, logits_to_keep=1)
-    return logits[:, -1], cache
-
-
-# names that moved to segmask.tasks.commonsense, segmask.results and segmask.scoring: the old import path
-# works, with a warning, for one release
-_MOVED = dict.fromkeys(
-    ("TASK_LABELS", "SUITE", "ANSWER_PREFIX", "Task", "task_path", "available_tasks", "parse_tasks", "load_task",
-     "check_record", "record_candidates", "extract_answer", "answer_continuation"),
-    "tasks.commonsense",
-) | dict.fromkeys(
-    ("Z_95", "wilson_interval", "Prediction", "TaskScore", "score_predictions", "average_accuracy",
-     "journal_path", "Journal", "predictions_path", "write_results", "git_commit"),
-    "results",
-) | dict.fromkeys(
-    ("ContinuationScore", "continuation_logprobs", "rank_candidates", "chat_candidates", "loglik_predictions",
-     "generate_predictions"),
-    "scoring",
-)  # fmt: skip
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED:
-        warnings.warn(
-            f"segmask.evaluation.{name} moved to segmask.{_MOVED[name]}.{name}",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(importlib.import_module(f"segmask.{_MOVED[name]}"), name)
-    raise AttributeError(f"module 'segmask.evaluation' has no attribute {name!r}")

@@ -55,7 +55,6 @@ Length limits: :func:`apply_cutoff` (one record) and :func:`apply_cutoff_all` (a
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
@@ -68,16 +67,6 @@ from segmask.templates import (  # noqa: F401  (PAPER_SYSTEM*: their import path
     PAPER_SYSTEM_WITH_INPUT,
 )
 from segmask.turns import CONTENT, END, HEADER
-
-_MOVED = ("chat_layout", "token_layout", "MARKER")  # to segmask.turns; old path kept for one release
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        warnings.warn(f"segmask.segments.{name} moved to segmask.turns", DeprecationWarning, stacklevel=2)
-        return getattr(turns, name)
-    raise AttributeError(f"module 'segmask.segments' has no attribute {name!r}")
-
 
 IGNORE_INDEX = -100
 ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")

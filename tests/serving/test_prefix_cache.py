@@ -4,9 +4,6 @@ old import path."""
 
 from __future__ import annotations
 
-import importlib
-import sys
-
 import pytest
 import torch
 
@@ -210,10 +207,3 @@ def test_stacking_a_row_with_nothing_cached(model):
         assert torch.equal(keys[1:], ref_keys) and torch.equal(values[1:], ref_values)
         assert not keys[0].any() and not values[0].any()
     assert stack_left_padded([empty, empty], model.config).get_seq_length() == 0
-
-
-def test_the_old_import_path_warns_and_gives_the_same_names(monkeypatch):
-    monkeypatch.delitem(sys.modules, "segmask.prefix_cache", raising=False)
-    with pytest.warns(DeprecationWarning, match="segmask.prefix_cache moved to segmask.serving.prefix_cache"):
-        old = importlib.import_module("segmask.prefix_cache")
-    assert old.PrefixCache is PrefixCache and old.stack_left_padded is stack_left_padded

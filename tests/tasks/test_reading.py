@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import random
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -220,10 +218,3 @@ def test_chat_export_puts_story_and_question_in_two_segments(stories_path):
     assert (mas.segment_ids[0], prefix.segment_ids[0]) == (-1, 0)
     assert [s for s in prefix.segment_ids[1:] if s >= 0] == [0] * sum(s >= 0 for s in mas.segment_ids)
     assert story.answer in tokenizer.decode([t for t in mas.labels if t != -100])
-
-
-def test_old_module_path_warns(monkeypatch):
-    monkeypatch.delitem(sys.modules, "segmask.reading_task", raising=False)
-    with pytest.warns(DeprecationWarning, match="segmask.reading_task moved to segmask.tasks.reading"):
-        old = importlib.import_module("segmask.reading_task")
-    assert old.to_record is to_record

@@ -9,7 +9,8 @@ backward, ``/pairs`` the ratio to causal over the allowed pairs' ratio.
 The whole 1B-shape model (bf16 weights, random): "prefill" (no-grad forward filling the KV cache, last
 position's logits) and "lora-step" (forward, backward and an AdamW step of a rank-8 LoRA on q, k, v, o) of
 ``benchmarks/model.py``, variants causal (sdpa without segment ids), mas-fast ("segmask" with the fast
-kernel the default), mas-dense ("sdpa" with segment ids), mas-flex ("flex_attention" with segment ids).
+kernel the default), mas-dense ("sdpa" with segment ids), and with ``--model-variants``, mas-flex
+("flex_attention" with segment ids; transformers compiles it anew per length and for training).
 Times are medians of device-synchronised wall clock; peak memory is ``torch.cuda.max_memory_allocated``
 over one more step (on CPU: profiler memory events). The goals (issue 36): attention within 1.10 of
 causal per allowed pair, the model within 1.10 of causal.
@@ -79,15 +80,15 @@ def attention_speed(run: Run, layouts: list[str]) -> None:
         run.note(f"goal (mas-fast within {GOAL:.2f} of causal per allowed pair): {met} of {len(fast)} cells")
 
 
-def model_speed(run: Run, layouts: list[str], tasks: list[str]) -> None:
+def model_speed(run: Run, layouts: list[str], tasks: list[str], names: list[str]) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     import segmask
-    from segmask import fast_attention
+    from segmask import attention
 
     dtype = torch.float32 if run.dry else torch.bfloat16
-    fast_attention.register()
+    attention.register()
     torch.manual_seed(0)
     with torch.device(run.device):
         model = AutoModelForCausalLM.from_config(
@@ -98,8 +99,8 @@ def model_speed(run: Run, layouts: list[str], tasks: list[str]) -> None:
         model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     )
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    variants = dict(VARIANTS)
-    if not run.cuda:
+    variants = {name: VARIANTS[name] for name in ("causal", *names) if name in VARIANTS}
+    if not run.cuda and "mas-flex" in variants:
         run.skip("model mas-flex", "compiling FlexAttention inside the model is left to the device run")
         del variants["mas-flex"]
     run.note(
@@ -107,13 +108,13 @@ def model_speed(run: Run, layouts: list[str], tasks: list[str]) -> None:
         f"{', '.join(variants)}, median of {run.repeats} interleaved rounds after one warm-up round"
     )
     with default_kernel(fast_kernel(run.device, dtype), run.device):
-        for task in tasks:
-            model.train(task == "lora-step")
+        for seq_len in run.model_lengths:  # lengths outermost: a budget cut drops a length, not a task
             for layout in layouts:
-                for seq_len in run.model_lengths:
+                for task in tasks:
                     cell = f"model {task} {layout} L={seq_len}"
                     if not run.has_time(cell, 10):
                         continue
+                    model.train(task == "lora-step")
                     measure_cell(run, model, optimizer, variants, task, layout, seq_len)
                     run.free()
     rows = run.records.get("model", [])

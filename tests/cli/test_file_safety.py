@@ -46,13 +46,13 @@ def test_compare_refuses_to_write_its_table_over_an_input(tmp_path, capsys):
     assert snapshot(tmp_path) == before
 
 
-def test_viz_refuses_to_draw_over_its_messages(stories_path, tmp_path, capsys):
+def test_viz_refuses_to_draw_over_its_messages(stories_chat, tmp_path, capsys):
     out = tmp_path / "viz"
     out.mkdir()
     messages = out / "mask.png"  # a JSON file, whatever its name: viz would write its mask drawing here
     messages.write_text(json.dumps([{"role": "user", "content": "Hi"}]))
     before = snapshot(tmp_path)
-    argv = ["viz", "--model", str(stories_path), "--messages", str(messages), "--out", str(out)]
+    argv = ["viz", "--model", str(stories_chat), "--messages", str(messages), "--out", str(out)]
     assert main(argv) == 2
     one_error_line(capsys, "viz", f"--out {messages} is also an input; refusing to overwrite it")
     assert snapshot(tmp_path) == before

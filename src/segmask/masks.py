@@ -19,12 +19,11 @@ The rule is four named primitives, index functions ``(b, h, q_idx, kv_idx) -> bo
 ``masking_utils``, combined with :func:`and_masks` and :func:`or_masks`::
 
     mask_function = and_masks(or_masks(causal_function, segment_function(s)), document_function(d),
-                              padding_function(attention_mask))
+                              padding_function(attention_mask)[, window_function(sliding_window)])
 
 :func:`mask_function` is the only place they are combined. Everything else (the dense boolean mask, the
 additive float mask for eager attention, FlexAttention's ``BlockMask``, the masks handed to transformers
-models, a sliding window intersected with :func:`window_function`) evaluates that function; nothing
-re-derives the rule.
+models) evaluates that function; nothing re-derives the rule.
 
 Why not transformers' own primitives: ``segment_function`` is exactly ``masking_utils.blockwise_overlay``
 (``create_causal_mask(block_sequence_ids=...)``, in every supported release, 5.18 to 5.24), and
@@ -134,7 +133,8 @@ def document_function(document_ids: torch.Tensor) -> MaskFunction:
 
 
 def padding_function(attention_mask: torch.Tensor) -> MaskFunction:
-    """Padding: no query sees a padded key (``attention_mask`` ``[B, K]``, 1 real, 0 padding). For ``[0, 1, 1]``::
+    """Padding: no query sees a padded key (``attention_mask`` ``[B, K]``: 1 real, 0 padding).
+    For ``[0, 1, 1]``::
 
     ⬚ ■ ■
     ⬚ ■ ■
@@ -188,9 +188,11 @@ def mask_function(
     segment_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     document_ids: torch.Tensor | None = None,
+    sliding_window: int | None = None,
 ) -> MaskFunction:
     """The MAS rule as an index function ``(b, h, q_idx, kv_idx) -> bool``: causal or same segment, within
-    the document, never a padded key (the primitives above; the module docstring draws the result).
+    the document, never a padded key (the primitives above; the module docstring draws the result), and
+    with ``sliding_window`` within that window.
 
     ``q_idx`` and ``kv_idx`` are absolute positions in ``[0, K)``. The function only indexes and compares
     tensors, so it works element-wise, with broadcast index tensors, under ``torch.vmap``, inside
@@ -202,6 +204,8 @@ def mask_function(
         rule = and_masks(rule, document_function(document_ids))
     if attention_mask is not None:
         rule = and_masks(rule, padding_function(attention_mask))
+    if sliding_window is not None:
+        rule = and_masks(rule, window_function(sliding_window))
     return rule
 
 
@@ -249,9 +253,7 @@ def dense(
     q_len = full_len if q_len is None else q_len
     if not 0 < q_len <= full_len:
         raise ValueError(f"q_len must be in [1, {full_len}], got {q_len}")
-    function = mask_function(segment_ids, attention_mask, document_ids)
-    if sliding_window is not None:
-        function = and_masks(function, window_function(sliding_window))
+    function = mask_function(segment_ids, attention_mask, document_ids, sliding_window)
     mask = evaluate(function, batch_size, q_len, full_len, segment_ids.device)
     kv_len = full_len - kv_offset if kv_len is None else kv_len
     mask = mask[..., kv_offset : kv_offset + kv_len]
@@ -330,9 +332,7 @@ def block_mask(
     validate_layout(segment_ids, attention_mask, document_ids)
     batch_size, kv_len = segment_ids.shape
     q_len = kv_len if q_len is None else q_len
-    fn = mask_function(segment_ids, attention_mask, document_ids)
-    if sliding_window is not None:
-        fn = and_masks(fn, window_function(sliding_window))
+    fn = mask_function(segment_ids, attention_mask, document_ids, sliding_window)
     return create_block_mask(
         offset_queries(fn, kv_len - q_len),
         B=batch_size,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 
@@ -34,3 +35,13 @@ def test_a_line_that_is_not_a_metrics_row_is_named(tmp_path):
             with pytest.raises(ValueError, match=rf"metrics\.jsonl:{line}: not a segmask metrics row"):
                 read(path)
         assert path.read_bytes() == before
+
+
+def test_a_run_that_logged_no_loss_plots_without_a_warning(tmp_path):
+    """max_steps below logging_steps: metrics.jsonl holds no loss; matplotlib warned of an empty legend."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plot_loss_curve(path, tmp_path / "loss_curve.png")
+    assert (tmp_path / "loss_curve.png").stat().st_size > 0

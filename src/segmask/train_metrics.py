@@ -135,7 +135,12 @@ def plot_loss_curve(metrics_path: Path, png_path: Path) -> None:
             ax.plot(*zip(*points), marker="." if len(points) < 50 else None, label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:  # a run shorter than logging_steps logs no loss
+        ax.legend()
+    else:
+        ax.text(
+            0.5, 0.5, "no loss logged (fewer steps than logging_steps)", ha="center", transform=ax.transAxes
+        )
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)

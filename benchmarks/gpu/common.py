@@ -80,6 +80,9 @@ class Run:
     deadline: float
     """``time.monotonic()`` after which no new case or cell starts."""
     repeats: int
+    """Timed rounds per cell of attention alone."""
+    model_repeats: int
+    """Timed rounds per cell of the whole model."""
     attention_lengths: list[int]
     model_lengths: list[int]
     step: str = ""

@@ -203,7 +203,8 @@ def cuda_flash_refuses_float32(run: Run) -> None:
     """cuda-flash takes fp16 / bf16 only: float32 inputs are refused with a ValueError, not run wrongly."""
     q = torch.randn(1, 2, 8, 64, device=run.device)
     try:
-        fast_attention.mas_attention(q, q, q, torch.zeros(1, 8, dtype=torch.long), kernel="cuda-flash")
+        segment_ids = torch.zeros(1, 8, dtype=torch.long, device=run.device)
+        fast_attention.mas_attention(q, q, q, segment_ids, kernel="cuda-flash")
     except ValueError as error:
         run.check("attention cuda-flash float32", True, f"refused: {error}")
     else:

@@ -177,7 +177,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--layouts", type=int, default=None, help="random layouts per dtype (device 8, dry 4)"
     )
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per cell (device 10, dry 2)")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed rounds, attention (device 10, dry 2)"
+    )
+    parser.add_argument(
+        "--model-repeats", type=int, default=None, help="timed rounds, model (device 5, dry 2)"
+    )
     parser.add_argument("--attention-lengths", type=int, nargs="+", default=None)
     parser.add_argument("--model-lengths", type=int, nargs="+", default=None)
     parser.add_argument("--speed-layouts", nargs="+", default=["prompt", "chat", "fewshot"])
@@ -200,6 +205,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         flex_dtypes=["float32"] if dry else ["bfloat16", "float32"],
         layouts=4 if dry else 8,
         repeats=2 if dry else 10,
+        model_repeats=2 if dry else 5,
         # the ends of the range first: a budget cut drops 8,192
         attention_lengths=[128] if dry else [4096, 16384, 8192],
         model_lengths=[128] if dry else [4096, 16384, 8192],
@@ -235,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         stories=args.stories,
         deadline=started + args.budget_s,
         repeats=args.repeats,
+        model_repeats=args.model_repeats,
         attention_lengths=args.attention_lengths,
         model_lengths=args.model_lengths,
     )

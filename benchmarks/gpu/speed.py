@@ -105,7 +105,7 @@ def model_speed(run: Run, layouts: list[str], tasks: list[str], names: list[str]
         del variants["mas-flex"]
     run.note(
         f"whole model: {'tiny' if run.dry else 'Llama-3.2-1B shape'}, {dtype}, batch 1, variants "
-        f"{', '.join(variants)}, median of {run.repeats} interleaved rounds after one warm-up round"
+        f"{', '.join(variants)}, median of {run.model_repeats} interleaved rounds after one warm-up round"
     )
     with default_kernel(fast_kernel(run.device, dtype), run.device):
         for seq_len in run.model_lengths:  # lengths outermost: a budget cut drops a length, not a task
@@ -150,7 +150,7 @@ def measure_cell(run: Run, model, optimizer, variants: dict, task: str, layout: 
 
     times: dict[str, list[float]] = {name: [] for name in variants}
     failed: dict[str, str] = {}
-    for repeat in range(run.repeats + 1):  # the first round warms up (and compiles flex)
+    for repeat in range(run.model_repeats + 1):  # the first round warms up (and compiles flex)
         for name, (implementation, mas) in variants.items():
             if name in failed:
                 continue

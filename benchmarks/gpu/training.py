@@ -170,6 +170,18 @@ ROUTES = {
     "dense": ("eager", "bf16", "mas"),
     "flex": ("flex_attention", "bf16", "mas"),
 }
+# in order of need, so that a budget cut drops what matters least: the checked routes and their yardsticks,
+# then the mask's own effect (one trainer shows it), then flex (compiled anew in each trainer: one of them)
+ORDER = (
+    ("segmask-train", "reference"),
+    ("segmask-train", "fast"),
+    ("segmask-train", "dense"),
+    ("trl", "reference"),
+    ("trl", "fast"),
+    ("trl", "dense"),
+    ("segmask-train", "causal"),
+    ("segmask-train", "flex"),
+)
 CHECKED = ("fast", "flex")
 """Routes checked against the reference; "dense" is the yardstick, "causal" the mask's own effect."""
 
@@ -218,31 +230,30 @@ def main(run: Run) -> None:
         f"model {folder} ({'tiny' if run.dry else 'Llama-3.2-1B shape'}), 4 conversations, cutoff {cutoff}"
     )
     kernel = fast_kernel(run.device, torch.bfloat16)
-    summary: dict[str, dict[str, dict | str]] = {}
-    for trainer, train_fn, source in (("segmask-train", segmask_train, data), ("trl", trl_train, rows)):
-        results: dict[str, dict | str] = {}
-        routes = dict(ROUTES)
-        if trainer == "trl":  # one trainer shows the mask's effect; flex compiles anew in each trainer
-            del routes["causal"], routes["flex"]
-        for route, (implementation, precision, mask) in routes.items():
-            if route == "flex" and not run.cuda:
-                run.skip(f"training {trainer} flex", "FlexAttention has no backward on CPU")
-                continue
-            if not run.has_time(f"training {trainer} {route}", 10):
-                continue
-            try:
-                with default_kernel(kernel, run.device):
-                    results[route] = train_fn(run, folder, source, cutoff, implementation, precision, mask)
-                run.note(f"{trainer} {route} ({implementation}, {precision}, {mask}): {results[route]}")
-            except Exception as error:  # noqa: BLE001 - a route that raises is a finding, the others go on
-                traceback.print_exc()
-                results[route] = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
-                run.note(f"{trainer} {route} ({implementation}, {precision}, {mask}) raised {results[route]}")
-            run.free()
-        compare(run, trainer, results)
-        summary[trainer] = results
-    run.record("training", summary)
-    ours, theirs = (summary.get(t, {}).get("reference") for t in ("segmask-train", "trl"))
+    trainers = {"segmask-train": (segmask_train, data), "trl": (trl_train, rows)}
+    results: dict[str, dict[str, dict | str]] = {trainer: {} for trainer in trainers}
+    for trainer, route in ORDER:
+        implementation, precision, mask = ROUTES[route]
+        if route == "flex" and not run.cuda:
+            run.skip(f"training {trainer} flex", "FlexAttention has no backward on CPU")
+            continue
+        if not run.has_time(f"training {trainer} {route}", 10):
+            continue
+        train_fn, source = trainers[trainer]
+        try:
+            with default_kernel(kernel, run.device):
+                results[trainer][route] = train_fn(
+                    run, folder, source, cutoff, implementation, precision, mask
+                )
+        except Exception as error:  # noqa: BLE001 - a route that raises is a finding, the others go on
+            traceback.print_exc()
+            results[trainer][route] = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+        run.note(f"{trainer} {route} ({implementation}, {precision}, {mask}): {results[trainer][route]}")
+        run.free()
+    for trainer, routes in results.items():
+        compare(run, trainer, routes)
+    run.record("training", results)
+    ours, theirs = (results[t].get("reference") for t in ("segmask-train", "trl"))
     if isinstance(ours, dict) and isinstance(theirs, dict):
         gap = abs(ours["loss"] - theirs["loss"])
         run.check(

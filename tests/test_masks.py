@@ -276,14 +276,36 @@ def positions_of(document_ids: torch.Tensor) -> torch.Tensor:
 @settings(max_examples=100, deadline=None)
 @given(layouts())
 def test_masks_equal_transformers_block_sequence_masks(upstream_mask, layout):
-    """segmask's segment clause is upstream's ``blockwise_overlay``: on random layouts the dense mask (SDPA)
-    and the additive mask (eager, on every row with a key to see) equal transformers' own, with padding, and
-    with packed documents (which transformers reads from per-document positions, without padding)."""
-    segment_ids, document_ids, attention_mask = layout
+    """segmask's segment clause is upstream's ``blockwise_overlay``: on random layouts with padding the dense
+    mask (SDPA) and the additive mask (eager, on every row with a key to see) equal transformers' own."""
+    segment_ids, _, attention_mask = layout
     padded = upstream_mask("sdpa", segment_ids, attention_mask)
     assert torch.equal(padded, masks.dense_mask(segment_ids, attention_mask))
-    packed = upstream_mask("sdpa", segment_ids, position_ids=positions_of(document_ids))
-    assert torch.equal(packed, masks.dense_mask(segment_ids, None, document_ids))
     additive = upstream_mask("eager", segment_ids, attention_mask)
     seen = masks.dense_mask(segment_ids, attention_mask).any(-1)
     assert torch.equal(additive[seen], masks.attention_bias(segment_ids, attention_mask)[seen])
+
+
+@pytest.fixture(scope="module")
+def upstream_packed_mask(upstream_mask):
+    """``upstream_mask`` for packed rows, skipped where transformers ORs the block overlay after the
+    packed-sequence mask (5.18 does): there one segment id in two documents attends across them."""
+    import transformers
+
+    shared = upstream_mask("sdpa", torch.tensor([[0, 0]]), position_ids=torch.tensor([[0, 0]]))
+    if bool(shared[0, 0, 0, 1]):
+        pytest.skip(
+            f"transformers {transformers.__version__} ORs blockwise_overlay after the packed-sequence mask: a "
+            f"segment id in two packed documents attends across them (segmask keeps documents apart)"
+        )
+    return upstream_mask
+
+
+@settings(max_examples=100, deadline=None)
+@given(layouts())
+def test_packed_masks_equal_transformers_block_sequence_masks(upstream_packed_mask, layout):
+    """With packed documents (which transformers reads from per-document positions, without padding), segment
+    ids restarting in each document: the dense mask equals transformers' own."""
+    segment_ids, document_ids, _ = layout
+    packed = upstream_packed_mask("sdpa", segment_ids, position_ids=positions_of(document_ids))
+    assert torch.equal(packed, masks.dense_mask(segment_ids, None, document_ids))

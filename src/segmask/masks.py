@@ -25,14 +25,16 @@ The rule is four named primitives, index functions ``(b, h, q_idx, kv_idx) -> bo
 additive float mask for eager attention, FlexAttention's ``BlockMask``, the masks handed to transformers
 models) evaluates that function; nothing re-derives the rule.
 
-Why not transformers' own primitives: ``segment_function`` is exactly ``masking_utils.blockwise_overlay``
+Why not transformers' own construction: ``segment_function`` is exactly ``masking_utils.blockwise_overlay``
 (``create_causal_mask(block_sequence_ids=...)``, in every supported release, 5.18 to 5.24), and
-``tests/test_masks.py`` checks that the two masks agree on random layouts. Building on it would save about
-ten lines and cost more: this module stays free of transformers (whose ``masking_utils`` import takes longer
-than torch's, for every command that only needs a policy name), upstream's packed sequences come from
-``position_ids`` and only without padding or a cache where segmask takes ``document_ids`` always, and
-upstream's sliding-window mask ORs the block overlay after the window (a segment token sees its whole
-segment past the window) where segmask intersects the window last.
+``tests/test_masks.py`` checks that the two masks agree on random layouts. Adopting it would lose exactness
+on the oldest supported release: transformers 5.18 ORs the block overlay after the packed-sequence mask,
+so a segment id found in two packed documents (ids restart per document) attends across them (5.24 ANDs
+the documents last, as segmask does). Its sliding-window mask ORs the overlay after the window too (a
+segment token sees its whole segment past the window), its packed sequences come from ``position_ids``
+and only without padding or a cache (segmask takes ``document_ids`` always), and importing
+``masking_utils`` takes longer than torch for commands that only need a policy name. The primitives it
+would replace are one line each.
 
 Shapes: ``segment_ids``, ``document_ids`` and ``attention_mask`` are ``[B, K]`` over all key positions.
 Queries are the last ``Q`` of those ``K`` positions (``Q == K`` for a full forward, ``Q < K`` when a

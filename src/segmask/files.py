@@ -99,9 +99,7 @@ def exclusive_lock(path: str | Path, what: str) -> Iterator[None]:
             owner = os.read(fd, 32).decode("ascii", "replace").strip()
             os.close(fd)
             by = f" (process {owner})" if owner.isdigit() else ""
-            raise ValueError(
-                f"{what} is in use by another run{by}; wait for it to end"
-            ) from None
+            raise ValueError(f"{what} is in use by another run{by}; wait for it to end") from None
         try:  # the holder before us unlinks the file before it unlocks: lock the file at the path, or retry
             if os.path.samestat(os.fstat(fd), os.stat(path)):
                 break

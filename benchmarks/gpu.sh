@@ -14,12 +14,15 @@
 # 2. Here, before any device time: the same steps on CPU with tiny sizes (tests/benchmarks/test_gpu_script.py
 #    runs it):
 #        benchmarks/gpu.sh --dry-run
-# 3. On the device (about 8 minutes: the steps stop starting cases after 450 s; timeout_s 540 leaves the
-#    rest of the 15-minute lease for the machine's start and one partial rerun):
-#        run(command="benchmarks/gpu.sh", carry=[".whl", ".carry"], timeout_s=540)
-#    a rerun of some steps, on the same warm machine (the wheels are installed again: 10-20 s):
-#        run(command="benchmarks/gpu.sh --steps training speed-model --budget-s 180", carry=[".whl", ".carry"],
-#            timeout_s=240)
+# 3. On the device, one call of about 8 minutes (the steps start no case after 400 s, each step no case after
+#    its share of them; the wheels install in 10-20 s first):
+#        run(command="benchmarks/gpu.sh", carry=[".whl", ".carry"], timeout_s=480)
+#    With the machine's start (1-2 minutes) that leaves about 5 of the lease's 15 minutes. A machine goes back
+#    30 s after a call, and none starts with under 4 minutes left: read the reply at once, fix, and rerun only
+#    the steps that failed, on a fresh machine:
+#        run(command="benchmarks/gpu.sh --steps training --budget-s 120", carry=[".whl", ".carry"],
+#            timeout_s=170)
+#    or give the machine back (give_back) if no rerun follows.
 #
 # Everything lands under $OUT (default runs/gpu): gpu.log (this output), results.json (every check, record
 # and step timing), summary.txt. Other arguments go to benchmarks/gpu/run.py (--help there). Exit status:

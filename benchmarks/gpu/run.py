@@ -169,7 +169,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "runs/gpu"))
     parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS))
     parser.add_argument(
-        "--budget-s", type=float, default=None, help="no case starts after this (device: 450)"
+        "--budget-s", type=float, default=None, help="no case starts after this (device: 400)"
     )
     parser.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES), default=list(DTYPES))
     parser.add_argument("--flex-dtypes", nargs="+", choices=tuple(DTYPES), default=None,
@@ -201,7 +201,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     dry = args.dry_run
     defaults = dict(
-        budget_s=900 if dry else 450,  # dry: a loaded machine is slow, and nothing may be skipped
+        budget_s=900 if dry else 400,  # dry: a loaded machine is slow, and nothing may be skipped
         flex_dtypes=["float32"] if dry else ["bfloat16", "float32"],
         layouts=4 if dry else 8,
         repeats=2 if dry else 10,

@@ -161,6 +161,37 @@ FUNCTIONS = {
 }
 
 
+def speed_summary(records: dict[str, list[dict]]) -> list[str]:
+    """The speed tables in short: per cell, each MAS route's time over causal's (attention alone: and over
+    the allowed pairs' ratio, the goal being <= 1.10), and its peak memory over causal's."""
+    lines = []
+    cells: dict[tuple, dict[str, dict]] = {}
+    for r in records.get("attention", []):
+        cells.setdefault((r["layout"], r["seq_len"], r["pass"]), {})[r["impl"]] = r
+    if cells:
+        lines.append("attention alone: x causal (/pairs, peak x causal) per route")
+    for (layout, seq_len, kind), impls in cells.items():
+        causal = impls.get("causal-sdpa", {}).get("peak_mib")
+        parts = [
+            f"{name.removeprefix('mas-')} {r['ratio_to_causal']:.2f} ({r['ratio_to_causal'] / r['pair_ratio']:.2f}"
+            + (f", {r['peak_mib'] / causal:.2f})" if causal else ")")
+            for name, r in impls.items()
+            if name != "causal-sdpa" and r.get("ratio_to_causal") is not None
+        ]
+        causal_ms = impls.get("causal-sdpa", {}).get("ms")
+        lines.append(f"  {layout:7} {seq_len:>6} {kind:7} causal {causal_ms} ms: " + ", ".join(parts))
+    rows = [r for r in records.get("model", []) if r["variant"] != "causal"]
+    if rows:
+        lines.append("whole model: x causal (peak x causal) per variant")
+    for r in rows:
+        ratio, peak = r["ratio_to_causal"], r["peak_ratio_to_causal"]
+        lines.append(
+            f"  {r['task']:9} {r['layout']:7} {r['seq_len']:>6} {r['variant']:9} "
+            + (f"{ratio:.3f} ({peak:.2f})" if ratio is not None and peak is not None else str(r["ms"]))
+        )
+    return lines
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -285,13 +316,17 @@ def main(argv: list[str] | None = None) -> int:
             run.free()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    lines = [
+    lines = [f"{run.info.get('device', run.device.type)}; " + ", ".join(
+        f"{k} {v}" for k, v in run.info.get("versions", {}).items() if k in ("torch", "transformers", "trl")
+    )]  # fmt: skip
+    lines += [
         f"{name:16} {r['status']:40} {r['seconds']:7.1f} s  {r['skipped']} skipped"
         for name, r in results.items()
     ]
     lines.append(f"{'total':16} {'':40} {time.monotonic() - started:7.1f} s")
     failed = [c for c in run.checks if not c["ok"]]
     lines += [f"FAILED {c['step']}: {c['name']}: {c['detail']}" for c in failed]
+    lines += speed_summary(run.records)
     (args.out / "summary.txt").write_text("\n".join(lines) + "\n")
     print("\n".join(["== summary", *lines]), flush=True)
     return 0 if all(r["status"] == "ok" for r in results.values()) else 1

@@ -64,6 +64,8 @@ def test_dry_run_runs_every_step_and_writes_its_files(dry_run):
     variants = {(r["task"], r["variant"]) for r in results["records"]["model"] if r["ms"] is not None}
     assert {(t, v) for t in ("prefill", "lora-step") for v in ("causal", "mas-fast", "mas-dense")} <= variants
     assert (out / "gpu.log").read_text() in done.stdout
+    summary = (out / "summary.txt").read_text()  # the speed tables in short end the output
+    assert "attention alone" in summary and "whole model" in summary and summary in done.stdout
 
 
 def test_dry_run_checks_pass_on_cpu(dry_run):

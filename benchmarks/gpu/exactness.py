@@ -156,14 +156,14 @@ def attention_case(
             route_error = relative_error(
                 result[0].transpose(1, 2)[real], reference[0].transpose(1, 2)[real], UNIT
             )
-        floor = FLOOR[dtype] if not (route == "flex" and dtype == torch.float32) else 5e-4  # tf32 dots
+        # flex's float32 dots may run as tf32 (Triton's default where matmuls allow it): about 3e-4
+        floor = 1e-3 if route == "flex" and dtype == torch.float32 else FLOOR[dtype]
         detail = f"error {route_error:.2e} (dense SDPA {dense_error:.2e}, floor {floor:.0e})"
         ok = within(route_error, dense_error, floor)
         if route == "fast":
             detail += f", {counted.calls} {counted.kernel.name} calls"
-            ok = (
-                ok and planned and (counted.calls > 0 or expected == 0)
-            )  # the fast path ran, not the dense one
+            # the fast path ran (its kernel was called wherever the plan has calls), not the dense fallback
+            ok = ok and planned and (counted.calls > 0 or expected == 0)
         if not backward:
             detail += ", forward only (no flex backward on CPU)"
         run.check(f"{label} {route}", ok, detail)

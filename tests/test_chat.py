@@ -10,8 +10,9 @@ import torch
 from test_generation import CHAT, assert_caches_close, full_prefill, tiny
 from transformers import AutoTokenizer
 
-from segmask.chat import ChatSession, reusable_prefix
+from segmask.chat import ChatSession
 from segmask.generation import generate, prefill
+from segmask.masks import reusable_prefix
 from segmask.segments import encode_chat
 
 pytestmark = pytest.mark.exactness
@@ -36,21 +37,6 @@ def test_new_turn_prefilled_against_cache_equals_full_prefill(stories_model, sto
     # float32 noise is ~1e-5 on these logits; a token seeing one it should not moves them by ~1
     torch.testing.assert_close(new_logits, logits[:, cut:], atol=1e-4, rtol=1e-4)
     assert_caches_close(partial, cache, len(encoded.input_ids))
-
-
-def test_reusable_prefix_stops_at_changes_and_segments_that_span_the_cut():
-    # same tokens and segments, new tokens follow in a new segment: everything is reusable
-    assert reusable_prefix([5, 6, 7], [0, 0, -1], [5, 6, 7, 8, 9], [0, 0, -1, 1, -1]) == 3
-    # a token differs
-    assert reusable_prefix([5, 6, 7], [0, 0, -1], [5, 6, 9, 8], [0, 0, -1, 1]) == 2
-    # the segment of the cached tokens continues in the new sequence: cut back to its start
-    assert reusable_prefix([5, 6, 7, 8], [-1, 0, 0, -1], [5, 6, 7, 9], [-1, 0, 0, 0]) == 1
-    # ... or continued in the cached sequence beyond the match
-    assert reusable_prefix([5, 6, 7, 8], [-1, 0, 0, 0], [5, 6, 7, 9], [-1, 0, 0, -1]) == 1
-    # segment ids differ (policy changed)
-    assert reusable_prefix([5, 6, 7], [0, 0, -1], [5, 6, 7], [-1, -1, -1]) == 0
-    # a segment id that comes back later (prefix policy): the whole segment is recomputed
-    assert reusable_prefix([5, 6, 7], [0, 0, -1], [5, 6, 7, 8], [0, 0, 0, -1]) == 0
 
 
 def test_chat_session_reuses_cache_and_equals_full_reprefill(stories_model, stories_tokenizer):

@@ -10,7 +10,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import segmask
-from segmask.leaks import leak_check, leak_cuts
+from segmask.leaks import leak_check
 from segmask.segments import Encoded
 
 
@@ -26,16 +26,6 @@ def tiny_model(seed: int = 0) -> nn.Module:
 def example(segment_ids: list[int]) -> Encoded:
     ids = [(7 * i + 3) % 64 for i in range(len(segment_ids))]
     return Encoded(ids, segment_ids, [-100] * len(segment_ids))
-
-
-def test_leak_cuts_are_segment_boundaries_and_causal_positions():
-    assert leak_cuts([-1, 0, 0, 1, 1, -1, -1]) == [1, 3, 5, 6]  # a causal sink is a cut of its own
-    assert leak_cuts([0, 0, 0, 1, 1, -1, -1, -1]) == [3, 5, 6, 7]
-    assert leak_cuts([0, 0, 0, 0]) == []
-    assert leak_cuts([-1, -1, -1]) == [1, 2]
-    # a segment id that recurs spans everything between: its tokens see each other, so no cut inside
-    assert leak_cuts([0, 0, 1, 1, 0, 0, -1, -1]) == [6, 7]
-    assert leak_cuts([0, -1, 0, 1, -1]) == [3, 4]
 
 
 def test_leak_check_accepts_a_recurring_segment_and_restores_training_mode():

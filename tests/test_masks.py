@@ -309,3 +309,52 @@ def test_packed_masks_equal_transformers_block_sequence_masks(upstream_packed_ma
     segment_ids, document_ids, _ = layout
     packed = upstream_packed_mask("sdpa", segment_ids, position_ids=positions_of(document_ids))
     assert torch.equal(packed, masks.dense_mask(segment_ids, None, document_ids))
+
+
+# ------------------------------------------------------------------------------------------ the cut rule
+
+
+def test_cuts_are_segment_boundaries_causal_positions_and_the_end():
+    assert masks.cuts([-1, 0, 0, 1, 1, -1, -1]) == [1, 3, 5, 6, 7]  # a causal sink is a cut of its own
+    assert masks.cuts([0, 0, 0, 1, 1, -1, -1, -1]) == [3, 5, 6, 7, 8]
+    assert masks.cuts([0, 0, 0, 0]) == [4]
+    assert masks.cuts([-1, -1, -1]) == [1, 2, 3]
+    assert masks.cuts([]) == []
+    # a segment id that recurs spans everything between: its tokens see each other, so no cut inside
+    assert masks.cuts([0, 0, 1, 1, 0, 0, -1, -1]) == [6, 7, 8]
+    assert masks.cuts([0, -1, 0, 1, -1]) == [3, 4, 5]
+
+
+@pytest.mark.parametrize("layout", [[0, 0, 1, 1, -1, -1], [-1, 0, 1, 0, -1, 2, 2], [0, -1, 0, 1, -1]])
+def test_no_token_before_a_cut_sees_one_after_it(layout):
+    """The cut rule agrees with the mask rule: at a cut the dense mask has no allowed pair across it, and
+    every other position has one (so no cut is missed)."""
+    allowed = masks.dense_mask(torch.tensor([layout]))[0, 0]
+    crossing = [bool(allowed[:c, c:].any()) for c in range(1, len(layout) + 1)]
+    assert [c for c, crosses in zip(range(1, len(layout) + 1), crossing) if not crosses] == masks.cuts(layout)
+
+
+def test_the_longest_whole_prefix_within_a_limit():
+    """The server's prefix cache keeps the leading whole segments that fit: the last cut within the limit."""
+
+    def whole(segments, limit):
+        return max((c for c in masks.cuts(segments) if c <= limit), default=0)
+
+    assert [whole([0, 0, 1, 1, -1, -1], n) for n in range(7)] == [0, 0, 2, 2, 4, 5, 6]
+    assert [whole([0, 1, 0, -1], n) for n in range(5)] == [0, 0, 0, 3, 4]  # segment 0 is not contiguous
+    assert whole([-1, -1, -1], 2) == 2
+
+
+def test_reusable_prefix_stops_at_changes_and_segments_that_span_the_cut():
+    # same tokens and segments, new tokens follow in a new segment: everything is reusable
+    assert masks.reusable_prefix([5, 6, 7], [0, 0, -1], [5, 6, 7, 8, 9], [0, 0, -1, 1, -1]) == 3
+    # a token differs
+    assert masks.reusable_prefix([5, 6, 7], [0, 0, -1], [5, 6, 9, 8], [0, 0, -1, 1]) == 2
+    # the segment of the cached tokens continues in the new sequence: cut back to its start
+    assert masks.reusable_prefix([5, 6, 7, 8], [-1, 0, 0, -1], [5, 6, 7, 9], [-1, 0, 0, 0]) == 1
+    # ... or continued in the cached sequence beyond the match
+    assert masks.reusable_prefix([5, 6, 7, 8], [-1, 0, 0, 0], [5, 6, 7, 9], [-1, 0, 0, -1]) == 1
+    # segment ids differ (policy changed)
+    assert masks.reusable_prefix([5, 6, 7], [0, 0, -1], [5, 6, 7], [-1, -1, -1]) == 0
+    # a segment id that comes back later (prefix policy): the whole segment is recomputed
+    assert masks.reusable_prefix([5, 6, 7], [0, 0, -1], [5, 6, 7, 8], [0, 0, 0, -1]) == 0

@@ -6,7 +6,7 @@
 A session keeps the cache across turns: a new turn is prefilled alone, as new segments against the cache
 (:func:`segmask.generation.prefill_for_decoding`), then decoded causally. That is exact because no segment
 continues across the boundary (a token sees the cached past causally, and no cached token may see a new
-one), and :func:`reusable_prefix` reuses only caches for which this holds, re-prefilling the rest.
+one), and :func:`segmask.masks.reusable_prefix` reuses only caches for which this holds, re-prefilling the rest.
 """
 
 from __future__ import annotations
@@ -28,32 +28,10 @@ from segmask.generation import (
     prefill_for_decoding,
     streamed,
 )
-from segmask.masks import MaskPolicy, check_policy
+from segmask.masks import MaskPolicy, check_policy, reusable_prefix
 from segmask.segments import encode_chat
 
 DEFAULT_CHAT_TOKENS = 256
-
-
-def reusable_prefix(
-    cached_ids: list[int], cached_segments: list[int], ids: list[int], segments: list[int]
-) -> int:
-    """How many leading cache entries stay exact when the cached sequence is replaced by ``ids``.
-
-    Entry ``i`` is exact if tokens and segment ids ``[0, i]`` agree and no bidirectional segment continues
-    across the cut, in the old or the new sequence (its cached tokens would have to see tokens beyond it).
-    """
-    length = 0
-    for old_id, old_segment, new_id, new_segment in zip(cached_ids, cached_segments, ids, segments):
-        if old_id != new_id or old_segment != new_segment:
-            break
-        length += 1
-    while length > 0:
-        later = {s for s in segments[length:] if s >= 0} | {s for s in cached_segments[length:] if s >= 0}
-        spanning = [i for i, s in enumerate(segments[:length]) if s in later]
-        if not spanning:
-            break
-        length = spanning[0]
-    return length
 
 
 @dataclass(frozen=True)
@@ -73,7 +51,7 @@ class ChatSession:
             print(piece, end="")
 
     Each turn renders the whole conversation with the chat template, reuses the cache for the longest
-    prefix that :func:`reusable_prefix` allows, and prefills only the rest (normally the new user turn),
+    prefix that :func:`segmask.masks.reusable_prefix` allows, and prefills only the rest (normally the new user turn),
     so the result equals re-prefilling the whole conversation. Under ``prefix`` the whole prompt is one
     segment, so every earlier token would have to see the new turn: the cache cannot be reused and each
     turn re-prefills the conversation (exact, slower). ``causal_sink`` keeps token 0 causal under

@@ -9,37 +9,12 @@ through :func:`leak_check` before its numbers are reported (the demo and both ex
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import nn
 
+from segmask import masks
 from segmask.attention import require_enabled
 from segmask.segments import Encoded
-
-
-def leak_cuts(segment_ids: Sequence[int]) -> list[int]:
-    """Positions ``c`` that no bidirectional segment spans: no segment id >= 0 occurs both before ``c`` and at
-    ``c`` or later (a segment id may recur after other tokens; its tokens still see each other).
-
-    For such a cut no token before ``c`` may see a token at ``c`` or later, under any policy.
-    """
-    first: dict[int, int] = {}
-    last: dict[int, int] = {}
-    for position, segment in enumerate(segment_ids):
-        if segment >= 0:
-            first.setdefault(segment, position)
-            last[segment] = position
-    spanned = [0] * (len(segment_ids) + 1)  # difference array: +1 where a span opens, -1 after it closes
-    for segment, start in first.items():
-        spanned[start + 1] += 1
-        spanned[last[segment] + 1] -= 1
-    cuts, open_spans = [], 0
-    for c in range(1, len(segment_ids)):
-        open_spans += spanned[c]
-        if open_spans == 0:
-            cuts.append(c)
-    return cuts
 
 
 @torch.no_grad()
@@ -48,14 +23,14 @@ def leak_check(
 ) -> float:
     """The perturbation test on a (fine-tuned) model: future tokens must not change earlier logits.
 
-    For up to ``max_cuts`` cuts of :func:`leak_cuts` (every segment boundary first, then causal positions),
+    For up to ``max_cuts`` cuts inside the sequence (:func:`segmask.masks.cuts`: every segment boundary first, then causal positions),
     the tokens from the cut on are replaced by other random ids and the model is run again with the same
     ``segment_ids``; the logits ``[c, V]`` before the cut must stay within ``tolerance``. Returns the largest
     change seen and raises a ``ValueError`` naming the cut if it exceeds ``tolerance``. ``model`` must have
     gone through :func:`segmask.enable`; it runs in eval mode (dropout off) and is put back as it was.
     """
     require_enabled(model, torch.tensor(encoded.segment_ids))
-    cuts = leak_cuts(encoded.segment_ids)
+    cuts = [c for c in masks.cuts(encoded.segment_ids) if c < len(encoded)]
     if not cuts:
         raise ValueError("no cut to test: the example is a single bidirectional segment")
     was_training = model.training

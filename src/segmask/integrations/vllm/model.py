@@ -31,7 +31,7 @@ from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
-from segmask.integrations.vllm.plugin import Settings, VllmChangedError, settings_for
+from segmask.integrations.vllm.plugin import ServedMask, VllmChangedError, settings_for
 from segmask.integrations.vllm.prompts import PromptSegmenter
 from segmask.masks import sdpa_mask
 
@@ -49,7 +49,7 @@ Block = tuple[int, int, torch.Tensor]
 class MasPrefill:
     """The MAS prefill of one model: its segmenter, its attention layers' hooks, this step's blocks."""
 
-    def __init__(self, model: torch.nn.Module, settings: Settings, tokenizer) -> None:
+    def __init__(self, model: torch.nn.Module, settings: ServedMask, tokenizer) -> None:
         self.segmenter = PromptSegmenter(
             tokenizer, settings.policy, settings.causal_sink, settings.chat_template
         )

@@ -60,7 +60,7 @@ class VllmChangedError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class Settings:
+class ServedMask:
     """The mask a served model prefills under: policy (never ``causal``), sink, chat template source."""
 
     policy: MaskPolicy
@@ -85,29 +85,29 @@ def read_flag(environ: Mapping[str, str], name: str) -> bool | None:
     raise ValueError(f"{name} must be true or false, got {environ[name]!r}")
 
 
-def settings_for(model: str | Path, environ: Mapping[str, str] = os.environ) -> Settings | None:
+def settings_for(model: str | Path, environ: Mapping[str, str] = os.environ) -> ServedMask | None:
     """The mask ``model`` (vLLM's ``--model``) is served with, or None: served as vLLM serves it.
 
-    The environment (:data:`POLICY_ENV`, :data:`CAUSAL_SINK_ENV`, :data:`CHAT_TEMPLATE_ENV`) overrides the
-    folder's ``segmask.json`` (:func:`segmask.loading.read_run_info`); overriding a saved value warns.
+    The environment (:data:`POLICY_ENV`, :data:`CAUSAL_SINK_ENV`) overrides the folder's ``segmask.json``
+    through :func:`segmask.runs.resolve_settings`, the rule every segmask command follows (it warns on an
+    override); :data:`CHAT_TEMPLATE_ENV` replaces the tokenizer's chat template.
     """
-    from segmask.loading import read_chat_template, read_run_info, resolve_policy
+    from segmask.loading import read_chat_template
+    from segmask.runs import read_run, resolve_settings
 
     folder = Path(os.path.expanduser(str(model)))
-    run = read_run_info(folder) if folder.is_dir() else None
+    run = read_run(folder) if folder.is_dir() else None
     requested = environ.get(POLICY_ENV, "").strip() or None
     if requested is not None:
         check_policy(requested)
     if run is None and requested is None:
         return None
-    policy = resolve_policy(run.policy if run is not None else None, requested)
-    if policy == "causal":
+    settings = resolve_settings(run, policy=requested, causal_sink=read_flag(environ, CAUSAL_SINK_ENV))
+    if settings.policy == "causal":
         return None
-    sink = read_flag(environ, CAUSAL_SINK_ENV)
-    if sink is None and run is not None:
-        sink = run.causal_sink
     template = environ.get(CHAT_TEMPLATE_ENV) or None
-    return Settings(policy, sink, read_chat_template(template) if template is not None else None)
+    source = read_chat_template(template) if template is not None else None
+    return ServedMask(settings.policy, settings.causal_sink, source)
 
 
 def check_engine(vllm_config, architecture: str) -> None:

@@ -429,14 +429,9 @@ def dense_attention(
     """
     kv_offset = layout.segment_ids.shape[1] - key.shape[2]
     mask = layout.dense(query.shape[2], sliding_window, kv_offset, key.shape[2], query.device)
+    gqa = query.shape[1] != key.shape[1]
     return F.scaled_dot_product_attention(
-        query,
-        key,
-        value,
-        attn_mask=mask,
-        dropout_p=dropout,
-        scale=scaling,
-        enable_gqa=query.shape[1] != key.shape[1],
+        query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=gqa
     )
 
 
@@ -492,16 +487,8 @@ def layout_attention(
         key, value = (t.repeat_interleave(query.shape[1] // key.shape[1], dim=1) for t in (key, value))
     scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
     size = quarter_rows(key.shape[2], PIECE)
-    arguments = (
-        query,
-        key,
-        value,
-        calls,
-        scale,
-        size,
-        chosen,
-        functools.partial(layout.band_mask, dtype=query.dtype, device=query.device),
-    )
+    band_mask = functools.partial(layout.band_mask, dtype=query.dtype, device=query.device)
+    arguments = (query, key, value, calls, scale, size, chosen, band_mask)
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))):
         # no graph to record (inference mode, no_grad, frozen inputs): run the forward without autograd,
         # which also keeps inference tensors out of save_for_backward

@@ -215,6 +215,21 @@ def test_works_through_peft_and_backward():
     assert grads and all(torch.isfinite(g).all() for g in grads)
 
 
+def test_the_fast_path_under_bf16_autocast_equals_the_dense_route():
+    """Training in bf16 (segmask train, TRL) runs under autocast: rotary embeddings hand the attention float32
+    q and k next to a bf16 v. The fast path takes autocast's dtype as SDPA does (it raised a dtype error)."""
+    ids = torch.randint(1, 128, (1, 12))
+    losses = {}
+    for backend in ("segmask", "sdpa"):
+        model = tiny_model("llama", backend).train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(ids, segment_ids=SEGMENTS[:1], labels=ids)
+        out.loss.backward()
+        losses[backend] = out.loss.item()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert losses["segmask"] == pytest.approx(losses["sdpa"], abs=2e-2)
+
+
 def test_refuses_flash_attention_and_bad_ids():
     model = tiny_model("llama", "sdpa")
     model.config._attn_implementation = "flash_attention_2"

@@ -470,7 +470,12 @@ def layout_attention(
     dropout: float = 0.0,
     kernel: str | Kernel | None = None,
 ) -> Tensor:
-    """:func:`mas_attention` over a :class:`Layout`, whose plan is computed once for all the calls sharing it."""
+    """:func:`mas_attention` over a :class:`Layout`, whose plan is computed once for all the calls sharing it.
+    Under autocast q, k and v take its dtype, as SDPA's do (rotary embeddings give float32 q, k, bf16 v)."""
+    device = query.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        query, key, value = (t.to(dtype) for t in (query, key, value))
     _check_shapes(query, key, value, layout.segment_ids)
     chosen = _choose_kernel(query, kernel)
     reason = chosen if isinstance(chosen, str) else _fast_path_blocker(query, key, value, dropout)

@@ -1,6 +1,6 @@
 """One attention call under MAS: what does it cost next to causal attention?
 
-    python benchmarks/attention.py --quick                       # 512-2048 tokens, a few minutes on 2 cores
+    python benchmarks/attention.py --quick                       # 512-2048 tokens, 15 rounds per cell
     python benchmarks/attention.py --json benchmarks/attention.json
     python benchmarks/attention.py --check --lengths 1024        # exactness of mas-fast against the dense mask
     benchmarks/gpu.sh                                            # the same on CUDA, bf16, 2k-16k tokens
@@ -11,15 +11,18 @@ For each sequence length and segment layout, forward ("fwd") and forward + backw
     mas-fast      segmask.fast_attention.mas_attention (no L x L mask), over one Layout per length
                   (layout_attention), whose plan every step reuses as a model's layers do
     mas-flex      FlexAttention with segmask.masks.block_mask (compiled; forward only where backward fails)
-Times are medians over repeats in which the implementations take turns, so that load from other
-processes hits all of them alike: wall-clock ``ms`` and the process's CPU time ``cpu_ms`` (steadier when
-other processes share the cores); ``ratio_to_causal`` divides by causal-sdpa of the same run. Peak memory
-is that of tensors during one step: q, k, v and the mask plus the largest total of tensors allocated and
-not yet freed (torch profiler memory events: outputs, temporaries, saved tensors, gradients). Masks (and
-the fast path's plan, on its first call) are built once per layout and length, outside the timed steps,
-as a model builds them once per forward for all its layers. ``pair_ratio`` is the number of allowed query-key pairs over causal's, so
-``ratio_to_causal / pair_ratio`` is the cost per pair of work relative to causal; ``calls`` counts the
-fast path's kernel calls per forward (the same in the backward).
+Each cell is timed in interleaved rounds (benchmarks/rounds.py): every round runs each implementation once,
+in an order that rotates from round to round, so that drift and load from other processes hit all of them
+alike. ``x causal`` is the median over the rounds of each round's ratio to causal-sdpa, with its spread
+(``IQR``, ``min-max``); ``ms`` and ``cpu ms`` are the medians of wall-clock and process CPU time. The head
+names the CPU model, threads and the load average; the end, the load average again. ``--json`` keeps the
+per-round ratios. Peak memory is that of tensors during one step: q, k, v and the mask plus the largest
+total of tensors allocated and not yet freed (torch profiler memory events: outputs, temporaries, saved
+tensors, gradients). Masks (and the fast path's plan, on its first call) are built once per layout and
+length, outside the timed steps, as a model builds them once per forward for all its layers.
+``pair_ratio`` is the number of allowed query-key pairs over causal's, so ``/pairs`` (``x causal /
+pair_ratio``) is the cost per pair of work relative to causal; ``calls`` counts the fast path's kernel
+calls per forward (the same in the backward).
 
 Layouts (``--batch`` > 1: prompt rows repeat, chat and few-shot rows differ):
     prompt    10% system segment, 60% user segment, 30% causal answer
@@ -33,14 +36,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
 import statistics
-import time
+import sys
 import warnings
 from collections.abc import Callable
 
+import rounds  # benchmarks/rounds.py, next to this script
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention
@@ -159,6 +161,13 @@ def step(fn: Callable, inputs: tuple[torch.Tensor, ...], backward: bool) -> None
         torch.cuda.synchronize()
 
 
+def fns_steps(
+    fns: dict[str, Callable], inputs: tuple[torch.Tensor, ...], backward: bool
+) -> dict[str, Callable]:
+    """Each implementation as a no-argument step, for :func:`rounds.interleaved`."""
+    return {name: (lambda fn=fn: step(fn, inputs, backward)) for name, fn in fns.items()}
+
+
 def peak_mib(fn: Callable, inputs: tuple[torch.Tensor, ...], backward: bool, mask_bytes: int) -> float:
     """Peak tensor memory of one step: inputs and mask plus the largest total of tensors allocated and not
     yet freed during the step (outputs, temporaries, saved tensors, gradients), from profiler memory events
@@ -237,35 +246,32 @@ def measure(args: argparse.Namespace, layout: str, seq_len: int, backward: bool)
                 f"  {name} {layout} L={seq_len} {'fwd+bwd' if backward else 'fwd'}: skipped ({type(error).__name__})"
             )
             del fns[name]
-    wall: dict[str, list[float]] = {name: [] for name in fns}
-    cpu: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(args.repeats):
-        for name, fn in fns.items():
-            start, start_cpu = time.perf_counter(), time.process_time()
-            step(fn, inputs, backward)
-            wall[name].append(time.perf_counter() - start)
-            cpu[name].append(time.process_time() - start_cpu)
-    medians = {name: statistics.median(ts) * 1000 for name, ts in wall.items()}
-    cpu_medians = {name: statistics.median(ts) * 1000 for name, ts in cpu.items()}
+    times = rounds.interleaved(fns_steps(fns, inputs, backward), args.repeats, warmup=0)
+    wall = {name: t.wall for name, t in times.items()}
+    cpu = {name: t.cpu for name, t in times.items()}
+    base = "causal-sdpa" if "causal-sdpa" in fns else None
+    wall_ratios = rounds.ratios(wall, base) if base else {}
+    cpu_ratios = rounds.ratios(cpu, base) if base else {}
     records = []
     for name in fns:
+        spread = rounds.Spread.of(wall_ratios[name]) if base else None
         records.append(
             {
                 "impl": name,
                 "layout": layout,
                 "seq_len": seq_len,
+                "batch": args.batch,
                 "pass": "fwd+bwd" if backward else "fwd",
-                "ms": round(medians[name], 3),
-                "cpu_ms": round(cpu_medians[name], 3),
+                "rounds": args.repeats,
+                "ms": round(statistics.median(wall[name]) * 1000, 3),
+                "cpu_ms": round(statistics.median(cpu[name]) * 1000, 3),
                 "peak_mib": round(peak_mib(fns[name], inputs, backward, built[name][1]), 2),
-                "ratio_to_causal": round(medians[name] / medians["causal-sdpa"], 3)
-                if "causal-sdpa" in medians
-                else None,
-                "cpu_ratio_to_causal": (
-                    round(cpu_medians[name] / cpu_medians["causal-sdpa"], 3)
-                    if "causal-sdpa" in cpu_medians
-                    else None
-                ),
+                # the median of the per-round ratios (rounds.py), with its spread over the rounds
+                "ratio_to_causal": round(spread.median, 4) if spread else None,
+                "ratio_spread": spread.as_dict() if spread else None,
+                "per_pair_spread": spread.scaled(1 / ratio).as_dict() if spread else None,
+                "cpu_ratio_to_causal": round(statistics.median(cpu_ratios[name]), 4) if base else None,
+                "round_ratios": [round(x, 4) for x in wall_ratios[name]] if base else None,
                 "pair_ratio": round(ratio, 4),
                 "calls": calls if name == "mas-fast" else None,
             }
@@ -275,28 +281,30 @@ def measure(args: argparse.Namespace, layout: str, seq_len: int, backward: bool)
     return records
 
 
-def machine(device: str = "cpu") -> str:
-    gpu = f", {torch.cuda.get_device_name()}" if device == "cuda" else ""
-    return (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}"
-    )
-
-
 def print_table(records: list[dict]) -> None:
+    """One row per cell and implementation: ``x causal`` is the median of the per-round ratios, ``IQR`` and
+    ``min-max`` their spread; ``/pairs`` the same divided by the pair ratio (cost per allowed pair)."""
     header = (
-        f"{'layout':7} {'L':>5} {'pass':8} {'impl':12} {'ms':>9} {'x causal':>9} {'pairs':>6} {'/pairs':>7} "
-        f"{'cpu ms':>9} {'x causal':>9} {'peak MiB':>9} {'calls':>5}"
+        f"{'layout':7} {'L':>5} {'pass':8} {'impl':12} {'ms':>9} {'x causal':>8} {'IQR':>11} {'min-max':>11} "
+        f"{'pairs':>6} {'/pairs':>7} {'/pairs IQR':>11} {'cpu ms':>9} {'cpu x':>6} {'peak MiB':>9} {'calls':>5}"
     )
     print(header)
     print("-" * len(header))
     for r in records:
-        ratio, cpu_ratio = r["ratio_to_causal"], r["cpu_ratio_to_causal"]
-        per_pair = "" if ratio is None else f"{ratio / r['pair_ratio']:.2f}"
+        spread, per_pair, cpu_ratio = r["ratio_spread"], r.get("per_pair_spread"), r["cpu_ratio_to_causal"]
+        cells = ["", "", "", "", ""]
+        if spread:
+            cells = [
+                f"{spread['median']:.3f}",
+                "{:.3f}-{:.3f}".format(*spread["iqr"]),
+                "{:.2f}-{:.2f}".format(*spread["range"]),
+                f"{per_pair['median']:.3f}",
+                "{:.3f}-{:.3f}".format(*per_pair["iqr"]),
+            ]
         print(
-            f"{r['layout']:7} {r['seq_len']:>5} {r['pass']:8} {r['impl']:12} {r['ms']:>9.1f} "
-            f"{'' if ratio is None else f'{ratio:.2f}':>9} {r['pair_ratio']:>6.2f} {per_pair:>7} "
-            f"{r['cpu_ms']:>9.1f} {'' if cpu_ratio is None else f'{cpu_ratio:.2f}':>9} {r['peak_mib']:>9.1f} "
+            f"{r['layout']:7} {r['seq_len']:>5} {r['pass']:8} {r['impl']:12} {r['ms']:>9.1f} {cells[0]:>8} "
+            f"{cells[1]:>11} {cells[2]:>11} {r['pair_ratio']:>6.2f} {cells[3]:>7} {cells[4]:>11} "
+            f"{r['cpu_ms']:>9.1f} {'' if cpu_ratio is None else f'{cpu_ratio:.2f}':>6} {r['peak_mib']:>9.1f} "
             f"{'' if r['calls'] is None else r['calls']:>5}"
         )
 
@@ -321,13 +329,22 @@ def main(argv: list[str] | None = None) -> int:
         "--check", action="store_true", help="check mas-fast against the dense mask first; exit 1 if it fails"
     )
     parser.add_argument("--check-only", action="store_true", help="only the check, no timing")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument(
+        "--rounds",
+        "--repeats",
+        dest="repeats",
+        type=int,
+        default=15,
+        help="timed rounds per cell, each running every implementation once (default 15)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--quick", action="store_true", help="512-2048 tokens, 5 repeats")
-    parser.add_argument("--json", metavar="FILE", help="write the records as a JSON list")
+    parser.add_argument("--quick", action="store_true", help="512-2048 tokens")
+    parser.add_argument(
+        "--json", metavar="FILE", help='write {"machine", "command", "records"} (with the per-round ratios)'
+    )
     args = parser.parse_args(argv)
     if args.quick:
-        args.lengths, args.repeats = [512, 1024, 2048], 5
+        args.lengths = [512, 1024, 2048]
     args.dtype = getattr(torch, args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -336,10 +353,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here (torch.cuda.is_available() is False)")
-    print(machine(args.device))
+    info = rounds.machine(torch.get_num_threads(), args.device)
+    print(rounds.describe(info))
     print(
         f"batch {args.batch}, {args.heads} heads, head dim {args.head_dim}, {args.dtype}, {args.device}, "
-        f"fast kernel {args.kernel or 'default'}, median of {args.repeats} interleaved repeats"
+        f"fast kernel {args.kernel or 'default'}, median of the per-round ratios over {args.repeats} rounds"
     )
     if args.check or args.check_only:
         results = [check(args, layout, seq_len) for layout in args.layouts for seq_len in args.lengths]
@@ -354,9 +372,10 @@ def main(argv: list[str] | None = None) -> int:
             for backward in (p == "fwd+bwd" for p in args.passes):
                 records.extend(measure(args, layout, seq_len, backward))
     print_table(records)
+    print(rounds.finish(info))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(records, f, indent=1)
+            json.dump({"machine": info, "command": sys.argv, "records": records}, f, indent=1)
     return 0
 
 

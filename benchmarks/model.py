@@ -12,9 +12,12 @@ Each row is one sequence of a layout of ``benchmarks/attention.py`` (default ``p
 segment, a 60% user segment and a 30% causal answer; ``chat``; ``fewshot``: many 8-32 token segments);
 the causal tokens carry the loss. "prefill" is a no-grad forward that fills the KV cache and keeps the last position's logits (as
 ``generate`` does); "lora-step" is forward, backward and an AdamW step of a rank-8 LoRA on the attention
-projections. Times are medians over repeats in which the variants take turns, wall-clock ``ms`` and the
-process's CPU time ``cpu_ms`` (steadier when other processes share the cores); ``ratio_to_causal``
-divides by the causal time of the same run, ``tokens_per_s`` counts the sequence's tokens.
+projections. Each cell is timed in interleaved rounds after one warm-up round (benchmarks/rounds.py:
+every round runs each variant once, in an order that rotates from round to round); ``x causal`` is the
+median over the rounds of each round's ratio to causal, with its spread (``IQR``, ``min-max``); ``ms`` and
+``cpu ms`` are medians of wall-clock and process CPU time, ``tokens/s`` counts the sequence's tokens. The
+head names the CPU model, threads and load average; the end, the load again; ``--json`` keeps the
+per-round ratios.
 """
 
 from __future__ import annotations
@@ -22,13 +25,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
-import platform
 import statistics
-import time
+import sys
 import warnings
 from pathlib import Path
 
+import rounds  # benchmarks/rounds.py, next to this script
 import torch
 from attention import LAYOUTS, layout_ids, step_peak_bytes  # benchmarks/attention.py, next to this script
 
@@ -73,50 +75,77 @@ def measure(model, optimizer, args: argparse.Namespace, layout: str, seq_len: in
         if task == "prefill"
         else (lambda mas: lora_step(model, optimizer, inputs, mas))
     )
-    wall: dict[str, list[float]] = {name: [] for name in args.variants}
-    cpu: dict[str, list[float]] = {name: [] for name in args.variants}
-    for repeat in range(args.repeats + 1):  # the first round warms up
-        for name in args.variants:
-            implementation, mas = VARIANTS[name]
-            model.set_attn_implementation(implementation)
-            start, start_cpu = time.perf_counter(), time.process_time()
-            run(mas)
-            if repeat:
-                wall[name].append(time.perf_counter() - start)
-                cpu[name].append(time.process_time() - start_cpu)
+
+    def step(name: str) -> None:
+        implementation, mas = VARIANTS[name]
+        model.set_attn_implementation(implementation)
+        run(mas)
+
+    times = rounds.interleaved({name: (lambda name=name: step(name)) for name in args.variants}, args.repeats)
+    wall = {name: t.wall for name, t in times.items()}
+    cpu = {name: t.cpu for name, t in times.items()}
+    base = "causal" if "causal" in wall else None
+    wall_ratios = rounds.ratios(wall, base) if base else {}
+    cpu_ratios = rounds.ratios(cpu, base) if base else {}
     medians = {name: statistics.median(ts) for name, ts in wall.items()}
-    cpu_medians = {name: statistics.median(ts) for name, ts in cpu.items()}
     peaks: dict[str, float] = {}
     if args.memory:  # one more, untimed, step per variant under the memory profiler
         for name in args.variants:
             implementation, mas = VARIANTS[name]
             model.set_attn_implementation(implementation)
             peaks[name] = step_peak_bytes(lambda mas=mas: run(mas)) / 2**20
-    return [
-        {
-            "variant": name,
-            "task": task,
-            "layout": layout,
-            "seq_len": seq_len,
-            "batch": args.batch,
-            "ms": round(medians[name] * 1000, 1),
-            "tokens_per_s": round(args.batch * seq_len / medians[name], 1),
-            "ratio_to_causal": round(medians[name] / medians["causal"], 3) if "causal" in medians else None,
-            "cpu_ms": round(cpu_medians[name] * 1000, 1),
-            "cpu_ratio_to_causal": round(cpu_medians[name] / cpu_medians["causal"], 3)
-            if "causal" in cpu_medians
-            else None,
-            "peak_mib": round(peaks[name], 1) if peaks else None,
-            "peak_ratio_to_causal": round(peaks[name] / peaks["causal"], 3)
-            if peaks and "causal" in peaks
-            else None,
-        }
-        for name in args.variants
-    ]
+    records = []
+    for name in args.variants:
+        spread = rounds.Spread.of(wall_ratios[name]) if base else None
+        records.append(
+            {
+                "variant": name,
+                "task": task,
+                "layout": layout,
+                "seq_len": seq_len,
+                "batch": args.batch,
+                "rounds": args.repeats,
+                "ms": round(medians[name] * 1000, 1),
+                "tokens_per_s": round(args.batch * seq_len / medians[name], 1),
+                # the median of the per-round ratios (rounds.py), with its spread over the rounds
+                "ratio_to_causal": round(spread.median, 4) if spread else None,
+                "ratio_spread": spread.as_dict() if spread else None,
+                "round_ratios": [round(x, 4) for x in wall_ratios[name]] if base else None,
+                "cpu_ms": round(statistics.median(cpu[name]) * 1000, 1),
+                "cpu_ratio_to_causal": round(statistics.median(cpu_ratios[name]), 4) if base else None,
+                "peak_mib": round(peaks[name], 1) if peaks else None,
+                "peak_ratio_to_causal": round(peaks[name] / peaks["causal"], 3)
+                if peaks and "causal" in peaks
+                else None,
+            }
+        )
+    return records
 
 
-def _ratio(value: float | None) -> str:
-    return "" if value is None else f"{value:.2f}"
+def _ratio(value: float | None, spec: str = ".2f") -> str:
+    return "" if value is None else format(value, spec)
+
+
+def print_table(records: list[dict], memory: bool) -> None:
+    """One row per cell and variant: ``x causal`` is the median of the per-round ratios, ``IQR`` and
+    ``min-max`` their spread over the rounds."""
+    header = (
+        f"{'task':10} {'layout':7} {'L':>5} {'variant':10} {'ms':>9} {'tokens/s':>9} {'x causal':>8} "
+        f"{'IQR':>11} {'min-max':>11} {'cpu ms':>9} {'cpu x':>6}"
+        + (f" {'peak MiB':>9} {'x causal':>9}" if memory else "")
+    )
+    print(header)
+    print("-" * len(header))
+    for r in records:
+        spread = r["ratio_spread"]
+        iqr = "{:.3f}-{:.3f}".format(*spread["iqr"]) if spread else ""
+        extremes = "{:.2f}-{:.2f}".format(*spread["range"]) if spread else ""
+        print(
+            f"{r['task']:10} {r['layout']:7} {r['seq_len']:>5} {r['variant']:10} {r['ms']:>9.1f} "
+            f"{r['tokens_per_s']:>9.1f} {_ratio(r['ratio_to_causal'], '.3f'):>8} {iqr:>11} {extremes:>11} "
+            f"{r['cpu_ms']:>9.1f} {_ratio(r['cpu_ratio_to_causal']):>6}"
+            + (f" {r['peak_mib']:>9.1f} {_ratio(r['peak_ratio_to_causal']):>9}" if memory else "")
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,9 +160,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--rounds",
+        "--repeats",
+        dest="repeats",
+        type=int,
+        default=15,
+        help="timed rounds per cell after one warm-up round, each running every variant once (default 15)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--json", metavar="FILE", help="write the records as a JSON list")
+    parser.add_argument(
+        "--json", metavar="FILE", help='write {"machine", "command", "records"} (with the per-round ratios)'
+    )
     parser.add_argument(
         "--memory",
         action="store_true",
@@ -158,11 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
-    print(
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}"
-    )
-    print(f"{path.name}, batch {args.batch}, median of {args.repeats} interleaved repeats")
+    info = rounds.machine(torch.get_num_threads())
+    print(rounds.describe(info))
+    print(f"{path.name}, batch {args.batch}, median of the per-round ratios over {args.repeats} rounds")
     records = []
     for task in args.tasks:
         for layout in args.layouts:
@@ -174,20 +210,12 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  {task} {layout} L={seq_len} {r['variant']:10} {r['ms']:9.1f} ms", flush=True)
                 if args.json:
                     with open(args.json, "w") as f:
-                        json.dump(records, f, indent=1)
-    header = (
-        f"{'task':10} {'layout':7} {'L':>5} {'variant':10} {'ms':>9} {'tokens/s':>9} {'x causal':>9} "
-        f"{'cpu ms':>9} {'x causal':>9}" + (f" {'peak MiB':>9} {'x causal':>9}" if args.memory else "")
-    )
-    print(header)
-    print("-" * len(header))
-    for r in records:
-        ratio, cpu_ratio = _ratio(r["ratio_to_causal"]), _ratio(r["cpu_ratio_to_causal"])
-        print(
-            f"{r['task']:10} {r['layout']:7} {r['seq_len']:>5} {r['variant']:10} {r['ms']:>9.1f} {r['tokens_per_s']:>9.1f} {ratio:>9} "
-            f"{r['cpu_ms']:>9.1f} {cpu_ratio:>9}"
-            + (f" {r['peak_mib']:>9.1f} {_ratio(r['peak_ratio_to_causal']):>9}" if args.memory else "")
-        )
+                        json.dump({"machine": info, "command": sys.argv, "records": records}, f, indent=1)
+    print_table(records, args.memory)
+    print(rounds.finish(info))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": info, "command": sys.argv, "records": records}, f, indent=1)
     return 0
 
 

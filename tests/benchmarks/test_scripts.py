@@ -4,6 +4,7 @@ speed is measured by the scripts themselves, never by tests)."""
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -25,15 +26,44 @@ def test_attention_benchmark_checks_and_times_every_layout(tmp_path):
     out = tmp_path / "attention.json"
     stdout = run_script(
         "attention.py",
-        *("--lengths", "96", "--layouts", "prompt", "chat", "fewshot", "--repeats", "1", "--threads", "1"),
+        *("--lengths", "96", "--layouts", "prompt", "chat", "fewshot", "--rounds", "3", "--threads", "1"),
         *("--impls", "causal-sdpa", "mas-dense", "mas-fast", "--json", str(out)),
     )
     assert "peak MiB" in stdout
-    records = json.loads(out.read_text())
+    records = json.loads(out.read_text())["records"]
     seen = {(r["layout"], r["impl"], r["pass"]) for r in records}
     for layout in ("prompt", "chat", "fewshot"):
         for impl in ("causal-sdpa", "mas-dense", "mas-fast"):
             assert (layout, impl, "fwd+bwd") in seen
+
+
+def test_attention_benchmark_reports_the_median_of_per_round_ratios_and_the_machine(tmp_path):
+    """Issue 35: each cell is the median of the per-round ratios to causal (rounds in rotating order), with
+    its IQR and min-max, and the run names the CPU model, the threads and the load at its start and end."""
+    out = tmp_path / "attention.json"
+    stdout = run_script(
+        "attention.py",
+        *("--lengths", "64", "--layouts", "chat", "--rounds", "4", "--threads", "1", "--passes", "fwd"),
+        *("--impls", "causal-sdpa", "mas-fast", "--json", str(out)),
+    )
+    written = json.loads(out.read_text())
+    machine = written["machine"]
+    assert machine["cpu"] and machine["threads"] == 1
+    assert len(machine["load_start"]) == 3 and len(machine["load_end"]) == 3
+    assert machine["cpu"] in stdout and "load average at start" in stdout and "load average at end" in stdout
+    assert "IQR" in stdout and "min-max" in stdout
+    by_impl = {r["impl"]: r for r in written["records"]}
+    causal, fast = by_impl["causal-sdpa"], by_impl["mas-fast"]
+    assert causal["round_ratios"] == [1.0] * 4
+    assert len(fast["round_ratios"]) == 4 and fast["rounds"] == 4
+    assert fast["ratio_to_causal"] == pytest.approx(statistics.median(fast["round_ratios"]), abs=1e-3)
+    low, high = fast["ratio_spread"]["range"]
+    q1, q3 = fast["ratio_spread"]["iqr"]
+    assert low == pytest.approx(min(fast["round_ratios"]), abs=1e-3)
+    assert high == pytest.approx(max(fast["round_ratios"]), abs=1e-3)
+    assert low <= q1 <= fast["ratio_to_causal"] <= q3 <= high
+    per_pair = fast["per_pair_spread"]["median"]
+    assert per_pair == pytest.approx(fast["ratio_to_causal"] / fast["pair_ratio"], rel=1e-3)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -52,11 +82,13 @@ def test_model_benchmark_with_memory_column(tmp_path):
     out = tmp_path / "model.json"
     stdout = run_script(
         "model.py",
-        *("--lengths", "64", "--layouts", "chat", "--repeats", "1", "--threads", "1", "--memory"),
+        *("--lengths", "64", "--layouts", "chat", "--rounds", "2", "--threads", "1", "--memory"),
         *("--json", str(out)),
     )
-    assert "peak MiB" in stdout
-    records = json.loads(out.read_text())
+    assert "peak MiB" in stdout and "load average at end" in stdout
+    written = json.loads(out.read_text())
+    assert written["machine"]["threads"] == 1 and written["machine"]["load_end"]
+    records = written["records"]
     assert {(r["task"], r["variant"]) for r in records} == {
         (task, variant)
         for task in ("prefill", "lora-step")
@@ -64,8 +96,10 @@ def test_model_benchmark_with_memory_column(tmp_path):
     }
     for r in records:
         assert r["peak_mib"] > 0 and r["ms"] > 0
+        assert len(r["round_ratios"]) == 2
+        assert r["ratio_to_causal"] == pytest.approx(statistics.median(r["round_ratios"]), abs=1e-3)
         if r["variant"] == "causal":
-            assert r["peak_ratio_to_causal"] == 1.0
+            assert r["peak_ratio_to_causal"] == 1.0 and r["round_ratios"] == [1.0, 1.0]
 
 
 def test_kernel_shapes_prints_causal_and_full_for_every_shape():

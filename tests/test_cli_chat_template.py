@@ -9,10 +9,11 @@ from pathlib import Path
 from fastapi.testclient import TestClient
 
 import segmask.cli.eval
+import segmask.loading
 import segmask.serving.app
 from segmask.cli import main
 from segmask.generation import generate
-from segmask.loading import load_model
+from segmask.loading import load, load_model
 
 PLAIN_ROLES = Path(__file__).parent / "fixtures" / "chat_templates" / "plain_roles.jinja"
 MESSAGES = [{"role": "system", "content": "Tell stories."}, {"role": "user", "content": "A cat?"}]
@@ -65,11 +66,11 @@ def test_eval_loads_the_model_with_the_chat_template(stories_path, commonsense_d
     seen = []
 
     def spy(*args, **kwargs):
-        model, tokenizer, policy = load_model(*args, **kwargs)
-        seen.append(tokenizer.chat_template)
-        return model, tokenizer, policy
+        loaded = load(*args, **kwargs)
+        seen.append(loaded.tokenizer.chat_template)
+        return loaded
 
-    monkeypatch.setattr(segmask.cli.eval, "load_model", spy)
+    monkeypatch.setattr(segmask.loading, "load", spy)
     argv = ["eval", "--model", str(stories_path), "--data-dir", str(commonsense_dir), "--tasks", "boolq"]
     argv += ["--limit", "1", "--scoring", "loglik", "--out", str(tmp_path / "r.json"), "--no-progress"]
     assert main([*argv, "--chat-template", str(PLAIN_ROLES)]) == 0

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import segmask
 from segmask import data, segments
+from segmask.collate import Collator
 
 RECORDS = [
     {"instruction": "What did Lily see?", "input": "", "output": "Lily saw a cat.", "answer": "cat"},
@@ -151,15 +152,15 @@ def test_encoded_rows_are_segments_encoding_with_loss_only_on_causal_tokens(toke
         assert any(s >= 0 for s in dataset[0]["segment_ids"])
 
 
-def test_overflow_drops_or_refuses_long_records(tokenizer):
+def test_overflow_skips_truncates_or_refuses_long_records(tokenizer):
     long = {"instruction": "one two three " * 40, "input": "", "output": "yes"}
     lengths = [len(segments.encode_instruction(tokenizer, r)) for r in RECORDS]
     cutoff = max(lengths)
-    kept = data.encode_records(tokenizer, [*RECORDS, long], policy="mas", cutoff_len=cutoff, overflow="drop")
+    kept = data.encode_records(tokenizer, [*RECORDS, long], policy="mas", cutoff_len=cutoff, overflow="skip")
     assert kept["length"] == lengths
     with pytest.raises(ValueError, match=f"1 of 4 records exceed cutoff {cutoff}"):
-        data.encode_records(tokenizer, [*RECORDS, long], policy="mas", cutoff_len=cutoff, overflow="raise")
-    cut = data.encode_records(tokenizer, [long], policy="mas", cutoff_len=cutoff, overflow="truncate_prompt")
+        data.encode_records(tokenizer, [*RECORDS, long], policy="mas", cutoff_len=cutoff, overflow="error")
+    cut = data.encode_records(tokenizer, [long], policy="mas", cutoff_len=cutoff, overflow="truncate")
     assert (
         cut[0]["length"] == cutoff
         and [y for y in cut[0]["labels"] if y != -100][-1] == tokenizer.eos_token_id
@@ -176,7 +177,7 @@ def test_train_on_inputs_is_causal_only(tokenizer):
 def test_collator_pads_right_and_drops_segment_ids_for_the_causal_path(tokenizer):
     dataset = data.encode_records(tokenizer, RECORDS, policy="mas", cutoff_len=256)
     rows = [dataset[i] for i in range(len(dataset))]
-    batch = data.DataCollator(tokenizer)(rows)
+    batch = Collator(tokenizer)(rows)
     width = max(dataset["length"])
     assert set(batch) == {"input_ids", "attention_mask", "segment_ids", "position_ids", "labels"}
     for i, row in enumerate(rows):
@@ -185,7 +186,7 @@ def test_collator_pads_right_and_drops_segment_ids_for_the_causal_path(tokenizer
         assert batch["segment_ids"][i, :n].tolist() == row["segment_ids"]
         assert batch["labels"][i].tolist() == row["labels"] + [-100] * (width - n)
         assert batch["attention_mask"][i].tolist() == [1] * n + [0] * (width - n)
-    causal = data.DataCollator(tokenizer, with_segment_ids=False)(rows)
+    causal = Collator(tokenizer, with_segment_ids=False)(rows)
     assert "segment_ids" not in causal and torch.equal(causal["input_ids"], batch["input_ids"])
 
 
@@ -202,8 +203,8 @@ def test_packed_batch_gives_the_loss_of_the_padded_batch(stories_path, tokenizer
             logits = model(**batch).logits
         return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="sum")
 
-    padded = data.DataCollator(tokenizer)(rows)
-    packed = data.DataCollator(tokenizer, pack=True, max_length=512)(rows)
+    padded = Collator(tokenizer)(rows)
+    packed = Collator(tokenizer, pack=True, max_length=512)(rows)
     assert packed["input_ids"].shape == (1, sum(dataset["length"]))
     assert packed["document_ids"][0].unique().tolist() == [0, 1, 2]
     torch.testing.assert_close(summed_loss(packed), summed_loss(padded), rtol=1e-5, atol=1e-4)

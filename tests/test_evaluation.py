@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from segmask.cli import main
-from segmask.eval_overflow import context_length, fit_prompt
 from segmask.evaluation import EvalConfig, evaluate
 from segmask.generation import generate
 from segmask.loading import load_model
+from segmask.overflow import context_length, fit_prompt
 from segmask.results import Journal, wilson_interval
 from segmask.scoring import loglik_predictions
 from segmask.segments import encode_instruction

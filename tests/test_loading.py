@@ -16,8 +16,9 @@ from conftest import require_shared
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from segmask import attention, loading, training
+from segmask import attention, loading
 from segmask.loading import load_model
+from segmask.runs import RUN_FILE
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -49,7 +50,7 @@ def ids(*tokens: int) -> torch.Tensor:
 
 def write_run(folder: Path, **fields) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / loading.RUN_FILE).write_text(json.dumps(fields))
+    (folder / RUN_FILE).write_text(json.dumps(fields))
 
 
 def test_transformers_folder_loads_enabled_and_unchanged(stories_path):
@@ -187,12 +188,6 @@ def test_a_missing_model_is_one_error_for_every_caller(tmp_path):
     with pytest.raises(loading.ModelNotFoundError, match="no model at") as raised:
         loading.load_tokenizer(tmp_path / "nothing")
     assert isinstance(raised.value, FileNotFoundError) and isinstance(raised.value, ValueError)
-
-
-def test_loading_names_at_their_old_training_path_warn():
-    for name in ("resolve_model", "load_tokenizer", "merge_adapter"):
-        with pytest.warns(DeprecationWarning, match="moved to segmask.loading"):
-            assert getattr(training, name) is getattr(loading, name)
 
 
 CHAT_TEMPLATES = Path(__file__).parent / "fixtures" / "chat_templates"

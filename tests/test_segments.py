@@ -14,15 +14,13 @@ from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 
 from segmask.masks import POLICIES
+from segmask.overflow import apply_cutoff, apply_cutoff_all, cutoff_report
 from segmask.segments import (
     DEFAULT_CAUSAL_SINK,
     IGNORE_INDEX,
     PAPER_SYSTEM,
     PAPER_SYSTEM_WITH_INPUT,
     Encoded,
-    apply_cutoff,
-    apply_cutoff_all,
-    cutoff_report,
     encode_chat,
     encode_instruction,
     encode_text,
@@ -424,7 +422,7 @@ def test_truncate_prompt_never_cuts_the_sink(smollm2_tokenizer):
         policy="mas",
         causal_sink=True,
         cutoff=len(full) - 5,
-        overflow="truncate_prompt",
+        overflow="truncate",
     )
     assert len(cut) == len(full) - 5
     assert cut.input_ids[0] == full.input_ids[0] and cut.segment_ids[:2] == [-1, 0]
@@ -658,13 +656,13 @@ def test_cutoff_policies(smollm2_tokenizer, messages, slack, policy):
     fixed = len(full) - content
     cutoff = fixed + slack
     if len(full) <= cutoff:
-        for overflow in ("raise", "drop", "truncate_prompt"):
+        for overflow in ("error", "skip", "truncate"):
             assert encode_chat(smollm2_tokenizer, messages, policy, cutoff=cutoff, overflow=overflow) == full
         return
     with pytest.raises(ValueError, match="exceed cutoff"):
-        encode_chat(smollm2_tokenizer, messages, policy=policy, cutoff=cutoff, overflow="raise")
-    assert encode_chat(smollm2_tokenizer, messages, policy=policy, cutoff=cutoff, overflow="drop") is None
-    cut = encode_chat(smollm2_tokenizer, messages, policy=policy, cutoff=cutoff, overflow="truncate_prompt")
+        encode_chat(smollm2_tokenizer, messages, policy=policy, cutoff=cutoff, overflow="error")
+    assert encode_chat(smollm2_tokenizer, messages, policy=policy, cutoff=cutoff, overflow="skip") is None
+    cut = encode_chat(smollm2_tokenizer, messages, policy=policy, cutoff=cutoff, overflow="truncate")
     assert len(cut) == cutoff
     # answers, headers and end-of-turn tokens are untouched; only prompt content was cut
     assert [t for t, p in zip(cut.input_ids, cut.prompt_turns) if p < 0] == [
@@ -691,8 +689,8 @@ def test_cutoff_never_cuts_the_answer(smollm2_tokenizer):
     messages = chat(("user", "Hi"), ("assistant", "word " * 60))
     full = encode_chat(smollm2_tokenizer, messages)
     with pytest.raises(ValueError, match="answer and the template alone"):
-        apply_cutoff(full, 40, "truncate_prompt")
-    assert apply_cutoff(full, 40, "drop") is None
+        apply_cutoff(full, 40, "truncate")
+    assert apply_cutoff(full, 40, "skip") is None
 
 
 def test_cutoff_report_counts_each_policy(smollm2_tokenizer):
@@ -703,15 +701,15 @@ def test_cutoff_report_counts_each_policy(smollm2_tokenizer):
     report = cutoff_report(records, 40)
     assert (report.records, report.over, report.unfittable) == (4, 2, 1)
     assert str(report) == (
-        "2 of 4 records exceed cutoff 40: raise fails on 2, drop drops 2, truncate_prompt truncates 1 and fails on 1"
+        "2 of 4 records exceed cutoff 40: error fails on 2, skip leaves out 2, truncate truncates 1 and fails on 1"
     )
-    kept, _ = apply_cutoff_all(records, 40, "drop")
+    kept, _ = apply_cutoff_all(records, 40, "skip")
     assert kept == [short, short]
     with pytest.raises(ValueError, match="first: record 1, 115 tokens"):
-        apply_cutoff_all(records, 40, "raise")
+        apply_cutoff_all(records, 40, "error")
     with pytest.raises(ValueError, match="first unfittable: record 3"):
-        apply_cutoff_all(records, 40, "truncate_prompt")
-    kept, report = apply_cutoff_all(records[:3], 40, "truncate_prompt")
+        apply_cutoff_all(records, 40, "truncate")
+    kept, report = apply_cutoff_all(records[:3], 40, "truncate")
     assert [len(e) for e in kept] == [len(short), 40, len(short)] and report.unfittable == 0
 
 

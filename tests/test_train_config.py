@@ -30,13 +30,13 @@ def test_config_coerces_yaml_and_cli_strings():
         ({"learning_rate": 0}, "learning_rate must be positive, got 0"),
         ({"learning_rate": -1e-4}, "learning_rate must be positive"),
         ({"learning_rate": "fast"}, "learning_rate must be float, got 'fast'"),
-        ({"mask": "bidirectional"}, "unknown mask policy 'bidirectional'"),
+        ({"policy": "bidirectional"}, "unknown mask policy 'bidirectional'"),
         (
             {"attn_implementation": "flash_attention_2"},
             "flash_attention_2' cannot run mask 'mas'.*drops custom masks",
         ),
         (
-            {"mask": "causal", "packing": True, "attn_implementation": "flash_attention_2"},
+            {"policy": "causal", "packing": True, "attn_implementation": "flash_attention_2"},
             "cannot run mask 'causal' with packing",
         ),
         (
@@ -46,7 +46,7 @@ def test_config_coerces_yaml_and_cli_strings():
         ({"lora_r": 0, "merge": True}, "merge needs a LoRA adapter"),
         ({"batch_size": 0}, "batch_size must be positive"),
         ({"max_steps": 1.5}, "max_steps must be int"),
-        ({"overflow": "cut"}, "overflow must be one of raise, drop, truncate_prompt"),
+        ({"overflow": "cut"}, "overflow must be one of error, truncate, skip"),
         ({"precision": "int8"}, "precision must be one of"),
         ({"lr_scheduler": "zigzag"}, "unknown lr_scheduler 'zigzag'"),
         ({"model": ""}, "model is required"),
@@ -60,7 +60,7 @@ def test_bad_config_values_are_refused_on_construction(overrides, message):
 
 def test_causal_policy_may_use_flash_attention():
     assert (
-        TrainConfig(model="m", data="a", mask="causal", attn_implementation="flash_attention_2").mask
+        TrainConfig(model="m", data="a", policy="causal", attn_implementation="flash_attention_2").policy
         == "causal"
     )
 
@@ -105,7 +105,7 @@ def test_a_yaml_syntax_error_is_one_line_naming_file_line_and_column(tmp_path, t
 def test_shipped_recipes_are_valid_configs(name):
     config = TrainConfig.from_yaml(ROOT / "configs" / name)
     assert (config.lora_r, config.lora_alpha, config.cutoff_len, config.learning_rate) == (32, 64, 256, 2e-4)
-    assert config.lora_target_modules == ("q_proj", "v_proj") and config.mask == "mas"
+    assert config.lora_target_modules == ("q_proj", "v_proj") and config.policy == "mas"
 
 
 def test_old_import_paths_name_the_same_class():
@@ -114,7 +114,7 @@ def test_old_import_paths_name_the_same_class():
 
 # the official recipe (issue 17): released adapter_config.json, utils_dora.py, ft_utils.py, DoRA finetune.py
 PAPER_RECIPE = dict(
-    template="paper", mask="mas", lora_r=32, lora_alpha=64, lora_dropout=0.05,
+    template="paper", policy="mas", lora_r=32, lora_alpha=64, lora_dropout=0.05,
     lora_target_modules=("q_proj", "v_proj"), learning_rate=2e-4, epochs=3.0, seed=42, cutoff_len=256,
     warmup_steps=100, eval_size=120, eval_steps=80, save_steps=80, save_total_limit=3,
     load_best_model_at_end=True, group_by_length=False, lr_scheduler="linear", weight_decay=0.0,

@@ -121,7 +121,7 @@ def train_run(
         model=str(base),
         data=(str(data),),
         output=str(output),
-        mask=policy,
+        policy=policy,
         causal_sink=CAUSAL_SINK,
         cutoff_len=args.cutoff_len,
         epochs=args.epochs,

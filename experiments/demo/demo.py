@@ -43,7 +43,7 @@ from segmask.compare import compare_runs
 from segmask.evaluation import EvalConfig, evaluate
 from segmask.generation import generate
 from segmask.leaks import leak_check
-from segmask.loading import load_model, resolve_causal_sink
+from segmask.loading import load
 from segmask.results import machine
 from segmask.segments import encode_instruction, instruction_messages
 from segmask.tasks.reading import ReadingTask, to_record, train_test_split, write_json
@@ -140,13 +140,13 @@ def write_data(config: DemoConfig, data_dir: Path) -> tuple[Path, list]:
 
 
 def train_config(config: DemoConfig, policy: str, train_file: Path, output: Path):
-    """The :class:`segmask.TrainConfig` of one policy: everything but ``mask`` and ``output`` is shared."""
+    """The :class:`segmask.TrainConfig` of one policy: everything but ``policy`` and ``output`` is shared."""
 
     return TrainConfig(
         model=config.model_path(),
         data=(str(train_file),),
         output=str(output),
-        mask=policy,
+        policy=policy,
         causal_sink=config.causal_sink if policy == "mas" else None,
         cutoff_len=256,
         max_steps=config.steps,
@@ -279,8 +279,8 @@ def run_demo(config: DemoConfig) -> dict:
     sample: tuple[str, str] | None = None
     for policy in POLICIES:
         since = clock.mark()
-        model, tokenizer, _ = load_model(out / policy)
-        sink = resolve_causal_sink(out / policy)  # as the run was trained (its segmask.json)
+        model, tokenizer, settings = load(out / policy)
+        sink = settings.causal_sink  # as the run was trained (its segmask.json)
         probe = encode_instruction(
             tokenizer, to_record(held_out[0], config.answer_format), policy=policy, causal_sink=sink
         )

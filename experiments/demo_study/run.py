@@ -9,9 +9,9 @@ Conditions (everything else identical, the recipe of ``experiments/demo/demo.py`
 LoRA r=16 on q/v, lr 1e-3 linear with 10 % warm-up, batch 4, cutoff 256, the reading task of
 :mod:`segmask.tasks.reading`):
 
-    causal     TrainConfig(mask="causal")
-    mas        TrainConfig(mask="mas")                        (the paper's mask: token 0 inside segment 0)
-    mas_sink   TrainConfig(mask="mas", causal_sink=True)      (token 0 causal, segment -1)
+    causal     TrainConfig(policy="causal")
+    mas        TrainConfig(policy="mas")                      (the paper's mask: token 0 inside segment 0)
+    mas_sink   TrainConfig(policy="mas", causal_sink=True)    (token 0 causal, segment -1)
 
 One *unit* is a (condition, seed). The data (a seeded draw of training and held-out stories, ``--data-seed``,
 the same for every unit) lives in ``<out>/data``; the seed of a unit is the training seed (LoRA
@@ -63,6 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "demo"))
 from demo import TASK, DemoConfig, train_config, write_data  # noqa: E402  (experiments/demo/demo.py)
 
 from segmask import data as segdata  # noqa: E402
+from segmask.collate import Collator  # noqa: E402
 from segmask.evaluation import EvalConfig, evaluate  # noqa: E402
 from segmask.files import write_json_atomic  # noqa: E402
 from segmask.leaks import leak_check  # noqa: E402
@@ -284,7 +285,7 @@ class RngGuard:
 def answer_loss(model, tokenizer, records: list[dict], mask: str, sink: bool, batch_size: int = 8) -> dict:
     """Mean cross-entropy per answer token of ``records`` (teacher-forced, prompt under ``mask``)."""
     encoded = segdata.encode_records(tokenizer, records, policy=mask, cutoff_len=256, causal_sink=sink)
-    collate = segdata.DataCollator(tokenizer, with_segment_ids=mask != "causal", max_length=256)
+    collate = Collator(tokenizer, max_length=256, with_segment_ids=mask != "causal")
     total, tokens = 0.0, 0
     for start in range(0, len(encoded), batch_size):
         rows = [encoded[i] for i in range(start, min(start + batch_size, len(encoded)))]

@@ -5,8 +5,11 @@ Example::
     batch = Collator(tokenizer, padding_side="left")([encoded_a, encoded_b])
     sorted(batch)  # ['attention_mask', 'input_ids', 'labels', 'position_ids', 'segment_ids']
 
-Every tensor is ``[B, L]`` (long). Padding is ``padding_side="right"`` for training and ``"left"`` for
-generation; padded positions have ``attention_mask`` 0, ``segment_ids`` -1 and ``labels`` -100.
+The one collator of segmask's own batches: generation's and ``segmask train``'s (its Trainer's
+``data_collator``; ``with_segment_ids=False`` for the causal policy without packing, so that the model runs
+its own causal path). TRL's is :class:`segmask.integrations.trl.MASSFTCollator`. Every tensor is ``[B, L]``
+(long). Padding is ``padding_side="right"`` for training and ``"left"`` for generation; padded positions
+have ``attention_mask`` 0, ``segment_ids`` -1 and ``labels`` -100.
 ``position_ids`` count the real tokens of a row from 0 (padding gets 1, as ``generate`` does), so a left
 padded row sees the same positions as the record alone.
 
@@ -89,7 +92,8 @@ class Collator:
 
     ``pad_token_id`` defaults to the tokenizer's pad token, else its EOS. ``max_length`` is the row length
     when packing; without packing a longer record is a ``ValueError`` (cut records with
-    :func:`segmask.segments.apply_cutoff` first, never here). ``pad_to_multiple_of`` rounds ``L`` up.
+    :func:`segmask.overflow.apply_cutoff` first, never here). ``pad_to_multiple_of`` rounds ``L`` up.
+    ``with_segment_ids=False`` leaves ``segment_ids`` out of an unpacked batch (a causal run).
     """
 
     tokenizer: Any = None
@@ -98,6 +102,7 @@ class Collator:
     pack: bool = False
     max_length: int | None = None
     pad_to_multiple_of: int | None = None
+    with_segment_ids: bool = True
 
     def __post_init__(self) -> None:
         if self.pad_token_id is None:
@@ -166,4 +171,6 @@ class Collator:
             del batch["document_ids"]
         if self.pack or bool((batch["segment_ids"] >= 0).any()):
             guard.install()  # a model that was not enabled now raises instead of ignoring these ids
+        if not (self.with_segment_ids or self.pack):
+            del batch["segment_ids"]
         return batch

@@ -1,4 +1,4 @@
-"""Training data for ``segmask train``: read records, encode them under a mask policy, pack, collate.
+"""Training data for ``segmask train``: read records and encode them under a mask policy.
 
 Each record is recognised by its keys, so one run may mix kinds::
 
@@ -14,7 +14,8 @@ Example::
     dataset = encode_records(tokenizer, train, policy="mas", cutoff_len=256)
 
 The loss falls only on causal tokens: :func:`check_causal_loss` refuses every example whose labels touch a
-bidirectional token (or whose segments could leak a later token into a supervised prediction).
+bidirectional token (or whose segments could leak a later token into a supervised prediction). Batches (padded
+or packed) are :class:`segmask.collate.Collator`'s.
 """
 
 from __future__ import annotations
@@ -25,15 +26,12 @@ import json
 import logging
 import random
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-
 from segmask import segments
-from segmask.collate import Collator
 from segmask.files import read_json
+from segmask.overflow import Overflow, apply_cutoff_all
 from segmask.segments import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
@@ -286,16 +284,16 @@ def encode_records(
     records: Sequence[Record],
     policy: str,
     cutoff_len: int,
-    overflow: str = "drop",
+    overflow: Overflow = "skip",
     train_on_inputs: bool = False,
     causal_sink: bool | None = None,
     template: str = "alpaca",
 ):
     """Encode and check every record: a ``datasets.Dataset`` with ``input_ids``, ``segment_ids``, ``labels``
-    and ``length``, one row per record (packing happens per batch, in :class:`DataCollator`).
+    and ``length``, one row per record (packing happens per batch, in :class:`segmask.collate.Collator`).
 
-    Records longer than ``cutoff_len`` follow ``overflow`` (``raise``, ``drop``, ``truncate_prompt``: see
-    :func:`segmask.segments.apply_cutoff_all`); answers are never cut. Records without a supervised token
+    Records longer than ``cutoff_len`` follow ``overflow`` (``skip``, ``truncate``, ``error``: see
+    :func:`segmask.overflow.apply_cutoff_all`); answers are never cut. Records without a supervised token
     are dropped; none left is a ``ValueError``. ``causal_sink`` and ``template`` as in :func:`encode_record`.
     """
     import datasets
@@ -307,7 +305,7 @@ def encode_records(
     ]
     if not encoded:
         raise ValueError("no record has a supervised answer token")
-    kept, report = segments.apply_cutoff_all(encoded, cutoff_len, overflow)  # type: ignore[arg-type]
+    kept, report = apply_cutoff_all(encoded, cutoff_len, overflow)
     if report.over:
         logger.warning("%s; overflow=%s", report, overflow)
     if not kept:
@@ -333,30 +331,3 @@ def template_length(tokenizer, kinds: Iterable[RecordKind], policy: str, templat
             turns = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "."}]
             lengths.append(len(segments.encode_chat(tokenizer, turns, policy=policy)))
     return max(lengths)
-
-
-# ---- batching ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DataCollator:
-    """Trainer's ``data_collator``: rows of :func:`encode_records` -> right-padded tensors ``[B, L]``.
-
-    :class:`segmask.collate.Collator` does the work: ``input_ids, attention_mask, segment_ids,
-    position_ids, labels``, and with ``pack`` the batch's records go first-fit into rows of ``max_length``
-    tokens with ``document_ids`` (the step still sees the same records; only padding goes). Without
-    ``with_segment_ids`` (causal policy, no packing) ``segment_ids`` are dropped, so the model runs its own
-    causal attention path.
-    """
-
-    tokenizer: Any
-    with_segment_ids: bool = True
-    pack: bool = False
-    max_length: int | None = None
-
-    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        collator = Collator(self.tokenizer, padding_side="right", pack=self.pack, max_length=self.max_length)
-        batch = collator(rows)
-        if not (self.with_segment_ids or self.pack):
-            del batch["segment_ids"]
-        return batch

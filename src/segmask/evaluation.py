@@ -7,7 +7,7 @@
 each record with :mod:`segmask.scoring` (``generate``, the paper's protocol, or ``loglik``, the candidate
 answers' log-likelihood) and turns the predictions into scores and files with :mod:`segmask.results`. A
 prompt whose answer would not fit the model's context follows the ``overflow`` policy of
-:mod:`segmask.eval_overflow` (refuse, truncate or skip); each task's counts are in the results.
+:mod:`segmask.overflow` (refuse, truncate or skip); each task's counts are in the results.
 
 Accuracy comes with a 95% Wilson interval; the suite's score is the unweighted mean over tasks. Each run
 writes ``results.json`` and ``results.predictions.jsonl`` (one line per record, for audit and for the paired
@@ -25,8 +25,8 @@ from torch import nn
 
 from segmask import results, scoring
 from segmask.attention import enable
-from segmask.eval_overflow import OVERFLOWS, Overflow, context_length, overflow_counts, resumable
 from segmask.masks import check_policy
+from segmask.overflow import OVERFLOWS, Overflow, context_length, overflow_counts, resumable
 from segmask.segments import CAUSAL_SINK_HELP_RUN, sink_on
 from segmask.tasks import commonsense
 from segmask.templates import DEFAULT_TEMPLATE, TEMPLATE_HELP, InstructionTemplate, check_template
@@ -48,9 +48,9 @@ class EvalConfig:
     ``out`` the results go to that JSON file, the predictions beside it, and an unfinished run's predictions
     to a journal that ``resume`` picks up (see :func:`evaluate`). ``num_beams``, ``max_new_tokens`` and ``batch_size`` are the
     decoding settings of ``generate`` scoring. ``causal_sink`` keeps each prompt's token 0 causal under
-    ``mas``/``prefix``; ``None`` is the policy's default here (:func:`segmask.segments.sink_on`: on under
-    ``mas``), and ``segmask eval`` resolves it to the run's saved value
-    (:func:`segmask.loading.resolve_causal_sink`). ``template`` is the
+    ``mas``/``prefix``; ``None`` becomes the policy's default on construction (:func:`segmask.segments.sink_on`:
+    on under ``mas``), as in :class:`segmask.TrainConfig`, and ``segmask eval`` passes the run's saved value
+    (:func:`segmask.runs.resolve_settings`). ``template`` is the
     instruction template of the prompts (:mod:`segmask.templates`; ``None`` is ``alpaca`` here, and ``segmask
     eval`` resolves it to the run's saved template); ``paper`` needs ``generate`` scoring. ``extract`` is how
     ``generate`` scoring reads a label (:func:`segmask.tasks.commonsense.extract`): ``strict`` (segmask's,
@@ -122,8 +122,8 @@ class EvalConfig:
         for name in ("num_beams", "max_new_tokens", "batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.causal_sink is not None and not isinstance(self.causal_sink, bool):
-            raise ValueError(f"causal_sink must be true, false or None, got {self.causal_sink!r}")
+        # None is the policy's default (a ValueError for anything but a bool or None)
+        object.__setattr__(self, "causal_sink", sink_on(self.policy, self.causal_sink))
         object.__setattr__(self, "data_dir", str(self.data_dir))
         object.__setattr__(self, "tasks", tuple(commonsense.parse_tasks(self.tasks)))
         if self.out is not None:
@@ -141,7 +141,7 @@ def evaluate(
     ``duplicates``, with a warning, where the task file repeats records: each is counted once, see
     :func:`segmask.tasks.commonsense.load_task`); the
     unweighted ``average``; ``model`` (``model_name``, else the model's own name), ``policy``, ``scoring``,
-    ``limit``, ``overflow``, ``causal_sink`` (as :func:`segmask.segments.sink_on` resolves it), ``template`` (``None`` counts as
+    ``limit``, ``overflow``, ``causal_sink``, ``template`` (``None`` counts as
     ``alpaca``), ``extract`` (``generate`` scoring only) and the git ``commit``. With ``out``, predictions go to ``<out stem>.predictions.jsonl`` next
     to it.
 
@@ -171,7 +171,7 @@ def evaluate(
         raise
     run = {"model": name, "policy": config.policy, "scoring": config.scoring, "limit": config.limit}
     run["overflow"] = config.overflow
-    run["causal_sink"] = sink_on(config.policy, config.causal_sink)
+    run["causal_sink"] = config.causal_sink
     run["template"] = config.template or DEFAULT_TEMPLATE
     if config.scoring == "generate":
         run["extract"] = config.extract
@@ -193,7 +193,7 @@ def _journal(config: EvalConfig, model_name: str, loaded: Sequence[commonsense.T
     """The run's journal; its header holds every setting that changes a prediction."""
     header = {"model": model_name, "tasks": list(config.tasks), "policy": config.policy}
     header |= {"scoring": config.scoring, "limit": config.limit}
-    if sink_on(config.policy, config.causal_sink):  # only when on: an older journal resumes as off
+    if config.causal_sink:  # only when on: an older journal resumes as off
         header["causal_sink"] = True
     if (config.template or DEFAULT_TEMPLATE) != DEFAULT_TEMPLATE:  # likewise: an older journal is alpaca
         header["template"] = config.template
@@ -218,7 +218,6 @@ def _predict_tasks(
     """Every task's predictions, keeping those ``journal`` already holds and recording the new ones."""
     enable(model)
     model.eval()
-    sink = sink_on(config.policy, config.causal_sink)
     predictions: list[results.Prediction] = []
     for task in loaded:
         done = journal.done_for(task.name, [r["answer"] for r in task.records]) if journal else None
@@ -226,7 +225,15 @@ def _predict_tasks(
         record = journal.add if journal else None
         if config.scoring == "loglik":
             predictions += scoring.loglik_predictions(
-                model, tokenizer, task, config.policy, progress, done, record, config.overflow, sink
+                model,
+                tokenizer,
+                task,
+                config.policy,
+                progress,
+                done,
+                record,
+                config.overflow,
+                config.causal_sink,
             )  # template: alpaca (EvalConfig refuses loglik with another)
         else:
             predictions += scoring.generate_predictions(
@@ -241,7 +248,7 @@ def _predict_tasks(
                 done,
                 record,
                 config.overflow,
-                sink,
+                config.causal_sink,
                 config.template or DEFAULT_TEMPLATE,
                 config.extract,
             )

@@ -41,7 +41,7 @@ from segmask import compat
 from segmask.attention import ContextOverflowError, require_enabled
 from segmask.collate import Collator, pad_token_id
 from segmask.detokenize import TextStream
-from segmask.eval_overflow import context_length
+from segmask.overflow import context_length
 from segmask.masks import MaskPolicy, check_policy
 from segmask.segments import Encoded, encode_chat, encode_instruction, encode_text
 from segmask.templates import DEFAULT_TEMPLATE

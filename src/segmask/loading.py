@@ -7,11 +7,15 @@
 - a transformers folder (``config.json`` + safetensors weights);
 - a ``.gguf`` file, converted once to a safetensors folder in the user cache (``$SEGMASK_CACHE``, else
   ``$XDG_CACHE_HOME/segmask`` or ``~/.cache/segmask``), so later loads take a fraction of a second;
-- a segmask fine-tuned output folder holding ``segmask.json``
-  (``{"policy": ..., "causal_sink": ..., "base_model": ..., "template": ..., "adapter": true|false}``): a LoRA
-  adapter over ``base_model`` (merged on load) or a full model. Its saved policy becomes the default; overriding
-  it warns, because evaluating with a mask other than the one a model was trained with hurts. Its saved
-  ``causal_sink`` is read by :func:`resolve_causal_sink` (absent: a run saved before the option, off).
+- a segmask fine-tuned output folder holding ``segmask.json`` (:class:`segmask.runs.Run`): a LoRA adapter
+  over ``base_model`` (merged on load) or a full model. Its saved policy, causal sink and template become the
+  defaults (:func:`segmask.runs.resolve_settings`); overriding one warns, because running a model with a mask
+  other than the one it was trained with hurts.
+
+Every command loads through :func:`load`, which reads ``segmask.json`` once and returns the settings with the
+model; :func:`load_model` is the same for Python callers who need only the policy::
+
+    model, tokenizer, settings = segmask.loading.load("runs/mas-lora", template="paper")
 
 ``chat_template`` (a Jinja file, or an inline template; see :func:`read_chat_template`) replaces the
 tokenizer's chat template, so a base model without one (stories260K) can chat.
@@ -24,13 +28,11 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import json
 import os
 import shutil
 import tempfile
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from jinja2 import TemplateError, TemplateSyntaxError
@@ -39,12 +41,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
 from segmask import compat
 from segmask.attention import enable, register
-from segmask.masks import MaskPolicy, check_policy
-from segmask.templates import DEFAULT_TEMPLATE, TEMPLATES, check_template
+from segmask.masks import MaskPolicy
+from segmask.runs import RUN_FILE, Run, Settings, read_run, resolve_settings
 
-RUN_FILE = "segmask.json"
 CACHE_ENV = "SEGMASK_CACHE"
-DEFAULT_POLICY: MaskPolicy = "mas"
 # a --chat-template value holding one of these is an inline template when no such file exists (as in vLLM)
 JINJA_CHARS = "{}\n"
 # bump when the conversion output changes, so stale cache entries are not reused
@@ -155,100 +155,6 @@ def merge_adapter(base: str | Path, adapter_dir: Path, output: Path) -> None:
     load_tokenizer(base).save_pretrained(str(output))
 
 
-@dataclass(frozen=True)
-class RunInfo:
-    """The ``segmask.json`` a fine-tuning run writes next to its weights."""
-
-    policy: MaskPolicy
-    base_model: str
-    adapter: bool
-    template: str | None = None
-    causal_sink: bool | None = None
-
-    def __post_init__(self) -> None:
-        check_policy(self.policy)
-        if not isinstance(self.base_model, str) or not self.base_model:
-            raise ValueError(f"{RUN_FILE}: 'base_model' must be a non-empty path, got {self.base_model!r}")
-        for name in ("adapter", "causal_sink"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{RUN_FILE}: {name!r} must be true or false, got {getattr(self, name)!r}")
-
-
-def read_run_info(folder: str | Path) -> RunInfo | None:
-    """The run description of a fine-tuned output folder, or None if ``folder`` has no ``segmask.json``."""
-    file = Path(folder) / RUN_FILE
-    if not file.is_file():
-        return None
-    try:
-        data = json.loads(file.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{file} is not valid JSON: {error}") from error
-    missing = [key for key in ("policy", "base_model") if key not in data]
-    if missing:
-        raise ValueError(f"{file} lacks {', '.join(missing)}")
-    return RunInfo(
-        policy=data["policy"],
-        base_model=data["base_model"],
-        adapter=data.get("adapter", False),
-        template=data.get("template"),
-        causal_sink=data.get("causal_sink", False),  # runs saved before the option had none
-    )
-
-
-def resolve_policy(saved: str | None, requested: str | None) -> MaskPolicy:
-    """The policy to run with: ``requested`` if given, else ``saved``, else ``"mas"``; warn on an override."""
-    if requested is not None:
-        check_policy(requested)
-        if saved is not None and requested != saved:
-            warnings.warn(
-                f"this model was trained with mask policy {saved!r}; running it with {requested!r} instead. "
-                f"Evaluating with a mask other than the one trained with hurts accuracy.",
-                UserWarning,
-                stacklevel=3,
-            )
-        return requested  # type: ignore[return-value]
-    return check_policy(saved) if saved is not None else DEFAULT_POLICY
-
-
-def resolve_causal_sink(path: str | Path, requested: bool | None = None) -> bool | None:
-    """Whether to keep token 0 causal (:func:`segmask.segments.sink_segments`) when running the model at
-    ``path``: ``requested`` if given, else what its run folder's ``segmask.json`` saved (``False`` for a run
-    saved before the option), else ``None``: the policy's default (:func:`segmask.segments.sink_on`, on
-    under ``mas``). Overriding a saved value warns, as a policy override does."""
-    path = resolve_model(path)
-    run = read_run_info(path) if path.is_dir() else None
-    saved = run.causal_sink if run is not None else None
-    if requested is None:
-        return saved
-    if saved is not None and requested != saved:
-        warnings.warn(
-            f"this model was trained with causal_sink={saved}; running it with causal_sink={requested} instead",
-            UserWarning,
-            stacklevel=2,
-        )
-    return bool(requested)
-
-
-def resolve_template(path: str | Path, requested: str | None = None) -> str:
-    """The instruction template (:mod:`segmask.templates`) to prompt the model at ``path`` with:
-    ``requested`` if given, else the one its run folder's ``segmask.json`` saved (when it names one
-    template of :data:`segmask.templates.TEMPLATES`), else ``alpaca``. Overriding a saved one warns."""
-    if requested is not None:
-        check_template(requested)
-    path = resolve_model(path)
-    run = read_run_info(path) if path.is_dir() else None
-    saved = run.template if run is not None and run.template in TEMPLATES else None
-    if requested is None:
-        return saved or DEFAULT_TEMPLATE
-    if saved is not None and requested != saved:
-        warnings.warn(
-            f"this model was trained with template {saved!r}; prompting it with {requested!r} instead",
-            UserWarning,
-            stacklevel=2,
-        )
-    return requested
-
-
 def cache_dir() -> Path:
     """The user cache folder for converted models."""
     if os.environ.get(CACHE_ENV):
@@ -305,26 +211,38 @@ def _convert_gguf(gguf_file: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def load_model(
+class Loaded(NamedTuple):
+    """What :func:`load` returns: the model (eval mode, enabled), its tokenizer, the settings to run it with."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    settings: Settings
+
+
+def load(
     path: str | Path,
     policy: MaskPolicy | None = None,
+    causal_sink: bool | None = None,
+    template: str | None = None,
     dtype: torch.dtype = torch.float32,
     attn_implementation: str | None = None,
     device: str | torch.device | None = None,
     chat_template: str | Path | None = None,
-) -> tuple[torch.nn.Module, object, MaskPolicy]:
-    """Load ``(model, tokenizer, policy)`` from a transformers folder, a ``.gguf`` file or a segmask run folder.
+) -> Loaded:
+    """Load ``(model, tokenizer, settings)`` from a transformers folder, a ``.gguf`` file or a segmask run folder.
 
-    ``policy`` defaults to the one saved in the run folder (else ``"mas"``); a different one warns.
-    ``attn_implementation`` is passed to transformers (default: its own choice, ``sdpa`` on most models;
-    ``"segmask"``: the exact fast kernel of :mod:`segmask.fast_attention`). ``chat_template`` (a Jinja file
-    or an inline template, see :func:`set_chat_template`) replaces the tokenizer's own.
+    A run folder's ``segmask.json`` is read once (:func:`segmask.runs.read_run`); ``policy``, ``causal_sink``
+    and ``template`` override what it saved (:func:`segmask.runs.resolve_settings`, which warns). A bad
+    setting or template fails before the weights load. ``attn_implementation`` is passed to transformers
+    (default: its own choice, ``sdpa`` on most models; ``"segmask"``: the exact fast kernel of
+    :mod:`segmask.fast_attention`). ``chat_template`` (a Jinja file or an inline template, see
+    :func:`set_chat_template`) replaces the tokenizer's own.
     """
     path = resolve_model(path)
     if chat_template is not None:  # a missing, empty or invalid template fails before the weights load
         check_chat_template_syntax(*_chat_template_source(chat_template))
-    run = read_run_info(path) if path.is_dir() else None
-    policy = resolve_policy(run.policy if run else None, policy)
+    run = read_run(path) if path.is_dir() else None
+    settings = resolve_settings(run, policy, causal_sink, template)
     if attn_implementation == "segmask":
         register()  # the exact fast kernel, as a transformers attention implementation
     options = {"dtype": dtype, "attn_implementation": attn_implementation}
@@ -342,7 +260,30 @@ def load_model(
     if device is not None:
         model = model.to(device)
     model.eval()
-    return enable(model), tokenizer, policy
+    return Loaded(enable(model), tokenizer, settings)
+
+
+def load_model(
+    path: str | Path,
+    policy: MaskPolicy | None = None,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str | None = None,
+    device: str | torch.device | None = None,
+    chat_template: str | Path | None = None,
+) -> tuple[torch.nn.Module, object, MaskPolicy]:
+    """Load ``(model, tokenizer, policy)``: :func:`load` for a caller that needs only the policy.
+
+    ``policy`` defaults to the one saved in the run folder (else ``"mas"``); a different one warns.
+    """
+    model, tokenizer, settings = load(
+        path,
+        policy,
+        dtype=dtype,
+        attn_implementation=attn_implementation,
+        device=device,
+        chat_template=chat_template,
+    )
+    return model, tokenizer, settings.policy
 
 
 def _base_path(run_folder: Path, base_model: str) -> Path:
@@ -356,7 +297,7 @@ def _base_path(run_folder: Path, base_model: str) -> Path:
     )
 
 
-def _folder_of(run_folder: Path, run: RunInfo) -> Path:
+def _folder_of(run_folder: Path, run: Run) -> Path:
     base = _base_path(run_folder, run.base_model)
     return gguf_to_safetensors(base) if base.is_file() else base
 

@@ -16,7 +16,7 @@ is scored one of two ways (``segmask eval --scoring``):
                KV cache and the candidate with the highest summed log-probability is the prediction.
 
 A prompt whose answer would not fit the model's context is never scored as is: the ``overflow`` policy of
-:mod:`segmask.eval_overflow` refuses, truncates or skips it.
+:mod:`segmask.overflow` refuses, truncates or skips it.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from segmask import compat, results
 from segmask.collate import pad_token_id
-from segmask.eval_overflow import Overflow, context_length, fit_prompt
+from segmask.overflow import Overflow, context_length, fit_prompt
 from segmask.generation import completion, eos_token_ids, generate_ids, left_pad, prefill
 from segmask.segments import Encoded, encode_chat, encode_instruction
 from segmask.tasks import commonsense

@@ -48,31 +48,25 @@ LLM-Adapters text and `` ###`` blocks of the paper's runs), or a model's chat te
     ### Response:\\n                                                         causal
     {output}</s>                                                             causal, labelled
 
-Length limits: :func:`apply_cutoff` (one record) and :func:`apply_cutoff_all` (a batch, with a
-:class:`CutoffReport` of what each overflow policy touches) never cut an answer: ``raise``, ``drop``, or
-``truncate_prompt`` (cut the longest prompt turn's content from its start).
+Length limits (``cutoff``, ``overflow``) are :mod:`segmask.overflow`: ``error``, ``skip``, or ``truncate``
+(cut the longest prompt turn's content from its start); an answer is never cut.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 from segmask import templates, turns
 from segmask.masks import MaskPolicy, check_policy
-from segmask.templates import (  # noqa: F401  (PAPER_SYSTEM*: their import path before templates)
-    DEFAULT_TEMPLATE,
-    PAPER_SYSTEM,
-    PAPER_SYSTEM_WITH_INPUT,
-)
+from segmask.overflow import Overflow, apply_cutoff
+from segmask.templates import DEFAULT_TEMPLATE, PAPER_SYSTEM, PAPER_SYSTEM_WITH_INPUT
 from segmask.turns import CONTENT, END, HEADER
 
 IGNORE_INDEX = -100
 ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")
 PROMPT_ROLES: tuple[str, ...] = ("system", "user", "tool")
-Overflow = Literal["raise", "drop", "truncate_prompt"]
-OVERFLOWS: tuple[str, ...] = get_args(Overflow)
 TrainOn = Literal["all", "last"]
 
 
@@ -85,7 +79,7 @@ class Encoded:
     - ``labels``: the token id where the loss falls (HF convention, the model shifts), ``-100`` elsewhere.
       A labelled token is always causal; construction checks it.
     - ``prompt_turns``: for a content token of a system/user/tool turn the index of its turn, else -1
-      (template tokens, answers). Where ``truncate_prompt`` may cut; empty when unknown.
+      (template tokens, answers). Where :func:`segmask.overflow.truncate_prompt` may cut; empty when unknown.
     """
 
     input_ids: list[int]
@@ -209,7 +203,7 @@ def sink_segments(segment_ids: Sequence[int]) -> list[int]:
 
 def _with_sink(encoded: Encoded, policy: MaskPolicy, causal_sink: bool | None) -> Encoded:
     """``encoded`` with :func:`sink_segments` applied when :func:`sink_on` says so; the sink is then no
-    prompt content, so :func:`truncate_prompt` never cuts it."""
+    prompt content, so :func:`segmask.overflow.truncate_prompt` never cuts it."""
     if not sink_on(policy, causal_sink) or not encoded.input_ids:
         return encoded
     turns_ = [-1, *encoded.prompt_turns[1:]] if encoded.prompt_turns else []
@@ -230,7 +224,7 @@ def encode_chat(
     add_generation_prompt: bool = False,
     train_on: TrainOn = "all",
     cutoff: int | None = None,
-    overflow: Overflow = "raise",
+    overflow: Overflow = "error",
     chat_template: str | None = None,
     template_kwargs: Mapping[str, Any] | None = None,
     causal_sink: bool | None = None,
@@ -241,7 +235,7 @@ def encode_chat(
     add_generation_prompt=add_generation_prompt)["input_ids"]``. Labels cover every assistant turn's
     content and end-of-turn (``train_on="last"``: only the last), but only turns that are causal under the
     policy (under ``prefix`` the final one). ``chat_template`` overrides the tokenizer's template;
-    ``template_kwargs`` go to the template. With ``cutoff`` see :func:`apply_cutoff` (``None`` only for a
+    ``template_kwargs`` go to the template. With ``cutoff`` see :func:`segmask.overflow.apply_cutoff` (``None`` only for a
     dropped conversation). ``causal_sink``: token 0 causal (:func:`sink_on`; ``None``: on under ``mas``).
     A template that renders the messages out of order, or a token that would label prompt text (no separator
     between a prompt turn and its answer), is a ``ValueError`` (:mod:`segmask.turns`).
@@ -319,7 +313,7 @@ def encode_instruction(
     include_answer: bool = True,
     chat_template: bool | str = False,
     cutoff: int | None = None,
-    overflow: Overflow = "raise",
+    overflow: Overflow = "error",
     causal_sink: bool | None = None,
     template: str = DEFAULT_TEMPLATE,
 ) -> Encoded | None:
@@ -333,7 +327,7 @@ def encode_instruction(
     instruction 1 (input 2), `` Response:`` and the answer causal. ``include_answer=False`` ends after the
     response header (a prompt for generation). ``chat_template=True`` (or a Jinja string) renders the record
     as system, user and assistant turns with a chat template instead (``template`` must then be
-    ``alpaca``). Labels fall on the answer (and EOS) only. With ``cutoff`` see :func:`apply_cutoff`.
+    ``alpaca``). Labels fall on the answer (and EOS) only. With ``cutoff`` see :func:`segmask.overflow.apply_cutoff`.
     ``causal_sink``: the BOS (else the first token) causal (:func:`sink_on`; ``None``: on under ``mas``).
     """
     policy = check_policy(policy)
@@ -394,119 +388,3 @@ def encode_text(tokenizer, text: str, policy: MaskPolicy = "mas", causal_sink: b
     if not ids:
         raise ValueError("empty prompt: the text tokenizes to no tokens")
     return encode_tokens(ids, policy, causal_sink)
-
-
-# ------------------------------------------------------------------------------------------- cutoff
-
-
-def _check_cutoff(cutoff: int, overflow: str) -> None:
-    if not isinstance(cutoff, int) or cutoff <= 0:
-        raise ValueError(f"cutoff must be a positive number of tokens, got {cutoff!r}")
-    if overflow not in OVERFLOWS:
-        raise ValueError(f"unknown overflow policy {overflow!r}; expected one of {', '.join(OVERFLOWS)}")
-
-
-def _trimmable(encoded: Encoded) -> int:
-    return sum(turn >= 0 for turn in encoded.prompt_turns)
-
-
-def truncate_prompt(encoded: Encoded, cutoff: int) -> Encoded:
-    """Cut prompt content, always from the start of the currently longest prompt turn, until ``cutoff`` fits.
-
-    Template tokens (role headers, end-of-turn) and answers are never cut; a ``ValueError`` if they alone
-    exceed ``cutoff``. The longest turn is cut down to the next longest before that one is cut too.
-    """
-    excess = len(encoded) - cutoff
-    if excess <= 0:
-        return encoded
-    if not encoded.prompt_turns:
-        raise ValueError("truncate_prompt needs prompt_turns (encode with encode_chat or encode_instruction)")
-    if _trimmable(encoded) < excess:
-        raise ValueError(
-            f"{len(encoded)} tokens exceed cutoff {cutoff} and only {_trimmable(encoded)} are prompt content: "
-            "the answer and the template alone do not fit"
-        )
-    sizes: dict[int, int] = {}
-    for turn in encoded.prompt_turns:
-        if turn >= 0:
-            sizes[turn] = sizes.get(turn, 0) + 1
-    cut = dict.fromkeys(sizes, 0)
-    while excess > 0:
-        ranked = sorted(sizes, key=lambda t: (-(sizes[t] - cut[t]), t))
-        longest = ranked[0]
-        second = sizes[ranked[1]] - cut[ranked[1]] if len(ranked) > 1 else 0
-        step = min(excess, max(1, sizes[longest] - cut[longest] - second))
-        cut[longest] += step
-        excess -= step
-    keep, seen = [], dict.fromkeys(sizes, 0)
-    for position, turn in enumerate(encoded.prompt_turns):
-        if turn >= 0:
-            seen[turn] += 1
-            if seen[turn] <= cut[turn]:
-                continue
-        keep.append(position)
-    return Encoded(*([getattr(encoded, name)[p] for p in keep] for name in Encoded.__dataclass_fields__))
-
-
-def apply_cutoff(encoded: Encoded, cutoff: int | None, overflow: Overflow = "raise") -> Encoded | None:
-    """``encoded`` if it fits ``cutoff`` tokens; otherwise ``raise`` a ``ValueError``, ``drop`` it (None),
-    or ``truncate_prompt`` (see :func:`truncate_prompt`). ``cutoff=None`` means no limit."""
-    if cutoff is None:
-        return encoded
-    _check_cutoff(cutoff, overflow)
-    if len(encoded) <= cutoff:
-        return encoded
-    if overflow == "drop":
-        return None
-    if overflow == "truncate_prompt":
-        return truncate_prompt(encoded, cutoff)
-    raise ValueError(
-        f"{len(encoded)} tokens exceed cutoff {cutoff}; pass overflow='drop' or 'truncate_prompt' to allow it"
-    )
-
-
-@dataclass(frozen=True)
-class CutoffReport:
-    """How a cutoff touches a batch: ``over`` records exceed it, ``unfittable`` of those cannot be fitted by
-    cutting prompt content. ``raise`` fails on ``over`` records, ``drop`` drops them, ``truncate_prompt``
-    truncates ``over - unfittable`` and fails on the rest."""
-
-    cutoff: int
-    records: int
-    over: int
-    unfittable: int
-
-    def __str__(self) -> str:
-        return (
-            f"{self.over} of {self.records} records exceed cutoff {self.cutoff}: raise fails on {self.over}, "
-            f"drop drops {self.over}, truncate_prompt truncates {self.over - self.unfittable}"
-            + (f" and fails on {self.unfittable}" if self.unfittable else "")
-        )
-
-
-def cutoff_report(encoded: Sequence[Encoded], cutoff: int) -> CutoffReport:
-    """Count the records over ``cutoff`` and those that prompt truncation cannot fit."""
-    _check_cutoff(cutoff, "raise")
-    over = [e for e in encoded if len(e) > cutoff]
-    unfittable = sum(len(e) - _trimmable(e) > cutoff for e in over)
-    return CutoffReport(cutoff, len(encoded), len(over), unfittable)
-
-
-def apply_cutoff_all(
-    encoded: Sequence[Encoded], cutoff: int, overflow: Overflow = "raise"
-) -> tuple[list[Encoded], CutoffReport]:
-    """Apply ``overflow`` to every record; the kept records and the :class:`CutoffReport`.
-
-    ``raise`` (and ``truncate_prompt`` with unfittable records) raises a ``ValueError`` quoting the report
-    and the first offending record before changing anything.
-    """
-    _check_cutoff(cutoff, overflow)
-    report = cutoff_report(encoded, cutoff)
-    if overflow == "raise" and report.over:
-        first = next(i for i, e in enumerate(encoded) if len(e) > cutoff)
-        raise ValueError(f"{report} (first: record {first}, {len(encoded[first])} tokens)")
-    if overflow == "truncate_prompt" and report.unfittable:
-        first = next(i for i, e in enumerate(encoded) if len(e) - _trimmable(e) > cutoff)
-        raise ValueError(f"{report} (first unfittable: record {first}, {len(encoded[first])} tokens)")
-    kept = [fitted for e in encoded if (fitted := apply_cutoff(e, cutoff, overflow)) is not None]
-    return kept, report

@@ -4,7 +4,7 @@ A YAML file is this dataclass serialised; CLI flags override it (``segmask train
 field, its help from the field's metadata)::
 
     from segmask.train_config import TrainConfig
-    config = TrainConfig.from_yaml("configs/cpu_smollm2.yaml", mask="mas", max_steps=100)
+    config = TrainConfig.from_yaml("configs/cpu_smollm2.yaml", policy="mas", max_steps=100)
 
 Values are coerced to the declared types, so YAML 1.1 strings (``2e-4``) and CLI strings read right. The run
 itself is :func:`segmask.training.train`.
@@ -25,7 +25,8 @@ from transformers import SchedulerType
 
 from segmask import masks
 from segmask.attention import SUPPORTED
-from segmask.segments import CAUSAL_SINK_HELP, OVERFLOWS, sink_on
+from segmask.overflow import OVERFLOWS
+from segmask.segments import CAUSAL_SINK_HELP, sink_on
 from segmask.templates import TEMPLATE_HELP, check_template
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -48,7 +49,9 @@ class TrainConfig:
         "training files or folders (LLM-Adapters .json, chat .jsonl, datasets); globs ok", ()
     )
     output: str = _help("output folder (checkpoints, final weights, segmask.json, metrics)", "runs/train")
-    mask: str = _help("mask policy: causal, mas or prefix", "mas")
+    policy: str = field(
+        default="mas", metadata={"help": "mask policy: causal, mas or prefix", "flag": "--mask"}
+    )
     causal_sink: bool | None = _help(CAUSAL_SINK_HELP, None)
     template: str = _help(f"{TEMPLATE_HELP}; for LLM-Adapters records", "alpaca")
     chat_template: str | None = _help(
@@ -59,7 +62,9 @@ class TrainConfig:
     # data
     cutoff_len: int = _help("most tokens per example (prompt + answer)", 256)
     overflow: str = _help(
-        "a record over cutoff_len: drop, truncate_prompt (answers are never cut) or raise", "drop"
+        "a record over cutoff_len: skip (leave it out), truncate (cut prompt content; answers are never "
+        "cut) or error",
+        "skip",
     )
     eval_size: int = _help("records held out for the periodic eval loss (0: no eval)", 0)
     max_records: int | None = _help("use at most this many training records (after shuffling)", None)
@@ -107,14 +112,14 @@ class TrainConfig:
             object.__setattr__(self, name, _coerce(name, getattr(self, name), kind))
         self._validate()
         # None is the policy's default; the config (and train_config.json, segmask.json) holds the value used
-        object.__setattr__(self, "causal_sink", sink_on(self.mask, self.causal_sink))
+        object.__setattr__(self, "causal_sink", sink_on(self.policy, self.causal_sink))
 
     def _validate(self) -> None:
         if not self.model:
             raise ValueError("model is required (a local transformers folder or .gguf file)")
         if not self.data:
             raise ValueError("data is required: one or more training files")
-        masks.check_policy(self.mask)
+        masks.check_policy(self.policy)
         positive = (
             "cutoff_len",
             "batch_size",
@@ -163,17 +168,17 @@ class TrainConfig:
                 )
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.train_on_inputs and self.mask != "causal":
+        if self.train_on_inputs and self.policy != "causal":
             raise ValueError(
-                f"train_on_inputs would put the loss on bidirectional prompt tokens under mask {self.mask!r}; "
-                "it is only allowed with mask: causal"
+                f"train_on_inputs would put the loss on bidirectional prompt tokens under mask {self.policy!r}; "
+                "it is only allowed with policy: causal"
             )
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other")
         if self.uses_segment_ids:
             if self.attn_implementation not in SUPPORTED:
                 raise ValueError(
-                    f"attn_implementation {self.attn_implementation!r} cannot run mask {self.mask!r}"
+                    f"attn_implementation {self.attn_implementation!r} cannot run mask {self.policy!r}"
                     f"{' with packing' if self.packing else ''} (it drops custom masks); use one of {', '.join(SUPPORTED)}"
                 )
         if self.lr_scheduler not in {s.value for s in SchedulerType}:
@@ -184,7 +189,7 @@ class TrainConfig:
     @property
     def uses_segment_ids(self) -> bool:
         """Whether batches carry segment/document ids (the causal policy without packing runs the model as is)."""
-        return self.mask != "causal" or self.packing
+        return self.policy != "causal" or self.packing
 
     @property
     def order_seed(self) -> int:

@@ -6,7 +6,7 @@
 From Python::
 
     from segmask import TrainConfig, train
-    out = train(TrainConfig(model="../shared/models/stories260K", data=("train.json",), mask="mas"))
+    out = train(TrainConfig(model="../shared/models/stories260K", data=("train.json",), policy="mas"))
 
 The loss falls only on causal answer tokens; prompt segments see themselves in full (``mas``/``prefix``).
 What is written to ``output``::
@@ -17,28 +17,27 @@ What is written to ``output``::
     checkpoint-N/ (atomic: written as checkpoint-N.tmp, then renamed), metrics.jsonl, loss_curve.png
     .segmask.lock while the run lasts: a second run into the same folder is refused, not interleaved
 
-``overwrite: true`` removes only these files (:func:`run_files`): other files in the folder stay. Inputs
-(data files, the base model) inside the output folder are refused.
+``overwrite: true`` removes only these files (:func:`segmask.train_output.run_files`): other files in the
+folder stay. Inputs (data files, the base model) inside the output folder are refused.
 
 ``resume: true`` continues from the last complete checkpoint with the same data order, so the loss curve
 is the one an uninterrupted run with the same seed would have drawn. It resumes only a segmask run with the
 same config (the folder may have moved) and leaves a finished one as it is.
 
-The config is :mod:`segmask.train_config`; metrics.jsonl, the progress bar and the loss curve come from
-:mod:`segmask.train_metrics`. This module is the run: checks, model, Trainer, checkpoints, final outputs.
+The config is :mod:`segmask.train_config`; the output folder's lock, ``overwrite`` and ``resume`` checks are
+:mod:`segmask.train_output`; metrics.jsonl, the progress bar and the loss curve come from
+:mod:`segmask.train_metrics`; segmask.json is a :class:`segmask.runs.Run`. This module is the run: checks,
+model, Trainer, atomic checkpoints, final outputs.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
 import logging
 import os
-import re
 import shutil
-import tempfile
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,56 +51,24 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from segmask import __version__, compat, data, loading
 from segmask.attention import enable
-from segmask.files import check_outputs, exclusive_lock, write_json_atomic
+from segmask.collate import Collator
+from segmask.files import write_json_atomic
 from segmask.parallel import check_sequence_sharding
+from segmask.runs import Run, write_run
 from segmask.train_config import TrainConfig
 from segmask.train_metrics import MetricsFile, ProgressBar, plot_loss_curve, truncate_metrics
-from segmask.train_metrics import read_metrics as read_metrics  # its import path before train_metrics
+from segmask.train_output import (
+    LOSS_CURVE_FILE,
+    METRICS_FILE,
+    RUN_CONFIG_FILE,
+    checkpoint_step,
+    finished_step,
+    last_checkpoint,
+    lock_output,
+    prepare_output,
+)
 
 logger = logging.getLogger(__name__)
-
-_MOVED = ("resolve_model", "load_tokenizer", "merge_adapter")  # to segmask.loading, old path for one release
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED:
-        warnings.warn(f"segmask.training.{name} moved to segmask.loading", DeprecationWarning, stacklevel=2)
-        return getattr(loading, name)
-    raise AttributeError(f"module 'segmask.training' has no attribute {name!r}")
-
-
-METRICS_FILE = "metrics.jsonl"
-LOSS_CURVE_FILE = "loss_curve.png"
-RUN_CONFIG_FILE = "train_config.json"
-SEGMASK_FILE = "segmask.json"
-LOCK_FILE = ".segmask.lock"
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-# every name a run writes into its output folder (weights, tokenizer, Trainer's and segmask's files), and
-# checkpoint-N(.tmp), weight shards and write_json_atomic's temporaries: what --overwrite removes. peft's
-# README.md is not among them: peft updates a README.md in place, which may be the user's notes
-RUN_FILES = frozenset(
-    {
-        METRICS_FILE, LOSS_CURVE_FILE, RUN_CONFIG_FILE, SEGMASK_FILE, "training_args.bin", "adapter",
-        "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin",
-        "config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
-        "pytorch_model.bin", "pytorch_model.bin.index.json",
-        "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-        "chat_template.jinja", "chat_template.json", "additional_chat_templates", "tokenizer.model",
-        "vocab.json", "merges.txt", "vocab.txt", "spiece.model",
-    }
-)  # fmt: skip
-RUN_FILE_RE = re.compile(r"^(checkpoint-\d+(\.tmp)?|model-\d+-of-\d+\.safetensors|\.(?P<name>.+)\.\d+\.tmp)$")
-# fields that may change between an interrupted run and its --resume: the flags themselves, and where the
-# run lives (a moved folder resumes); everything else defines the run
-RESUMABLE_CHANGES = frozenset({"resume", "overwrite", "merge", "output"})
-# fields added after runs were saved, with the value such a run had: it resumes unless the new one differs
-ADDED_FIELDS: dict[str, Any] = {
-    "causal_sink": False,
-    "template": "alpaca",
-    "load_best_model_at_end": False,
-    "chat_template": None,
-}
-
 
 # ---- the run -------------------------------------------------------------------------------------
 
@@ -156,7 +123,7 @@ def _run(
     check_chat_template(tokenizer, records, config)
     check_cutoff(tokenizer, records, config)
     encode = dict(
-        policy=config.mask,
+        policy=config.policy,
         cutoff_len=config.cutoff_len,
         overflow=config.overflow,
         train_on_inputs=config.train_on_inputs,
@@ -173,11 +140,11 @@ def _run(
         args=arguments,
         train_dataset=train_set,
         eval_dataset=eval_set,
-        data_collator=data.DataCollator(
+        data_collator=Collator(
             tokenizer,
-            with_segment_ids=config.uses_segment_ids,
             pack=config.packing,
             max_length=config.cutoff_len,
+            with_segment_ids=config.uses_segment_ids,
         ),
         processing_class=tokenizer,
         callbacks=[MetricsFile(output / METRICS_FILE), ProgressBar(), *callbacks],
@@ -190,7 +157,7 @@ def _run(
     if trainer.is_world_process_zero():
         write_json_atomic(output / RUN_CONFIG_FILE, config.to_dict())
         if config.resume:
-            truncate_metrics(output / METRICS_FILE, _checkpoint_step(checkpoint) if checkpoint else 0)
+            truncate_metrics(output / METRICS_FILE, checkpoint_step(checkpoint) if checkpoint else 0)
     if checkpoint is not None and _trained_to_the_end(checkpoint):
         # the last step is saved but the final outputs are not (stopped while writing them): write them from
         # the checkpoint; Trainer would run one step past max_steps when resumed there
@@ -206,161 +173,23 @@ def _run(
             f"training stopped at step {trainer.state.global_step}; rerun with --resume to continue"
         )
 
-    info = {
-        "policy": config.mask,
-        "causal_sink": config.causal_sink,
-        "template": data.template_name(records, config.template),
-        "base_model": str(loading.resolve_model(config.model).resolve()),
-        "adapter": config.lora_r > 0,
-        "train_config": config.to_dict(),
-        "data_fingerprint": data.fingerprint(records),
-        "segmask_version": _version(),
-    }
-    save_final(trainer, config, output, info)
-
-
-@contextlib.contextmanager
-def lock_output(output: Path) -> Iterator[None]:
-    """Create ``output`` and hold its lock (:func:`segmask.files.exclusive_lock` on ``output/.segmask.lock``)
-    for the ``with`` block; a ``ValueError`` when it is a file, cannot be written, or another run holds it."""
-    if output.exists() and not output.is_dir():
-        raise ValueError(f"output {output} is a file, not a folder")
-    with contextlib.ExitStack() as held:
-        try:
-            output.mkdir(parents=True, exist_ok=True)
-            held.enter_context(exclusive_lock(output / LOCK_FILE, f"output {output}"))
-        except OSError as error:
-            raise ValueError(f"cannot write to output {output}: {error.strerror or error}") from None
-        yield
-
-
-def run_files(output: Path) -> list[Path]:
-    """The entries of ``output`` that a run writes (:data:`RUN_FILES`, checkpoints, shards, temporaries),
-    which ``overwrite`` removes; the lock file and anything else stay."""
-    found = []
-    for entry in sorted(output.iterdir()):
-        match = RUN_FILE_RE.match(entry.name)
-        if entry.name in RUN_FILES or (match and (match["name"] is None or match["name"] in RUN_FILES)):
-            found.append(entry)
-    return found
-
-
-def prepare_output(config: TrainConfig, output: Path) -> int | None:
-    """Check ``output`` against ``resume``/``overwrite`` before anything is written, then make it ready.
-
-    Refuses (``ValueError``, nothing touched) a file, an unwritable folder, a folder holding the run's data
-    or base model, a folder of other files under ``resume`` or ``overwrite``, a run with another config
-    under ``resume``, and any existing run without one of them. Returns the last step of a finished run that
-    ``resume`` leaves as it is (else ``None``); otherwise removes the run's files (:func:`run_files`) for
-    ``overwrite`` or half-written ``checkpoint-N.tmp`` folders for ``resume``. Called under
-    :func:`lock_output`: the folder does not change while it looks.
-    """
-    if output.exists() and not output.is_dir():
-        raise ValueError(f"output {output} is a file, not a folder")
-    inputs = [*data.expand_paths(config.data), Path(config.model)]
-    if config.chat_template is not None and os.path.isfile(config.chat_template):
-        inputs.append(Path(config.chat_template))
-    check_outputs([("output", output)], inputs)
-    existing = output.is_dir() and any(entry.name != LOCK_FILE for entry in output.iterdir())
-    if existing and (config.resume or config.overwrite):
-        saved = saved_config(output)
-        if saved is None:
-            flag = "--resume" if config.resume else "--overwrite"
-            raise ValueError(
-                f"output {output} is not a segmask run folder (no {RUN_CONFIG_FILE} or {SEGMASK_FILE}); "
-                f"refusing {flag} into it"
-            )
-        if config.resume:
-            _check_same_run(config, saved, output)
-            read_metrics(output / METRICS_FILE)  # a metrics file of other rows fails here, not mid-run
-            finished = finished_step(output)
-            if finished is not None:
-                return finished
-    elif existing:
-        raise ValueError(
-            f"output {output} already holds a run; pass --resume to continue it or --overwrite to replace it"
-        )
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=output):  # written and gone: the folder is left as it was
-            pass
-    except OSError as error:
-        raise ValueError(f"cannot write to output {output}: {error.strerror or error}") from None
-    if existing and config.overwrite:
-        for entry in run_files(output):
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
-    if config.resume:
-        for stale in output.glob("checkpoint-*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
-        if last_checkpoint(output) is None:
-            logger.warning("no complete checkpoint in %s; starting from scratch", output)
-    return None
-
-
-def saved_config(output: Path) -> dict[str, Any] | None:
-    """The config a segmask run in ``output`` was started with (its train_config.json, else the one in
-    segmask.json), or ``None`` when ``output`` holds no segmask run."""
-    for name, key in ((RUN_CONFIG_FILE, None), (SEGMASK_FILE, "train_config")):
-        path = output / name
-        if not path.is_file():
-            continue
-        try:
-            value = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            continue
-        if key is not None and isinstance(value, dict):
-            value = value.get(key)
-        if isinstance(value, dict) and {"model", "data", "mask"} <= value.keys():
-            return value
-    return None
-
-
-def _check_same_run(config: TrainConfig, saved: dict[str, Any], output: Path) -> None:
-    """Refuse to resume with a config that changes the run (the data order and schedule depend on it)."""
-    changed = sorted(
-        k
-        for k, v in config.to_dict().items()
-        if k not in RESUMABLE_CHANGES and saved.get(k, ADDED_FIELDS.get(k)) != v
+    run = Run(
+        policy=config.policy,  # type: ignore[arg-type]
+        causal_sink=config.causal_sink,  # type: ignore[arg-type]  (a bool: TrainConfig resolves it)
+        template=data.template_name(records, config.template),
+        base_model=str(loading.resolve_model(config.model).resolve()),
+        adapter=config.lora_r > 0,
+        train_config=config.to_dict(),
+        data_fingerprint=data.fingerprint(records),
+        segmask_version=__version__,
     )
-    if changed:
-        raise ValueError(
-            f"cannot resume {output} with a different config ({', '.join(changed)} changed); "
-            "the data order and schedule depend on it"
-        )
-
-
-def finished_step(output: Path) -> int | None:
-    """The last step of the finished run in ``output`` (its segmask.json is written last), else ``None``."""
-    info = output / SEGMASK_FILE
-    if not info.is_file():
-        return None
-    checkpoint = last_checkpoint(output)
-    if checkpoint is not None:
-        return _checkpoint_step(checkpoint)
-    return max((row["step"] for row in read_metrics(output / METRICS_FILE)), default=0)
+    save_final(trainer, config, output, run)
 
 
 def _trained_to_the_end(checkpoint: Path) -> bool:
     """Whether ``checkpoint`` holds the run's last step (its trainer state says so)."""
     state = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE_NAME))
     return state.max_steps > 0 and state.global_step >= state.max_steps
-
-
-def last_checkpoint(output: Path) -> Path | None:
-    """The complete ``checkpoint-N`` folder with the highest N (``.tmp`` folders are never complete)."""
-    if not output.is_dir():
-        return None
-    steps = [
-        (int(m.group(1)), p) for p in output.iterdir() if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))
-    ]
-    return max(steps)[1] if steps else None
-
-
-def _checkpoint_step(checkpoint: Path) -> int:
-    return int(CHECKPOINT_RE.match(checkpoint.name).group(1))
 
 
 def check_chat_template(tokenizer, records: Sequence[data.Record], config: TrainConfig) -> None:
@@ -375,7 +204,7 @@ def check_chat_template(tokenizer, records: Sequence[data.Record], config: Train
 def check_cutoff(tokenizer, records: Sequence[data.Record], config: TrainConfig) -> None:
     """Refuse a ``cutoff_len`` that the prompt template alone fills (no room for an answer)."""
     kinds = {data.record_kind(record) for record in records}
-    needed = data.template_length(tokenizer, kinds, config.mask, config.template)
+    needed = data.template_length(tokenizer, kinds, config.policy, config.template)
     if config.cutoff_len <= needed:
         raise ValueError(
             f"cutoff_len {config.cutoff_len} is shorter than the prompt template ({needed} tokens for an "
@@ -573,7 +402,7 @@ class SegmaskTrainer(Trainer):
 # ---- final outputs --------------------------------------------------------------------------------
 
 
-def save_final(trainer: Trainer, config: TrainConfig, output: Path, info: dict[str, Any]) -> None:
+def save_final(trainer: Trainer, config: TrainConfig, output: Path, run: Run) -> None:
     """Write weights (adapter or full) and tokenizer, then segmask.json last; merge and plot if asked."""
     weights_dir = output / "adapter" if config.merge else output
     trainer.model.config.use_cache = True  # off while training; generation wants it
@@ -581,13 +410,9 @@ def save_final(trainer: Trainer, config: TrainConfig, output: Path, info: dict[s
     if not trainer.is_world_process_zero():
         return
     if config.merge:
-        write_json_atomic(weights_dir / SEGMASK_FILE, info)
+        write_run(weights_dir, run)
         loading.merge_adapter(config.model, weights_dir, output)
         trainer.processing_class.save_pretrained(str(output))  # the tokenizer trained with (--chat-template)
-        info = {**info, "adapter": False}
+        run = dataclasses.replace(run, adapter=False)
     plot_loss_curve(output / METRICS_FILE, output / LOSS_CURVE_FILE)
-    write_json_atomic(output / SEGMASK_FILE, info)
-
-
-def _version() -> str:
-    return __version__
+    write_run(output, run)

@@ -14,7 +14,6 @@ import argparse
 import sys
 from typing import TextIO
 
-from segmask import loading
 from segmask.attention import ContextOverflowError
 from segmask.chat import ChatSession
 from segmask.cli.options import (
@@ -37,13 +36,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     kwargs = generation_kwargs(args)
-    model, tokenizer, policy = loading.load_model(
-        args.model, policy=args.mask, attn_implementation=args.attn, chat_template=args.chat_template
+    from segmask.loading import load  # noqa: PLC0415  (torch and transformers: not at --help)
+
+    model, tokenizer, settings = load(
+        args.model,
+        policy=args.mask,
+        causal_sink=args.causal_sink,
+        attn_implementation=args.attn,
+        chat_template=args.chat_template,
     )
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError(f"{args.model} has no chat template; pass one with --chat-template FILE")
-    sink = loading.resolve_causal_sink(args.model, args.causal_sink)
-    session = ChatSession(model, tokenizer, policy=policy, system=args.system, causal_sink=sink, **kwargs)
+    session = ChatSession(
+        model,
+        tokenizer,
+        policy=settings.policy,
+        system=args.system,
+        causal_sink=settings.causal_sink,
+        **kwargs,
+    )
     print(f"segmask chat: {args.model} ({HELP})", flush=True)
     return loop(session, sys.stdin, sys.stdout)
 

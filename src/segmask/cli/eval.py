@@ -2,8 +2,8 @@
 
 Every :class:`segmask.evaluation.EvalConfig` field but ``policy`` is a flag (``num_beams`` -> ``--num-beams``);
 ``--mask`` picks the policy, as in every command that loads a model. ``--causal-sink/--no-causal-sink``
-absent is the run's saved value, else the policy's default (on under mas; :func:`segmask.loading.resolve_causal_sink`); ``--template``
-absent is the run's saved template, else alpaca (:func:`segmask.loading.resolve_template`). The paper's
+absent is the run's saved value, else the policy's default (on under mas); ``--template`` absent is the run's
+saved template, else alpaca (both: :func:`segmask.runs.resolve_settings`). The paper's
 protocol: ``--template paper --extract official`` (scoring generate, 4 beams, 32 new tokens).
 """
 
@@ -17,7 +17,6 @@ from segmask.cli.options import add_config_arguments, add_model_arguments, confi
 from segmask.compare import compare_runs
 from segmask.evaluation import EvalConfig, evaluate
 from segmask.files import check_outputs
-from segmask.loading import load_model, resolve_causal_sink, resolve_template
 from segmask.results import journal_path, predictions_path
 from segmask.tasks.commonsense import task_path
 
@@ -42,10 +41,19 @@ def run(args: argparse.Namespace) -> int:
         inputs.append(args.chat_template)
     written = (args.out, predictions_path(args.out), journal_path(args.out))
     check_outputs([("--out", path) for path in written], inputs)
-    model, tokenizer, policy = load_model(args.model, policy=args.mask, chat_template=args.chat_template)
-    sink = resolve_causal_sink(args.model, config.causal_sink)
-    template = resolve_template(args.model, config.template)
-    config = dataclasses.replace(config, policy=policy, causal_sink=sink, template=template)
+    from segmask.loading import load  # noqa: PLC0415  (torch and transformers: not at --help)
+
+    # the flags as given (the config resolved an absent --causal-sink for its default policy)
+    model, tokenizer, settings = load(
+        args.model,
+        policy=args.mask,
+        causal_sink=values.get("causal_sink"),
+        template=values.get("template"),
+        chat_template=args.chat_template,
+    )
+    config = dataclasses.replace(
+        config, policy=settings.policy, causal_sink=settings.causal_sink, template=settings.template
+    )
     evaluate(model, tokenizer, config, model_name=args.model, progress=not args.no_progress)
     print(compare_runs([args.out]), end="")
     print(f"results: {args.out}")

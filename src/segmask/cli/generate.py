@@ -17,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-from segmask import generation, loading
+from segmask import generation
 from segmask.cli.options import (
     add_causal_sink_argument,
     add_model_arguments,
@@ -72,14 +72,25 @@ def read_prompt(args: argparse.Namespace, tokenizer):
 
 def run(args: argparse.Namespace) -> int:
     kwargs = generation_kwargs(args)
-    model, tokenizer, policy = loading.load_model(
-        args.model, policy=args.mask, attn_implementation=args.attn, chat_template=args.chat_template
+    from segmask.loading import load  # noqa: PLC0415  (torch and transformers: not at --help)
+
+    model, tokenizer, settings = load(
+        args.model,
+        policy=args.mask,
+        causal_sink=args.causal_sink,
+        template=args.template,
+        attn_implementation=args.attn,
+        chat_template=args.chat_template,
     )
-    sink = loading.resolve_causal_sink(args.model, args.causal_sink)
-    template = loading.resolve_template(args.model, args.template)
     prompt = read_prompt(args, tokenizer)
     [result] = generation.generate(
-        model, tokenizer, [prompt], policy=policy, causal_sink=sink, template=template, **kwargs
+        model,
+        tokenizer,
+        [prompt],
+        policy=settings.policy,
+        causal_sink=settings.causal_sink,
+        template=settings.template,
+        **kwargs,
     )
     if args.json:
         print(json.dumps({"text": result.text, "token_ids": result.token_ids}))

@@ -25,6 +25,7 @@ def add_config_arguments(
     """One flag per field of the dataclass ``config`` (``max_batch`` -> ``--max-batch``), the field's
     ``metadata["help"]`` (and ``metadata["metavar"]``) followed by its default.
 
+    ``metadata["flag"]`` names a flag other than the field's (``policy``: ``--mask``, as in every command).
     A ``bool`` is ``--x / --no-x``, a tuple takes one or more values, a ``Literal`` offers its values as
     choices, and a field without a default is a required flag. Fields in ``skip`` get no flag (the command
     sets them another way); those in ``required`` must be given although the field has a default.
@@ -49,7 +50,7 @@ def add_config_arguments(
             if "(default:" not in help_text:  # a help that explains its default keeps its own words
                 help_text = f"{help_text} (default: {_show(field.default)})".lstrip()
         options["help"] = help_text or None
-        flag = "--" + field.name.replace("_", "-")
+        flag = field.metadata.get("flag", "--" + field.name.replace("_", "-"))
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **options)
             continue

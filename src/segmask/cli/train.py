@@ -43,5 +43,5 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if finished is not None:
         print(f"segmask train: {output} already finished at step {finished}; nothing to do", file=sys.stderr)
-    print(f"trained ({config.mask}) -> {output}")
+    print(f"trained ({config.policy}) -> {output}")
     return 0

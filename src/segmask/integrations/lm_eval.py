@@ -19,7 +19,7 @@ Requests map onto MAS like this:
     generate_until         the context is prefilled under its segments, the answer decoded causally
                            (:func:`segmask.generation.generate_ids`), and cut at the first stop string.
 
-``model_args``: ``pretrained`` (a path :func:`segmask.load_model` reads), ``mask`` (``causal``, ``mas``,
+``model_args``: ``pretrained`` (a path :func:`segmask.loading.load` reads), ``mask`` (``causal``, ``mas``,
 ``prefix``; default: the model's own), ``causal_sink`` (``true``: token 0 causal under ``mas`` and ``prefix``,
 :func:`segmask.segments.sink_segments`; default: the model's run value, else the policy's default,
 :func:`segmask.segments.sink_on`: on under ``mas``), ``batch_size`` (prompts per
@@ -45,7 +45,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
 from segmask.generation import completion, eos_token_ids, generate_ids, left_pad, pad_token_id
-from segmask.loading import load_model, resolve_causal_sink
+from segmask.loading import load
 from segmask.scoring import continuation_logprobs
 from segmask.segments import (
     IGNORE_INDEX,
@@ -82,11 +82,15 @@ class SegmaskLM(TemplateLM):
         torch_dtype = getattr(torch, str(dtype), None)
         if not isinstance(torch_dtype, torch.dtype):
             raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
-        model, tokenizer, policy = load_model(
-            pretrained, policy=mask, dtype=torch_dtype, device=_device(device)
+        model, tokenizer, settings = load(
+            pretrained,
+            policy=mask,
+            causal_sink=_flag(causal_sink, "causal_sink"),
+            dtype=torch_dtype,
+            device=_device(device),
         )
-        self.model, self.tokenizer, self.policy = model, tokenizer, policy
-        self.causal_sink = resolve_causal_sink(pretrained, _flag(causal_sink, "causal_sink"))
+        self.model, self.tokenizer = model, tokenizer
+        self.policy, self.causal_sink = settings.policy, settings.causal_sink
         # None/"none": a plain context is raw text (one segment); alpaca/paper: it is an instruction
         self.template = None if template in (None, "", "none") else check_template(template)
         self._batch_size = int(batch_size) if str(batch_size).isdigit() else 1

@@ -30,7 +30,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from segmask.loading import load_model, resolve_causal_sink
+from segmask.loading import load
 from segmask.masks import MaskPolicy, check_policy
 from segmask.segments import CAUSAL_SINK_HELP_RUN, Encoded
 from segmask.serving.engine import Engine, Job, Scheduler, supports_row_caches
@@ -72,7 +72,7 @@ class ServeConfig:
 
     ``causal_sink`` keeps token 0 of every prompt causal under ``mas``/``prefix``; ``None`` is each
     request's policy default in :func:`create_app` (:func:`segmask.segments.sink_on`: on under ``mas``),
-    and :func:`serve` resolves it to the model's run value first (:func:`segmask.loading.resolve_causal_sink`).
+    and :func:`serve` resolves it to the model's run value first (:func:`segmask.runs.resolve_settings`).
     """
 
     # metadata: each field's line in `segmask serve --help`
@@ -427,9 +427,13 @@ def serve(
     config = config or ServeConfig(model_name=default_name(model_path))
     if host not in ("127.0.0.1", "localhost", "::1") and config.api_key is None:
         logger.warning("serving on %s without an API key: anyone who can reach it can use the model", host)
-    model, tokenizer, policy = load_model(
-        model_path, policy=policy, attn_implementation=attn_implementation, chat_template=chat_template
+    model, tokenizer, settings = load(
+        model_path,
+        policy=policy,
+        causal_sink=config.causal_sink,
+        attn_implementation=attn_implementation,
+        chat_template=chat_template,
     )
-    config = dataclasses.replace(config, causal_sink=resolve_causal_sink(model_path, config.causal_sink))
-    app = create_app(model, tokenizer, policy, config)
+    config = dataclasses.replace(config, causal_sink=settings.causal_sink)
+    app = create_app(model, tokenizer, settings.policy, config)
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -1,7 +1,9 @@
 """The ``segmask`` command line: each subcommand parses its flags, calls one library function, prints.
 
 Every subcommand lives in ``segmask/cli/<name>.py`` with ``add_arguments(parser)`` and ``run(args) -> int``
-(and, where its parser needs them, ``PARSER_OPTIONS`` for ``add_parser``).
+(and, where its parser needs them, ``PARSER_OPTIONS`` for ``add_parser``). Only the command being run is
+imported, and a command module imports torch, transformers or FastAPI inside ``run``, not at its top, so
+``segmask --help`` and ``segmask <command> --help`` start at once (``benchmarks/cli_start.py``).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Collection
 
 # subcommand -> one-line help; the module segmask.cli.<name with - as _> implements it
 COMMANDS = {
@@ -23,10 +26,15 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: Collection[str] | None = None) -> argparse.ArgumentParser:
+    """The parser with the flags of ``commands`` (default: all), whose modules it imports; the other
+    commands are listed by name only."""
     parser = argparse.ArgumentParser(prog="segmask", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in COMMANDS.items():
+        if commands is not None and name not in commands:
+            sub.add_parser(name, help=help_text, description=help_text)
+            continue
         module = importlib.import_module(f"segmask.cli.{name.replace('-', '_')}")
         options = getattr(module, "PARSER_OPTIONS", {})
         command = sub.add_parser(name, help=help_text, description=help_text, **options)
@@ -36,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = argv[:1] if argv and argv[0] in COMMANDS else []  # `segmask --help` imports no command
+    args = build_parser(command).parse_args(argv)
     try:
         return int(args._run(args) or 0)
     except (ValueError, FileNotFoundError) as error:

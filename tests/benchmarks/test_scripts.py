@@ -121,3 +121,36 @@ def test_row_windows_checks_each_design_against_the_fast_path():
     ]
     assert [r[0] for r in rows] == ["prompt", "chat", "fewshot"]
     assert all(len(r) == 7 for r in rows)
+
+
+def test_decode_benchmark_times_mas_against_causal_per_round(tmp_path):
+    """benchmarks/decode.py (issue 35) at a tiny size: every policy generates exactly --new-tokens per row,
+    and each cell reports generate and decode tokens/s with per-round ratios to causal."""
+    out = tmp_path / "decode.json"
+    stdout = run_script(
+        "decode.py",
+        *("--prompts", "40", "--batches", "2", "--new-tokens", "3", "--rounds", "2", "--threads", "1"),
+        *("--json", str(out)),
+    )
+    assert "dec tok/s" in stdout and "load average at end" in stdout
+    written = json.loads(out.read_text())
+    records = {r["policy"]: r for r in written["records"]}
+    assert set(records) == {"causal", "mas"}
+    for r in records.values():
+        assert r["batch"] == 2 and r["new_tokens"] == 3 and r["padded_prompt_tokens"] >= 40
+        assert (
+            0 < r["prefill_ms"] < r["generate_ms"] and r["decode_tokens_per_s"] > r["generate_tokens_per_s"]
+        )
+        assert len(r["round_ratios"]["decode"]) == 2
+    assert records["causal"]["round_ratios"]["generate"] == [1.0, 1.0]
+    mas = records["mas"]
+    assert mas["decode_ratio"]["median"] == pytest.approx(
+        statistics.median(mas["round_ratios"]["decode"]), 1e-3
+    )
+
+
+def test_decode_benchmark_refuses_zero_new_tokens_in_one_line():
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "decode.py"), "--new-tokens", "0"], capture_output=True, text=True
+    )
+    assert done.returncode == 2 and done.stderr.strip() == "--new-tokens must be >= 1"

@@ -19,7 +19,10 @@ def test_every_config_field_is_a_flag(capsys):
         main(["train", "--help"])
     text = capsys.readouterr().out
     for field in dataclasses.fields(TrainConfig):
-        assert "--" + field.name.replace("_", "-") in text, field.name
+        assert field.metadata.get("flag", "--" + field.name.replace("_", "-")) in text, field.name
+    # the policy is --mask, as in every command that takes one (generate, chat, eval, serve)
+    assert "--mask POLICY" in text and "--policy" not in text
+    assert build_parser().parse_args(["train", "--mask", "prefix"]).policy == "prefix"
     args = build_parser().parse_args(
         [
             "train",
@@ -35,7 +38,7 @@ def test_every_config_field_is_a_flag(capsys):
     )
     assert args.config == "run.yaml" and args.lora_r == "0" and args.data == ["a.json", "b.json"]
     assert args.group_by_length is False and args.resume is True
-    assert not hasattr(args, "mask") and not hasattr(
+    assert not hasattr(args, "policy") and not hasattr(
         args, "learning_rate"
     )  # unset flags leave the YAML alone
 

@@ -21,7 +21,7 @@ def test_policies_share_every_setting_but_the_mask(tmp_path):
     causal = train_config(config, "causal", tmp_path / "train.json", tmp_path / "causal").to_dict()
     mas = train_config(config, "mas", tmp_path / "train.json", tmp_path / "mas").to_dict()
     # causal_sink is part of the mask: resolved on under mas (its default), nothing to do under causal
-    assert {key for key in causal if causal[key] != mas[key]} == {"mask", "causal_sink", "output"}
+    assert {key for key in causal if causal[key] != mas[key]} == {"policy", "causal_sink", "output"}
     assert (causal["causal_sink"], mas["causal_sink"]) == (False, True)
     assert causal["max_steps"] == 10 and causal["seed"] == config.seed
     paper = dataclasses.replace(config, causal_sink=False)  # --no-causal-sink: the paper's mask

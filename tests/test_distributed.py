@@ -31,7 +31,7 @@ def recipe(stories_path, tmp_path) -> Path:
         tmp_path,
         stories_path,
         RECORDS,
-        "mask: mas\nbatch_size: 3\ngradient_accumulation_steps: 1\nlearning_rate: 1e-2\nwarmup_steps: 0\n"
+        "policy: mas\nbatch_size: 3\ngradient_accumulation_steps: 1\nlearning_rate: 1e-2\nwarmup_steps: 0\n"
         "lora_r: 0\ncutoff_len: 128\nlogging_steps: 1\nsave_steps: 1\nprecision: fp32\nmax_steps: 3\n",
     )
 

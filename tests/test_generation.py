@@ -264,6 +264,20 @@ def test_stream_yields_the_generated_text(stories_model, stories_tokenizer):
     )
 
 
+def test_stream_takes_the_template_that_generate_takes(stories_model, stories_tokenizer):
+    """An instruction record streams in the template asked for, as ``generate`` prompts it (issue 32)."""
+    record = {"instruction": "Tell a story about a dog.", "input": ""}
+    texts = {}
+    for template in ("alpaca", "paper"):
+        streamed = "".join(
+            stream(stories_model, stories_tokenizer, record, template=template, max_new_tokens=12)
+        )
+        [whole] = generate(stories_model, stories_tokenizer, record, template=template, max_new_tokens=12)
+        assert streamed == whole.text, template
+        texts[template] = streamed
+    assert texts["alpaca"] != texts["paper"]  # the template reached the prompt
+
+
 def test_stream_reraises_errors_from_the_generation_thread(stories_model, stories_tokenizer):
     from transformers import StoppingCriteria, StoppingCriteriaList
 

@@ -17,7 +17,9 @@ from conftest import STORIES_CHAT_TEMPLATE
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM, TrainerCallback
 
-from segmask import files, loading, training
+from segmask import files, loading, train_output, training
+from segmask.data import encode_records, fingerprint
+from segmask.runs import read_run, resolve_settings
 from segmask.train_config import TrainConfig
 from segmask.train_metrics import read_metrics
 from segmask.training import SegmaskTrainer, train
@@ -82,7 +84,7 @@ def tiny(model: Path, data: Path, output: Path, **overrides) -> TrainConfig:
 
 
 def losses(output: Path, key: str = "loss") -> list[tuple[int, float]]:
-    return [(row["step"], row[key]) for row in read_metrics(output / training.METRICS_FILE) if key in row]
+    return [(row["step"], row[key]) for row in read_metrics(output / train_output.METRICS_FILE) if key in row]
 
 
 def test_lora_wrapping_keeps_peft_deprecation_quiet(stories_path, tmp_path):
@@ -114,7 +116,7 @@ def test_bad_setups_fail_before_any_training(stories_path, data_file, tmp_path):
         model, data = overrides.pop("model", stories_path), overrides.pop("data", data_file)
         with pytest.raises(ValueError, match=message):
             train(tiny(model, data, output, **overrides))
-        assert not list(output.glob("checkpoint-*")) and not (output / training.METRICS_FILE).exists()
+        assert not list(output.glob("checkpoint-*")) and not (output / train_output.METRICS_FILE).exists()
 
 
 def test_an_existing_run_is_never_overwritten_silently(stories_path, data_file, tmp_path):
@@ -134,7 +136,7 @@ def test_an_existing_run_is_never_overwritten_silently(stories_path, data_file, 
 def test_a_few_steps_lower_the_loss(model, policy, stories_path, qwen_path, data_file, tmp_path):
     """LoRA on the pretrained stories260K; full fine-tuning on the random Qwen2 (LoRA alone moves it slowly)."""
     path, lora_r = (stories_path, 8) if model == "stories260K" else (qwen_path, 0)
-    output = train(tiny(path, data_file, tmp_path / "run", mask=policy, max_steps=10, lora_r=lora_r))
+    output = train(tiny(path, data_file, tmp_path / "run", policy=policy, max_steps=10, lora_r=lora_r))
     curve = [loss for _, loss in losses(output)]
     assert len(curve) == 10
     assert sum(curve[-3:]) / 3 < 0.7 * curve[0], curve
@@ -171,7 +173,7 @@ def test_mas_changes_the_update_and_runs_are_deterministic(stories_path, data_fi
     """One optimiser step from the same start: MAS moves the weights differently from causal attention."""
 
     def adapter_after_one_step(policy: str, name: str) -> dict[str, torch.Tensor]:
-        output = train(tiny(stories_path, data_file, tmp_path / name, mask=policy, max_steps=1))
+        output = train(tiny(stories_path, data_file, tmp_path / name, policy=policy, max_steps=1))
         return load_file(output / "adapter_model.safetensors")
 
     causal, mas, mas_again = (
@@ -215,7 +217,7 @@ def test_kill_and_resume_reproduce_the_uninterrupted_loss_curve(
         "checkpoint-6",
         "checkpoint-9.tmp",
     ]
-    assert training.last_checkpoint(run).name == "checkpoint-6"
+    assert train_output.last_checkpoint(run).name == "checkpoint-6"
     assert max(step for step, _ in losses(run)) == 9  # logged before the kill, logged again after resuming
 
     with pytest.raises(ValueError, match=r"different config \(learning_rate changed\)"):
@@ -244,7 +246,7 @@ def test_a_stopped_run_writes_no_final_output(stories_path, data_file, tmp_path)
     run = tmp_path / "run"
     with pytest.raises(training.Interrupted, match="stopped at step 2; rerun with --resume"):
         train(tiny(stories_path, data_file, run, save_steps=2), callbacks=[StopAt(2)])
-    assert not (run / "segmask.json").exists() and training.last_checkpoint(run).name == "checkpoint-2"
+    assert not (run / "segmask.json").exists() and train_output.last_checkpoint(run).name == "checkpoint-2"
 
 
 # ---- outputs -------------------------------------------------------------------------------------
@@ -253,16 +255,18 @@ def test_a_stopped_run_writes_no_final_output(stories_path, data_file, tmp_path)
 @pytest.fixture(scope="module")
 def prefix_run(stories_path, data_file, tmp_path_factory) -> Path:
     output = tmp_path_factory.mktemp("prefix") / "run"
-    return train(tiny(stories_path, data_file, output, mask="prefix", eval_size=4, eval_steps=4, merge=True))
+    return train(
+        tiny(stories_path, data_file, output, policy="prefix", eval_size=4, eval_steps=4, merge=True)
+    )
 
 
 def test_output_folder_records_the_run(prefix_run, stories_path, data_file, records):
     info = json.loads((prefix_run / "segmask.json").read_text())
     assert info["policy"] == "prefix" and info["template"] == "alpaca" and info["adapter"] is False
-    assert info["causal_sink"] is False and loading.resolve_causal_sink(prefix_run) is False
+    assert info["causal_sink"] is False and resolve_settings(read_run(prefix_run)).causal_sink is False
     assert info["base_model"] == str(stories_path.resolve())
-    assert info["data_fingerprint"] == training.data.fingerprint(records)
-    assert info["train_config"]["mask"] == "prefix" and info["train_config"]["data"] == [str(data_file)]
+    assert info["data_fingerprint"] == fingerprint(records)
+    assert info["train_config"]["policy"] == "prefix" and info["train_config"]["data"] == [str(data_file)]
     assert info["segmask_version"]
     adapter_info = json.loads((prefix_run / "adapter" / "segmask.json").read_text())
     assert adapter_info["adapter"] is True and adapter_info["policy"] == "prefix"
@@ -273,7 +277,7 @@ def test_output_folder_records_the_run(prefix_run, stories_path, data_file, reco
         "loss_curve.png",
     ):
         assert (prefix_run / name).is_file(), name
-    rows = read_metrics(prefix_run / training.METRICS_FILE)
+    rows = read_metrics(prefix_run / train_output.METRICS_FILE)
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 9))
     assert [r["step"] for r in rows if "eval_loss" in r] == [4, 8]
     assert all(r["tokens_per_second"] > 0 for r in rows if "loss" in r)
@@ -294,45 +298,46 @@ def test_output_folders_load_with_their_recorded_policy(prefix_run, stories_path
 
 
 def test_causal_sink_is_trained_recorded_and_given_back(stories_path, data_file, records, tmp_path):
-    encoded = training.data.encode_records(
-        loading.load_tokenizer(stories_path), records[:2], "mas", 128, causal_sink=True
-    )
+    encoded = encode_records(loading.load_tokenizer(stories_path), records[:2], "mas", 128, causal_sink=True)
     assert [row[:3] for row in encoded["segment_ids"]] == [[-1, 0, 0]] * 2  # <s> causal, the system segment 0
     output = train(
-        tiny(stories_path, data_file, tmp_path / "sink", mask="mas", causal_sink=True, max_steps=2)
+        tiny(stories_path, data_file, tmp_path / "sink", policy="mas", causal_sink=True, max_steps=2)
     )
     info = json.loads((output / "segmask.json").read_text())
     assert info["causal_sink"] is True and info["train_config"]["causal_sink"] is True
-    assert loading.read_run_info(output).causal_sink is True
-    assert loading.resolve_causal_sink(output) is True
+    assert read_run(output).causal_sink is True
+    assert resolve_settings(read_run(output)).causal_sink is True
     with pytest.warns(UserWarning, match="causal_sink=True"):
-        assert loading.resolve_causal_sink(output, False) is False
+        assert resolve_settings(read_run(output), causal_sink=False).causal_sink is False
     _, _, policy = loading.load_model(output)
     assert policy == "mas"
-    assert loading.resolve_causal_sink(stories_path) is None  # not a run: the policy's default decides
+    assert read_run(stories_path) is None  # not a run: the policy's default decides
+    assert resolve_settings(None).causal_sink is None
 
 
 def test_the_sink_default_is_resolved_per_mask_and_recorded(stories_path, data_file, tmp_path):
     """causal_sink None (the default) is the mask's default: on under mas, off under prefix and causal; the
     config holds the resolved value, so train_config.json and segmask.json record what was trained."""
     for mask, sink in [("mas", True), ("prefix", False), ("causal", False)]:
-        assert tiny(stories_path, data_file, tmp_path / mask, mask=mask).causal_sink is sink, mask
+        assert tiny(stories_path, data_file, tmp_path / mask, policy=mask).causal_sink is sink, mask
     assert tiny(stories_path, data_file, tmp_path / "paper", causal_sink=False).causal_sink is False
-    assert tiny(stories_path, data_file, tmp_path / "c", mask="causal", causal_sink=True).causal_sink is False
+    assert (
+        tiny(stories_path, data_file, tmp_path / "c", policy="causal", causal_sink=True).causal_sink is False
+    )
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"model: {stories_path}\ndata: [{data_file}]\nmask: mas\n")
+    recipe.write_text(f"model: {stories_path}\ndata: [{data_file}]\npolicy: mas\n")
     assert TrainConfig.from_yaml(recipe).causal_sink is True
-    assert TrainConfig.from_yaml(recipe, mask="prefix").causal_sink is False
+    assert TrainConfig.from_yaml(recipe, policy="prefix").causal_sink is False
 
 
 def test_a_run_saved_before_causal_sink_existed_resumes_without_it(stories_path, data_file, tmp_path):
     # such a run trained with the sink off: it resumes with causal_sink false ...
     config = tiny(stories_path, data_file, tmp_path / "run", causal_sink=False)
     saved = {k: v for k, v in config.to_dict().items() if k != "causal_sink"}
-    training._check_same_run(config, saved, tmp_path)
+    train_output.check_same_run(config, saved, tmp_path)
     # ... and is refused with the mas default (on), which would train another mask
     with pytest.raises(ValueError, match="causal_sink changed"):
-        training._check_same_run(tiny(stories_path, data_file, tmp_path / "run"), saved, tmp_path)
+        train_output.check_same_run(tiny(stories_path, data_file, tmp_path / "run"), saved, tmp_path)
 
 
 def test_full_fine_tuning_writes_full_safetensors_weights(stories_path, data_file, tmp_path):
@@ -362,7 +367,7 @@ def test_resuming_a_finished_run_changes_nothing(stories_path, data_file, tmp_pa
     them from its last checkpoint, without a step past max_steps."""
     run = tmp_path / "run"
     train(tiny(stories_path, data_file, run, max_steps=3))
-    assert training.last_checkpoint(run).name == "checkpoint-3"
+    assert train_output.last_checkpoint(run).name == "checkpoint-3"
     before = snapshot(run)
     with caplog.at_level("INFO", logger="segmask.training"):
         assert train(tiny(stories_path, data_file, run, max_steps=3, resume=True)) == run
@@ -395,7 +400,7 @@ def test_resume_and_overwrite_refuse_a_folder_of_other_files(stories_path, data_
     run = tmp_path / "run"
     run.mkdir()
     config = tiny(stories_path, data_file, run, resume=True)
-    (run / training.RUN_CONFIG_FILE).write_text(json.dumps(config.to_dict()))
+    (run / train_output.RUN_CONFIG_FILE).write_text(json.dumps(config.to_dict()))
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"accuracy": 0.5}\n')
     before = snapshot(run)
     with pytest.raises(ValueError, match=r"metrics\.jsonl:2: not a segmask metrics row"):
@@ -418,8 +423,8 @@ def test_overwrite_removes_the_runs_files_and_nothing_else(stories_path, data_fi
         "checkpoint-1"
     ]
     assert not (run / "adapter_model.safetensors").exists() and (run / "model.safetensors").exists()
-    assert not list(run.glob(".*.tmp")) and not (run / training.LOCK_FILE).exists()
-    removed = {p.name for p in training.run_files(run)}
+    assert not list(run.glob(".*.tmp")) and not (run / train_output.LOCK_FILE).exists()
+    removed = {p.name for p in train_output.run_files(run)}
     assert {"checkpoint-1", "metrics.jsonl", "model.safetensors", "config.json", "tokenizer.json",
             "segmask.json", "train_config.json", "loss_curve.png"} <= removed  # fmt: skip
     assert not removed & {"NOTES.txt", "mine", "README.md"}
@@ -469,7 +474,7 @@ class LockSeen(TrainerCallback):
     """Records the lock file's text at each step."""
 
     def __init__(self, output: Path):
-        self.lock, self.seen = output / training.LOCK_FILE, []
+        self.lock, self.seen = output / train_output.LOCK_FILE, []
 
     def on_step_end(self, args, state, control, **kwargs):
         self.seen.append(self.lock.read_text() if self.lock.exists() else None)
@@ -506,7 +511,7 @@ def test_the_output_folder_is_locked_for_the_whole_run(stories_path, data_file, 
             ValueError, match=rf"output {re.escape(str(run))} is in use by another run \(process"
         ):
             train(tiny(stories_path, data_file, run, max_steps=4, save_steps=2, resume=True))
-        assert snapshot(run) == {**before, training.LOCK_FILE: f"{os.getpid()}\n".encode()}
+        assert snapshot(run) == {**before, train_output.LOCK_FILE: f"{os.getpid()}\n".encode()}
     seen.seen.clear()
     train(tiny(stories_path, data_file, run, max_steps=4, save_steps=2, resume=True), callbacks=[seen])
     assert seen.seen == [f"{os.getpid()}\n"] * 2 and not seen.lock.exists()  # steps 3 and 4
@@ -561,7 +566,9 @@ def test_a_read_only_output_folder_is_refused(stories_path, data_file, tmp_path,
     run = tmp_path / "run"
     run.mkdir()
     if resume:
-        (run / training.RUN_CONFIG_FILE).write_text(json.dumps(tiny(stories_path, data_file, run).to_dict()))
+        (run / train_output.RUN_CONFIG_FILE).write_text(
+            json.dumps(tiny(stories_path, data_file, run).to_dict())
+        )
     run.chmod(0o555)
     try:
         try:
@@ -621,7 +628,7 @@ def test_load_best_model_at_end_keeps_the_lowest_eval_loss(stories_path, data_fi
 
 def test_the_paper_template_is_trained_and_recorded(stories_path, data_file, records, tmp_path):
     tokenizer = loading.load_tokenizer(stories_path)
-    [row] = training.data.encode_records(tokenizer, records[:1], "mas", 256, template="paper")["input_ids"]
+    [row] = encode_records(tokenizer, records[:1], "mas", 256, template="paper")["input_ids"]
     text = tokenizer.decode(row, skip_special_tokens=True)
     assert "request.  \n\n                ### Instruction:\n                What did" in text
     output = train(
@@ -629,15 +636,16 @@ def test_the_paper_template_is_trained_and_recorded(stories_path, data_file, rec
     )
     info = json.loads((output / "segmask.json").read_text())
     assert info["template"] == "paper" and info["train_config"]["template"] == "paper"
-    assert loading.resolve_template(output) == "paper" and loading.resolve_template(stories_path) == "alpaca"
+    assert resolve_settings(read_run(output)).template == "paper"
+    assert resolve_settings(read_run(stories_path)).template == "alpaca"
     with pytest.warns(UserWarning, match="trained with template 'paper'"):
-        assert loading.resolve_template(output, "alpaca") == "alpaca"
+        assert resolve_settings(read_run(output), template="alpaca").template == "alpaca"
     with pytest.raises(ValueError, match=r"^unknown template 'plain'; expected one of alpaca, paper$"):
         tiny(stories_path, data_file, tmp_path / "x", template="plain")
     # a run saved before the fields existed resumes with their defaults
     config = tiny(stories_path, data_file, tmp_path / "run")
     saved = {k: v for k, v in config.to_dict().items() if k not in ("template", "load_best_model_at_end")}
-    training._check_same_run(config, saved, tmp_path)
+    train_output.check_same_run(config, saved, tmp_path)
 
 
 @pytest.mark.parametrize("where", ["arguments", "accelerator"])
@@ -678,5 +686,5 @@ def test_context_parallelism_is_refused_before_anything_is_written(
         monkeypatch.setattr(SegmaskTrainer, "__init__", init)
     output = tmp_path / "run"
     with pytest.raises(ValueError, match="context parallelism"):
-        train(tiny(stories_path, data_file, output, mask="mas", max_steps=1))
+        train(tiny(stories_path, data_file, output, policy="mas", max_steps=1))
     assert not (output / "segmask.json").exists() and not list(output.glob("checkpoint-*"))

@@ -41,8 +41,8 @@ from segmask import compat
 from segmask.attention import ContextOverflowError, require_enabled
 from segmask.collate import Collator, pad_token_id
 from segmask.detokenize import TextStream
-from segmask.overflow import context_length
 from segmask.masks import MaskPolicy, check_policy
+from segmask.overflow import context_length
 from segmask.segments import Encoded, encode_chat, encode_instruction, encode_text
 from segmask.templates import DEFAULT_TEMPLATE
 
@@ -344,11 +344,13 @@ def stream(
     prompt: Prompt,
     policy: MaskPolicy = "mas",
     causal_sink: bool | None = None,
+    template: str = DEFAULT_TEMPLATE,
     **generation_kwargs,
 ) -> Iterator[str]:
-    """Generate for one prompt, yielding text pieces as they are decoded (``causal_sink`` as in :func:`generate`)."""
+    """Generate for one prompt, yielding text pieces as they are decoded (``causal_sink`` and ``template`` as
+    in :func:`generate`)."""
     policy = check_policy(policy)
-    encoded = encode_prompt(tokenizer, prompt, policy, causal_sink)
+    encoded = encode_prompt(tokenizer, prompt, policy, causal_sink, template)
     input_ids = torch.tensor([encoded.input_ids])
     segment_ids = torch.tensor([encoded.segment_ids])
     generation_kwargs.setdefault("pad_token_id", pad_token_id(tokenizer))

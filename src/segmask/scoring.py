@@ -30,8 +30,8 @@ from tqdm.auto import tqdm
 
 from segmask import compat, results
 from segmask.collate import pad_token_id
-from segmask.overflow import Overflow, context_length, fit_prompt
 from segmask.generation import completion, eos_token_ids, generate_ids, left_pad, prefill
+from segmask.overflow import Overflow, context_length, fit_prompt
 from segmask.segments import Encoded, encode_chat, encode_instruction
 from segmask.tasks import commonsense
 from segmask.templates import DEFAULT_TEMPLATE, check_template

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 from conftest import write_recipe
 
-from segmask import training
+from segmask import train_output
 from segmask.files import exclusive_lock
+from segmask.runs import RUN_FILE
 
 RECORDS = [
     {"instruction": f"What did {name} see?", "input": "", "output": f"{name} saw a {thing}."}
@@ -44,21 +45,21 @@ def finish(process: subprocess.Popen) -> tuple[int, str, str]:
 
 
 def logged_steps(output: Path) -> list[int]:
-    rows = [json.loads(line) for line in (output / training.METRICS_FILE).read_text().splitlines()]
+    rows = [json.loads(line) for line in (output / train_output.METRICS_FILE).read_text().splitlines()]
     return [row["step"] for row in rows if "loss" in row]
 
 
 def test_a_run_into_a_locked_folder_exits_2_and_writes_nothing(recipe, tmp_path):
     output = tmp_path / "run"
     output.mkdir()
-    with exclusive_lock(output / training.LOCK_FILE, "test"):  # as a run in another process holds it
+    with exclusive_lock(output / train_output.LOCK_FILE, "test"):  # as a run in another process holds it
         code, out, err = finish(segmask_train(recipe, output, "--max-steps", "2"))
         assert code == 2, err[-2000:]
         assert (
             err
             == f"segmask train: error: output {output} is in use by another run (process {os.getpid()}); wait for it to end\n"
         )
-        assert sorted(p.name for p in output.iterdir()) == [training.LOCK_FILE] and out == ""
+        assert sorted(p.name for p in output.iterdir()) == [train_output.LOCK_FILE] and out == ""
 
 
 @pytest.mark.slow
@@ -77,18 +78,18 @@ def test_overwrite_while_a_run_trains_is_refused_and_a_killed_run_frees_the_fold
         assert code == 2 and err.count("\n") == 1, err[-2000:]
         assert f"output {output} is in use by another run (process {first.pid})" in err
         assert first.poll() is None  # still training, its checkpoints and config untouched
-        assert json.loads((output / training.RUN_CONFIG_FILE).read_text())["seed"] == 1
+        assert json.loads((output / train_output.RUN_CONFIG_FILE).read_text())["seed"] == 1
     finally:
         first.send_signal(signal.SIGKILL)
         first.communicate(timeout=60)
-    assert training.last_checkpoint(output) is not None and (output / training.LOCK_FILE).exists()  # stale
+    assert train_output.last_checkpoint(output) is not None and (output / train_output.LOCK_FILE).exists()  # stale
 
     code, out, err = finish(segmask_train(recipe, output, "--max-steps", "3", "--seed", "2", "--overwrite"))
     assert code == 0, err[-2000:]
     assert logged_steps(output) == [1, 2, 3]
     assert [p.name for p in output.glob("checkpoint-*")] == ["checkpoint-3"]  # the first run's are gone
-    assert json.loads((output / training.RUN_CONFIG_FILE).read_text())["seed"] == 2
-    assert not (output / training.LOCK_FILE).exists()  # released at the end
+    assert json.loads((output / train_output.RUN_CONFIG_FILE).read_text())["seed"] == 2
+    assert not (output / train_output.LOCK_FILE).exists()  # released at the end
 
 
 @pytest.mark.slow
@@ -105,6 +106,6 @@ def test_two_runs_started_together_leave_one_whole_run(recipe, tmp_path):
     assert code == 2 and out == "" and err.count("\n") == 1, err[-2000:]
     assert "is in use by another run" in err or "already holds a run" in err
     assert logged_steps(output) == [1, 2, 3, 4, 5, 6]
-    info = json.loads((output / training.SEGMASK_FILE).read_text())
+    info = json.loads((output / RUN_FILE).read_text())
     assert info["train_config"]["seed"] == winner
-    assert json.loads((output / training.RUN_CONFIG_FILE).read_text())["seed"] == winner
+    assert json.loads((output / train_output.RUN_CONFIG_FILE).read_text())["seed"] == winner

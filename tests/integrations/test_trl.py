@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback  #
 from trl import SFTConfig  # noqa: E402
 
 import segmask  # noqa: E402
-from segmask.integrations.trl import MASDataCollator, MASSFTTrainer, encode_dataset  # noqa: E402
+from segmask.integrations.trl import MASSFTCollator, MASSFTTrainer, encode_dataset  # noqa: E402
 from segmask.leaks import leak_check  # noqa: E402
 
 NAMES = ("Lily", "Tom", "Sue", "Ben")
@@ -129,14 +129,14 @@ def test_the_collator_lays_out_segment_and_document_ids_like_trl(tokenizer):
     """Padded, and padding-free with packed seq_lengths: two documents [0 0 -1] and [0 -1] in one row."""
     first = {"input_ids": [5, 6, 7], "segment_ids": [0, 0, -1], "labels": [-100, -100, 7]}
     second = {"input_ids": [8, 9], "segment_ids": [0, -1], "labels": [-100, 9]}
-    padded = MASDataCollator(pad_token_id=2)([first, second])
+    padded = MASSFTCollator(pad_token_id=2)([first, second])
     assert padded["input_ids"].tolist() == [[5, 6, 7], [8, 9, 2]]
     assert padded["segment_ids"].tolist() == [[0, 0, -1], [0, -1, -1]]
     assert padded["labels"].tolist() == [[-100, -100, 7], [-100, 9, -100]]
     assert "document_ids" not in padded  # one document per row: nothing to separate
 
     packed = {k: first[k] + second[k] for k in first} | {"seq_lengths": [3, 2]}
-    flat = MASDataCollator(pad_token_id=2, padding_free=True, pad_to_multiple_of=8)([packed])
+    flat = MASSFTCollator(pad_token_id=2, padding_free=True, pad_to_multiple_of=8)([packed])
     assert flat["input_ids"].tolist() == [[5, 6, 7, 8, 9, 2, 2, 2]]
     assert flat["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 0, 0]]
     assert flat["segment_ids"].tolist() == [[0, 0, -1, 0, -1, -1, -1, -1]]
@@ -145,9 +145,9 @@ def test_the_collator_lays_out_segment_and_document_ids_like_trl(tokenizer):
     assert "cu_seq_lens_q" not in flat and "attention_mask" not in flat
 
     with pytest.raises(ValueError, match="loss on a bidirectional token"):
-        MASDataCollator(pad_token_id=2)([{**first, "labels": [5, -100, 7]}])
+        MASSFTCollator(pad_token_id=2)([{**first, "labels": [5, -100, 7]}])
     with pytest.raises(ValueError, match="example 0: 2 segment ids for 3 tokens"):
-        MASDataCollator(pad_token_id=2)([{**first, "segment_ids": [0, -1]}])
+        MASSFTCollator(pad_token_id=2)([{**first, "segment_ids": [0, -1]}])
 
 
 def test_the_trainer_batch_has_literal_labels_and_segments(stories_chat, tokenizer, tmp_path):
@@ -176,7 +176,7 @@ def test_first_step_loss_equals_segmask_train(stories_chat, tokenizer, tmp_path)
     ours = FirstLoss()
     train(
         TrainConfig(
-            model=str(stories_chat), data=(str(data),), output=str(tmp_path / "run"), mask="mas",
+            model=str(stories_chat), data=(str(data),), output=str(tmp_path / "run"), policy="mas",
             lora_r=0, batch_size=4, gradient_accumulation_steps=1, max_steps=2, learning_rate=1e-2,
             warmup_steps=0, logging_steps=1, save_steps=100, precision="fp32", cutoff_len=256,
         ),
@@ -242,7 +242,7 @@ def test_bad_configurations_are_refused_in_one_line(stories_chat, tokenizer, tmp
         trainer_for(stories_chat, tokenizer, tmp_path, rows=[{"text": "Once upon a time"}])
     with pytest.raises(ValueError, match="builds its own collator"):
         MASSFTTrainer(
-            model=model_of(stories_chat), args=config(tmp_path), data_collator=MASDataCollator(pad_token_id=2),
+            model=model_of(stories_chat), args=config(tmp_path), data_collator=MASSFTCollator(pad_token_id=2),
             train_dataset=Dataset.from_list([{"messages": HI_YO}]), processing_class=tokenizer,
         )  # fmt: skip
 

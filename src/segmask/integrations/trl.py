@@ -21,12 +21,12 @@ What it adds to ``SFTTrainer``, and nothing else:
     packing     TRL's ``pack_dataset`` (``bfd``, ``bfd_split``) packs ``segment_ids`` with the tokens; its
                 ``seq_lengths`` become ``document_ids``, so the mask stays block-diagonal and exact
                 (``wrapped`` cuts conversations anywhere and is refused)
-    collator    :class:`MASDataCollator`: TRL's ``DataCollatorForLanguageModeling`` (padding or padding-free)
+    collator    :class:`MASSFTCollator`: TRL's ``DataCollatorForLanguageModeling`` (padding or padding-free)
                 plus ``segment_ids`` (-1 on padding) and ``document_ids`` (-1 on padding) laid out the same way
 
 ``SFTConfig.assistant_only_loss`` is not needed (the labels are assistant-only already). A
-conversation longer than ``max_length`` (packed or not) follows ``overflow`` (:func:`segmask.segments.apply_cutoff_all`:
-``drop``, ``truncate_prompt``, ``raise``); answers are never cut.
+conversation longer than ``max_length`` (packed or not) follows ``overflow`` (:func:`segmask.overflow.apply_cutoff_all`:
+``skip``, ``truncate``, ``error``); answers are never cut.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from segmask import segments
 from segmask.attention import enable
 from segmask.data import check_causal_loss
 from segmask.masks import MaskPolicy, check_policy
+from segmask.overflow import Overflow, apply_cutoff_all
 from segmask.parallel import check_sequence_sharding
 from segmask.segments import IGNORE_INDEX, Encoded
 
@@ -85,7 +86,7 @@ def encode_dataset(
     tokenizer,
     policy: MaskPolicy = "mas",
     max_length: int | None = None,
-    overflow: segments.Overflow = "drop",
+    overflow: Overflow = "skip",
     train_on: segments.TrainOn = "all",
     causal_sink: bool | None = None,
 ):
@@ -105,7 +106,7 @@ def encode_dataset(
         if any(label != IGNORE_INDEX for label in record.labels[1:]):
             encoded.append(record)
     if max_length is not None and encoded:
-        encoded, report = segments.apply_cutoff_all(encoded, max_length, overflow)
+        encoded, report = apply_cutoff_all(encoded, max_length, overflow)
         if report.over:
             logger.warning("%s; overflow=%s", report, overflow)
     if not encoded:
@@ -115,8 +116,9 @@ def encode_dataset(
 
 
 @dataclass
-class MASDataCollator(DataCollatorForLanguageModeling):
-    """TRL's collator plus ``segment_ids`` and ``document_ids``, laid out as its ``input_ids``.
+class MASSFTCollator(DataCollatorForLanguageModeling):
+    """:class:`MASSFTTrainer`'s collator: TRL's plus ``segment_ids`` and ``document_ids``, laid out as its
+    ``input_ids`` (segmask's own batches are :class:`segmask.collate.Collator`'s).
 
     Rows need ``segment_ids`` next to ``input_ids`` and ``labels`` (and ``seq_lengths`` when packed).
     ``document_ids`` number the documents of each row (0, 1, ...; a padding-free batch is one row, so its
@@ -180,14 +182,14 @@ class MASSFTTrainer(SFTTrainer):
         policy: MaskPolicy = "mas",
         train_on: segments.TrainOn = "all",
         causal_sink: bool | None = None,
-        overflow: segments.Overflow = "drop",
+        overflow: Overflow = "skip",
         **kwargs: Any,
     ):
         self.policy = check_policy(policy)
         self.train_on, self.causal_sink, self.overflow = train_on, causal_sink, overflow
         if kwargs.get("data_collator") is not None:
             raise ValueError(
-                "MASSFTTrainer builds its own collator (MASDataCollator); pass data_collator=None"
+                "MASSFTTrainer builds its own collator (MASSFTCollator); pass data_collator=None"
             )
         if kwargs.get("formatting_func") is not None:
             raise ValueError("MASSFTTrainer reads conversations, not formatted text; drop formatting_func")
@@ -195,7 +197,7 @@ class MASSFTTrainer(SFTTrainer):
         super().__init__(*args, **kwargs)
         check_sequence_sharding(self.accelerator.parallelism_config)  # e.g. from an accelerate config file
         enable(self.model)
-        self.data_collator = MASDataCollator(
+        self.data_collator = MASSFTCollator(
             pad_token_id=self._tokenizer.pad_token_id,
             padding_free=self.padding_free,
             pad_to_multiple_of=self.args.pad_to_multiple_of,

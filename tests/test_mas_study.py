@@ -73,8 +73,8 @@ def test_a_unit_runs_end_to_end_resumes_and_refuses_other_settings(
     monkeypatch.setattr(status, "TASKS", {"tiny": TINY})
     out = tmp_path / "study"
     argv = [
-        "--model", str(stories_path), "--steps", "2", "--eval-every", "1", "--test-size", "4", "--loss-size", "2",
-        "--tasks", "tiny", "--layouts", "after", "--conditions", "mas", "--seeds", "0", "--out", str(out),
+        "--model", str(stories_path), "--steps", "2", "--eval-every", "1", "--test-size", "4",
+        "--loss-size", "2", "--acc-size", "3", "--tasks", "tiny", "--layouts", "after", "--conditions", "mas", "--seeds", "0", "--out", str(out),
     ]  # fmt: skip
     assert run.main(argv) == 0
     unit = run.unit_dir(out, "tiny", "after", "mas", 0)
@@ -86,7 +86,7 @@ def test_a_unit_runs_end_to_end_resumes_and_refuses_other_settings(
     assert [r["step"] for r in curve if r["kind"] == "loss"] == [0, 1, 2]
     [checkpoint] = [r for r in curve if r["kind"] == "accuracy"]
     assert (
-        checkpoint["step"] == 1 and checkpoint["leak_check"] == 0.0 and len(checkpoint["correct_bits"]) == 4
+        checkpoint["step"] == 1 and checkpoint["leak_check"] == 0.0 and len(checkpoint["correct_bits"]) == 3
     )
     assert summary["settings"]["causal_sink"] is False and summary["cpu_time_s"]["total"] > 0
     assert json.loads((out / "data" / "tiny" / "first" / "tiny_test.json").read_text())  # both layouts drawn
@@ -129,3 +129,39 @@ def test_pilot_is_causal_only(capsys):
     for flag in ("--conditions", "--eval-masks"):
         assert pilot.main([flag, "mas"]) == 2
         assert "fixed in the pilot" in capsys.readouterr().err
+
+
+def test_summary_computes_the_pre_registered_endpoint(tmp_path):
+    """Gains per layout paired by seed, and the interaction (after minus first), from synthetic units."""
+    import summarize
+
+    accuracy = {  # (layout, condition) -> per seed 0, 1, 2
+        ("after", "causal"): [0.50, 0.60, 0.55],
+        ("after", "mas"): [0.70, 0.65, 0.75],
+        ("after", "mas_sink"): [0.50, 0.60, 0.60],
+        ("first", "causal"): [0.70, 0.70, 0.75],
+        ("first", "mas"): [0.70, 0.75, 0.75],
+        ("first", "mas_sink"): [0.65, 0.70, 0.75],
+    }
+    for (layout, condition), values in accuracy.items():
+        for seed, value in enumerate(values):
+            unit = run.unit_dir(tmp_path, "reading", layout, condition, seed)
+            unit.mkdir(parents=True)
+            bits = "1" * round(20 * value) + "0" * (20 - round(20 * value))
+            final = {m: {"accuracy": value, "correct_bits": bits, "n": 20} for m in run.CONDITIONS}
+            (unit / "curve.jsonl").write_text(json.dumps({"kind": "loss", "step": 0, "loss": 1.0}) + "\n")
+            summary = {"final": final, "own_mask": condition, "leak_check_final": {condition: 0.0}}
+            (unit / "unit.json").write_text(json.dumps(summary | {"cpu_time_s": {"total": 600.0}}))
+    result = summarize.summarize(tmp_path)["tasks"]["reading"]
+    after, first = result["gain"]["mas"]["after"], result["gain"]["mas"]["first"]
+    assert after["per_seed"] == pytest.approx({0: 0.20, 1: 0.05, 2: 0.20})
+    assert first["per_seed"] == pytest.approx({0: 0.0, 1: 0.05, 2: 0.0})
+    assert after["mean"] == pytest.approx(0.15) and after["ci_low"] < 0.15 < after["ci_high"]
+    interaction = result["interaction"]["mas"]
+    assert interaction["per_seed"] == pytest.approx({0: 0.20, 1: 0.0, 2: 0.20})
+    assert interaction["mean"] == pytest.approx(0.4 / 3) and interaction["n_seeds"] == 3
+    assert result["interaction"]["mas_sink"]["per_seed"] == pytest.approx({0: 0.05, 1: 0.0, 2: 0.05})
+    assert result["mcnemar"]["mas/after/0"] == {"only_causal": 0, "only_variant": 4, "p_value": 0.125}
+    text = (tmp_path / "summary.md").read_text()
+    assert "| mas | after − first | 0: +20.0, 1: +0.0, 2: +20.0 | +13.3 [" in text
+    assert (tmp_path / "interaction.png").stat().st_size > 0 and (tmp_path / "curves.png").exists()

@@ -1,11 +1,11 @@
 """The MAS study's pilot (issue 33): causal only, one seed, to fix each task's difficulty and the step budget.
 
     OMP_NUM_THREADS=1 python experiments/mas_study/pilot.py --threads 1 --steps 150 --acc-steps 50 100 \\
-        --test-size 100 --loss-size 50 --layouts after                # train the causal units
+        --test-size 100 --loss-size 50 --layouts after [--try NAME]   # train the causal units
     python experiments/mas_study/pilot.py --table                    # write results/mas_study/pilot.md
 
 Runs ``run.py``'s units with ``--conditions causal --eval-masks causal --seeds 0`` into
-``results/mas_study/pilot`` (no MAS run, no MAS evaluation: nothing is tuned on MAS). The target: causal's
+``results/mas_study/pilot`` (``--try NAME``: ``results/mas_study/pilot/NAME``, for another difficulty; no MAS run, no MAS evaluation: nothing is tuned on MAS). The target: causal's
 held-out accuracy at the end of the budget between 45 % and 80 %, with its held-out loss flattened.
 ``--table`` reads the finished units and writes the table (accuracy at each checkpoint, held-out loss,
 CPU time per unit).
@@ -30,12 +30,13 @@ FORCED = ["--conditions", "causal", "--eval-masks", "causal", "--seeds", "0", "-
 def table(out: Path = PILOT_OUT) -> str:
     """The pilot's finished (and running) units as a Markdown table."""
     lines = [
-        "| task | question | steps | accuracy at checkpoints (n) | final accuracy [95 % Wilson] | held-out loss "
+        "| try | task | question | difficulty | steps | accuracy at checkpoints (n) | final accuracy [95 % Wilson] | held-out loss "
         "(step: loss) | CPU-min (train / total) |",
-        "|---|---|---:|---|---|---|---:|",
+        "|---|---|---|---|---:|---|---|---|---:|",
     ]
-    for folder in sorted((out / "runs").glob("*/*/causal/seed0")):
+    for folder in sorted(out.glob("runs/*/*/causal/seed0")) + sorted(out.glob("*/runs/*/*/causal/seed0")):
         task, layout = folder.parts[-4], folder.parts[-3]
+        attempt = folder.parts[-6] if folder.parts[-6] != out.name else "first"
         settings = json.loads((folder / "config.json").read_text())
         curve = run.demo_study.read_curve(folder / "curve.jsonl")
         accs = ", ".join(
@@ -56,7 +57,7 @@ def table(out: Path = PILOT_OUT) -> str:
         else:
             final_text, cpu = "(not finished)", "–"
         lines.append(
-            f"| {task} | {layout} | {settings['steps']} | {accs} (n={settings['test_size']}) | {final_text} | "
+            f"| {attempt} | {task} | {layout} | `{json.dumps(settings['task_spec']['params'])}` | {settings['steps']} | {accs} (n={settings['test_size']}) | {final_text} | "
             f"{loss_text} | {cpu} |"
         )
     return "\n".join(lines) + "\n"
@@ -75,7 +76,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if flag in argv:
             print(f"pilot: {flag} is fixed in the pilot (causal only, seed 0, {PILOT_OUT})", file=sys.stderr)
             return 2
-    return run.main(argv + FORCED)
+    forced = list(FORCED)
+    if "--try" in argv:  # another try at a difficulty: its own folder, the earlier tries stay as they were
+        at = argv.index("--try")
+        name = argv[at + 1] if at + 1 < len(argv) else ""
+        if not name.isidentifier():
+            print("pilot: --try needs a name (letters, digits, _)", file=sys.stderr)
+            return 2
+        del argv[at : at + 2]
+        forced[-1] = str(PILOT_OUT / name)
+    return run.main(argv + forced)
 
 
 if __name__ == "__main__":

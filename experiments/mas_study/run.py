@@ -20,7 +20,9 @@ batch 4, cutoff 256):
 
 Tasks (:data:`TASKS`, difficulty fixed by the causal-only pilot, ``results/mas_study/pilot.md``):
 
-    reading    segmask.tasks.reading made harder: six people, 6-10 moves, two pickups, "Where is the <object>?"
+    reading    segmask.tasks.reading made harder: 4-7 moves of four people, two pickups, and half the questions
+               two-hop ("Where is the <object>?"), half about a person
+               (the pilot's first try, six people, 6-10 moves, all two-hop, left causal near chance)
     family     reasoning-gym 0.1.25 ``family_relationships`` (segmask.tasks.gym), "What is X to Y?"
 
 One *unit* is a (task, layout, condition, seed). The items of a task (data seed ``--data-seed``) are drawn
@@ -85,11 +87,11 @@ TASKS: dict[str, dict] = {
     "reading": {
         "source": "segmask.tasks.reading",
         "params": {
-            "people": list(reading.PEOPLE),
-            "min_sentences": 6,
-            "max_sentences": 10,
+            "people": list(reading.PEOPLE[:4]),
+            "min_sentences": 4,
+            "max_sentences": 7,
             "pickups": 2,
-            "two_hop": True,
+            "two_hop": 0.5,
         },
     },
     "family": {"source": f"reasoning-gym {gym.VERSION}", "name": "family_relationships", "params": {}},
@@ -125,8 +127,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default="", help="base model (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--data-seed", type=int, default=0)
     parser.add_argument("--train-size", type=int, default=None, help="default: steps x batch (one pass)")
-    parser.add_argument("--test-size", type=int, default=300)
-    parser.add_argument("--loss-size", type=int, default=100)
+    parser.add_argument("--test-size", type=int, default=200, help="held-out items (final accuracy)")
+    parser.add_argument("--loss-size", type=int, default=50, help="first N held-out items for the loss curve")
+    parser.add_argument(
+        "--acc-size",
+        type=int,
+        default=100,
+        help="first N held-out items for accuracy at --acc-steps (final: all)",
+    )
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--lora-r", type=int, default=16)
@@ -134,14 +142,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--commit", action="store_true", help="git-commit each unit's results as it ends")
     parser.add_argument("--out", default=DEFAULT_OUT)
     args = parser.parse_args(argv)
-    if args.steps <= 0 or args.eval_every <= 0 or args.loss_size <= 0 or args.test_size <= 0:
-        parser.error("--steps, --eval-every, --test-size and --loss-size must be positive")
+    if min(args.steps, args.eval_every, args.loss_size, args.test_size, args.acc_size) <= 0:
+        parser.error("--steps, --eval-every, --test-size, --loss-size and --acc-size must be positive")
     if args.train_size is None:
         args.train_size = args.steps * args.batch_size
     if args.acc_steps is None:
         args.acc_steps = [args.steps // 4, args.steps // 2, 3 * args.steps // 4]
     args.acc_steps = sorted({s for s in args.acc_steps if 0 < s < args.steps})
     args.loss_size = min(args.loss_size, args.test_size)
+    args.acc_size = min(args.acc_size, args.test_size)
     return args
 
 
@@ -185,6 +194,7 @@ def unit_settings(args, task: str, layout: str, condition: str, seed: int, diges
         "train_size": args.train_size,
         "test_size": args.test_size,
         "loss_size": args.loss_size,
+        "acc_size": args.acc_size,
         "batch_size": args.batch_size,
         "learning_rate": args.learning_rate,
         "lora_r": args.lora_r,
@@ -250,11 +260,27 @@ def prepare_data(args: argparse.Namespace, out: Path, task: str) -> tuple[Path, 
 
 
 def accuracy(
-    model, tokenizer, data_dir: Path, task: str, mask: str, sink: bool, out: Path, resume: bool
+    model,
+    tokenizer,
+    data_dir: Path,
+    task: str,
+    mask: str,
+    sink: bool,
+    out: Path,
+    resume: bool,
+    limit: int | None = None,
 ) -> dict:
-    """Held-out accuracy (``loglik`` over the task's answers) under ``mask``, with per-item correctness bits."""
+    """Held-out accuracy (``loglik`` over the task's answers) under ``mask`` on the first ``limit`` items (all:
+    ``None``), with per-item correctness bits."""
     config = EvalConfig(
-        str(data_dir), task, policy=mask, scoring="loglik", out=str(out), resume=resume, causal_sink=sink
+        str(data_dir),
+        task,
+        policy=mask,
+        scoring="loglik",
+        out=str(out),
+        resume=resume,
+        causal_sink=sink,
+        limit=limit,
     )
     score = evaluate(model, tokenizer, config, progress=False)["tasks"][task]
     rows = sorted(
@@ -267,20 +293,20 @@ def accuracy(
 
 class Probe(demo_study.Probe):
     """The demo study's probe (held-out loss every ``eval_every`` steps, accuracy at ``acc_steps``, each
-    after the leak check, RNG restored), scoring this unit's task."""
+    after the leak check, RNG restored), scoring this unit's task on its first ``acc_size`` held-out items."""
 
     def __init__(self, unit: Path, tokenizer, records: list[dict], data_dir: Path, settings: dict) -> None:
         super().__init__(unit, tokenizer, records, data_dir, settings)
-        self.task = settings["task"]
+        self.task, self.acc_size = settings["task"], settings["acc_size"]
 
     def _measure(self, model, step: int) -> None:
         # demo_study.Probe._measure calls its module's ``accuracy`` (the reading task's file name); point it
         # at this task's for the call
         original = demo_study.accuracy
-        task = self.task
+        task, limit = self.task, self.acc_size
 
         def task_accuracy(model, tokenizer, data_dir, mask, sink, out, resume):
-            return accuracy(model, tokenizer, data_dir, task, mask, sink, out, resume)
+            return accuracy(model, tokenizer, data_dir, task, mask, sink, out, resume, limit)
 
         demo_study.accuracy = task_accuracy
         try:

@@ -20,12 +20,13 @@ from run import CONDITIONS, DEFAULT_OUT, DEFAULT_STEPS, LAYOUTS, SEEDS, TASKS, u
 
 def _demo_status():
     """experiments/demo_study/status.py, whose ``from run import`` must find the demo study's run.py."""
-    mine = sys.modules.get("run")
+    mine, path = sys.modules.get("run"), list(sys.path)
     sys.modules["run"] = run.demo_study
     try:
         return run.load_module("demo_study_status", run.HERE.parent / "demo_study" / "status.py")
     finally:
         sys.modules["run"] = mine
+        sys.path[:] = path  # it puts experiments/demo_study first, where summarize.py is the demo study's
 
 
 # the demo study's reader of one unit: done (accuracy, cross-mask, CPU-h) / training step, loss, running

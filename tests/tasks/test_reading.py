@@ -118,6 +118,20 @@ def test_two_hop_answer_is_where_the_holder_went_last():
     assert len({s.question for s in stories}) == len(OBJECTS)
 
 
+def test_a_two_hop_fraction_mixes_both_questions_and_keeps_the_all_two_hop_draw():
+    mixed = ReadingTask(min_sentences=4, max_sentences=7, pickups=2, two_hop=0.5)
+    stories = generate_stories(400, seed=5, task=mixed)
+    objects = [s for s in stories if s.question.startswith("Where is the ")]
+    assert 150 < len(objects) < 250
+    for story in stories:
+        plain = Story(tuple(s for s in story.sentences if SENTENCE.match(s)), story.question, story.answer)
+        assert story.answer == (two_hop_answer(story) if story in objects else last_place(plain))
+    # two_hop=1 draws exactly what two_hop=True drew (no extra draw for the question type)
+    assert generate_stories(50, 1, ReadingTask(pickups=2, two_hop=1.0)) == generate_stories(
+        50, 1, ReadingTask(pickups=2, two_hop=True)
+    )
+
+
 def test_pickups_without_two_hop_are_distractors_for_a_question_about_a_person():
     task = ReadingTask(pickups=2)
     for story in generate_stories(200, seed=4, task=task):
@@ -132,6 +146,7 @@ def test_pickups_without_two_hop_are_distractors_for_a_question_about_a_person()
         ({"pickups": 7}, "pickups"),
         ({"pickups": -1}, "pickups"),
         ({"two_hop": True}, "two_hop"),
+        ({"two_hop": 1.5, "pickups": 1}, "fraction"),
         ({"objects": ("key", "key"), "pickups": 1}, "objects"),
         ({"people": ()}, "people"),
         ({"people": ("Mary", "Mary")}, "people"),

@@ -75,7 +75,8 @@ class ReadingTask:
 
     ``min_sentences`` / ``max_sentences`` count the moves; ``pickups`` adds that many sentences in which
     a person who moves picks up one of ``objects`` (each object at most once, never put down);
-    ``two_hop`` asks where a picked-up object is instead of where a person is (needs ``pickups >= 1``).
+    ``two_hop`` is the fraction of stories whose question asks where a picked-up object is instead of where
+    a person is (``True`` or 1: all of them; needs ``pickups >= 1``).
     """
 
     people: tuple[str, ...] = PEOPLE[:4]
@@ -84,7 +85,7 @@ class ReadingTask:
     max_sentences: int = 6
     objects: tuple[str, ...] = OBJECTS
     pickups: int = 0
-    two_hop: bool = False
+    two_hop: float = 0.0
 
     def __post_init__(self) -> None:
         if len(self.people) < 1 or len(set(self.people)) != len(self.people):
@@ -99,6 +100,8 @@ class ReadingTask:
             raise ValueError(f"objects must be distinct names; got {list(self.objects)}")
         if not 0 <= self.pickups <= len(self.objects):
             raise ValueError(f"need 0 <= pickups <= {len(self.objects)} (the objects), got {self.pickups}")
+        if not 0 <= self.two_hop <= 1:
+            raise ValueError(f"two_hop is a fraction of the stories, 0 to 1; got {self.two_hop}")
         if self.two_hop and self.pickups < 1:
             raise ValueError("two_hop questions ask where a picked-up object is: they need pickups >= 1")
 
@@ -108,7 +111,8 @@ def generate_story(rng: random.Random, task: ReadingTask = ReadingTask()) -> Sto
 
     A person never "moves" to the place they are already in, and the asked person is one who moved.
     With ``task.pickups``, that many pickup sentences by people who move go in at random places among the
-    moves; with ``task.two_hop`` the question asks for one picked-up object, whose place is its holder's
+    moves; with ``task.two_hop`` (all, or that fraction of the stories: one more draw decides) the question
+    asks for one picked-up object, whose place is its holder's
     last move (before or after the pickup: the story ends with the object in their hands).
     """
     where: dict[str, str] = {}
@@ -124,7 +128,7 @@ def generate_story(rng: random.Random, task: ReadingTask = ReadingTask()) -> Sto
     holders = {thing: rng.choice(sorted(where)) for thing in rng.sample(task.objects, task.pickups)}
     for thing, holder in holders.items():
         sentences.insert(rng.randint(0, len(sentences)), f"{holder} picked up the {thing}.")
-    if task.two_hop:
+    if task.two_hop == 1 or (task.two_hop and rng.random() < task.two_hop):
         thing = rng.choice(sorted(holders))
         return Story(tuple(sentences), f"Where is the {thing}?", where[holders[thing]], task.places)
     person = rng.choice(sorted(where))

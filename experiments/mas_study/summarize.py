@@ -1,0 +1,236 @@
+"""Tables and figures of the MAS study, from whatever units are finished (partial results are fine).
+
+    python experiments/mas_study/summarize.py [--out results/mas_study]
+
+Writes ``summary.md``, ``summary.json``, ``interaction.png`` and ``curves.png`` into ``--out``. The
+pre-registered endpoint (``results/mas_study/README.md``), per task:
+
+- for each question position (after / first) and each mas variant (``mas``: the paper's mask, ``mas_sink``):
+  the difference of final held-out accuracy (own mask) from ``causal``, per seed, then the mean over seeds
+  with a 95 % t interval and the paired t-test (seed-level differences, two-sided, n - 1 df);
+- the interaction: per seed, gain with the question after minus gain with the question first (the same
+  training seed, the same items), mean with its 95 % t interval and the one-sample t-test.
+
+Per seed, McNemar's exact test of each variant against causal on the same held-out items is the detail.
+Every number says how many seeds it rests on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from run import CONDITIONS, DEFAULT_OUT, LAYOUTS, demo_study  # noqa: E402
+
+from segmask.compare import interval_text, mcnemar, over_seeds, p_text, paired_t, percent_text  # noqa: E402
+
+VARIANTS = ("mas", "mas_sink")
+
+
+def load_units(out: Path) -> tuple[dict, dict]:
+    """({(task, layout, condition, seed): unit.json}, {same key: curve rows}) under ``out/runs``."""
+    finished, curves = {}, {}
+    for folder in sorted((out / "runs").glob("*/*/*/seed*")):
+        task, layout, condition = folder.parts[-4:-1]
+        key = (task, layout, condition, int(folder.name[4:]))
+        curves[key] = demo_study.read_curve(folder / "curve.jsonl")
+        if (folder / "unit.json").exists():
+            finished[key] = json.loads((folder / "unit.json").read_text())
+    return finished, curves
+
+
+def own(unit: dict) -> float:
+    return unit["final"][unit["own_mask"]]["accuracy"]
+
+
+def interval(summary: dict, signed: bool = False) -> str:
+    if summary["mean"] is None:
+        return "– (0 seeds)"
+    n = summary["n_seeds"]
+    return interval_text(summary, signed) + f" (n={n} seed{'s' if n != 1 else ''})"
+
+
+def gains(finished: dict, task: str, layout: str, variant: str) -> dict[int, float]:
+    """{seed: acc(variant) - acc(causal)} over the seeds where both units are finished."""
+    return {
+        seed: own(unit) - own(finished[task, layout, "causal", seed])
+        for (t, lay, condition, seed), unit in finished.items()
+        if (t, lay, condition) == (task, layout, variant) and (task, layout, "causal", seed) in finished
+    }
+
+
+def summarize(out: Path) -> dict:
+    finished, curves = load_units(out)
+    tasks = sorted({key[0] for key in curves})
+    lines = ["# MAS study: summary", "", f"{len(finished)} units finished.", ""]
+    result: dict = {"units_finished": len(finished), "tasks": {}}
+
+    for task in tasks:
+        entry: dict = {"accuracy": {}, "gain": {}, "interaction": {}, "mcnemar": {}, "cross_mask": {}}
+        lines += [f"## {task}", "", "### Final held-out accuracy, own mask (mean over seeds [95 % t])", ""]
+        lines += ["| condition | " + " | ".join(f"question {lay}" for lay in LAYOUTS) + " |", "|---|---|---|"]
+        for condition in CONDITIONS:
+            cells = []
+            for layout in LAYOUTS:
+                values = {k[3]: own(u) for k, u in finished.items() if k[:3] == (task, layout, condition)}
+                summary = over_seeds(list(values.values())) | {"per_seed": values}
+                entry["accuracy"].setdefault(condition, {})[layout] = summary
+                cells.append(interval(summary))
+            lines.append(f"| {condition} | " + " | ".join(cells) + " |")
+        lines += ["", "### Endpoint: gain over causal (paired by seed) and the interaction", ""]
+        lines += [
+            "| variant | question | per seed (points) | mean [95 % t] | paired t p |",
+            "|---|---|---|---|---|",
+        ]
+        for variant in VARIANTS:
+            per_layout = {}
+            for layout in LAYOUTS:
+                diffs = gains(finished, task, layout, variant)
+                per_layout[layout] = diffs
+                test = paired_t(list(diffs.values())) | {"per_seed": diffs}
+                entry["gain"].setdefault(variant, {})[layout] = test
+                seeds_text = ", ".join(f"{s}: {100 * d:+.1f}" for s, d in sorted(diffs.items())) or "–"
+                lines.append(
+                    f"| {variant} | {layout} | {seeds_text} | {interval(test, True)} | {p_text(test, len(diffs))} |"
+                )
+            both = sorted(set(per_layout["after"]) & set(per_layout["first"]))
+            inter = {s: per_layout["after"][s] - per_layout["first"][s] for s in both}
+            test = paired_t(list(inter.values())) | {"per_seed": inter}
+            entry["interaction"][variant] = test
+            seeds_text = ", ".join(f"{s}: {100 * d:+.1f}" for s, d in inter.items()) or "–"
+            lines.append(
+                f"| {variant} | after − first | {seeds_text} | {interval(test, True)} | {p_text(test, len(inter))} |"
+            )
+        lines += ["", "### Per seed: McNemar against causal on the same held-out items", ""]
+        lines += [
+            "| variant | question | seed | right only in it / only in causal | p |",
+            "|---|---|---|---|---|",
+        ]
+        for variant in VARIANTS:
+            for layout in LAYOUTS:
+                for (t, lay, condition, seed), unit in sorted(finished.items()):
+                    base = finished.get((task, layout, "causal", seed))
+                    if (t, lay, condition) != (task, layout, variant) or base is None:
+                        continue
+                    a = [c == "1" for c in base["final"]["causal"]["correct_bits"]]
+                    b = [c == "1" for c in unit["final"][variant]["correct_bits"]]
+                    test = mcnemar(a, b)
+                    entry["mcnemar"][f"{variant}/{layout}/{seed}"] = {
+                        "only_causal": test.only_a,
+                        "only_variant": test.only_b,
+                        "p_value": test.p_value,
+                    }
+                    lines.append(
+                        f"| {variant} | {layout} | {seed} | {test.only_b} / {test.only_a} | {test.p_value:.3g} |"
+                    )
+        lines += ["", "### Cross-mask evaluation of the final adapters (mean over seeds)", ""]
+        lines += [
+            "| question | trained \\ evaluated | " + " | ".join(CONDITIONS) + " |",
+            "|---|---|---|---|---|",
+        ]
+        for layout in LAYOUTS:
+            for condition in CONDITIONS:
+                cells = []
+                for mask in CONDITIONS:
+                    values = [
+                        u["final"][mask]["accuracy"]
+                        for k, u in finished.items()
+                        if k[:3] == (task, layout, condition) and mask in u["final"]
+                    ]
+                    summary = over_seeds(values)
+                    entry["cross_mask"].setdefault(layout, {}).setdefault(condition, {})[mask] = summary
+                    cells.append(percent_text(summary["mean"]) + f" (n={summary['n_seeds']})")
+                lines.append(f"| {layout} | {condition} | " + " | ".join(cells) + " |")
+        leaks = [max(u["leak_check_final"].values()) for k, u in finished.items() if k[0] == task]
+        cpu = [u["cpu_time_s"]["total"] for k, u in finished.items() if k[0] == task]
+        if cpu:
+            lines += [
+                "",
+                f"Leak check: every finished unit passed (largest change {max(leaks):.2g}). CPU time per unit: "
+                f"{min(cpu) / 60:.1f}-{max(cpu) / 60:.1f} min, {sum(cpu) / 3600:.2f} CPU-h in all.",
+            ]
+        lines.append("")
+        result["tasks"][task] = entry
+
+    (out / "summary.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (out / "summary.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    plot_interaction(result, out / "interaction.png")
+    plot_curves(curves, out / "curves.png")
+    return result
+
+
+def plot_interaction(result: dict, path: Path) -> None:
+    """Gain over causal against the question position, one panel per task, seeds as dots, means as lines."""
+    tasks = sorted(result["tasks"])
+    if not tasks:
+        return
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for offset, (variant, colour) in zip((-0.06, 0.06), zip(VARIANTS, ("tab:blue", "tab:orange"))):
+            means = []
+            for x, layout in enumerate(LAYOUTS):
+                test = result["tasks"][task]["gain"][variant][layout]
+                values = [100 * v for v in test["per_seed"].values()]
+                ax.scatter([x + offset] * len(values), values, color=colour, alpha=0.6, s=18)
+                means.append(None if test["mean"] is None else 100 * test["mean"])
+            xs = [x + offset for x, m in enumerate(means) if m is not None]
+            ax.plot(xs, [m for m in means if m is not None], color=colour, marker="_", label=variant)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xticks(range(len(LAYOUTS)), [f"question {lay}" for lay in LAYOUTS])
+        ax.set_ylabel("final accuracy minus causal (points)")
+        ax.set_title(task)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_curves(curves: dict, path: Path) -> None:
+    """Held-out loss (top) and accuracy at the checkpoints (bottom) per (task, layout), a line per unit."""
+    panels = sorted({key[:2] for key in curves})
+    if not panels:
+        return
+    fig, axes = plt.subplots(2, len(panels), figsize=(4.5 * len(panels), 7), squeeze=False)
+    colours = dict(zip(CONDITIONS, ("tab:green", "tab:blue", "tab:orange")))
+    for column, (task, layout) in enumerate(panels):
+        for (t, lay, condition, seed), rows in sorted(curves.items()):
+            if (t, lay) != (task, layout):
+                continue
+            label = condition if seed == min(k[3] for k in curves if k[:3] == (t, lay, condition)) else None
+            loss = [r for r in rows if r["kind"] == "loss"]
+            acc = [r for r in rows if r["kind"] == "accuracy"]
+            axes[0][column].plot([r["step"] for r in loss], [r["loss"] for r in loss], color=colours[condition],
+                                 alpha=0.7, label=label)  # fmt: skip
+            axes[1][column].plot([r["step"] for r in acc], [100 * r["accuracy"] for r in acc],
+                                 color=colours[condition], alpha=0.7, marker="o", label=label)  # fmt: skip
+        axes[0][column].set_yscale("log")
+        axes[0][column].set_title(f"{task}, question {layout}")
+        axes[0][column].set_ylabel("held-out loss per answer token")
+        axes[1][column].set_ylabel("held-out accuracy at checkpoints (%)")
+        axes[1][column].set_xlabel("step")
+        axes[0][column].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=DEFAULT_OUT)
+    args = parser.parse_args(argv)
+    summarize(Path(args.out))
+    print((Path(args.out) / "summary.md").read_text(), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -110,7 +110,7 @@ def add_model_arguments(
 
 def add_causal_sink_argument(parser: argparse.ArgumentParser) -> None:
     """``--causal-sink / --no-causal-sink``: token 0 causal under mas and prefix
-    (:func:`segmask.segments.sink_segments`); absent, :func:`segmask.loading.resolve_causal_sink` decides."""
+    (:func:`segmask.segments.sink_segments`); absent, :func:`segmask.runs.resolve_settings` decides."""
     parser.add_argument(
         "--causal-sink",
         action=argparse.BooleanOptionalAction,

@@ -95,7 +95,7 @@ def segmask_train(
         model=str(folder),
         data=(str(data),),
         output=str(run.work / f"train-{implementation}-{precision}-{mask}"),
-        mask=mask,
+        policy=mask,
         lora_r=8,
         lora_alpha=16,
         lora_dropout=0.0,

@@ -1,5 +1,5 @@
 """`segmask.overflow`: one vocabulary (error / truncate / skip) for encoding, training and evaluation, and
-literal cuts of hand-made records (the tokenizer cases are in tests/test_segments.py and test_evaluation.py)."""
+literal cuts of hand-made records (cases with a tokenizer: tests/test_segments.py, test_evaluation.py)."""
 
 from __future__ import annotations
 

@@ -100,7 +100,7 @@ def test_asking_for_other_settings_than_the_run_saved_warns_for_each():
 
 @pytest.fixture
 def saved_run(stories_path, tmp_path) -> Path:
-    """stories260K as a full-weights run folder trained under prefix with the sink on and the paper template."""
+    """stories260K as a full-weights run folder trained under prefix, with the sink on and the paper template."""
     run = tmp_path / "run"
     shutil.copytree(stories_path, run)
     write_run(run, Run(policy="prefix", base_model=str(stories_path), causal_sink=True, template="paper"))

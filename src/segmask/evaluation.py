@@ -48,9 +48,9 @@ class EvalConfig:
     ``out`` the results go to that JSON file, the predictions beside it, and an unfinished run's predictions
     to a journal that ``resume`` picks up (see :func:`evaluate`). ``num_beams``, ``max_new_tokens`` and ``batch_size`` are the
     decoding settings of ``generate`` scoring. ``causal_sink`` keeps each prompt's token 0 causal under
-    ``mas``/``prefix``; ``None`` becomes the policy's default on construction (:func:`segmask.segments.sink_on`:
-    on under ``mas``), as in :class:`segmask.TrainConfig`, and ``segmask eval`` passes the run's saved value
-    (:func:`segmask.runs.resolve_settings`). ``template`` is the
+    ``mas``/``prefix``; ``None`` becomes the policy's default on construction
+    (:func:`segmask.segments.sink_on`: on under ``mas``), as in :class:`segmask.TrainConfig`, and ``segmask
+    eval`` passes the run's saved value (:func:`segmask.runs.resolve_settings`). ``template`` is the
     instruction template of the prompts (:mod:`segmask.templates`; ``None`` is ``alpaca`` here, and ``segmask
     eval`` resolves it to the run's saved template); ``paper`` needs ``generate`` scoring. ``extract`` is how
     ``generate`` scoring reads a label (:func:`segmask.tasks.commonsense.extract`): ``strict`` (segmask's,

@@ -212,7 +212,7 @@ def _convert_gguf(gguf_file: Path, out: Path) -> None:
 
 
 class Loaded(NamedTuple):
-    """What :func:`load` returns: the model (eval mode, enabled), its tokenizer, the settings to run it with."""
+    """What :func:`load` returns: the model (eval mode, enabled), its tokenizer, the settings to run it."""
 
     model: torch.nn.Module
     tokenizer: object
@@ -229,7 +229,7 @@ def load(
     device: str | torch.device | None = None,
     chat_template: str | Path | None = None,
 ) -> Loaded:
-    """Load ``(model, tokenizer, settings)`` from a transformers folder, a ``.gguf`` file or a segmask run folder.
+    """Load ``(model, tokenizer, settings)`` from a transformers folder, a ``.gguf`` file or a run folder.
 
     A run folder's ``segmask.json`` is read once (:func:`segmask.runs.read_run`); ``policy``, ``causal_sink``
     and ``template`` override what it saved (:func:`segmask.runs.resolve_settings`, which warns). A bad

@@ -235,8 +235,8 @@ def encode_chat(
     add_generation_prompt=add_generation_prompt)["input_ids"]``. Labels cover every assistant turn's
     content and end-of-turn (``train_on="last"``: only the last), but only turns that are causal under the
     policy (under ``prefix`` the final one). ``chat_template`` overrides the tokenizer's template;
-    ``template_kwargs`` go to the template. With ``cutoff`` see :func:`segmask.overflow.apply_cutoff` (``None`` only for a
-    dropped conversation). ``causal_sink``: token 0 causal (:func:`sink_on`; ``None``: on under ``mas``).
+    ``template_kwargs`` go to the template. With ``cutoff`` see :func:`segmask.overflow.apply_cutoff`
+    (``None`` only for a skipped conversation). ``causal_sink``: token 0 causal (:func:`sink_on`; ``None``: on under ``mas``).
     A template that renders the messages out of order, or a token that would label prompt text (no separator
     between a prompt turn and its answer), is a ``ValueError`` (:mod:`segmask.turns`).
     """
@@ -327,7 +327,8 @@ def encode_instruction(
     instruction 1 (input 2), `` Response:`` and the answer causal. ``include_answer=False`` ends after the
     response header (a prompt for generation). ``chat_template=True`` (or a Jinja string) renders the record
     as system, user and assistant turns with a chat template instead (``template`` must then be
-    ``alpaca``). Labels fall on the answer (and EOS) only. With ``cutoff`` see :func:`segmask.overflow.apply_cutoff`.
+    ``alpaca``). Labels fall on the answer (and EOS) only. With ``cutoff`` see
+    :func:`segmask.overflow.apply_cutoff`.
     ``causal_sink``: the BOS (else the first token) causal (:func:`sink_on`; ``None``: on under ``mas``).
     """
     policy = check_policy(policy)

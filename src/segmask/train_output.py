@@ -1,4 +1,4 @@
-"""A training run's output folder: what a run writes there, its lock, and the checks of ``overwrite`` and ``resume``.
+"""A training run's output folder: what a run writes there, its lock, the ``overwrite`` and ``resume`` checks.
 
     with lock_output(output):                        # a second run into the folder is refused
         finished = prepare_output(config, output)    # refuse, clear (overwrite) or pick up (resume)

@@ -25,8 +25,8 @@ What it adds to ``SFTTrainer``, and nothing else:
                 plus ``segment_ids`` (-1 on padding) and ``document_ids`` (-1 on padding) laid out the same way
 
 ``SFTConfig.assistant_only_loss`` is not needed (the labels are assistant-only already). A
-conversation longer than ``max_length`` (packed or not) follows ``overflow`` (:func:`segmask.overflow.apply_cutoff_all`:
-``skip``, ``truncate``, ``error``); answers are never cut.
+conversation longer than ``max_length`` (packed or not) follows ``overflow``
+(:func:`segmask.overflow.apply_cutoff_all`: ``skip``, ``truncate``, ``error``); answers are never cut.
 """
 
 from __future__ import annotations

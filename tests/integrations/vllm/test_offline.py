@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 
 import pytest
 from conftest import STORIES, require_shared
@@ -25,6 +26,8 @@ from tiny_models import (  # noqa: E402  (sets the vLLM environment before vllm 
 )
 from vllm import LLM, SamplingParams  # noqa: E402
 
+from segmask.integrations.vllm.plugin import POLICY_ENV  # noqa: E402
+
 # exactly the engine the plugin accepts for a MAS model
 ENGINE = dict(
     enforce_eager=True,
@@ -35,14 +38,16 @@ ENGINE = dict(
     seed=0,
 )
 GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0)
-# name: architecture, chat template, policy in segmask.json (None: no segmask.json), causal_sink saved
+# name: architecture, chat template, policy in segmask.json (None: no segmask.json), causal_sink saved,
+# SEGMASK_VLLM_POLICY (None: unset)
 CASES = {
-    "llama-mas": ("llama", "chatml_smollm2.jinja", "mas", True),
-    "llama-mas-paper": ("llama", "chatml_smollm2.jinja", "mas", False),
-    "llama-prefix": ("llama", "chatml_smollm2.jinja", "prefix", False),
-    "llama-plain": ("llama", "chatml_smollm2.jinja", None, None),
-    "qwen2-mas": ("qwen2", "qwen2_5.jinja", "mas", True),
-    "qwen3-prefix": ("qwen3", "llama3.jinja", "prefix", True),
+    "llama-mas": ("llama", "chatml_smollm2.jinja", "mas", True, None),
+    "llama-mas-paper": ("llama", "chatml_smollm2.jinja", "mas", False, None),
+    "llama-prefix": ("llama", "chatml_smollm2.jinja", "prefix", False, None),
+    "llama-plain": ("llama", "chatml_smollm2.jinja", None, None, None),
+    "llama-env-prefix": ("llama", "chatml_smollm2.jinja", "mas", True, "prefix"),
+    "qwen2-mas": ("qwen2", "qwen2_5.jinja", "mas", True, None),
+    "qwen3-prefix": ("qwen3", "llama3.jinja", "prefix", True, None),
 }
 
 
@@ -54,11 +59,16 @@ def random_llama(tmp_path_factory):
 @pytest.fixture(scope="module", params=list(CASES))
 def served(request, tmp_path_factory):
     """(model folder, policy, the engine serving it): one engine start per case."""
-    architecture, template, policy, sink = CASES[request.param]
+    architecture, template, policy, sink, requested = CASES[request.param]
     base = build_model(tmp_path_factory.mktemp("base"), architecture, template)
     folder = with_policy(base, tmp_path_factory.mktemp(request.param) / "model", policy, sink)
-    llm = LLM(str(folder), tokenizer=str(tokenizer_folder(folder)), **ENGINE)
-    yield folder, policy, llm
+    if requested is not None:  # read in this process: the engine runs in it
+        os.environ[POLICY_ENV] = requested
+    try:
+        llm = LLM(str(folder), tokenizer=str(tokenizer_folder(folder)), **ENGINE)
+    finally:
+        os.environ.pop(POLICY_ENV, None)
+    yield folder, requested or policy, llm
     del llm
     gc.collect()
 

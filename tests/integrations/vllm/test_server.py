@@ -1,7 +1,7 @@
 """vLLM's OpenAI server with the segmask plugin, serving a model that ``segmask train`` produced: greedy
 token ids of chat (one turn, multi-turn, concurrent requests of different lengths) and raw completions
-equal ``segmask.generate``'s, under the mask saved in its segmask.json and under one set by the plugin's
-environment variable.
+equal ``segmask.generate``'s under the mask saved in its segmask.json. One server start (about a minute on
+2 cores: vLLM's API server and engine core each import vLLM, and each loads the plugin).
 
 Run by ``make test-vllm`` (its own environment, ``.venv-vllm``); skipped where vLLM is not installed."""
 
@@ -111,30 +111,27 @@ class Server:
         return response.choices[0].token_ids
 
 
-# the mask as trained (segmask.json), and prefix set by the plugin's environment variable over it
-@pytest.fixture(scope="module", params=[None, "prefix"], ids=["as-trained", "env-prefix"])
-def server(request, trained, tmp_path_factory):
+@pytest.fixture(scope="module")
+def served(trained, tmp_path_factory):
+    """The server on the trained run, as users start it (engine core in its own process)."""
     environ = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server as users run it
-    if request.param is not None:
-        environ[POLICY_ENV] = request.param
-    served = Server(trained, tmp_path_factory.mktemp("server") / "vllm.log", environ)
+    for name in ("VLLM_ENABLE_V1_MULTIPROCESSING", POLICY_ENV):
+        environ.pop(name, None)
+    server = Server(trained, tmp_path_factory.mktemp("server") / "vllm.log", environ)
     try:
-        served.wait()
-        yield served, request.param
+        server.wait()
+        yield server
     finally:
-        served.stop()
+        server.stop()
 
 
-def test_chat_equals_segmask_generate(server, trained):
-    served, policy = server
-    expected = segmask_tokens(trained, CONVERSATIONS, policy=policy)
+def test_chat_equals_segmask_generate(served, trained):
+    expected = segmask_tokens(trained, CONVERSATIONS)
     assert [served.chat(conversation) for conversation in CONVERSATIONS] == expected
     with ThreadPoolExecutor(len(CONVERSATIONS)) as pool:  # concurrent: batched in one engine step
         assert list(pool.map(served.chat, CONVERSATIONS * 2)) == expected * 2
     assert expected != segmask_tokens(trained, CONVERSATIONS, policy="causal")
 
 
-def test_a_raw_completion_equals_segmask_generate(server, trained):
-    served, policy = server
-    assert served.complete(RAW_PROMPT) == segmask_tokens(trained, [RAW_PROMPT], policy=policy)[0]
+def test_a_raw_completion_equals_segmask_generate(served, trained):
+    assert served.complete(RAW_PROMPT) == segmask_tokens(trained, [RAW_PROMPT])[0]

@@ -154,3 +154,33 @@ def test_decode_benchmark_refuses_zero_new_tokens_in_one_line():
         [sys.executable, str(BENCHMARKS / "decode.py"), "--new-tokens", "0"], capture_output=True, text=True
     )
     assert done.returncode == 2 and done.stderr.strip() == "--new-tokens must be >= 1"
+
+
+def test_serve_benchmark_against_a_started_server(tmp_path):
+    """benchmarks/serve.py (issue 35) at a tiny size: it starts ``segmask serve`` on loopback, reports each
+    concurrency under both policies with the server's token counts, and a warm system prompt comes from the
+    prefix cache (cached tokens > 0) where the cold one did not."""
+    out = tmp_path / "serve.json"
+    stdout = run_script(
+        "serve.py",
+        *("--concurrency", "1", "2", "--rounds", "1", "--prompt-tokens", "30", "--max-tokens", "3"),
+        *("--system-tokens", "100", "--cache-rounds", "1", "--cache-policies", "mas", "--json", str(out)),
+    )
+    assert "cold TTFT ms" in stdout and "load average at end" in stdout
+    written = json.loads(out.read_text())
+    assert {(r["concurrency"], r["policy"]) for r in written["load"]} == {
+        (c, p) for c in (1, 2) for p in ("causal", "mas")
+    }
+    for r in written["load"]:
+        assert r["requests"] == r["concurrency"] and r["tokens_per_s"] > 0 and 0 < r["ttft_ms"] <= r["p99_ms"]
+        # every load prompt differs from its first words: the cache holds at most the template's opening
+        assert r["cached_tokens"] <= 8 * r["requests"]
+    [cache] = written["prefix_cache"]
+    assert cache["policy"] == "mas" and cache["system_tokens"] >= 100 and cache["cached_tokens"] >= 90
+
+
+def test_serve_benchmark_refuses_a_bad_size_in_one_line():
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "serve.py"), "--rounds", "0"], capture_output=True, text=True
+    )
+    assert done.returncode == 2 and done.stderr.strip() == "--rounds must be >= 1"

@@ -89,6 +89,7 @@ def test_a_unit_runs_end_to_end_resumes_and_refuses_other_settings(
         checkpoint["step"] == 1 and checkpoint["leak_check"] == 0.0 and len(checkpoint["correct_bits"]) == 3
     )
     assert summary["settings"]["causal_sink"] is False and summary["cpu_time_s"]["total"] > 0
+    assert len(summary["code_at_start"]["head"]) == 40
     assert json.loads((out / "data" / "tiny" / "first" / "tiny_test.json").read_text())  # both layouts drawn
 
     assert run.main(argv) == 0
@@ -125,6 +126,7 @@ def test_commit_unit_commits_only_the_units_files(tmp_path):
 
 
 def test_pilot_is_causal_only(capsys):
+    assert pilot.main(["--try", "no/name"]) == 2 and "--try needs a name" in capsys.readouterr().err
     assert pilot.FORCED[:4] == ["--conditions", "causal", "--eval-masks", "causal"]
     for flag in ("--conditions", "--eval-masks"):
         assert pilot.main([flag, "mas"]) == 2

@@ -97,7 +97,7 @@ TASKS: dict[str, dict] = {
     "family": {"source": f"reasoning-gym {gym.VERSION}", "name": "family_relationships", "params": {}},
 }
 SEEDS = (0, 1, 2)
-DEFAULT_STEPS = 200
+DEFAULT_STEPS = 100
 DEFAULT_OUT = "results/mas_study"
 REPO = HERE.parents[1]
 
@@ -340,6 +340,23 @@ def commit_unit(unit: Path, message: str, repo: Path = REPO) -> bool:
     return False
 
 
+def source_state(repo: Path = REPO) -> dict:
+    """The code a unit ran: HEAD and the SHA-256 of the uncommitted changes to the library and the experiment
+    scripts (the working tree is shared; ``None``: no change from HEAD there)."""
+    paths = ["src/segmask", "experiments/demo", "experiments/demo_study", "experiments/mas_study"]
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True
+        )
+        diff = subprocess.run(
+            ["git", "diff", "HEAD", "--", *paths], cwd=repo, capture_output=True, check=True
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return {"head": None, "uncommitted_sha256": None}
+    changed = hashlib.sha256(diff.stdout).hexdigest() if diff.stdout else None
+    return {"head": head.stdout.strip(), "uncommitted_sha256": changed}
+
+
 def run_unit(
     args, out: Path, data_dir: Path, digest: str, task: str, layout: str, condition: str, seed: int
 ) -> str:
@@ -355,6 +372,7 @@ def run_unit(
         return "held by another process"
     try:
         write_json_atomic(saved, settings)
+        code = source_state()
         started = (time.perf_counter(), time.process_time())
         mask, sink = MASKS[condition]
         layout_dir = data_dir / layout
@@ -412,6 +430,7 @@ def run_unit(
             "threads": torch.get_num_threads(),
             "machine": machine(),
             "commit": git_commit(),
+            "code_at_start": code,
         }
         write_json_atomic(unit / "unit.json", summary)
         if args.commit:

@@ -10,6 +10,8 @@ interquartile range and the min-max over the rounds, says how far a single run c
     times = interleaved({"causal": run_causal, "mas": run_mas}, rounds=15)
     spread = Spread.of(ratios(times, "causal")["mas"])     # spread.median, spread.q1, ..., spread.text()
 
+    python benchmarks/rounds.py a.json b.json               # two runs of one command, cell by cell
+
 Every script that uses it prints :func:`machine` (CPU model, cores, threads) and the load average at its
 start and end, since a ratio is only as good as the machine was quiet.
 """
@@ -180,3 +182,74 @@ def finish(info: dict) -> str:
         f"load average at end {info['load_end'][0]:.2f} (1 min) {info['load_end'][1]:.2f} (5 min); "
         f"{info['cores']} cores"
     )
+
+
+# --------------------------------------------------------------------------------------------- two runs
+
+CELL_FIELDS = ("task", "layout", "seq_len", "batch", "pass", "impl", "variant")
+
+
+def agreement(
+    first: list[dict], second: list[dict], tolerance: float = 0.03, field: str = "ratio_to_causal"
+) -> list[dict]:
+    """Cell by cell, how far two runs' ``field`` (a ratio to causal) differs: ``(b - a) / a``, and whether
+    within ``tolerance`` (issue 35: two runs of one command on an idle machine agree within about 3 %)."""
+    key = lambda r: tuple(r.get(f) for f in CELL_FIELDS)  # noqa: E731
+    seconds = {key(r): r for r in second}
+    rows = []
+    for a in first:
+        b = seconds.get(key(a))
+        if b is None or a.get(field) is None or a[field] == b[field] == 1:
+            continue  # the baseline itself, or a cell only one run has
+        difference = (b[field] - a[field]) / a[field]
+        cell = " ".join(str(v) for v in key(a) if v is not None)
+        rows.append(
+            {
+                "cell": cell,
+                "first": a[field],
+                "second": b[field],
+                "difference": difference,
+                "within": abs(difference) <= tolerance,
+            }
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python benchmarks/rounds.py A.json B.json``: how well two runs of one command agree, cell by cell."""
+    import argparse
+    import json
+    import sys
+
+    parser = argparse.ArgumentParser(description="How well two --json runs agree per cell (x causal).")
+    parser.add_argument("first")
+    parser.add_argument("second")
+    parser.add_argument("--tolerance", type=float, default=0.03, help="agreement asked for (default 0.03)")
+    parser.add_argument(
+        "--cpu", action="store_true", help="compare the CPU-time ratios (cpu_ratio_to_causal) instead of wall"
+    )
+    args = parser.parse_args(argv)
+    runs = []
+    for path in (args.first, args.second):
+        try:
+            with open(path) as f:
+                runs.append(json.load(f))
+        except (OSError, ValueError) as error:
+            print(f"{path}: {error}", file=sys.stderr)
+            return 2
+    field = "cpu_ratio_to_causal" if args.cpu else "ratio_to_causal"
+    rows = agreement(runs[0]["records"], runs[1]["records"], args.tolerance, field)
+    for run, path in zip(runs, (args.first, args.second), strict=True):
+        m = run["machine"]
+        print(f"{path}: {m['cpu']}, {m['threads']} threads, load {m['load_start'][0]} -> {m['load_end'][0]}")
+    print(f"{'cell':40} {'first':>7} {'second':>7} {'diff':>7}")
+    for r in rows:
+        mark = "" if r["within"] else f"  outside {args.tolerance:.0%}"
+        print(f"{r['cell']:40} {r['first']:>7.3f} {r['second']:>7.3f} {r['difference']:>+7.1%}{mark}")
+    within = sum(r["within"] for r in rows)
+    print(f"{within} of {len(rows)} cells within {args.tolerance:.0%} ({field})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

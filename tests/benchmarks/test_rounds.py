@@ -53,3 +53,34 @@ def test_machine_names_the_cpu_threads_and_the_load_at_start_and_end():
     assert info["cpu"] and info["threads"] == 1 and len(info["load_start"]) == 3
     assert info["cpu"] in rounds.describe(info)
     assert "load average at end" in rounds.finish(info) and len(info["load_end"]) == 3
+
+
+def test_agreement_compares_two_runs_cell_by_cell_against_the_tolerance():
+    cell = {"layout": "chat", "seq_len": 2048, "batch": 1, "pass": "fwd"}
+    first = [
+        {**cell, "impl": "causal-sdpa", "ratio_to_causal": 1.0},
+        {**cell, "impl": "mas-fast", "ratio_to_causal": 1.0},
+    ]
+    second = [
+        {**cell, "impl": "causal-sdpa", "ratio_to_causal": 1.0},
+        {**cell, "impl": "mas-fast", "ratio_to_causal": 1.04},
+    ]
+    [row] = rounds.agreement(first, second)  # the baseline's own row is left out
+    assert row["cell"] == "chat 2048 1 fwd mas-fast"
+    assert row["difference"] == pytest.approx(0.04) and not row["within"]
+    assert rounds.agreement(first, second, tolerance=0.05)[0]["within"]
+
+
+def test_agreement_script_prints_each_cell_and_the_count(tmp_path, capsys):
+    import json
+
+    machine = {"cpu": "X", "threads": 1, "load_start": [0.1, 0.1, 0.1], "load_end": [0.2, 0.2, 0.2]}
+    cell = {"layout": "fewshot", "seq_len": 4096, "batch": 1, "pass": "fwd+bwd", "impl": "mas-fast"}
+    for name, ratio in (("a", 1.02), ("b", 1.01)):
+        record = {**cell, "ratio_to_causal": ratio, "cpu_ratio_to_causal": 1.0}
+        (tmp_path / f"{name}.json").write_text(json.dumps({"machine": machine, "records": [record]}))
+    assert rounds.main([str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0
+    out = capsys.readouterr().out
+    assert "fewshot 4096 1 fwd+bwd mas-fast" in out and "-1.0%" in out
+    assert "1 of 1 cells within 3% (ratio_to_causal)" in out
+    assert rounds.main([str(tmp_path / "a.json"), str(tmp_path / "missing.json")]) == 2

@@ -14,9 +14,9 @@ Conditions (names and masks of ``experiments/demo_study/run.py``; everything els
 ``experiments/demo/demo.py``: SmolLM2-135M-Instruct, LoRA r=16 on q/v, lr 1e-3 linear with 10 % warm-up,
 batch 4, cutoff 256):
 
-    causal     mask="causal"
-    mas        mask="mas", causal_sink=False   (the paper's mask: token 0 inside segment 0)
-    mas_sink   mask="mas", causal_sink=True    (today's default of mas: token 0 causal)
+    causal     policy="causal"
+    mas        policy="mas", causal_sink=False   (the paper's mask: token 0 inside segment 0)
+    mas_sink   policy="mas", causal_sink=True    (today's default of mas: token 0 causal)
 
 Tasks (:data:`TASKS`, difficulty fixed by the causal-only pilot, ``results/mas_study/pilot.md``):
 

@@ -271,7 +271,9 @@ def measure(args: argparse.Namespace, layout: str, seq_len: int, backward: bool)
                 "ratio_spread": spread.as_dict() if spread else None,
                 "per_pair_spread": spread.scaled(1 / ratio).as_dict() if spread else None,
                 "cpu_ratio_to_causal": round(statistics.median(cpu_ratios[name]), 4) if base else None,
+                "cpu_ratio_spread": rounds.Spread.of(cpu_ratios[name]).as_dict() if base else None,
                 "round_ratios": [round(x, 4) for x in wall_ratios[name]] if base else None,
+                "round_cpu_ratios": [round(x, 4) for x in cpu_ratios[name]] if base else None,
                 "pair_ratio": round(ratio, 4),
                 "calls": calls if name == "mas-fast" else None,
             }

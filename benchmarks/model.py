@@ -111,8 +111,10 @@ def measure(model, optimizer, args: argparse.Namespace, layout: str, seq_len: in
                 "ratio_to_causal": round(spread.median, 4) if spread else None,
                 "ratio_spread": spread.as_dict() if spread else None,
                 "round_ratios": [round(x, 4) for x in wall_ratios[name]] if base else None,
+                "round_cpu_ratios": [round(x, 4) for x in cpu_ratios[name]] if base else None,
                 "cpu_ms": round(statistics.median(cpu[name]) * 1000, 1),
                 "cpu_ratio_to_causal": round(statistics.median(cpu_ratios[name]), 4) if base else None,
+                "cpu_ratio_spread": rounds.Spread.of(cpu_ratios[name]).as_dict() if base else None,
                 "peak_mib": round(peaks[name], 1) if peaks else None,
                 "peak_ratio_to_causal": round(peaks[name] / peaks["causal"], 3)
                 if peaks and "causal" in peaks

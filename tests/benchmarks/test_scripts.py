@@ -62,6 +62,8 @@ def test_attention_benchmark_reports_the_median_of_per_round_ratios_and_the_mach
     assert low == pytest.approx(min(fast["round_ratios"]), abs=1e-3)
     assert high == pytest.approx(max(fast["round_ratios"]), abs=1e-3)
     assert low <= q1 <= fast["ratio_to_causal"] <= q3 <= high
+    assert len(fast["round_cpu_ratios"]) == 4
+    assert fast["cpu_ratio_to_causal"] == pytest.approx(statistics.median(fast["round_cpu_ratios"]), abs=1e-3)
     per_pair = fast["per_pair_spread"]["median"]
     assert per_pair == pytest.approx(fast["ratio_to_causal"] / fast["pair_ratio"], rel=1e-3)
 

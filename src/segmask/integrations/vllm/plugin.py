@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from segmask.masks import MaskPolicy, check_policy
+from segmask.policies import MaskPolicy, check_policy
 
 logger = logging.getLogger(__name__)
 

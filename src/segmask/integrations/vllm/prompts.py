@@ -42,7 +42,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 from segmask import turns
-from segmask.masks import MaskPolicy, check_policy
+from segmask.policies import MaskPolicy, check_policy
 from segmask.segments import encode_chat, encode_tokens
 
 logger = logging.getLogger(__name__)
@@ -140,19 +140,28 @@ class PromptSegmenter:
         """The messages whose rendering (with the generation prompt) tokenizes to exactly ``ids``."""
         if self.chat_template is None or not ids:
             return None
+        plain = self.text(ids)
+        found = self._read(plain, ids)
+        if found is None:
+            spaced = self.text(ids, spaced=True)
+            found = self._read(spaced, ids) if spaced != plain else None
+        return found
+
+    def _read(self, text: str, ids: Sequence[int]) -> list[dict[str, str]] | None:
+        """The first shape (most user turns first, no system message first) that fits ``text`` and
+        re-encodes to ``ids``."""
         separator = self._separator()
-        for text in dict.fromkeys((self.text(ids), self.text(ids, spaced=True))):
-            most = min(text.count(separator) + 1 if separator else 1, MAX_TURNS)
-            for users in range(most, 0, -1):
-                for system in (False, True):
-                    pieces = self.pieces(system, users)
-                    contents = None if pieces is None else fit(text, pieces)
-                    if contents is None:
-                        continue
-                    roles = [message["role"] for message in shape(system, users)]
-                    messages = [{"role": role, "content": c} for role, c in zip(roles, contents)]
-                    if self._encode(messages, ids) is not None:
-                        return messages
+        most = min(text.count(separator) + 1 if separator else 1, MAX_TURNS)
+        for users in range(most, 0, -1):
+            for system in (False, True):
+                pieces = self.pieces(system, users)
+                contents = None if pieces is None else fit(text, pieces)
+                if contents is None:
+                    continue
+                roles = [message["role"] for message in shape(system, users)]
+                messages = [{"role": role, "content": c} for role, c in zip(roles, contents)]
+                if self._encode(messages, ids) is not None:
+                    return messages
         return None
 
     def text(self, ids: Sequence[int], spaced: bool = False) -> str:

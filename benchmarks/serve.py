@@ -335,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     lines = story_lines()
     info = rounds.machine(args.threads)
+    if args.url:
+        info["threads"] = "the server's"  # --threads is for a server this script starts
 
     async def measure(url: str) -> tuple[list[dict], list[dict]]:
         async with httpx.AsyncClient(timeout=args.timeout) as http:

@@ -54,8 +54,6 @@ def imported(tree: ast.Module) -> list[str]:
     return targets
 
 
-
-
 def test_every_module_is_in_the_layer_table():
     table = layers()
     missing = [name for name in modules() if layer_of(name, table) is None]
@@ -73,3 +71,30 @@ def test_no_module_imports_from_a_later_layer():
             if (layer := layer_of(target, table)) is not None and layer > own:
                 upward.append(f"{name} (layer {own}) imports {target} (layer {layer})")
     assert not upward, "\n".join(upward)
+
+
+def loads_from_outside(source: str, depth: int) -> list[str]:
+    """What a module at ``depth`` folders below ``src/segmask`` does to reach files outside the package:
+    executing a file by path, or walking up from ``__file__`` past the package's folder."""
+    found = [name for name in ("spec_from_file_location", "run_path", "SourceFileLoader") if name in source]
+    for match in re.finditer(r"__file__\)?(?:\.resolve\(\))?(\.parents\[(\d+)\]|(?:\.parent(?!s))+)", source):
+        up = int(match.group(2)) + 1 if match.group(2) else match.group(1).count(".parent")
+        if up > depth + 1:  # .parent is the module's folder; one more per folder up to src/segmask
+            found.append(match.group(0))
+    return found
+
+
+def test_the_checker_catches_the_old_demo_shim():
+    old = 'Path(__file__).resolve().parents[2] / "experiments" / "demo" / "demo.py"\nspec_from_file_location'
+    assert loads_from_outside(old, depth=0) == ["spec_from_file_location", "__file__).resolve().parents[2]"]
+    assert loads_from_outside("Path(__file__).parent / 'templates'", depth=0) == []
+
+
+def test_no_library_module_loads_files_from_outside_the_package():
+    """The library never reaches into experiments/, benchmarks/ or the checkout: it is installed alone."""
+    offenders = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        depth = len(path.relative_to(PACKAGE).parts) - 1
+        if found := loads_from_outside(path.read_text(), depth):
+            offenders[str(path.relative_to(PACKAGE))] = found
+    assert not offenders, offenders

@@ -122,7 +122,7 @@ def test_sampling_flags(stories_path, capsys, monkeypatch):
         temperature=0.7,
         top_p=0.9,
         policy="mas",
-        causal_sink=None,  # no run: the policy's default (segmask.segments.sink_on)
+        causal_sink=None,  # no run: the policy's default (segmask.policies.sink_on)
         template="alpaca",
     )
     seen.clear()

@@ -8,11 +8,10 @@ import dataclasses
 
 import pytest
 
-from segmask.attention import SUPPORTED
 from segmask.cli import build_parser
 from segmask.cli.options import add_model_arguments, add_sampling_arguments, config_values, generation_kwargs
-from segmask.evaluation import EvalConfig
-from segmask.masks import POLICIES
+from segmask.eval_config import EvalConfig
+from segmask.policies import POLICIES, SUPPORTED
 from segmask.serving import ServeConfig
 from segmask.train_config import TrainConfig
 
@@ -81,7 +80,7 @@ def test_every_attn_flag_offers_the_supported_backends(command):
     [
         ("eval", EvalConfig, {"policy": "--mask"}),  # the policy load_model resolves
         ("serve", ServeConfig, {"model_name": "--name"}),
-        ("train", TrainConfig, {}),
+        ("train", TrainConfig, {"policy": "--mask"}),  # the flag metadata["flag"] names
     ],
 )
 def test_config_fields_are_flags_with_the_fields_defaults(command, config, other_flags):

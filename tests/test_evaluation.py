@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from segmask.cli import main
-from segmask.evaluation import EvalConfig, evaluate
+from segmask.eval_config import EvalConfig
+from segmask.evaluation import evaluate
 from segmask.generation import generate
 from segmask.loading import load_model
 from segmask.overflow import context_length, fit_prompt

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from segmask import masks
+from segmask import masks, policies
 
 pytestmark = pytest.mark.exactness
 
@@ -151,7 +151,7 @@ def test_bad_layouts_raise_clear_errors():
     with pytest.raises(ValueError, match="attention_mask has shape"):
         masks.dense_mask(torch.tensor([[0, 0]]), torch.tensor([[1, 1, 1]]))
     with pytest.raises(ValueError, match="unknown mask policy"):
-        masks.check_policy("bidirectional")
+        policies.check_policy("bidirectional")
 
 
 # ---------------------------------------------------------------- property tests over random layouts

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from segmask.evaluation import EvalConfig
+from segmask.eval_config import EvalConfig
 from segmask.overflow import OVERFLOWS, apply_cutoff, apply_cutoff_all, fit_prompt, truncate_prompt
 from segmask.segments import IGNORE_INDEX, Encoded
 from segmask.train_config import TrainConfig

@@ -13,10 +13,9 @@ from conftest import require_shared
 from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 
-from segmask.masks import POLICIES
 from segmask.overflow import apply_cutoff, apply_cutoff_all, cutoff_report
+from segmask.policies import DEFAULT_CAUSAL_SINK, POLICIES, sink_on
 from segmask.segments import (
-    DEFAULT_CAUSAL_SINK,
     IGNORE_INDEX,
     PAPER_SYSTEM,
     PAPER_SYSTEM_WITH_INPUT,
@@ -26,7 +25,6 @@ from segmask.segments import (
     encode_text,
     encode_tokens,
     instruction_messages,
-    sink_on,
     sink_segments,
 )
 from segmask.turns import chat_layout, token_layout

@@ -37,7 +37,8 @@ from pathlib import Path
 import torch
 
 from segmask.compare import compare_runs
-from segmask.evaluation import EvalConfig, evaluate
+from segmask.eval_config import EvalConfig
+from segmask.evaluation import evaluate
 from segmask.leaks import leak_check
 from segmask.loading import load_model
 from segmask.results import git_commit, machine, predictions_path

@@ -40,7 +40,8 @@ from torch import nn
 
 from segmask import ChatSession
 from segmask.compare import compare_runs
-from segmask.evaluation import EvalConfig, evaluate
+from segmask.eval_config import EvalConfig
+from segmask.evaluation import evaluate
 from segmask.generation import generate
 from segmask.leaks import leak_check
 from segmask.loading import load

@@ -64,7 +64,8 @@ from demo import TASK, DemoConfig, train_config, write_data  # noqa: E402  (expe
 
 from segmask import data as segdata  # noqa: E402
 from segmask.collate import Collator  # noqa: E402
-from segmask.evaluation import EvalConfig, evaluate  # noqa: E402
+from segmask.eval_config import EvalConfig  # noqa: E402
+from segmask.evaluation import evaluate  # noqa: E402
 from segmask.files import write_json_atomic  # noqa: E402
 from segmask.leaks import leak_check  # noqa: E402
 from segmask.loading import load_model, load_tokenizer  # noqa: E402

@@ -74,7 +74,8 @@ def load_module(name: str, path: Path):
 # the demo study's pieces: masks, curve files, locks, RNG guard, held-out loss, leak check
 demo_study = load_module("demo_study_run", HERE.parent / "demo_study" / "run.py")
 
-from segmask.evaluation import EvalConfig, evaluate  # noqa: E402
+from segmask.eval_config import EvalConfig  # noqa: E402
+from segmask.evaluation import evaluate  # noqa: E402
 from segmask.files import write_json_atomic  # noqa: E402
 from segmask.loading import load_model, load_tokenizer  # noqa: E402
 from segmask.results import git_commit, machine, predictions_path  # noqa: E402

@@ -16,8 +16,8 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS = {
-    "POLICIES": "masks",
-    "MaskPolicy": "masks",
+    "POLICIES": "policies",
+    "MaskPolicy": "policies",
     "attention_bias": "masks",
     "block_mask": "masks",
     "dense_mask": "masks",
@@ -37,7 +37,7 @@ _EXPORTS = {
     "stream": "generation",
     "TrainConfig": "train_config",
     "train": "training",
-    "EvalConfig": "evaluation",
+    "EvalConfig": "eval_config",
     "evaluate": "evaluation",
     "compare_runs": "compare",
     "leak_check": "leaks",

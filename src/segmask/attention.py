@@ -37,10 +37,10 @@ from torch import nn
 from segmask import compat, guard, masks, parallel
 from segmask.attention_plan import Layout
 from segmask.fast_attention import dense_attention, layout_attention
+from segmask.policies import SUPPORTED
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED = ("eager", "sdpa", "flex_attention", "segmask")
 IMPLEMENTATION = "segmask"
 """Name of the transformers attention implementation registered by :func:`register`."""
 _HANDLE = "_segmask_hook"

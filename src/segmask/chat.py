@@ -28,7 +28,8 @@ from segmask.generation import (
     prefill_for_decoding,
     streamed,
 )
-from segmask.masks import MaskPolicy, check_policy, reusable_prefix
+from segmask.masks import reusable_prefix
+from segmask.policies import MaskPolicy, check_policy
 from segmask.segments import encode_chat
 
 DEFAULT_CHAT_TOKENS = 256
@@ -55,7 +56,7 @@ class ChatSession:
     so the result equals re-prefilling the whole conversation. Under ``prefix`` the whole prompt is one
     segment, so every earlier token would have to see the new turn: the cache cannot be reused and each
     turn re-prefills the conversation (exact, slower). ``causal_sink`` keeps token 0 causal under
-    ``mas``/``prefix`` (:func:`segmask.segments.sink_on`: ``None`` is the policy's default, on under ``mas``); as it is a leading causal token, the cache
+    ``mas``/``prefix`` (:func:`segmask.policies.sink_on`: ``None`` is the policy's default, on under ``mas``); as it is a leading causal token, the cache
     after it is reused as before. ``policy``, ``causal_sink``, ``system`` and the messages can be changed
     between turns; the cache follows.
     """

@@ -228,7 +228,7 @@ def encode_record(
 
     ``train_on_inputs`` (causal policy only: ``Encoded`` refuses labels on segment tokens) puts the loss
     on the prompt too, as LLM-Adapters does by default. ``causal_sink``: token 0 causal under ``mas`` and
-    ``prefix`` (:func:`segmask.segments.sink_on`: ``None`` is the policy's default, on under ``mas``). ``template``: the instruction template of an
+    ``prefix`` (:func:`segmask.policies.sink_on`: ``None`` is the policy's default, on under ``mas``). ``template``: the instruction template of an
     LLM-Adapters record (:mod:`segmask.templates`; ``paper`` gives the official training text).
     """
     if record_kind(record) == "chat":

@@ -41,8 +41,8 @@ from segmask import compat
 from segmask.attention import ContextOverflowError, require_enabled
 from segmask.collate import Collator, pad_token_id
 from segmask.detokenize import TextStream
-from segmask.masks import MaskPolicy, check_policy
 from segmask.overflow import context_length
+from segmask.policies import MaskPolicy, check_policy
 from segmask.segments import Encoded, encode_chat, encode_instruction, encode_text
 from segmask.templates import DEFAULT_TEMPLATE
 
@@ -74,7 +74,7 @@ def encode_prompt(
     A conversation gets the chat template and the generation prompt (the assistant header, causal); an
     instruction record gets the instruction template without its answer; a raw string is tokenized as is
     and forms one prompt segment (all causal under ``causal``). ``causal_sink``: token 0 causal under
-    ``mas``/``prefix`` (:func:`segmask.segments.sink_on`: ``None`` is the policy's default, on under ``mas``). ``template``: the instruction template of
+    ``mas``/``prefix`` (:func:`segmask.policies.sink_on`: ``None`` is the policy's default, on under ``mas``). ``template``: the instruction template of
     a record (:mod:`segmask.templates`; ``paper`` gives the official evaluation prompt).
     """
     check_policy(policy)
@@ -300,7 +300,7 @@ def generate(
     string (see :func:`encode_prompt`). Prompts are batched with left padding. ``generation_kwargs`` go
     to transformers' ``generate`` (``max_new_tokens``, ``do_sample``, ``num_beams``, ...); with
     ``num_return_sequences=R`` the list holds ``R`` consecutive completions per prompt. ``causal_sink``
-    keeps each prompt's token 0 causal under ``mas``/``prefix`` (:func:`segmask.segments.sink_on`: ``None`` is the policy's default, on under ``mas``);
+    keeps each prompt's token 0 causal under ``mas``/``prefix`` (:func:`segmask.policies.sink_on`: ``None`` is the policy's default, on under ``mas``);
     ``template`` is the instruction template of record prompts (:mod:`segmask.templates`).
     """
     policy = check_policy(policy)

@@ -41,7 +41,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
 from segmask import compat
 from segmask.attention import enable, register
-from segmask.masks import MaskPolicy
+from segmask.policies import MaskPolicy
 from segmask.runs import RUN_FILE, Run, Settings, read_run, resolve_settings
 
 CACHE_ENV = "SEGMASK_CACHE"

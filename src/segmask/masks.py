@@ -46,22 +46,11 @@ from __future__ import annotations
 import functools
 import operator
 from collections.abc import Callable, Sequence
-from typing import Literal, get_args
 
 import torch
 from torch.nn.attention.flex_attention import create_block_mask
 
-MaskPolicy = Literal["causal", "mas", "prefix"]
-POLICIES: tuple[str, ...] = get_args(MaskPolicy)
-
 MaskFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def check_policy(policy: str) -> MaskPolicy:
-    """Return ``policy`` if it names a mask policy, else raise a ``ValueError`` listing the valid ones."""
-    if policy not in POLICIES:
-        raise ValueError(f"unknown mask policy {policy!r}; expected one of {', '.join(POLICIES)}")
-    return policy  # type: ignore[return-value]
 
 
 def validate_layout(

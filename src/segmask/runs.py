@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from segmask.files import write_json_atomic
-from segmask.masks import MaskPolicy, check_policy
+from segmask.policies import MaskPolicy, check_policy
 from segmask.templates import DEFAULT_TEMPLATE, TEMPLATES, InstructionTemplate, check_template
 
 RUN_FILE = "segmask.json"
@@ -96,7 +96,7 @@ class Settings:
     """The settings a model runs with (:func:`resolve_settings`).
 
     ``causal_sink`` ``None`` is the default of the policy each prompt is encoded under
-    (:func:`segmask.segments.sink_on`: on under ``mas``), so that a request or a chat that picks another
+    (:func:`segmask.policies.sink_on`: on under ``mas``), so that a request or a chat that picks another
     policy gets that policy's default.
     """
 

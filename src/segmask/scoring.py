@@ -114,7 +114,7 @@ def chat_candidates(
 ) -> tuple[Encoded, dict[str, list[int]]]:
     """A chat prompt (``messages``, then the assistant header) and each choice's answer tokens as the
     assistant's turn, exactly as training encodes them: the input of :func:`rank_candidates`.
-    ``causal_sink``: token 0 causal under ``mas``/``prefix`` (:func:`segmask.segments.sink_on`: ``None`` is the policy's default, on under ``mas``)."""
+    ``causal_sink``: token 0 causal under ``mas``/``prefix`` (:func:`segmask.policies.sink_on`: ``None`` is the policy's default, on under ``mas``)."""
     prompt = encode_chat(
         tokenizer, messages, policy=policy, add_generation_prompt=True, causal_sink=causal_sink
     )
@@ -146,7 +146,7 @@ def loglik_predictions(
     Records whose index is in ``done`` keep that prediction (a resumed run); ``on_prediction`` sees each new
     one as soon as it is made. Every prompt is fitted to the model's context (:func:`fit_prompt`) before the
     first is scored; a skipped record has no prediction. ``causal_sink``: each prompt's token 0 causal under
-    ``mas``/``prefix`` (:func:`segmask.segments.sink_on`: ``None`` is the policy's default, on under ``mas``). ``template`` must be ``alpaca``: the
+    ``mas``/``prefix`` (:func:`segmask.policies.sink_on`: ``None`` is the policy's default, on under ``mas``). ``template`` must be ``alpaca``: the
     ``paper`` evaluation prompt is no prefix of its training text (it ends in 16 spaces that the training
     text tokenizes otherwise), so no candidate answer continues it as training did.
     """

@@ -59,8 +59,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from segmask import templates, turns
-from segmask.masks import MaskPolicy, check_policy
 from segmask.overflow import Overflow, apply_cutoff
+from segmask.policies import MaskPolicy, check_policy, sink_on
 from segmask.templates import DEFAULT_TEMPLATE, PAPER_SYSTEM, PAPER_SYSTEM_WITH_INPUT
 from segmask.turns import CONTENT, END, HEADER
 
@@ -165,32 +165,6 @@ def _encode(
         for turn, kind in zip(token_turns, token_kinds)
     ]
     return Encoded(list(ids), segment_ids, labels, prompt_turns)  # checks that labelled tokens are causal
-
-
-#: what the ``causal_sink`` option does, in the words every flag and config field shows
-CAUSAL_SINK_HELP = (
-    "keep token 0 (the BOS, else the first prompt token: the attention sink) causal under mas and prefix "
-    "(default: on under mas, off under prefix; false under mas is the paper's mask)"
-)
-#: the same, for an option whose absence means "as the model was trained"
-CAUSAL_SINK_HELP_RUN = (
-    "keep token 0 (the BOS, else the first prompt token: the attention sink) causal under mas and prefix "
-    "(default: as the model was trained, else on under mas and off under prefix)"
-)
-#: ``causal_sink=None`` per policy (:func:`sink_on`): on under ``mas`` since the demo study (issue 20)
-DEFAULT_CAUSAL_SINK: dict[str, bool] = {"causal": False, "mas": True, "prefix": False}
-
-
-def sink_on(policy: MaskPolicy, causal_sink: bool | None = None) -> bool:
-    """Whether token 0 is made causal under ``policy``: ``causal_sink`` if given, else the policy's default
-    (:data:`DEFAULT_CAUSAL_SINK`: on under ``mas``, off under ``prefix``); never under ``causal``, whose
-    tokens are all causal already. ``sink_on("mas") -> True``, ``sink_on("mas", False) -> False``."""
-    policy = check_policy(policy)
-    if causal_sink is not None and not isinstance(causal_sink, bool):
-        raise ValueError(f"causal_sink must be true, false or None, got {causal_sink!r}")
-    if policy == "causal":
-        return False
-    return DEFAULT_CAUSAL_SINK[policy] if causal_sink is None else causal_sink
 
 
 def sink_segments(segment_ids: Sequence[int]) -> list[int]:

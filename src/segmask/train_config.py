@@ -21,12 +21,10 @@ from types import NoneType, UnionType
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
-from transformers import SchedulerType
 
-from segmask import masks
-from segmask.attention import SUPPORTED
+from segmask import policies
 from segmask.overflow import OVERFLOWS
-from segmask.segments import CAUSAL_SINK_HELP, sink_on
+from segmask.policies import CAUSAL_SINK_HELP, SUPPORTED, sink_on
 from segmask.templates import TEMPLATE_HELP, check_template
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -119,7 +117,7 @@ class TrainConfig:
             raise ValueError("model is required (a local transformers folder or .gguf file)")
         if not self.data:
             raise ValueError("data is required: one or more training files")
-        masks.check_policy(self.policy)
+        policies.check_policy(self.policy)
         positive = (
             "cutoff_len",
             "batch_size",
@@ -181,6 +179,8 @@ class TrainConfig:
                     f"attn_implementation {self.attn_implementation!r} cannot run mask {self.policy!r}"
                     f"{' with packing' if self.packing else ''} (it drops custom masks); use one of {', '.join(SUPPORTED)}"
                 )
+        from transformers import SchedulerType  # here, not at the top: `segmask train --help` stays light
+
         if self.lr_scheduler not in {s.value for s in SchedulerType}:
             raise ValueError(
                 f"unknown lr_scheduler {self.lr_scheduler!r}; expected one of {[s.value for s in SchedulerType]}"

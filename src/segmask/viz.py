@@ -20,7 +20,8 @@ from torch import nn
 
 from segmask.attention import enable
 from segmask.files import read_json
-from segmask.masks import check_policy, dense_mask
+from segmask.masks import dense_mask
+from segmask.policies import check_policy
 from segmask.segments import Encoded, encode_chat
 
 TITLES = {"causal": "causal", "mas": "MAS", "prefix": "prefix"}

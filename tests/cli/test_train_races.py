@@ -82,7 +82,9 @@ def test_overwrite_while_a_run_trains_is_refused_and_a_killed_run_frees_the_fold
     finally:
         first.send_signal(signal.SIGKILL)
         first.communicate(timeout=60)
-    assert train_output.last_checkpoint(output) is not None and (output / train_output.LOCK_FILE).exists()  # stale
+    assert (
+        train_output.last_checkpoint(output) is not None and (output / train_output.LOCK_FILE).exists()
+    )  # stale
 
     code, out, err = finish(segmask_train(recipe, output, "--max-steps", "3", "--seed", "2", "--overwrite"))
     assert code == 0, err[-2000:]

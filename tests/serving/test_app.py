@@ -452,7 +452,7 @@ def test_serve_resolves_the_causal_sink_from_the_models_run(stories_path, tmp_pa
     (run / "segmask.json").write_text(json.dumps(info))
     seen = []
     monkeypatch.setattr(app_module.uvicorn, "run", lambda app, **_: seen.append(app.state.served.causal_sink))
-    # no run: None stays, each request's policy default (segmask.segments.sink_on)
+    # no run: None stays, each request's policy default (segmask.policies.sink_on)
     for path, requested, sink in [(stories_path, None, None), (run, None, True), (stories_path, True, True)]:
         app_module.serve(path, config=ServeConfig(model_name=NAME, causal_sink=requested))
         assert seen.pop() is sink, (path, requested)

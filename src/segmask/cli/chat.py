@@ -14,15 +14,13 @@ import argparse
 import sys
 from typing import TextIO
 
-from segmask.attention import ContextOverflowError
-from segmask.chat import ChatSession
 from segmask.cli.options import (
     add_causal_sink_argument,
     add_model_arguments,
     add_sampling_arguments,
     generation_kwargs,
 )
-from segmask.masks import POLICIES
+from segmask.policies import POLICIES
 
 HELP = "commands: /system TEXT, /reset, /mask {" + ",".join(POLICIES) + "}, /quit"
 
@@ -35,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from segmask.chat import ChatSession  # noqa: PLC0415 (torch, transformers: not at --help)
+
     kwargs = generation_kwargs(args)
     from segmask.loading import load  # noqa: PLC0415  (torch and transformers: not at --help)
 
@@ -64,6 +64,8 @@ def loop(session, stdin: TextIO, stdout: TextIO) -> int:
 
     Ctrl-C during a reply stops it (the turn is dropped); at the prompt it leaves.
     """
+    from segmask.attention import ContextOverflowError  # noqa: PLC0415 (torch: not at --help)
+
     while True:
         stdout.write(f"[{session.policy}] you> ")
         stdout.flush()

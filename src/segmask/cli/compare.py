@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from segmask.compare import compare_runs
 from segmask.files import check_outputs
 from segmask.results import predictions_path
 
@@ -18,6 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from segmask.compare import compare_runs  # noqa: PLC0415 (scipy: not at --help)
+
     inputs = [*args.results, *(predictions_path(path) for path in args.results)]
     check_outputs([("--out-md", args.out_md), ("--out-png", args.out_png)], inputs)
     print(compare_runs(args.results, out_md=args.out_md, out_png=args.out_png), end="")

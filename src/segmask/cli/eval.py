@@ -1,6 +1,6 @@
 """``segmask eval``: accuracy on the commonsense suite under a mask policy (see :mod:`segmask.evaluation`).
 
-Every :class:`segmask.evaluation.EvalConfig` field but ``policy`` is a flag (``num_beams`` -> ``--num-beams``);
+Every :class:`segmask.eval_config.EvalConfig` field but ``policy`` is a flag (``num_beams`` -> ``--num-beams``);
 ``--mask`` picks the policy, as in every command that loads a model. ``--causal-sink/--no-causal-sink``
 absent is the run's saved value, else the policy's default (on under mas); ``--template`` absent is the run's
 saved template, else alpaca (both: :func:`segmask.runs.resolve_settings`). The paper's
@@ -14,8 +14,7 @@ import dataclasses
 import os
 
 from segmask.cli.options import add_config_arguments, add_model_arguments, config_values
-from segmask.compare import compare_runs
-from segmask.evaluation import EvalConfig, evaluate
+from segmask.eval_config import EvalConfig
 from segmask.files import check_outputs
 from segmask.results import journal_path, predictions_path
 from segmask.tasks.commonsense import task_path
@@ -31,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from segmask.compare import compare_runs  # noqa: PLC0415 (scipy, torch: not at --help)
+    from segmask.evaluation import evaluate  # noqa: PLC0415
+
     values = config_values(args, EvalConfig)
     values["tasks"] = ",".join(values["tasks"])  # "--tasks boolq,piqa" (or names apart)
     if args.greedy:

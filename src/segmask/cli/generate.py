@@ -17,7 +17,6 @@ import argparse
 import json
 from pathlib import Path
 
-from segmask import generation
 from segmask.cli.options import (
     add_causal_sink_argument,
     add_model_arguments,
@@ -71,6 +70,8 @@ def read_prompt(args: argparse.Namespace, tokenizer):
 
 
 def run(args: argparse.Namespace) -> int:
+    from segmask import generation  # noqa: PLC0415 (torch, transformers: not at --help)
+
     kwargs = generation_kwargs(args)
     from segmask.loading import load  # noqa: PLC0415  (torch and transformers: not at --help)
 

@@ -9,9 +9,7 @@ from collections.abc import Collection
 from types import NoneType, UnionType
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
-from segmask.attention import SUPPORTED
-from segmask.masks import POLICIES
-from segmask.segments import CAUSAL_SINK_HELP_RUN
+from segmask.policies import CAUSAL_SINK_HELP_RUN, POLICIES, SUPPORTED
 
 
 def add_config_arguments(
@@ -147,7 +145,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int 
 
 
 def add_attn_argument(parser: argparse.ArgumentParser) -> None:
-    """``--attn``: one of :data:`segmask.attention.SUPPORTED` (default: the loader's choice)."""
+    """``--attn``: one of :data:`segmask.policies.SUPPORTED` (default: the loader's choice)."""
     parser.add_argument("--attn", default=None, choices=SUPPORTED, help="attention implementation")
 
 

@@ -15,7 +15,7 @@ import argparse
 import os
 
 from segmask.cli.options import add_attn_argument, add_config_arguments, add_model_arguments, config_values
-from segmask.serving import ServeConfig, default_name, serve
+from segmask.serving.config import ServeConfig
 
 API_KEY_ENV = "SEGMASK_API_KEY"
 
@@ -38,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from segmask.serving.app import default_name, serve  # noqa: PLC0415 (torch, FastAPI: not at --help)
+
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
     values = config_values(args, ServeConfig)  # api_key too: its flag is --api-key, its default the env's

@@ -18,7 +18,6 @@ from pathlib import Path
 
 from segmask.cli.options import add_chat_template_argument, add_config_arguments, config_values
 from segmask.train_config import TrainConfig
-from segmask.training import Interrupted, finished_step, train
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from segmask.train_output import finished_step  # noqa: PLC0415 (torch, transformers: not at --help)
+    from segmask.training import Interrupted, train  # noqa: PLC0415
+
     overrides = config_values(args, TrainConfig)
     config = (
         TrainConfig.from_yaml(args.config, **overrides) if args.config else TrainConfig.from_dict(overrides)

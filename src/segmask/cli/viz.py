@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from segmask import loading, viz
 from segmask.files import check_outputs
 
 
@@ -23,6 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from segmask import loading, viz  # noqa: PLC0415 (torch, matplotlib: not at --help)
+
     messages = viz.read_messages(args.messages)
     if Path(args.out).is_file():
         raise ValueError(f"--out {args.out} is a file; give the folder to write the drawings into")

@@ -22,7 +22,7 @@ Requests map onto MAS like this:
 ``model_args``: ``pretrained`` (a path :func:`segmask.loading.load` reads), ``mask`` (``causal``, ``mas``,
 ``prefix``; default: the model's own), ``causal_sink`` (``true``: token 0 causal under ``mas`` and ``prefix``,
 :func:`segmask.segments.sink_segments`; default: the model's run value, else the policy's default,
-:func:`segmask.segments.sink_on`: on under ``mas``), ``batch_size`` (prompts per
+:func:`segmask.policies.sink_on`: on under ``mas``), ``batch_size`` (prompts per
 generate call), ``max_length`` (default: the model's context), ``add_bos_token`` (default: whatever the
 tokenizer does), ``dtype``, ``device``, ``template`` (``alpaca`` or ``paper``: a plain context is the
 ``instruction`` of an LLM-Adapters record, prompted in that template with its segments, :mod:`segmask.templates`
@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from segmask.generation import completion, eos_token_ids, generate_ids, left_pad, pad_token_id
 from segmask.loading import load
+from segmask.policies import sink_on
 from segmask.scoring import continuation_logprobs
 from segmask.segments import (
     IGNORE_INDEX,
@@ -53,7 +54,6 @@ from segmask.segments import (
     encode_chat,
     encode_instruction,
     encode_tokens,
-    sink_on,
     sink_segments,
 )
 from segmask.templates import check_template

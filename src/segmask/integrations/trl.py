@@ -44,9 +44,9 @@ from trl.trainer.utils import pad
 from segmask import segments
 from segmask.attention import enable
 from segmask.data import check_causal_loss
-from segmask.masks import MaskPolicy, check_policy
 from segmask.overflow import Overflow, apply_cutoff_all
 from segmask.parallel import check_sequence_sharding
+from segmask.policies import MaskPolicy, check_policy
 from segmask.segments import IGNORE_INDEX, Encoded
 
 logger = logging.getLogger(__name__)

@@ -37,46 +37,42 @@ long conversation's encoding. Limits (``ServeConfig``: max_messages, max_prompt_
 the context) and unsupported OpenAI fields (``protocol.UNSUPPORTED``) are 400s naming what was refused.
 """
 
-from segmask.serving.app import ServeConfig, Served, create_app, default_name, serve
-from segmask.serving.engine import (
-    Engine,
-    Job,
-    QueueFull,
-    RowTracker,
-    Sampling,
-    Scheduler,
-    supports_row_caches,
-)
-from segmask.serving.prefix_cache import PrefixCache
-from segmask.serving.protocol import (
-    APIError,
-    ChatCompletionRequest,
-    ChatMessage,
-    CompletionRequest,
-    StreamOptions,
-    TextPart,
-    validation_error,
-)
+import importlib
+from typing import Any
 
-__all__ = [
-    "APIError",
-    "ChatCompletionRequest",
-    "ChatMessage",
-    "CompletionRequest",
-    "Engine",
-    "Job",
-    "PrefixCache",
-    "QueueFull",
-    "RowTracker",
-    "Sampling",
-    "Scheduler",
-    "ServeConfig",
-    "Served",
-    "StreamOptions",
-    "TextPart",
-    "create_app",
-    "default_name",
-    "serve",
-    "supports_row_caches",
-    "validation_error",
-]
+# public name -> module that defines it; imported on first use, so that `segmask serve --help` (which
+# needs only ServeConfig) loads neither torch nor FastAPI
+_EXPORTS = {
+    "APIError": "segmask.serving.protocol",
+    "ChatCompletionRequest": "segmask.serving.protocol",
+    "ChatMessage": "segmask.serving.protocol",
+    "CompletionRequest": "segmask.serving.protocol",
+    "Engine": "segmask.serving.engine",
+    "Job": "segmask.serving.engine",
+    "PrefixCache": "segmask.serving.prefix_cache",
+    "QueueFull": "segmask.serving.engine",
+    "RowTracker": "segmask.serving.engine",
+    "Sampling": "segmask.serving.engine",
+    "Scheduler": "segmask.serving.engine",
+    "ServeConfig": "segmask.serving.config",
+    "Served": "segmask.serving.app",
+    "StreamOptions": "segmask.serving.protocol",
+    "TextPart": "segmask.serving.protocol",
+    "create_app": "segmask.serving.app",
+    "default_name": "segmask.serving.app",
+    "serve": "segmask.serving.app",
+    "supports_row_caches": "segmask.serving.engine",
+    "validation_error": "segmask.serving.protocol",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'segmask.serving' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -32,7 +32,7 @@ from segmask.generation import (
     pad_token_id,
     prefill_for_decoding,
 )
-from segmask.masks import MaskPolicy
+from segmask.policies import MaskPolicy
 from segmask.segments import Encoded
 from segmask.serving.prefix_cache import PrefixCache, stack_left_padded
 

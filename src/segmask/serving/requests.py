@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import Request
 from pydantic import ValidationError
 
-from segmask.masks import MaskPolicy
+from segmask.policies import MaskPolicy
 from segmask.segments import Encoded, encode_chat, encode_text, encode_tokens
 from segmask.serving.engine import Job, QueueFull, Sampling, Scheduler
 from segmask.serving.protocol import (

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 from transformers.cache_utils import Cache
 
 import segmask
-from segmask import attention, compat
+from segmask import compat, hook
 from segmask.generation import generate_ids
 
 pytestmark = pytest.mark.exactness
@@ -70,7 +70,7 @@ def test_causal_lm_forwards_extra_kwargs_to_its_decoder(family):
 def test_attention_interface_registration_reaches_the_layers():
     """``AttentionInterface.register`` + ``set_attn_implementation`` route every layer through segmask's
     function, and kwargs given to the decoder (``segmask_layout``) reach it."""
-    attention.register()
+    hook.register()
     assert "segmask" in transformers.masking_utils.ALL_MASK_ATTENTION_FUNCTIONS, (
         f"{VERSION}: AttentionMaskInterface.register no longer registers a mask function"
     )

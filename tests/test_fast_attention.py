@@ -1,6 +1,6 @@
 """The fast MAS kernel equals SDPA with the dense mask (outputs and gradients) through every kernel and memory
 layout, falls back exactly where the plan cannot express a layout, and takes the calls its plan counts.
-(As transformers' "segmask" implementation it is tested in tests/test_attention.py.)"""
+(As transformers' "segmask" implementation it is tested in tests/test_hook.py.)"""
 
 from __future__ import annotations
 

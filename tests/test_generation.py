@@ -311,8 +311,8 @@ def test_bad_inputs_are_refused_clearly(stories_model, stories_tokenizer):
 
 def test_generation_past_the_context_is_refused(stories_model, stories_tokenizer):
     """A 512-position model: a prompt plus new tokens over 512 raises before any forward, in every entry."""
-    from segmask.attention import ContextOverflowError
     from segmask.chat import ChatSession
+    from segmask.hook import ContextOverflowError
 
     long_prompt = "Tim has a dog. " * 120
     with pytest.raises(ContextOverflowError, match="more than the model's context of 512"):
@@ -335,7 +335,7 @@ def test_generation_past_the_context_is_refused(stories_model, stories_tokenizer
 def test_a_mas_forward_past_the_context_is_refused(stories_model):
     """The hook refuses a MAS row longer than the model's positions (a Collator row of 8,280 tokens for a
     512-token model used to run)."""
-    from segmask.attention import ContextOverflowError
+    from segmask.hook import ContextOverflowError
 
     ids = torch.ones(1, 600, dtype=torch.long)
     with pytest.raises(ContextOverflowError, match="600 positions"):

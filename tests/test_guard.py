@@ -13,9 +13,9 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Tr
 
 import segmask
 from segmask import guard
-from segmask.attention import require_enabled
 from segmask.chat import ChatSession
 from segmask.generation import generate, prefill, stream
+from segmask.hook import require_enabled
 from segmask.leaks import leak_check
 from segmask.scoring import continuation_logprobs
 from segmask.segments import encode_chat
@@ -127,11 +127,11 @@ def test_a_plain_trainer_with_the_collator_fails_loudly_without_enable(tmp_path)
 
 def test_the_segmask_implementation_without_a_layout_refuses_segment_ids():
     """A model set to attn_implementation="segmask" by hand but never enabled gets no layout: refuse."""
-    from segmask import attention
+    from segmask import hook
 
-    attention.register()
+    hook.register()
     model = tiny_llama("sdpa")
-    model.set_attn_implementation(attention.IMPLEMENTATION)
+    model.set_attn_implementation(hook.IMPLEMENTATION)
     with pytest.raises(guard.NotEnabledError):
         model(**collated_batch())
 

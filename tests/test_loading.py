@@ -16,7 +16,7 @@ from conftest import require_shared
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from segmask import attention, loading
+from segmask import hook, loading
 from segmask.loading import load_model
 from segmask.runs import RUN_FILE
 
@@ -58,7 +58,7 @@ def test_transformers_folder_loads_enabled_and_unchanged(stories_path):
     plain = AutoModelForCausalLM.from_pretrained(stories_path).eval()
     tokens = torch.tensor([tokenizer("Once upon a time")["input_ids"]])
     assert policy == "mas"
-    assert attention.is_enabled(model) and not model.training
+    assert hook.is_enabled(model) and not model.training
     assert torch.equal(model(tokens).logits, plain(tokens).logits)
     # the segment mask is on: a bidirectional prompt changes the first token's output
     bidirectional = model(tokens, segment_ids=torch.zeros_like(tokens)).logits
@@ -99,7 +99,7 @@ def test_adapter_run_folder_is_merged_over_its_base(stories_path, tmp_path):
     assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]  # peft's, kept quiet
     tokens = ids(1, 403, 407, 261, 378)
     segments = torch.tensor([[0, 0, 0, -1, -1]])
-    expected = attention.enable(peft_model)(tokens, segment_ids=segments).logits
+    expected = hook.enable(peft_model)(tokens, segment_ids=segments).logits
     plain = AutoModelForCausalLM.from_pretrained(stories_path).eval()
     assert policy == "prefix" and tokenizer("Once")["input_ids"]
     assert not hasattr(model, "peft_config")  # merged
@@ -119,7 +119,7 @@ def test_gguf_is_converted_once_to_safetensors(smollm2_folder, tmp_path_factory,
     monkeypatch.setenv(loading.CACHE_ENV, str(conversion_cache(tmp_path_factory)))
     assert loading.gguf_to_safetensors(smollm2_gguf()) == smollm2_folder
     model, tokenizer, policy = load_model(smollm2_gguf(), policy="causal")
-    assert policy == "causal" and attention.is_enabled(model)
+    assert policy == "causal" and hook.is_enabled(model)
     assert model.config.num_hidden_layers == 30 and model.config.vocab_size == 49152
     assert "<|im_start|>" in tokenizer.apply_chat_template(
         [{"role": "user", "content": "Hi"}], tokenize=False

@@ -72,9 +72,9 @@ def test_enable_refuses_under_context_parallelism(clean_env, stories_path):
     clean_env.setenv("PARALLELISM_CONFIG_CP_SIZE", "2")
     with pytest.raises(SequenceShardingError, match="context parallelism"):
         segmask.enable(model)
-    assert not segmask.attention.is_enabled(model)  # refused before any hook was installed
+    assert not segmask.hook.is_enabled(model)  # refused before any hook was installed
     clean_env.delenv("PARALLELISM_CONFIG_CP_SIZE")
-    assert segmask.attention.is_enabled(segmask.enable(model))
+    assert segmask.hook.is_enabled(segmask.enable(model))
 
 
 def test_enable_refuses_a_live_accelerator_state_with_sequence_parallelism(clean_env, stories_path):

@@ -123,7 +123,7 @@ def test_chat_candidates_are_the_answer_tokens_after_the_header(stories_path):
 def test_rank_candidates_sums_each_answer_under_the_prompt_mask(stories_path):
     """Each label's score is the summed log-probability of its tokens after the prompt, from one dense-mask
     forward of prompt + answer (an independent computation); the best label is the highest."""
-    from segmask.attention import enable
+    from segmask.hook import enable
     from segmask.masks import dense_mask
     from segmask.scoring import chat_candidates, rank_candidates
 

@@ -41,7 +41,7 @@ from common import (
 )
 from torch.nn.attention.flex_attention import flex_attention
 
-from segmask import attention, fast_attention, masks
+from segmask import fast_attention, hook, masks
 from segmask.attention_plan import Layout, plan_layout
 
 ROUTES = ("fast", "eager", "flex")
@@ -188,7 +188,7 @@ def sliding_window_case(run: Run, dtype: torch.dtype, length: int, window: int) 
     expected = reference(*(t.double() for t in (q, k, v)))
     dense_error = relative_error(reference(*(t.to(dtype) for t in (q, k, v)))[real], expected[real])
     module = _Module(4, sliding_window=window)
-    out, _ = attention.segmask_attention_forward(
+    out, _ = hook.segmask_attention_forward(
         module, *(t.to(dtype) for t in (q, k, v)), None, segmask_layout=Layout(seg, pad)
     )
     error = relative_error(out[real], expected[real])
@@ -254,7 +254,7 @@ def model_case(run: Run, kind: str, dtypes: list[torch.dtype], implementations: 
     length = 48 if run.dry else 192
     config = tiny_config(kind, run.dry, window=length // 4)
     torch.manual_seed(0)
-    attention.register()
+    hook.register()
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()

@@ -85,10 +85,10 @@ def model_speed(run: Run, layouts: list[str], tasks: list[str], names: list[str]
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     import segmask
-    from segmask import attention
+    from segmask import hook
 
     dtype = torch.float32 if run.dry else torch.bfloat16
-    attention.register()
+    hook.register()
     torch.manual_seed(0)
     with torch.device(run.device):
         model = AutoModelForCausalLM.from_config(

@@ -51,7 +51,7 @@ def check_version(version: str | None = None) -> None:
     """Refuse a transformers older than the supported range, where exactness tests fail (5.0: GPT-2
     silently ignores a prepared mask; up to 5.16: sliding-window caches cannot be cropped after a prefill;
     5.17: masks mis-sized against a cache). A newer one is allowed: the run-time checks of this module and of
-    :mod:`segmask.attention` refuse what they cannot verify, and ``tests/test_compat.py`` names what moved."""
+    :mod:`segmask.hook` refuse what they cannot verify, and ``tests/test_compat.py`` names what moved."""
     version = version or transformers.__version__
     if release(version) < OLDEST:
         raise TransformersChangedError(

@@ -22,8 +22,8 @@ from collections.abc import Sequence
 from torch import nn
 
 from segmask import results, scoring
-from segmask.attention import enable
 from segmask.eval_config import EvalConfig
+from segmask.hook import enable
 from segmask.overflow import context_length, overflow_counts, resumable
 from segmask.tasks import commonsense
 from segmask.templates import DEFAULT_TEMPLATE

@@ -41,7 +41,7 @@ logs the reason once and runs SDPA with the dense mask of :func:`segmask.masks.s
 The calls (which kernel calls, over which rows and ranges) come from :mod:`segmask.attention_plan`; the
 kernel that runs each from :mod:`segmask.kernels`; the gathers of the reversed squares from
 :mod:`segmask.reversed_squares`; this module runs the calls on the kernel. Pure torch: layers of a
-transformers model reach it through :func:`segmask.attention.segmask_attention_forward`, the attention
+transformers model reach it through :func:`segmask.hook.segmask_attention_forward`, the attention
 implementation ``"segmask"``.
 """
 

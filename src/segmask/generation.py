@@ -38,9 +38,9 @@ from transformers import DynamicCache
 from transformers.generation.streamers import BaseStreamer
 
 from segmask import compat
-from segmask.attention import ContextOverflowError, require_enabled
 from segmask.collate import Collator, pad_token_id
 from segmask.detokenize import TextStream
+from segmask.hook import ContextOverflowError, require_enabled
 from segmask.overflow import context_length
 from segmask.policies import MaskPolicy, check_policy
 from segmask.segments import Encoded, encode_chat, encode_instruction, encode_text

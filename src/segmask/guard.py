@@ -5,7 +5,7 @@ a model that never went through :func:`segmask.enable` runs the plain causal mas
 close that path:
 
 - every segmask function that runs a model with segment ids (prefill, generation, chat, scoring, the leak
-  check) calls :func:`segmask.attention.require_enabled` first and raises :class:`NotEnabledError`;
+  check) calls :func:`segmask.hook.require_enabled` first and raises :class:`NotEnabledError`;
 - where segmask does not make the call itself (a ``segmask.Collator`` batch in a plain transformers
   ``Trainer``), :func:`install` wraps transformers' registered ``sdpa`` and ``flex_attention`` functions so
   that segment ids arriving there raise. On an enabled model they never arrive: segmask's hook takes them off

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from segmask import masks
-from segmask.attention import require_enabled
+from segmask.hook import require_enabled
 from segmask.segments import Encoded
 
 

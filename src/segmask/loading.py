@@ -40,7 +40,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
 from segmask import compat
-from segmask.attention import enable, register
+from segmask.hook import enable, register
 from segmask.policies import MaskPolicy
 from segmask.runs import RUN_FILE, Run, Settings, read_run, resolve_settings
 

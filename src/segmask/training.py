@@ -50,9 +50,9 @@ from transformers.trainer_pt_utils import get_length_grouped_indices
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from segmask import __version__, compat, data, loading
-from segmask.attention import enable
 from segmask.collate import Collator
 from segmask.files import write_json_atomic
+from segmask.hook import enable
 from segmask.parallel import check_sequence_sharding
 from segmask.runs import Run, write_run
 from segmask.train_config import TrainConfig

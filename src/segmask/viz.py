@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from segmask.attention import enable
 from segmask.files import read_json
+from segmask.hook import enable
 from segmask.masks import dense_mask
 from segmask.policies import check_policy
 from segmask.segments import Encoded, encode_chat

@@ -160,7 +160,7 @@ def test_the_trainer_batch_has_literal_labels_and_segments(stories_chat, tokeniz
     assert batch["labels"].tolist() == [[-100] * 25 + [452, 414, 2, 13]]  # "Yo</s>\n"
     assert batch["segment_ids"].tolist() == [[-1] + [0] * 12 + [-1] * 16]
     assert batch["attention_mask"].tolist() == [[1] * 29] and "document_ids" not in batch
-    assert segmask.attention.is_enabled(trainer.model)
+    assert segmask.hook.is_enabled(trainer.model)
 
 
 # ---- losses -----------------------------------------------------------------------------------------

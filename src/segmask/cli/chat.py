@@ -64,7 +64,7 @@ def loop(session, stdin: TextIO, stdout: TextIO) -> int:
 
     Ctrl-C during a reply stops it (the turn is dropped); at the prompt it leaves.
     """
-    from segmask.attention import ContextOverflowError  # noqa: PLC0415 (torch: not at --help)
+    from segmask.hook import ContextOverflowError  # noqa: PLC0415 (torch: not at --help)
 
     while True:
         stdout.write(f"[{session.policy}] you> ")

@@ -42,8 +42,8 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from trl.trainer.utils import pad
 
 from segmask import segments
-from segmask.attention import enable
 from segmask.data import check_causal_loss
+from segmask.hook import enable
 from segmask.overflow import Overflow, apply_cutoff_all
 from segmask.parallel import check_sequence_sharding
 from segmask.policies import MaskPolicy, check_policy

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from segmask.attention import layer_masks
 from segmask.detokenize import TextStream, byte_token_ids
 from segmask.generation import (
     decode,
@@ -32,6 +31,7 @@ from segmask.generation import (
     pad_token_id,
     prefill_for_decoding,
 )
+from segmask.hook import layer_masks
 from segmask.policies import MaskPolicy
 from segmask.segments import Encoded
 from segmask.serving.prefix_cache import PrefixCache, stack_left_padded

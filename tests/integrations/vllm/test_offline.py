@@ -97,7 +97,11 @@ def test_a_raw_completion_prompt_is_one_segment_as_in_segmask(served):
         (dict(enable_prefix_caching=True), "prefix caching"),
         (dict(enable_chunked_prefill=True), "chunked prefill"),
         (dict(enforce_eager=False), "captured forward"),
-    ],
+        (
+            dict(speculative_config={"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 2}),
+            "speculative decoding",
+        ),
+    ],  # fmt: skip
 )
 def test_an_engine_that_would_drop_the_mask_is_refused(random_llama, tmp_path, change, message):
     folder = with_policy(random_llama, tmp_path / "model", "mas")
@@ -118,3 +122,15 @@ def test_an_unsupported_architecture_is_refused(tmp_path):
     )
     with pytest.raises(Exception, match="GPT2LMHeadModel, which the segmask plugin does not support"):
         LLM(str(tmp_path), **ENGINE)
+
+
+def test_a_moved_vllm_internal_is_named(monkeypatch):
+    from vllm.config import SchedulerConfig
+
+    from segmask.integrations.vllm.plugin import VllmChangedError, check_internals
+
+    check_internals()  # everything the plugin uses is where it expects it
+    monkeypatch.delattr(SchedulerConfig, "enable_chunked_prefill", raising=False)
+    monkeypatch.setattr(SchedulerConfig, "__dataclass_fields__", {})
+    with pytest.raises(VllmChangedError, match=r"vllm 0\.32.*SchedulerConfig has no enable_chunked_prefill"):
+        check_internals()

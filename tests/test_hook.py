@@ -15,9 +15,9 @@ from transformers import AutoModelForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import segmask
-from segmask import attention, attention_plan, compat, fast_attention, masks
-from segmask.attention import segmask_attention_forward
+from segmask import attention_plan, compat, fast_attention, hook, masks
 from segmask.attention_plan import Layout
+from segmask.hook import segmask_attention_forward
 
 pytestmark = pytest.mark.exactness
 
@@ -244,9 +244,9 @@ def test_refuses_flash_attention_and_bad_ids():
 
 def test_disable_restores_plain_forward():
     model = tiny_model("llama", "sdpa")
-    assert attention.is_enabled(model)
+    assert hook.is_enabled(model)
     segmask.disable(model)
-    assert not attention.is_enabled(model)
+    assert not hook.is_enabled(model)
     ids = torch.randint(1, 128, (1, 6))
     with torch.no_grad():
         # transformers itself ignores unknown kwargs: without the hook the mask is plain causal again
@@ -375,7 +375,7 @@ def test_keys_other_than_the_mask_was_built_for_are_refused():
 
 def twin_models(config):
     """The same random weights under "segmask" and "sdpa"."""
-    attention.register()
+    hook.register()
     models = []
     for implementation in ("segmask", "sdpa"):
         torch.manual_seed(0)

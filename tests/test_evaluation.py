@@ -616,3 +616,19 @@ def test_eval_cli_template_and_extract_flags(stories_path, sky, tmp_path, capsys
         error.startswith("segmask eval: error: loglik scoring needs template alpaca")
         and error.count("\n") == 1
     )
+
+
+def test_a_second_run_on_the_same_out_is_refused(stories, commonsense_dir, tmp_path):
+    """Two evaluations on one out would interleave their journal and overwrite each other's results."""
+    from segmask.files import exclusive_lock
+
+    model, tokenizer = stories
+    out = tmp_path / "runs" / "r.json"
+    config = EvalConfig(commonsense_dir, ("boolq",), "mas", "loglik", 2, out)
+    out.parent.mkdir()
+    with exclusive_lock(tmp_path / "runs" / "r.lock", "another evaluation"):
+        with pytest.raises(ValueError, match=r"out .*r\.json is in use by another run"):
+            evaluate(model, tokenizer, config, progress=False)
+        assert not out.exists()
+    assert evaluate(model, tokenizer, config, progress=False)["tasks"]["boolq"]["n"] == 2
+    assert not (tmp_path / "runs" / "r.lock").exists()  # released

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 from torch import nn
 
 from segmask import results, scoring
 from segmask.eval_config import EvalConfig
+from segmask.files import exclusive_lock
 from segmask.hook import enable
 from segmask.overflow import context_length, overflow_counts, resumable
 from segmask.tasks import commonsense
@@ -48,10 +50,22 @@ def evaluate(
     With ``out``, every prediction is also appended to ``<out stem>.partial.jsonl`` as soon as it is made,
     and the file is removed when the run finishes; a stopped run started again with the same config
     (``resume=True``) keeps those predictions and scores only the rest. A partial file written by another
-    config is an error, never mixed in; ``resume=False`` discards it.
+    config is an error, never mixed in; ``resume=False`` discards it. A second run on the same ``out`` while
+    one runs is refused (``ValueError``), as ``segmask train`` refuses a second run on its output.
     """
-    if config.out is not None:
-        results.check_out(config.out)
+    if config.out is None:
+        return _evaluate(model, tokenizer, config, model_name, progress)
+    results.check_out(config.out)
+    out = Path(config.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # two runs on one out would interleave their journal and overwrite each other's results: one at a time
+    with exclusive_lock(out.with_name(out.stem + ".lock"), f"out {config.out}"):
+        return _evaluate(model, tokenizer, config, model_name, progress)
+
+
+def _evaluate(
+    model: nn.Module, tokenizer, config: EvalConfig, model_name: str | None, progress: bool
+) -> dict:
     loaded = [commonsense.load_task(config.data_dir, name, config.limit) for name in config.tasks]
     for task in loaded:
         if task.duplicates:

@@ -19,6 +19,7 @@ from segmask.cli.options import (
     add_model_arguments,
     add_sampling_arguments,
     generation_kwargs,
+    load_from,
 )
 from segmask.policies import POLICIES
 
@@ -36,15 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from segmask.chat import ChatSession  # noqa: PLC0415 (torch, transformers: not at --help)
 
     kwargs = generation_kwargs(args)
-    from segmask.loading import load  # noqa: PLC0415  (torch and transformers: not at --help)
-
-    model, tokenizer, settings = load(
-        args.model,
-        policy=args.mask,
-        causal_sink=args.causal_sink,
-        attn_implementation=args.attn,
-        chat_template=args.chat_template,
-    )
+    model, tokenizer, settings = load_from(args)
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError(f"{args.model} has no chat template; pass one with --chat-template FILE")
     session = ChatSession(

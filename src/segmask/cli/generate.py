@@ -22,6 +22,7 @@ from segmask.cli.options import (
     add_model_arguments,
     add_sampling_arguments,
     generation_kwargs,
+    load_from,
 )
 from segmask.templates import TEMPLATE_HELP, TEMPLATES
 
@@ -73,16 +74,7 @@ def run(args: argparse.Namespace) -> int:
     from segmask import generation  # noqa: PLC0415 (torch, transformers: not at --help)
 
     kwargs = generation_kwargs(args)
-    from segmask.loading import load  # noqa: PLC0415  (torch and transformers: not at --help)
-
-    model, tokenizer, settings = load(
-        args.model,
-        policy=args.mask,
-        causal_sink=args.causal_sink,
-        template=args.template,
-        attn_implementation=args.attn,
-        chat_template=args.chat_template,
-    )
+    model, tokenizer, settings = load_from(args, template=args.template)
     prompt = read_prompt(args, tokenizer)
     [result] = generation.generate(
         model,

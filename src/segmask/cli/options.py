@@ -106,6 +106,18 @@ def add_model_arguments(
     add_chat_template_argument(parser)
 
 
+def load_from(args: argparse.Namespace, **settings: Any):
+    """:func:`segmask.loading.load` for the flags of :func:`add_model_arguments` (``--attn`` and
+    ``--causal-sink`` where the command has them; ``settings`` such as ``template=`` go through). Returns
+    ``(model, tokenizer, settings)``."""
+    from segmask.loading import load  # noqa: PLC0415 (torch and transformers: not at --help)
+
+    settings.setdefault("causal_sink", getattr(args, "causal_sink", None))
+    if getattr(args, "attn", None) is not None:
+        settings["attn_implementation"] = args.attn
+    return load(args.model, policy=args.mask, chat_template=args.chat_template, **settings)
+
+
 def add_causal_sink_argument(parser: argparse.ArgumentParser) -> None:
     """``--causal-sink / --no-causal-sink``: token 0 causal under mas and prefix
     (:func:`segmask.segments.sink_segments`); absent, :func:`segmask.runs.resolve_settings` decides."""

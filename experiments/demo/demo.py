@@ -14,7 +14,7 @@ What it does, with the same data, steps, seed and hyperparameters for both polic
 4. scores both on the held-out records (``loglik``: the prompt is prefilled under its mask, the candidate
    answers "the correct answer is <place>" are ranked by log-probability) and prints accuracies with 95%
    Wilson intervals and McNemar's exact paired test (``segmask compare``);
-5. prints a sample MAS chat answer and draws the two masks of one record (``mask.png``);
+5. prints a sample MAS answer (in the training format) and draws the two masks of one record (``mask.png``);
 6. prints what the multi-seed study (``results/demo_study/``: 400 steps, 3 seeds, with and without the
    sink) found: 48 steps are a demo's budget, not an answer to whether MAS helps.
 
@@ -38,7 +38,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from segmask import ChatSession
 from segmask.compare import compare_runs
 from segmask.eval_config import EvalConfig
 from segmask.evaluation import evaluate
@@ -165,38 +164,20 @@ def train_config(config: DemoConfig, policy: str, train_file: Path, output: Path
     )
 
 
-def sample_chat(
+def sample_answer(
     model: nn.Module, tokenizer, story, policy: str, causal_sink: bool | None = None
 ) -> tuple[str, str]:
-    """A held-out story and question, and the model's greedy chat answer under ``policy``.
+    """A held-out story and question, and the model's greedy answer under ``policy``.
 
-    With a chat template the story is the system turn and the question the user turn of a
-    :class:`segmask.ChatSession` (two segments under ``mas``); without one (a base model) the prompt is
-    the instruction record the model was trained on.
+    Sampled in the format the model was trained on: the instruction record (story and question in one
+    instruction segment, Alpaca template), not a chat with the story as a system turn, which the
+    fine-tuned model never saw (issue 33: in that layout it answered "bathroom" for Mary, in the bedroom).
     """
-
-    shown = f"[system] {story.text}\n[user] {story.question}"
-    if getattr(tokenizer, "chat_template", None):
-        chat = ChatSession(
-            model,
-            tokenizer,
-            policy=policy,
-            system=story.text,
-            causal_sink=causal_sink,
-            max_new_tokens=24,
-            do_sample=False,
-        )
-        return shown, chat.send(story.question).strip()
+    record = to_record(story)
     [completion] = generate(
-        model,
-        tokenizer,
-        to_record(story),
-        policy,
-        causal_sink=causal_sink,
-        max_new_tokens=12,
-        do_sample=False,
+        model, tokenizer, record, policy, causal_sink=causal_sink, max_new_tokens=12, do_sample=False
     )
-    return shown, completion.text.strip()
+    return record["instruction"], completion.text.strip()
 
 
 def draw_mask(tokenizer, record: dict, out: Path, causal_sink: bool | None = None) -> Path:
@@ -303,7 +284,7 @@ def run_demo(config: DemoConfig) -> dict:
         )
         runs.append(run_file)
         if policy == "mas":
-            sample = sample_chat(model, tokenizer, held_out[0], policy, sink)
+            sample = sample_answer(model, tokenizer, held_out[0], policy, sink)
         clock.lap(f"leak check + evaluate {policy}", since)
         del model
 
@@ -315,7 +296,7 @@ def run_demo(config: DemoConfig) -> dict:
         "model": model_path,
         "accuracy": {p: results[p]["tasks"][TASK] for p in POLICIES},
         "leak_check_max_change": leaks,
-        "sample_chat": {"prompt": sample[0], "mas_answer": sample[1]} if sample else None,
+        "sample": {"prompt": sample[0], "mas_answer": sample[1]} if sample else None,
         "files": {"table": str(out / "compare.md"), "chart": str(out / "compare.png"), "mask": str(mask_png)},
         "wall_time_s": {**clock.phases, "total": clock.totals()[0]},
         "cpu_time_s": {**clock.cpu, "total": clock.totals()[1]},
@@ -326,7 +307,7 @@ def run_demo(config: DemoConfig) -> dict:
 
     print("\n" + table)
     if sample:
-        print(f"Sample MAS chat (held-out story):\n{sample[0]}\n[assistant] {sample[1]}\n")
+        print(f"Sample MAS answer (held-out story, as trained):\n{sample[0]}\n[answer] {sample[1]}\n")
     wall, cpu = summary["wall_time_s"]["total"], summary["cpu_time_s"]["total"]
     print(f"Mask picture: {mask_png}")
     print(study_note())

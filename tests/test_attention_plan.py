@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import INEXPRESSIBLE, inexpressible
+from conftest import INEXPRESSIBLE, inexpressible, layouts
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -122,39 +122,6 @@ def coverage(
             for i in range(start, end):
                 count[rows, i - offset, i] += 1
     return count
-
-
-@st.composite
-def layouts(draw):
-    """Random rows: runs of segments and causal tokens, optional documents, padding at either end, a cache."""
-    batch = draw(st.integers(1, 3))
-    kv_len = draw(st.integers(1, 24))
-    packed, padded = draw(st.booleans()), draw(st.booleans())
-    rows, paddings, documents = [], [], []
-    for _ in range(batch):
-        segment_ids, document_ids = [], []
-        document, next_segment = 0, 0
-        while len(segment_ids) < kv_len:
-            if segment_ids and packed and draw(st.integers(0, 3)) == 0:
-                document += 1
-                next_segment = draw(st.sampled_from([0, next_segment]))  # ids may restart per document
-            length = draw(st.integers(1, 8))
-            if draw(st.booleans()):
-                segment_ids += [next_segment] * length
-                next_segment += 1
-            else:
-                segment_ids += [-1] * length
-            document_ids += [document] * length
-        left = draw(st.integers(0, kv_len))
-        right = draw(st.integers(0, kv_len - left))
-        rows.append(segment_ids[:kv_len])
-        documents.append(document_ids[:kv_len])
-        paddings.append([0] * left + [1] * (kv_len - left - right) + [0] * right)
-    segment_ids = torch.tensor(rows)
-    attention_mask = torch.tensor(paddings) if padded else None
-    document_ids = torch.tensor(documents) if packed else None
-    q_len = draw(st.integers(1, kv_len))
-    return segment_ids, attention_mask, document_ids, q_len
 
 
 @settings(max_examples=160, deadline=None)

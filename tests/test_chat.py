@@ -7,7 +7,7 @@ import threading
 
 import pytest
 import torch
-from test_generation import CHAT, assert_caches_close, full_prefill, tiny
+from conftest import CHAT, assert_caches_close, full_prefill, tiny
 from transformers import AutoTokenizer
 
 from segmask.chat import ChatSession

@@ -1,4 +1,4 @@
-"""segmask.compare: McNemar tests, the markdown table, the bar chart, and the CLI."""
+"""segmask.compare: McNemar tests, the markdown table, the bar chart (the command: tests/cli/test_compare.py)."""
 
 from __future__ import annotations
 
@@ -6,33 +6,10 @@ import json
 
 import matplotlib.image
 import pytest
+from conftest import write_scored_run
 
 from segmask.cli import main
 from segmask.compare import compare_runs, load_run, mcnemar, paired_test
-from segmask.results import Prediction, average_accuracy, score_predictions, write_results
-
-
-def _write_run(
-    path, outcomes: dict[str, list[bool]], golds: dict[str, list[str]] | None = None, scoring: str = "loglik"
-):
-    """A results file whose record i of each task is right iff outcomes[task][i]."""
-    predictions = []
-    for task, flags in outcomes.items():
-        for index, ok in enumerate(flags):
-            gold = golds[task][index] if golds else "answer1"
-            predictions.append(Prediction(task, index, "p", "o", gold if ok else "answer9", gold))
-    scores = score_predictions(predictions)
-    results = {
-        "model": "m",
-        "policy": "mas",
-        "scoring": scoring,
-        "limit": None,
-        "commit": None,
-        "tasks": {task: vars(score) for task, score in scores.items()},
-        "average": average_accuracy(scores),
-    }
-    write_results(results, predictions, path)
-    return path
 
 
 def test_mcnemar_exact_p_values():
@@ -51,8 +28,10 @@ def test_mcnemar_exact_p_values():
 
 
 def test_table_rows_columns_and_paired_tests(tmp_path):
-    base = _write_run(tmp_path / "causal.json", {"boolq": [False] * 12 + [True] * 8, "piqa": [True, False]})
-    other = _write_run(tmp_path / "mas.json", {"boolq": [True] * 12 + [True] * 8, "piqa": [True, True]})
+    base = write_scored_run(
+        tmp_path / "causal.json", {"boolq": [False] * 12 + [True] * 8, "piqa": [True, False]}
+    )
+    other = write_scored_run(tmp_path / "mas.json", {"boolq": [True] * 12 + [True] * 8, "piqa": [True, True]})
     md_path, png_path = tmp_path / "out" / "cmp.md", tmp_path / "out" / "cmp.png"
     markdown = compare_runs([base, other], out_md=md_path, out_png=png_path)
 
@@ -75,15 +54,15 @@ def test_table_rows_columns_and_paired_tests(tmp_path):
 
 
 def test_only_shared_records_are_paired(tmp_path):
-    base = _write_run(tmp_path / "a.json", {"boolq": [False, False, True, True]})
-    other = _write_run(tmp_path / "b.json", {"boolq": [True, True]})  # e.g. a smaller --limit
+    base = write_scored_run(tmp_path / "a.json", {"boolq": [False, False, True, True]})
+    other = write_scored_run(tmp_path / "b.json", {"boolq": [True, True]})  # e.g. a smaller --limit
     assert "(2/0 of 2)" in compare_runs([base, other])
 
 
 def test_average_is_over_the_tasks_every_run_scored(tmp_path):
     # a scored piqa too (all right); b did not: the averages compare boolq with boolq, 50.0 both
-    base = _write_run(tmp_path / "a.json", {"boolq": [True, False], "piqa": [True, True]})
-    other = _write_run(tmp_path / "b.json", {"boolq": [False, True]})
+    base = write_scored_run(tmp_path / "a.json", {"boolq": [True, False], "piqa": [True, True]})
+    other = write_scored_run(tmp_path / "b.json", {"boolq": [False, True]})
     lines = compare_runs([base, other]).splitlines()
     assert lines[2].startswith("| boolq (n=2) | 50.0 [")
     assert not any(line.startswith("| piqa") for line in lines)
@@ -94,8 +73,8 @@ def test_average_is_over_the_tasks_every_run_scored(tmp_path):
 def test_different_limits_compare_the_shared_records(tmp_path):
     # a: --limit 5, 4 of 5 right (80.0); b: 20 records, 15 right (75.0), its first 5 as a's
     first = [True, True, False, True, True]
-    base = _write_run(tmp_path / "a.json", {"boolq": first})
-    other = _write_run(tmp_path / "b.json", {"boolq": first + [True] * 11 + [False] * 4})
+    base = write_scored_run(tmp_path / "a.json", {"boolq": first})
+    other = write_scored_run(tmp_path / "b.json", {"boolq": first + [True] * 11 + [False] * 4})
     lines = compare_runs([base, other]).splitlines()
     assert lines[2].startswith("| boolq (n=5) | 80.0 [")
     assert lines[2].split("|")[3].startswith(" 80.0 [") and "+0.0, p=1 (0/0 of 5)" in lines[2]
@@ -104,8 +83,8 @@ def test_different_limits_compare_the_shared_records(tmp_path):
 
 
 def test_sizes_that_differ_without_predictions_are_not_compared(tmp_path):
-    base = _write_run(tmp_path / "a.json", {"boolq": [True] * 4, "piqa": [True, False]})
-    other = _write_run(tmp_path / "b.json", {"boolq": [True, False], "piqa": [False, False]})
+    base = write_scored_run(tmp_path / "a.json", {"boolq": [True] * 4, "piqa": [True, False]})
+    other = write_scored_run(tmp_path / "b.json", {"boolq": [True, False], "piqa": [False, False]})
     (tmp_path / "b.predictions.jsonl").unlink()
     lines = compare_runs([base, other]).splitlines()
     assert not any(line.startswith("| boolq") for line in lines)
@@ -114,8 +93,8 @@ def test_sizes_that_differ_without_predictions_are_not_compared(tmp_path):
 
 
 def test_mixed_scoring_is_refused(tmp_path, capsys):
-    base = _write_run(tmp_path / "a.json", {"boolq": [True, False]}, scoring="generate")
-    other = _write_run(tmp_path / "b.json", {"boolq": [True, True]}, scoring="loglik")
+    base = write_scored_run(tmp_path / "a.json", {"boolq": [True, False]}, scoring="generate")
+    other = write_scored_run(tmp_path / "b.json", {"boolq": [True, True]}, scoring="loglik")
     with pytest.raises(ValueError, match="scored differently .*a.json: generate, .*b.json: loglik"):
         compare_runs([base, other])
     assert main(["compare", str(base), str(other)]) == 2
@@ -124,15 +103,15 @@ def test_mixed_scoring_is_refused(tmp_path, capsys):
 
 
 def test_different_gold_labels_are_refused(tmp_path):
-    base = _write_run(tmp_path / "a.json", {"boolq": [True, True]}, {"boolq": ["true", "false"]})
-    other = _write_run(tmp_path / "b.json", {"boolq": [True, True]}, {"boolq": ["true", "true"]})
+    base = write_scored_run(tmp_path / "a.json", {"boolq": [True, True]}, {"boolq": ["true", "false"]})
+    other = write_scored_run(tmp_path / "b.json", {"boolq": [True, True]}, {"boolq": ["true", "true"]})
     with pytest.raises(ValueError, match="record 1: gold 'false'"):
         compare_runs([base, other])
 
 
 def test_run_without_predictions_still_tabulates(tmp_path):
-    base = _write_run(tmp_path / "a.json", {"boolq": [True, False]})
-    other = _write_run(tmp_path / "b.json", {"boolq": [True, True]})
+    base = write_scored_run(tmp_path / "a.json", {"boolq": [True, False]})
+    other = write_scored_run(tmp_path / "b.json", {"boolq": [True, True]})
     (tmp_path / "b.predictions.jsonl").unlink()
     assert load_run(other).records is None
     assert "+50.0 (no predictions)" in compare_runs([base, other])
@@ -147,18 +126,8 @@ def test_bad_results_file_is_named(tmp_path):
         load_run(tmp_path / "missing.json")
 
 
-def test_cli(tmp_path, capsys):
-    base = _write_run(tmp_path / "a.json", {"boolq": [True, False]})
-    other = _write_run(tmp_path / "b.json", {"boolq": [True, True]})
-    png = tmp_path / "c.png"
-    assert main(["compare", str(base), str(other), "--out-png", str(png)]) == 0
-    assert "| boolq (n=2) |" in capsys.readouterr().out
-    assert png.stat().st_size > 0
-    assert main(["compare", str(tmp_path / "nope.json")]) == 2
-
-
 def test_paired_test_refuses_a_string_of_tasks(tmp_path):
-    run = load_run(_write_run(tmp_path / "a.json", {"boolq": [True, False]}))
+    run = load_run(write_scored_run(tmp_path / "a.json", {"boolq": [True, False]}))
     with pytest.raises(TypeError, match="tasks must be a list of task names, got the string 'boolq'"):
         paired_test(run, run, "boolq")
 

@@ -1,36 +1,23 @@
-"""segmask.evaluation: `segmask eval` runs (settings, results files, resume, context overflow, causal sink,
-templates) and the old import paths of the names that moved. The scoring itself: tests/test_scoring.py."""
+"""segmask.evaluation: evaluation runs (settings, results files, resume, context overflow, causal sink,
+templates). The scoring itself: tests/test_scoring.py; the `segmask eval` command: tests/cli/test_eval.py."""
 
 from __future__ import annotations
 
 import json
-import shutil
-import warnings
 from pathlib import Path
 
 import pytest
+from conftest import read_jsonl
 
-from segmask.cli import main
 from segmask.eval_config import EvalConfig
 from segmask.evaluation import evaluate
-from segmask.generation import generate
-from segmask.loading import load_model
 from segmask.overflow import context_length, fit_prompt
 from segmask.results import Journal, wilson_interval
 from segmask.scoring import loglik_predictions
 from segmask.segments import encode_instruction
-from segmask.tasks.commonsense import SUITE, available_tasks, extract_answer, load_task
-
-ANSWERS = ("answer1", "answer2", "answer3", "answer4", "answer5")
-
+from segmask.tasks.commonsense import SUITE, load_task
 
 # --------------------------------------------------------------------------------------------- settings
-
-
-@pytest.fixture(scope="module")
-def stories(stories_path):
-    model, tokenizer, _ = load_model(stories_path)
-    return model, tokenizer
 
 
 def _evaluate(model, tokenizer, data_dir, tasks, **settings):
@@ -58,97 +45,6 @@ def test_evaluate_rejects_bad_settings(stories, commonsense_dir):
 # -------------------------------------------------------------------------------------- end-to-end runs
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def test_eval_cli_loglik_every_shared_task(stories_path, commonsense_dir, tmp_path, capsys):
-    tasks = available_tasks(commonsense_dir)
-    assert {"boolq", "ARC-Easy", "ARC-Challenge", "openbookqa", "social_i_qa"} <= set(tasks)
-    out = tmp_path / "run" / "mas.json"
-    argv = [
-        "eval",
-        "--model",
-        str(stories_path),
-        "--data-dir",
-        str(commonsense_dir),
-        "--tasks",
-        ",".join(tasks),
-    ]
-    argv += ["--limit", "20", "--scoring", "loglik", "--mask", "mas", "--out", str(out), "--no-progress"]
-    assert main(argv) == 0
-    printed = capsys.readouterr().out
-    assert "| **average** |" in printed
-
-    results = json.loads(out.read_text())
-    assert (results["policy"], results["scoring"], results["limit"]) == ("mas", "loglik", 20)
-    assert results["model"] == str(stories_path) and "commit" in results
-    assert list(results["tasks"]) == tasks
-    rows = _read_jsonl(out.parent / results["predictions"])
-    assert len(rows) == 20 * len(tasks)
-    for task in tasks:
-        gold = [r["answer"] for r in json.loads(Path(results["tasks"][task]["file"]).read_text())[:20]]
-        mine = [r for r in rows if r["task"] == task]
-        assert [r["index"] for r in mine] == list(range(20)) and [r["gold"] for r in mine] == gold
-        for row in mine:
-            assert row["prediction"] == max(row["scores"], key=row["scores"].get)
-            assert row["correct"] == (row["prediction"] == row["gold"])
-        score = results["tasks"][task]
-        correct = sum(r["correct"] for r in mine)
-        assert (score["n"], score["correct"], score["unparseable"]) == (20, correct, 0)
-        assert score["accuracy"] == correct / 20
-        assert (score["ci_low"], score["ci_high"]) == pytest.approx(wilson_interval(correct, 20))
-    average = sum(s["accuracy"] for s in results["tasks"].values()) / len(tasks)
-    assert results["average"] == pytest.approx(average)
-
-
-def test_eval_cli_generate(stories, stories_path, commonsense_dir, tmp_path):
-    out = tmp_path / "gen.json"
-    argv = [
-        "eval",
-        "--model",
-        str(stories_path),
-        "--data-dir",
-        str(commonsense_dir),
-        "--tasks",
-        "boolq,ARC-Easy",
-    ]
-    argv += [
-        "--limit",
-        "2",
-        "--scoring",
-        "generate",
-        "--max-new-tokens",
-        "12",
-        "--out",
-        str(out),
-        "--no-progress",
-    ]
-    assert main(argv) == 0
-    results = json.loads(out.read_text())
-    assert results["generation"] == {"num_beams": 4, "max_new_tokens": 12}
-    rows = _read_jsonl(tmp_path / "gen.predictions.jsonl")
-    assert len(rows) == 4
-    model, tokenizer = stories
-    task = load_task(commonsense_dir, "boolq", limit=2)
-    expected = generate(
-        model, tokenizer, list(task.records), "mas", num_beams=4, do_sample=False, max_new_tokens=12
-    )
-    assert [r["output"] for r in rows[:2]] == [c.text for c in expected]
-    for row in rows:
-        labels = ("true", "false") if row["task"] == "boolq" else ANSWERS
-        assert row["prediction"] == extract_answer(row["output"], labels)
-    for name, score in results["tasks"].items():
-        assert score["unparseable"] == sum(r["prediction"] is None for r in rows if r["task"] == name)
-
-
-def test_eval_cli_names_a_missing_task(stories_path, commonsense_dir, tmp_path, capsys):
-    argv = ["eval", "--model", str(stories_path), "--data-dir", str(commonsense_dir), "--tasks", "boolq,piqa"]
-    assert main([*argv, "--scoring", "loglik", "--out", str(tmp_path / "r.json")]) == 2
-    assert "no test file for task 'piqa'" in capsys.readouterr().err
-    assert not (tmp_path / "r.json").exists()
-
-
 def test_repeated_records_are_counted_once_and_reported(stories, commonsense_dir, tmp_path):
     model, tokenizer = stories
     distinct = json.loads((commonsense_dir / "boolq_test.json").read_text())[:3]
@@ -160,7 +56,7 @@ def test_repeated_records_are_counted_once_and_reported(stories, commonsense_dir
     score = results["tasks"]["boolq"]
     assert (score["n"], score["duplicates"]) == (3, 3)
     assert (score["ci_low"], score["ci_high"]) == pytest.approx(wilson_interval(score["correct"], 3))
-    assert [row["index"] for row in _read_jsonl(tmp_path / "r.predictions.jsonl")] == [0, 1, 2]
+    assert [row["index"] for row in read_jsonl(tmp_path / "r.predictions.jsonl")] == [0, 1, 2]
     # a limit counts distinct records; a record with the same prompt but another answer is its own
     other = {**distinct[0], "answer": "false" if distinct[0]["answer"] == "true" else "true"}
     (data / "boolq_test.json").write_text(json.dumps([distinct[0], distinct[0], other, distinct[1]]))
@@ -198,7 +94,7 @@ def test_a_stopped_run_resumes_with_the_same_predictions(stories, commonsense_di
         resumed = _evaluate(model, tokenizer, commonsense_dir, "boolq,ARC-Easy", out=out, **settings)
     assert len(scored) == 6 - 3  # only what the stopped run had not done
     assert resumed["tasks"] == whole["tasks"] and not partial.exists()
-    assert _read_jsonl(tmp_path / "b.predictions.jsonl") == _read_jsonl(tmp_path / "a.predictions.jsonl")
+    assert read_jsonl(tmp_path / "b.predictions.jsonl") == read_jsonl(tmp_path / "a.predictions.jsonl")
 
 
 def test_resume_refuses_a_partial_file_of_other_arguments(stories, commonsense_dir, tmp_path):
@@ -334,7 +230,7 @@ def test_truncate_and_skip_are_counted_in_the_results(stories, long_arc, tmp_pat
     assert truncated["overflow"] == "truncate"
     score = truncated["tasks"]["ARC-Easy"]
     assert (score["n"], score["truncated"], score["skipped"]) == (3, 1, 0)
-    rows = _read_jsonl(tmp_path / "t.predictions.jsonl")
+    rows = read_jsonl(tmp_path / "t.predictions.jsonl")
     assert [r.get("truncated") for r in rows] == [None, 736 + (21 if scoring == "loglik" else 8) - 512, None]
 
     skipped = _evaluate(
@@ -342,7 +238,7 @@ def test_truncate_and_skip_are_counted_in_the_results(stories, long_arc, tmp_pat
     )
     score = skipped["tasks"]["ARC-Easy"]
     assert (score["n"], score["truncated"], score["skipped"]) == (2, 0, 1)
-    skipped_rows = _read_jsonl(tmp_path / "s.predictions.jsonl")
+    skipped_rows = read_jsonl(tmp_path / "s.predictions.jsonl")
     assert [r["index"] for r in skipped_rows] == [0, 2]
     assert skipped_rows == [rows[0], rows[2]]  # the records that fit are scored the same under every policy
 
@@ -368,27 +264,12 @@ def test_resume_keeps_a_truncated_prediction_only_under_truncate(stories, long_a
 
 # ------------------------------------------------------------------------------------------ causal sink
 
-SKY = {
-    "instruction": "Is the sky blue?",
-    "input": "",
-    "output": "the correct answer is true",
-    "answer": "true",
-}
 # stories260K's loglik scores of SKY before causal_sink existed (commit 9ad9b3d): the option off changes none
 SKY_SCORES = {
     "mas": {"true": -91.39106750488281, "false": -105.88955688476562},
     "prefix": {"true": -91.02953338623047, "false": -105.28988647460938},
     "causal": {"true": -90.68704223632812, "false": -104.1987075805664},
 }
-
-
-@pytest.fixture
-def sky(tmp_path) -> Path:
-    """A boolq task of one short record: a 107-token prompt (BOS, system 68, instruction 27, 11 causal)."""
-    folder = tmp_path / "sky"
-    folder.mkdir()
-    (folder / "boolq_test.json").write_text(json.dumps([SKY]))
-    return folder
 
 
 def _evaluated_segments(model, tokenizer, data_dir, **settings) -> tuple[list[int], dict]:
@@ -441,7 +322,7 @@ def test_scores_with_the_sink_off_are_unchanged(stories, sky, tmp_path):
             model, tokenizer, sky, "boolq", policy=policy, scoring="loglik", causal_sink=sink, out=out
         )
         assert report["causal_sink"] is False
-        [row] = _read_jsonl(tmp_path / f"{policy}-{sink}.predictions.jsonl")
+        [row] = read_jsonl(tmp_path / f"{policy}-{sink}.predictions.jsonl")
         assert row["scores"] == pytest.approx(SKY_SCORES[policy], abs=1e-4), (policy, sink)
     on = loglik_predictions(model, tokenizer, load_task(sky, "boolq"), "mas", False, causal_sink=True)
     assert abs(on[0].scores["true"] - SKY_SCORES["mas"]["true"]) > 1e-3  # the sink changes mas scores
@@ -460,77 +341,6 @@ def test_a_journal_of_the_other_sink_is_refused(stories, sky, tmp_path):
     _stopped_run(model, tokenizer, sky, out, after=1, causal_sink=True, **settings)
     with pytest.raises(ValueError, match="'causal_sink': True"):
         _evaluate(model, tokenizer, sky, "boolq", scoring="loglik", out=out, causal_sink=False)
-
-
-def test_eval_cli_causal_sink_flag_and_the_runs_saved_value(stories_path, sky, tmp_path, capsys):
-    """--causal-sink / --no-causal-sink; absent, a run folder's saved causal_sink, else the policy's
-    default (on under mas, off under prefix)."""
-    run = tmp_path / "run"
-    shutil.copytree(stories_path, run)
-    info = {"policy": "mas", "base_model": str(stories_path), "adapter": False, "causal_sink": True}
-    (run / "segmask.json").write_text(json.dumps(info))
-    for model, flags, sink in [
-        (stories_path, [], True),
-        (stories_path, ["--mask", "prefix"], False),
-        (stories_path, ["--no-causal-sink"], False),
-        (stories_path, ["--mask", "prefix", "--causal-sink"], True),
-        (run, [], True),
-        (run, ["--no-causal-sink"], False),
-    ]:
-        out = tmp_path / f"{model.name}{''.join(flags)}.json"
-        argv = ["eval", "--model", str(model), "--data-dir", str(sky), "--tasks", "boolq", "--scoring"]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # overriding a saved value warns
-            assert main([*argv, "loglik", "--no-progress", "--out", str(out), *flags]) == 0
-        assert json.loads(out.read_text())["causal_sink"] is sink, (model, flags)
-    capsys.readouterr()
-
-
-# ---------------------------------------------------------------------------------- unwritable results
-
-
-def _eval_argv(stories_path, commonsense_dir, out) -> list[str]:
-    return ["eval", "--model", str(stories_path), "--data-dir", str(commonsense_dir), "--tasks", "boolq",
-            "--limit", "1", "--scoring", "loglik", "--no-progress", "--out", str(out)]  # fmt: skip
-
-
-def test_eval_out_that_cannot_be_written_exits_2_with_one_line(
-    stories_path, commonsense_dir, tmp_path, capsys
-):
-    """--out a folder, or below a file: a path whose parent is a regular file stands in for a read-only
-    folder, which root (the test user here) may write to anyway."""
-    (tmp_path / "notes.txt").write_text("precious")
-    (tmp_path / "results").mkdir()
-    cases = [
-        ("results", "is a folder; give the results file's path"),
-        ("notes.txt/r.json", "Not a directory"),
-    ]
-    for where, message in cases:
-        before = sorted(tmp_path.rglob("*"))
-        assert main(_eval_argv(stories_path, commonsense_dir, tmp_path / where)) == 2
-        error = capsys.readouterr().err
-        assert (
-            error.startswith("segmask eval: error: ") and message in error and str(tmp_path / where) in error
-        )
-        assert error.count("\n") == 1 and sorted(tmp_path.rglob("*")) == before
-
-
-def test_eval_out_in_a_read_only_folder_exits_2(stories_path, commonsense_dir, tmp_path, capsys):
-    """chmod a-w; skipped where the user (root) writes to it anyway."""
-    folder = tmp_path / "ro"
-    folder.mkdir()
-    folder.chmod(0o555)
-    try:
-        try:
-            (folder / "probe").touch()
-        except PermissionError:
-            pass
-        else:
-            pytest.skip("this user writes to read-only folders (root)")
-        assert main(_eval_argv(stories_path, commonsense_dir, folder / "r.json")) == 2
-        assert "cannot write results to" in capsys.readouterr().err and not list(folder.iterdir())
-    finally:
-        folder.chmod(0o755)
 
 
 # ------------------------------------------------------------------------- the paper's template and extractor
@@ -557,7 +367,7 @@ def test_generate_with_the_paper_template_and_either_extractor(stories, sky, tmp
         )
         saved = json.loads(out.read_text())
         assert (saved["template"], saved["extract"]) == ("paper", extract)
-        [row] = _read_jsonl(tmp_path / f"{extract}.predictions.jsonl")
+        [row] = read_jsonl(tmp_path / f"{extract}.predictions.jsonl")
         assert row["prediction"] == prediction and row["output"] == "that is untrue"
     # stories260K: segment 0 is alpaca's 69 tokens + '▁' (the space after "request.") + 16 '▁' + 3 '#'
     assert prompts[0].segment_ids == [0] * 89 + [1] * 58 + [-1] * 24
@@ -581,41 +391,6 @@ def test_a_journal_of_another_template_or_extractor_is_refused(stories, sky, tmp
     _stopped_run(model, tokenizer, sky, out, after=1, tasks="boolq", max_new_tokens=1, extract="official")
     with pytest.raises(ValueError, match="'extract': 'official'"):
         _evaluate(model, tokenizer, sky, "boolq", max_new_tokens=1, out=out)
-
-
-def test_eval_cli_template_and_extract_flags(stories_path, sky, tmp_path, capsys):
-    """--template (absent: the run's saved template, else alpaca) and --extract; bad values exit 2."""
-    run = tmp_path / "run"
-    shutil.copytree(stories_path, run)
-    info = {"policy": "mas", "base_model": str(stories_path), "adapter": False, "template": "paper"}
-    (run / "segmask.json").write_text(json.dumps(info))
-    argv = ["eval", "--data-dir", str(sky), "--tasks", "boolq", "--max-new-tokens", "1", "--greedy"]
-    for model, flags, template, extract in [
-        (stories_path, [], "alpaca", "strict"),
-        (stories_path, ["--template", "paper", "--extract", "official"], "paper", "official"),
-        (run, [], "paper", "strict"),
-    ]:
-        out = tmp_path / f"{model.name}{len(flags)}.json"
-        assert main([*argv, "--model", str(model), "--no-progress", "--out", str(out), *flags]) == 0
-        saved = json.loads(out.read_text())
-        assert (saved["template"], saved["extract"]) == (template, extract), (model, flags)
-    capsys.readouterr()
-    out = str(tmp_path / "bad.json")
-    for flags in (["--extract", "loose"], ["--template", "official"]):
-        with pytest.raises(SystemExit) as stop:
-            main([*argv, "--model", str(stories_path), "--out", out, *flags])
-        assert stop.value.code == 2 and "invalid choice" in capsys.readouterr().err
-    assert (
-        main(
-            [*argv, "--model", str(stories_path), "--out", out, "--scoring", "loglik", "--template", "paper"]
-        )
-        == 2
-    )
-    error = capsys.readouterr().err
-    assert (
-        error.startswith("segmask eval: error: loglik scoring needs template alpaca")
-        and error.count("\n") == 1
-    )
 
 
 def test_a_second_run_on_the_same_out_is_refused(stories, commonsense_dir, tmp_path):

@@ -10,18 +10,15 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import INEXPRESSIBLE, inexpressible
+from conftest import CASES, INEXPRESSIBLE, TOLERANCE, inexpressible, layouts, random_qkv, reference
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_attention_plan import layouts
 
-from segmask import fast_attention, kernels, masks, reversed_squares, row_plan
+from segmask import fast_attention, kernels, reversed_squares, row_plan
 from segmask.attention_plan import Layout, plan_layout
 from segmask.fast_attention import mas_attention
 
 pytestmark = pytest.mark.exactness
-
-TOLERANCE = 1e-5
 
 
 @pytest.fixture(autouse=True)
@@ -37,20 +34,6 @@ def _small_pieces(monkeypatch):
 SQUARES = kernels.Kernel(
     "cpu-flash, unmasked", kernels.CPU_FLASH.forward, kernels.CPU_FLASH.backward, "cpu", grouped=True
 )
-
-
-def random_qkv(batch, q_len, kv_len, q_heads=4, kv_heads=2, head_dim=8, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    q = torch.randn(batch, q_heads, q_len, head_dim, generator=generator)
-    k, v = (torch.randn(batch, kv_heads, kv_len, head_dim, generator=generator) for _ in range(2))
-    grad = torch.randn(batch, q_heads, q_len, head_dim, generator=generator)
-    return q, k, v, grad
-
-
-def reference(q, k, v, segment_ids, attention_mask=None, document_ids=None):
-    """SDPA with the dense MAS mask made safe for empty rows: the function the kernel must equal."""
-    mask = masks.sdpa_mask(segment_ids, attention_mask, document_ids, q_len=q.shape[2])
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def outputs_and_grads(fn, q, k, v, grad):
@@ -79,63 +62,6 @@ def assert_matches_dense(
     for name, a, b in zip(("output", "grad q", "grad k", "grad v"), fast, dense):
         assert not a.isnan().any(), name
         assert (a - b).abs().max() < TOLERANCE, name
-
-
-PROMPT = torch.tensor([[0, 0, 1, 1, 1, -1, -1, -1]])
-CASES = {
-    # name: (segment_ids, attention_mask, document_ids, q_len)
-    "system-user-answer": (PROMPT, None, None, None),
-    "all causal": (torch.full((2, 9), -1), None, None, None),
-    "all one segment": (torch.zeros(1, 7, dtype=torch.long), None, None, None),
-    "continue against a cache": (torch.tensor([[0, 0, 0, -1, -1, 1, 1, 1, 1, -1, -1]]), None, None, 6),
-    "cache ends inside a segment": (torch.tensor([[0, 0, 1, 1, 1, 1, 1, -1, -1]]), None, None, 5),
-    "decode one token": (torch.tensor([[0, 0, 1, 1, -1, -1]]), None, None, 1),
-    "left padding": (
-        torch.tensor([[0, 0, 1, 1, 1, -1, -1, -1], [-1, -1, -1, 0, 0, 1, -1, -1]]),
-        torch.tensor([[1] * 8, [0, 0, 0, 1, 1, 1, 1, 1]]),
-        None,
-        None,
-    ),
-    "right padding": (
-        torch.tensor([[0, 0, 1, 1, -1, -1, -1, -1], [0, 1, 1, 1, -1, -1, -1, -1]]),
-        torch.tensor([[1] * 8, [1, 1, 1, 1, 1, 0, 0, 0]]),
-        None,
-        None,
-    ),
-    "padding carries a real segment id": (
-        torch.tensor([[1, 1, 1, 1, -1, -1, 0, 0]]),
-        torch.tensor([[0, 0, 1, 1, 1, 1, 0, 0]]),
-        None,
-        None,
-    ),
-    "padding only": (torch.tensor([[0, 0, -1]]), torch.tensor([[0, 0, 0]]), None, None),
-    "packed documents": (
-        torch.tensor([[0, 0, -1, -1, 0, 1, 1, -1, -1, 2, -1]]),
-        None,
-        torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1, 1, 2, 2]]),
-        None,
-    ),
-    "packed and padded against a cache": (
-        torch.tensor([[-1, 0, 0, -1, 0, 0, 0, -1, -1, -1], [0, 0, -1, -1, -1, 0, 0, 0, 0, -1]]),
-        torch.tensor([[0, 1, 1, 1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 1, 0, 0]]),
-        torch.tensor([[0, 1, 1, 1, 2, 2, 2, 2, 2, 2], [0, 0, 0, 0, 1, 1, 1, 1, 1, 1]]),
-        7,
-    ),
-    # issue 20: the attention sink (token 0) kept causal in front of the system segment
-    "causal sink": (torch.tensor([[-1, 0, 0, 1, 1, 1, -1, -1]]), None, None, None),
-    "causal sink, left padded": (
-        torch.tensor([[-1, -1, -1, 0, 0, 1, -1, -1], [-1, 0, 0, 0, 1, 1, 1, -1]]),
-        torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 1]]),
-        None,
-        None,
-    ),
-    "many short turns": (
-        torch.tensor([[0, 1, 1, -1, -1, 2, 2, -1, 3, 3, 3, 3, -1, 4, -1]]),
-        None,
-        None,
-        None,
-    ),
-}
 
 
 @pytest.mark.parametrize(

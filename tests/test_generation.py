@@ -5,36 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
-from transformers import AutoModelForCausalLM
+from conftest import CHAT, full_prefill, tiny
 
-import segmask
 from segmask import generation
 from segmask.generation import encode_prompt, generate, generate_ids, prefill, stream
-from segmask.segments import encode_chat
 
 pytestmark = pytest.mark.exactness
 
-CHAT = [
-    {"role": "system", "content": "You tell short stories."},
-    {"role": "user", "content": "Tell me about a cat."},
-]
 OTHER_CHAT = [{"role": "user", "content": "Lily had a red ball."}]
 STORY = "Once upon a time, there was a little dog named"
-TINY = dict(vocab_size=512, bos_token_id=1, eos_token_id=2)
-
-
-def tiny(family: str) -> torch.nn.Module:
-    """A tiny random model sharing the stories tokenizer's vocabulary (Mistral: a sliding window of 5)."""
-    torch.manual_seed(0)
-    layers = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, **TINY)
-    if family == "qwen2":
-        config = transformers.Qwen2Config(num_key_value_heads=2, **layers)
-    elif family == "mistral":
-        config = transformers.MistralConfig(num_key_value_heads=2, sliding_window=5, **layers)
-    else:
-        config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, **TINY)
-    return segmask.enable(AutoModelForCausalLM.from_config(config).eval())
 
 
 @pytest.fixture(scope="module", params=["stories", "qwen2", "gpt2", "mistral"])
@@ -56,24 +35,6 @@ def naive_greedy(model, encoded, max_new_tokens: int, eos: set[int]) -> list[int
             if token in eos:
                 break
     return new
-
-
-def full_prefill(model, tokenizer, messages, policy, causal_sink=None):
-    """Logits and KV cache of the whole conversation prefilled from scratch."""
-    encoded = encode_chat(
-        tokenizer, messages, policy=policy, add_generation_prompt=True, causal_sink=causal_sink
-    )
-    return prefill(model, torch.tensor([encoded.input_ids]), torch.tensor([encoded.segment_ids])), encoded
-
-
-def assert_caches_close(cache, reference, length: int) -> None:
-    for layer, expected in zip(cache.layers, reference.layers):
-        torch.testing.assert_close(
-            layer.keys[..., :length, :], expected.keys[..., :length, :], atol=1e-5, rtol=1e-5
-        )
-        torch.testing.assert_close(
-            layer.values[..., :length, :], expected.values[..., :length, :], atol=1e-5, rtol=1e-5
-        )
 
 
 # ------------------------------------------------------------------------------------ exact decoding

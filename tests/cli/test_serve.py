@@ -1,5 +1,6 @@
 """``segmask serve``: its defaults (loopback), flag validation, and a real server process answering the
-``openai`` client with ``segmask generate``'s greedy text behind an API key, then shutting down on SIGINT."""
+``openai`` client with ``segmask generate``'s greedy text behind an API key, then shutting down on SIGINT;
+``--chat-template`` gives a base model without a template (stories260K) a chat endpoint."""
 
 from __future__ import annotations
 
@@ -13,12 +14,15 @@ import time
 import httpx
 import openai
 import pytest
-from conftest import ROOT
+from conftest import PLAIN_ROLES, ROOT
+from fastapi.testclient import TestClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import segmask
+import segmask.serving.app
 from segmask.cli import build_parser, main
 from segmask.generation import generate
+from segmask.loading import load_model
 
 STORY = "Once upon a time, there was a little dog named"
 
@@ -118,3 +122,44 @@ def test_server_process_answers_the_openai_client(stories_path):
             output, _ = process.communicate()
     assert process.returncode == 0, output
     assert f"on http://127.0.0.1:{port}/v1" in output
+
+
+# ------------------------------------------------------------------------------------------ chat templates
+
+MESSAGES = [{"role": "system", "content": "Tell stories."}, {"role": "user", "content": "A cat?"}]
+
+
+def serve_once(monkeypatch, argv: list[str], body: dict) -> tuple[int, dict]:
+    """Run `segmask serve ARGV` in-process; instead of listening, its app answers one chat request."""
+    answers = []
+
+    def run(app, **options):
+        with TestClient(app) as client:  # runs the app's lifespan (the model thread) like uvicorn
+            response = client.post("/v1/chat/completions", json=body)
+            answers.append((response.status_code, response.json()))
+
+    monkeypatch.setattr(segmask.serving.app.uvicorn, "run", run)
+    assert main(["serve", *argv]) == 0
+    [answer] = answers
+    return answer
+
+
+def test_serve_with_a_chat_template_answers_chat_completions(stories_path, monkeypatch, capsys):
+    body = {"model": "stories260K", "messages": MESSAGES, "max_tokens": 6, "temperature": 0}
+    status, answer = serve_once(monkeypatch, ["--model", str(stories_path)], body)
+    assert (status, answer["error"]["code"]) == (400, "no_chat_template")  # without the flag
+    argv = ["--model", str(stories_path), "--chat-template", str(PLAIN_ROLES)]
+    status, answer = serve_once(monkeypatch, argv, body)
+    assert status == 200, answer
+    model, tokenizer, _ = load_model(stories_path, chat_template=PLAIN_ROLES)
+    [expected] = generate(model, tokenizer, [MESSAGES], policy="mas", max_new_tokens=6, do_sample=False)
+    assert answer["choices"][0]["message"]["content"] == expected.text
+    assert answer["usage"]["completion_tokens"] == len(expected.token_ids)
+
+
+def test_serve_refuses_a_bad_template_in_one_line(stories_path, capsys):
+    assert main(["serve", "--model", str(stories_path), "--chat-template", "missing.jinja"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (
+        "segmask serve: error: chat template missing.jinja not found (pass a Jinja file, or the template itself)"
+    )

@@ -4,11 +4,10 @@ real chat model (SmolLM2-135M-Instruct from its GGUF file) answering a question.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from test_loading import conversion_cache, smollm2_gguf
+from conftest import PLAIN_ROLES, conversion_cache, smollm2_gguf
 
 from segmask import loading
 from segmask.cli import main
@@ -16,7 +15,6 @@ from segmask.generation import encode_prompt, generate
 from segmask.loading import load_model
 
 STORY = "Once upon a time, there was a little dog named"
-PLAIN_ROLES = Path(__file__).parent / "fixtures" / "chat_templates" / "plain_roles.jinja"
 
 
 def run_json(capsys, *argv: str) -> dict:

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import io
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import PLAIN_ROLES
 
 from segmask.chat import ChatSession
 from segmask.cli import main
 from segmask.cli.chat import loop
 from segmask.loading import load_model
-
-PLAIN_ROLES = Path(__file__).parent / "fixtures" / "chat_templates" / "plain_roles.jinja"
 
 
 def test_chat_through_a_pseudo_terminal(stories_chat):

@@ -410,3 +410,19 @@ def chat_model(stories_path, tmp_path_factory):
     tokenizer.chat_template = CHATML_SMOLLM2.read_text()
     tokenizer.save_pretrained(folder)
     return folder, model, tokenizer
+
+
+# ----------------------------------------------------------------- light modules (tests/test_policies.py, ...)
+
+HEAVY = ("torch", "transformers", "fastapi", "uvicorn", "peft", "trl", "datasets", "matplotlib", "lm_eval")
+
+
+def heavy_imports(module: str) -> list[str]:
+    """The heavy libraries (HEAVY) that ``import module`` loads, in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    probe = f"import sys, {module}; print(' '.join(sorted({{n.split('.')[0] for n in sys.modules}})))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return sorted(set(done.stdout.split()) & set(HEAVY))

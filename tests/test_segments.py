@@ -14,7 +14,6 @@ from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 
 from segmask.overflow import apply_cutoff, apply_cutoff_all, cutoff_report
-from segmask.policies import DEFAULT_CAUSAL_SINK, POLICIES, sink_on
 from segmask.segments import (
     IGNORE_INDEX,
     PAPER_SYSTEM,
@@ -288,34 +287,6 @@ def test_literal_segment_ids_per_policy(smollm2_tokenizer, policy, causal_sink, 
 def test_sink_segments_is_token_zero_causal():
     assert sink_segments([0, 0, 0, 1, 1, -1, -1]) == [-1, 0, 0, 1, 1, -1, -1]
     assert sink_segments([-1, -1]) == [-1, -1] and sink_segments([0]) == [-1]
-
-
-# (policy, causal_sink) -> whether token 0 is made causal: on under mas by default, off under prefix, never
-# under causal (whose tokens are all causal already)
-SINK_ON = {
-    ("mas", None): True,
-    ("mas", True): True,
-    ("mas", False): False,
-    ("prefix", None): False,
-    ("prefix", True): True,
-    ("prefix", False): False,
-    ("causal", None): False,
-    ("causal", True): False,
-    ("causal", False): False,
-}
-
-
-def test_sink_on_per_policy_and_option():
-    for (policy, causal_sink), expected in SINK_ON.items():
-        assert sink_on(policy, causal_sink) is expected, (policy, causal_sink)
-    assert sink_on("mas") is True and sink_on("prefix") is False and sink_on("causal") is False
-    assert set(DEFAULT_CAUSAL_SINK) == set(POLICIES) == {"mas", "prefix", "causal"}
-    assert DEFAULT_CAUSAL_SINK == {"mas": True, "prefix": False, "causal": False}
-    for bad in ("yes", 1, 0):
-        with pytest.raises(ValueError, match="causal_sink must be true, false or None"):
-            sink_on("mas", bad)
-    with pytest.raises(ValueError, match="unknown mask policy"):
-        sink_on("full", True)
 
 
 # SHORT_CHAT through SmolLM2 (no BOS): (policy, causal_sink) -> segment ids; the sink is the system turn's

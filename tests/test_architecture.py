@@ -1,10 +1,12 @@
-"""docs/architecture.md stays true: no module imports from a later layer than its own, and every module
-of the package is in the table."""
+"""docs/architecture.md stays true: no module imports from a later layer than its own, every module of the
+package is in the table, no module loads files from outside the package, and the tests mirror the package
+(every module has a test module at its mirrored path)."""
 
 from __future__ import annotations
 
 import ast
 import re
+from pathlib import Path
 
 from conftest import ROOT
 
@@ -98,3 +100,56 @@ def test_no_library_module_loads_files_from_outside_the_package():
         if found := loads_from_outside(path.read_text(), depth):
             offenders[str(path.relative_to(PACKAGE))] = found
     assert not offenders, offenders
+
+
+# The vLLM plugin's modules run only inside vLLM (its own venv: make test-vllm), so its model and plugin are
+# tested end to end, through an offline LLM and the OpenAI server, rather than one test module each. Each
+# such module names the test modules that cover it; they must exist.
+COVERED_ELSEWHERE = {
+    "integrations/vllm/model.py": ("integrations/vllm/test_offline.py", "integrations/vllm/test_server.py"),
+    "integrations/vllm/plugin.py": ("integrations/vllm/test_offline.py", "integrations/vllm/test_server.py"),
+}
+
+
+def mirrored_test(module: str) -> str:
+    """``serving/app.py`` -> ``serving/test_app.py``; ``masks.py`` -> ``test_masks.py`` (below tests/)."""
+    folder, _, name = module.rpartition("/")
+    return f"{folder}/test_{name}" if folder else f"test_{name}"
+
+
+def missing_tests(package: Path, tests: Path, covered: dict[str, tuple[str, ...]]) -> list[str]:
+    """The test modules that ``package``'s modules (but ``__init__``/``__main__``) lack at their mirrored
+    path below ``tests``; a module in ``covered`` may instead have all of the test modules it names."""
+    missing = []
+    for path in sorted(package.rglob("*.py")):
+        if path.name in ("__init__.py", "__main__.py"):
+            continue
+        module = path.relative_to(package).as_posix()
+        if (tests / mirrored_test(module)).is_file():
+            continue
+        if module in covered and all((tests / test).is_file() for test in covered[module]):
+            continue
+        missing.append(mirrored_test(module))
+    return missing
+
+
+def test_the_mirror_rule_names_the_missing_test_module(tmp_path):
+    package, tests = tmp_path / "segmask", tmp_path / "tests"
+    for module in ("__init__.py", "masks.py", "cli/__main__.py", "cli/eval.py", "serving/app.py", "x/y.py"):
+        (package / module).parent.mkdir(parents=True, exist_ok=True)
+        (package / module).touch()
+    for test in ("test_masks.py", "cli/test_eval.py", "serving/test_other.py", "x/test_whole.py"):
+        (tests / test).parent.mkdir(parents=True, exist_ok=True)
+        (tests / test).touch()
+    assert missing_tests(package, tests, {}) == ["serving/test_app.py", "x/test_y.py"]
+    assert missing_tests(package, tests, {"x/y.py": ("x/test_whole.py",)}) == ["serving/test_app.py"]
+    assert missing_tests(package, tests, {"x/y.py": ("x/test_whole.py", "x/test_gone.py")}) == [
+        "serving/test_app.py",
+        "x/test_y.py",
+    ]
+
+
+def test_every_module_has_a_test_module_at_the_mirrored_path():
+    """src/segmask/serving/app.py -> tests/serving/test_app.py, src/segmask/masks.py -> tests/test_masks.py."""
+    missing = missing_tests(PACKAGE, ROOT / "tests", COVERED_ELSEWHERE)
+    assert not missing, f"no test module at tests/{{{', '.join(missing)}}}"

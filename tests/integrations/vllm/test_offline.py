@@ -91,6 +91,29 @@ def test_a_raw_completion_prompt_is_one_segment_as_in_segmask(served):
     )
 
 
+def test_a_prompt_prefilled_beside_decoding_rows(random_llama, tmp_path, monkeypatch):
+    """A token budget below the three prompts' total puts the last prompt's prefill in a step with the
+    others' decoding rows (the CPU backend puts those first): its rows are found and masked there."""
+    from segmask.integrations.vllm.model import MasPrefill
+
+    folder = with_policy(random_llama, tmp_path / "model", "mas", True)
+    steps = []
+    plan = MasPrefill.plan
+
+    def recorded(self, input_ids):
+        plan(self, input_ids)
+        if self.blocks:
+            steps.append((0 if input_ids is None else len(input_ids), [(a, b) for a, b, _ in self.blocks]))
+
+    monkeypatch.setattr(MasPrefill, "plan", recorded)
+    llm = LLM(str(folder), **{**ENGINE, "max_num_batched_tokens": 512})
+    outputs = llm.chat(CONVERSATIONS, GREEDY)
+    assert [list(output.outputs[0].token_ids) for output in outputs] == segmask_tokens(folder, CONVERSATIONS)
+    assert any(tokens > sum(b - a for a, b in blocks) for tokens, blocks in steps), steps  # a mixed step ran
+    del llm
+    gc.collect()
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

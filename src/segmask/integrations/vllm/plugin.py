@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from segmask.policies import MaskPolicy, check_policy
+from segmask.policies import MaskPolicy, check_policy, sink_on
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +68,6 @@ class ServedMask:
     chat_template: str | None = None
 
     def describe(self) -> str:
-        from segmask.segments import sink_on
-
         return f"{self.policy} (causal sink {'on' if sink_on(self.policy, self.causal_sink) else 'off'})"
 
 

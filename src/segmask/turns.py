@@ -33,7 +33,7 @@ HEADER, CONTENT, END = 0, 1, 2
 MARKER = re.compile("\ue000(\\d+)\ue001")
 
 
-def _render(
+def render(
     tokenizer, messages: list[dict], generation_prompt: bool, template: str | None, kwargs: Mapping
 ) -> str:
     """The chat template's text for ``messages``; a template error becomes a ``ValueError``."""
@@ -49,7 +49,8 @@ def _render(
         raise ValueError(f"the chat template rejected the conversation: {error}") from None
 
 
-def _marker(index: int) -> str:
+def marker(index: int) -> str:
+    """A private-use placeholder for message ``index``'s content, found again in the rendered text."""
     return f"\ue000{index}\ue001"
 
 
@@ -95,7 +96,7 @@ def _align(
 def _turn_end(tokenizer, marked: list[dict], index: int, template: str | None, kwargs: Mapping) -> str:
     """Template text after message ``index`` when the conversation is cut right after it ("" if unknown)."""
     try:
-        prefix = _render(tokenizer, marked[: index + 1], False, template, kwargs)
+        prefix = render(tokenizer, marked[: index + 1], False, template, kwargs)
     except ValueError:
         return ""
     found = list(MARKER.finditer(prefix))
@@ -125,20 +126,20 @@ def chat_layout(
     Turns are message indices; the generation prompt is turn ``len(messages)``.
     """
     kwargs = dict(template_kwargs or {})
-    text = _render(tokenizer, messages, add_generation_prompt, chat_template, kwargs)
+    text = render(tokenizer, messages, add_generation_prompt, chat_template, kwargs)
     generation = len(messages)
     everything = range(len(messages))
     nonempty = {i for i in everything if messages[i]["content"]}
     # Mark every content; if the template treats empty contents differently, leave those unmarked.
     for marked_indices in (everything, nonempty):
         marked = [
-            {**message, "content": _marker(i)} if i in marked_indices else message
+            {**message, "content": marker(i)} if i in marked_indices else message
             for i, message in enumerate(messages)
         ]
-        parts = MARKER.split(_render(tokenizer, marked, add_generation_prompt, chat_template, kwargs))
+        parts = MARKER.split(render(tokenizer, marked, add_generation_prompt, chat_template, kwargs))
         pieces, order = parts[0::2], [int(i) for i in parts[1::2]]
         if not order and pieces[0] == text:  # no content rendered (say, a lone system prompt): all template
-            plain = _render(tokenizer, messages, False, chat_template, kwargs)
+            plain = render(tokenizer, messages, False, chat_template, kwargs)
             split = len(plain) if add_generation_prompt and text.startswith(plain) else len(text)
             return text, [0] * split + [generation] * (len(text) - split), [HEADER] * len(text)
         spans = _align(text, pieces, order, messages) if order else None

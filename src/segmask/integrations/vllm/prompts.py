@@ -58,7 +58,7 @@ Pieces = list[str]
 def shape(system: bool, users: int) -> list[dict[str, str]]:
     """The marked conversation of a shape: optional system, ``users`` user turns, assistants between."""
     roles = (["system"] if system else []) + ["user", "assistant"] * (users - 1) + ["user"]
-    return [{"role": role, "content": turns._marker(index)} for index, role in enumerate(roles)]
+    return [{"role": role, "content": turns.marker(index)} for index, role in enumerate(roles)]
 
 
 def fit(text: str, pieces: Pieces) -> list[str] | None:
@@ -188,7 +188,7 @@ class PromptSegmenter:
         if key not in self._pieces:
             marked = shape(system, users)
             try:
-                rendered = turns._render(self.tokenizer, marked, True, self.chat_template, {})
+                rendered = turns.render(self.tokenizer, marked, True, self.chat_template, {})
             except ValueError:
                 self._pieces[key] = None
                 return None

@@ -186,3 +186,36 @@ def test_serve_benchmark_refuses_a_bad_size_in_one_line():
         [sys.executable, str(BENCHMARKS / "serve.py"), "--rounds", "0"], capture_output=True, text=True
     )
     assert done.returncode == 2 and done.stderr.strip() == "--rounds must be >= 1"
+
+
+def test_calls_benchmark_accounts_for_every_kernel_call(tmp_path):
+    """benchmarks/calls.py (issue 35): the fast path's step splits into its kernel calls, by kind, and the
+    rest; the calls recorded are those the plan makes (``attention.fast_calls``) in each direction."""
+    sys.path.insert(0, str(BENCHMARKS))
+    from attention import fast_calls, layout_ids
+
+    out = tmp_path / "calls.json"
+    run_script(
+        "calls.py",
+        "--lengths",
+        "256",
+        "--layouts",
+        "chat",
+        "--rounds",
+        "2",
+        "--threads",
+        "1",
+        "--json",
+        str(out),
+    )
+    records = {r["pass"]: r for r in json.loads(out.read_text())["records"]}
+    planned = fast_calls(layout_ids("chat", 256))
+    for name, record in records.items():
+        directions = {"fwd"} if name == "fwd" else {"fwd", "bwd"}
+        assert {k["direction"] for k in record["kinds"]} == directions
+        for direction in directions:
+            assert sum(k["count"] for k in record["kinds"] if k["direction"] == direction) == planned
+        assert record["kernel_ms"] == pytest.approx(sum(k["ms"] for k in record["kinds"]), abs=0.05)
+        assert record["fast_cpu_ms"] == pytest.approx(
+            record["kernel_ms"] + record["outside_kernel_ms"], abs=0.05
+        )

@@ -1,0 +1,198 @@
+"""Where the fast path's time goes: each kernel call of one MAS attention step, timed, against causal SDPA.
+
+    python benchmarks/calls.py --threads 1 --lengths 2048 --layouts chat fewshot
+    python benchmarks/calls.py --threads 1 --lengths 4096 --passes fwd --rounds 9
+
+The fast path (``segmask.fast_attention.layout_attention``, as ``benchmarks/attention.py`` times it) runs a
+plan of kernel calls: causal blocks on the diagonal, full (unmasked) blocks over earlier keys, and masked
+band tiles where a segment crosses a tile's end. Here its kernel is the device's default wrapped so that
+each call's process CPU time is recorded with its shape; ``--rounds`` rounds alternate the fast path with
+causal SDPA (rotating order), and per call the median over the rounds is kept. Reported per kind of call:
+count, CPU ms per step, ns per computed query-key pair (per head; a causal call computes ``Q (Q + 1) / 2``
+pairs, the others ``Q K``), and the step's time outside the kernel (merges, copies, masks: the step's CPU
+time less its calls'), beside causal SDPA's whole step and its ns per allowed pair (``L (L + 1) / 2``).
+CPU time, not wall clock, so that a shared machine's preemption does not count (cache effects of other
+processes still do).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+import warnings
+from collections import defaultdict
+
+import rounds  # benchmarks/rounds.py, next to this script
+import torch
+import torch.nn.functional as F
+from attention import LAYOUTS, layout_ids, pair_ratio  # benchmarks/attention.py, next to this script
+
+from segmask import kernels
+from segmask.attention_plan import Layout
+from segmask.fast_attention import layout_attention
+
+
+class Recorder:
+    """The default kernel, each call's CPU time and shape recorded in ``calls`` (cleared per step)."""
+
+    def __init__(self, device: torch.device) -> None:
+        base = kernels.select(device)
+        self.calls: list[tuple[str, str, int, int, float]] = []
+
+        def forward(q, k, v, causal, scale, mask=None):
+            start = time.process_time()
+            result = base.forward(q, k, v, causal, scale, mask)
+            self.record("fwd", causal, mask, q, k, time.process_time() - start)
+            return result
+
+        def backward(grad_out, q, k, v, out, lse, causal, scale, mask=None):
+            start = time.process_time()
+            result = base.backward(grad_out, q, k, v, out, lse, causal, scale, mask)
+            self.record("bwd", causal, mask, q, k, time.process_time() - start)
+            return result
+
+        self.kernel = dataclasses.replace(base, forward=forward, backward=backward)
+
+    def record(
+        self, direction: str, causal: bool, mask, q: torch.Tensor, k: torch.Tensor, seconds: float
+    ) -> None:
+        kind = "causal" if causal else ("band" if mask is not None else "full")
+        self.calls.append((direction, kind, q.shape[2], k.shape[2], seconds))
+
+
+def computed_pairs(kind: str, q_rows: int, keys: int) -> int:
+    return q_rows * (q_rows + 1) // 2 if kind == "causal" else q_rows * keys
+
+
+def measure(args: argparse.Namespace, layout: str, seq_len: int, backward: bool) -> dict:
+    segment_ids = layout_ids(layout, seq_len, args.batch)
+    plan = Layout(segment_ids)
+    recorder = Recorder(torch.device("cpu"))
+    torch.manual_seed(0)
+    shape = (args.batch, args.heads, seq_len, args.head_dim)
+    inputs = [torch.randn(shape, requires_grad=backward) for _ in range(3)]
+
+    def step(fn) -> None:
+        if backward:
+            out = fn(*inputs)
+            out.backward(torch.ones_like(out))
+            for t in inputs:
+                t.grad = None
+        else:
+            with torch.no_grad():
+                fn(*inputs)
+
+    per_round: list[list[tuple]] = []
+
+    def fast() -> None:
+        recorder.calls = []
+        step(lambda q, k, v: layout_attention(q, k, v, plan, kernel=recorder.kernel))
+        per_round.append(recorder.calls)
+
+    def causal() -> None:
+        step(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+    times = rounds.interleaved({"causal-sdpa": causal, "mas-fast": fast}, args.rounds)
+    timed = per_round[1:]  # the warm-up round's calls left out
+    if len({tuple(c[:4] for c in calls) for calls in timed}) != 1:
+        raise SystemExit("the fast path's calls differ between rounds: per-call medians would mix them")
+    calls = [
+        (*shape_, statistics.median(r[i][4] for r in timed))
+        for i, shape_ in enumerate(c[:4] for c in timed[0])
+    ]
+    heads = args.batch * args.heads
+    kinds: dict[tuple[str, str], dict] = defaultdict(lambda: {"count": 0, "seconds": 0.0, "pairs": 0})
+    for direction, kind, q_rows, keys, seconds in calls:
+        entry = kinds[(direction, kind)]
+        entry["count"] += 1
+        entry["seconds"] += seconds
+        entry["pairs"] += heads * computed_pairs(kind, q_rows, keys)
+    step_s = statistics.median(times["mas-fast"].cpu)
+    causal_s = statistics.median(times["causal-sdpa"].cpu)
+    causal_pairs = heads * seq_len * (seq_len + 1) // 2
+    return {
+        "layout": layout,
+        "seq_len": seq_len,
+        "pass": "fwd+bwd" if backward else "fwd",
+        "pair_ratio": round(pair_ratio(segment_ids), 4),
+        "causal_cpu_ms": round(causal_s * 1000, 2),
+        "causal_ns_per_pair": round(causal_s * 1e9 / causal_pairs, 3),  # the whole pass, fwd and bwd together
+        "fast_cpu_ms": round(step_s * 1000, 2),
+        "kernel_ms": round(sum(c[4] for c in calls) * 1000, 2),
+        "outside_kernel_ms": round((step_s - sum(c[4] for c in calls)) * 1000, 2),
+        "kinds": [
+            {
+                "direction": direction,
+                "kind": kind,
+                "count": e["count"],
+                "ms": round(e["seconds"] * 1000, 2),
+                "ns_per_pair": round(e["seconds"] * 1e9 / e["pairs"], 3),
+            }
+            for (direction, kind), e in sorted(kinds.items())
+        ],
+        "calls": [
+            {"direction": d, "kind": k, "q_rows": q, "keys": n, "us": round(s * 1e6, 1)}
+            for d, k, q, n, s in calls
+        ],
+    }
+
+
+def print_cell(r: dict) -> None:
+    print(
+        f"{r['layout']} L={r['seq_len']} {r['pass']}: causal SDPA {r['causal_cpu_ms']:.1f} ms CPU; fast path "
+        f"{r['fast_cpu_ms']:.1f} ms ({r['fast_cpu_ms'] / r['causal_cpu_ms']:.3f} x causal, pair ratio "
+        f"{r['pair_ratio']:.2f}) = kernel calls {r['kernel_ms']:.1f} ms + outside the kernel "
+        f"{r['outside_kernel_ms']:.1f} ms"
+    )
+    for k in r["kinds"]:
+        print(
+            f"    {k['direction']} {k['kind']:6} {k['count']:>4} calls {k['ms']:>9.2f} ms {k['ns_per_pair']:>8.3f} ns/pair"
+        )
+    print(f"    causal SDPA, the whole pass: {r['causal_ns_per_pair']:.3f} ns per allowed pair")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
+    parser.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=["chat", "fewshot"])
+    parser.add_argument("--passes", nargs="+", choices=("fwd", "fwd+bwd"), default=["fwd", "fwd+bwd"])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--json", metavar="FILE", help='write {"machine", "command", "records"} with every call'
+    )
+    args = parser.parse_args(argv)
+    if args.rounds < 1:
+        print("--rounds must be >= 1", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    info = rounds.machine(torch.get_num_threads())
+    print(rounds.describe(info))
+    print(
+        f"batch {args.batch}, {args.heads} heads, head dim {args.head_dim}, float32, CPU time, "
+        f"per-call medians over {args.rounds} rounds"
+    )
+    records = []
+    for layout in args.layouts:
+        for seq_len in args.lengths:
+            for backward in (p == "fwd+bwd" for p in args.passes):
+                records.append(measure(args, layout, seq_len, backward))
+                print_cell(records[-1])
+    print(rounds.finish(info))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": info, "command": sys.argv, "records": records}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -91,7 +91,7 @@ def test_config_fields_are_flags_with_the_fields_defaults(command, config, other
     for field in dataclasses.fields(config):
         assert other_flags.get(field.name, "--" + field.name.replace("_", "-")) in flags, field.name
     if command == "train":
-        return  # train's flags override a YAML file: an absent flag leaves no value (test_cli_train)
+        return  # train's flags override a YAML file: an absent flag leaves no value (tests/cli/test_train.py)
     args = parser.parse_args([command, "--model", "m", *REQUIRED.get(command, [])])
     given = {"data_dir": "d", "out": "o.json"}
     expected = {f.name: given.get(f.name, f.default) for f in dataclasses.fields(config)}

@@ -249,10 +249,11 @@ def test_disable_restores_plain_forward():
     assert not hook.is_enabled(model)
     ids = torch.randint(1, 128, (1, 6))
     with torch.no_grad():
-        # transformers itself ignores unknown kwargs: without the hook the mask is plain causal again
-        assert torch.equal(
-            model(ids, segment_ids=torch.zeros(1, 6, dtype=torch.long)).logits, model(ids).logits
-        )
+        # transformers itself would ignore them and run causal: segmask's guard refuses instead
+        with pytest.raises(segmask.NotEnabledError):
+            model(ids, segment_ids=torch.zeros(1, 6, dtype=torch.long))
+        # causal ids ask for nothing the plain model does not do
+        assert torch.equal(model(ids, segment_ids=torch.full((1, 6), -1)).logits, model(ids).logits)
 
 
 # ---------------------------------------------------------------- the real pretrained stories260K

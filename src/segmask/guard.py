@@ -8,7 +8,9 @@ close that path:
   check) calls :func:`segmask.hook.require_enabled` first and raises :class:`NotEnabledError`;
 - where segmask does not make the call itself (a ``segmask.Collator`` batch in a plain transformers
   ``Trainer``), :func:`install` wraps transformers' registered ``sdpa`` and ``flex_attention`` functions so
-  that segment ids arriving there raise. On an enabled model they never arrive: segmask's hook takes them off
+  that segment ids arriving there raise. It runs as soon as segmask encodes a MAS example
+  (:class:`segmask.segments.Encoded`), batches one, or enables a model, so the check does not depend on
+  the order things happen in. On an enabled model they never arrive: segmask's hook takes them off
   the decoder's arguments. A model on ``eager`` attention (the model's own function, which transformers does
   not look up in its registry) is not covered: there the README's rule holds, enable the model first.
 """

@@ -71,6 +71,7 @@ def enable(model: nn.Module, fast: bool = True) -> nn.Module:
     Calls without segment ids are plain SDPA there.
     """
     compat.check_version()
+    guard.install()  # segment ids given to this model after disable(), or to another one, raise
     parallel.check_sequence_sharding()  # context / sequence parallelism would drop the mask silently
     decoder = _decoder(model)
     if fast and (decoder.config._attn_implementation or "eager") == "sdpa":

@@ -58,7 +58,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from segmask import templates, turns
+from segmask import guard, templates, turns
 from segmask.overflow import Overflow, apply_cutoff
 from segmask.policies import MaskPolicy, check_policy, sink_on
 from segmask.templates import DEFAULT_TEMPLATE, PAPER_SYSTEM, PAPER_SYSTEM_WITH_INPUT
@@ -102,6 +102,8 @@ class Encoded:
                     f"token {position} is labelled but lies in bidirectional segment {segment}: "
                     "a labelled token must be causal (segment id -1)"
                 )
+        if any(segment >= 0 for segment in self.segment_ids):
+            guard.install()  # from now on a model that was not enabled refuses these ids, never ignores them
 
     def __len__(self) -> int:
         return len(self.input_ids)

@@ -73,7 +73,9 @@ def test_demo_end_to_end_on_stories260k(stories_path, tmp_path, capsys):
     assert "mas vs causal" in printed and "Sample MAS answer (held-out story, as trained)" in printed
     # sampled as trained: the instruction record, not a chat with the story as a system turn (issue 33)
     sample = json.loads((out / "summary.json").read_text())["sample"]
-    assert sample["prompt"].startswith("Read the story and answer the question.") and "[system]" not in printed
+    assert (
+        sample["prompt"].startswith("Read the story and answer the question.") and "[system]" not in printed
+    )
     assert "What the multi-seed study found" in printed
 
 

@@ -16,8 +16,9 @@ body). Every request's prompt differs from its first word on (a request number o
 message), so the prefix cache finds at most the chat template's opening tokens: a system message, bAbI
 story lines (``../shared/data/babi``) to about ``--prompt-tokens`` tokens, and a request to retell the
 story (``--max-tokens`` new tokens at most). Per cell: throughput (completion tokens over the wave's time), time to first token (TTFT: the first
-chunk that carries text), latency p50/p99 over all requests of the cell, and for ``mas`` the medians of the
-per-round ratios to ``causal`` of throughput and of median TTFT.
+chunk that carries text), latency p50/p99 over all requests of the cell, the batches the server ran per
+wave (``/health``), and for ``mas`` the medians of the per-round ratios to ``causal`` of throughput and of
+median TTFT.
 
 Prefix cache: ``--cache-rounds`` rounds per policy; each round makes a new system prompt of about
 ``--system-tokens`` tokens (a new number opens it), sends one request with it (cold: nothing cached) and
@@ -143,6 +144,16 @@ async def tokens_per_line(http: httpx.AsyncClient, url: str, lines: list[str]) -
     return (large.prompt_tokens - small.prompt_tokens) / 100
 
 
+async def batches_when_idle(http: httpx.AsyncClient, url: str) -> int:
+    """The server's count of batches run, once nothing runs or waits (it counts a batch after its last
+    token has been sent, so a client that has every answer may ask a moment too soon)."""
+    while True:
+        health = (await http.get(url + "/health")).json()
+        if health["running"] == 0 and health["queued"] == 0:
+            return health["batches"]
+        await asyncio.sleep(0.02)
+
+
 async def load(url: str, args: argparse.Namespace, lines: list[str], per_line: float) -> list[dict]:
     count = max(1, round(args.prompt_tokens / per_line))
     records, request = [], 0
@@ -152,8 +163,10 @@ async def load(url: str, args: argparse.Namespace, lines: list[str], per_line: f
             replies: dict[str, list[Reply]] = {p: [] for p in POLICIES}
             throughput: dict[str, list[float]] = {p: [] for p in POLICIES}
             ttft: dict[str, list[float]] = {p: [] for p in POLICIES}
+            batches: dict[str, list[int]] = {p: [] for p in POLICIES}
             for index in range(args.rounds):
                 for policy in rounds.order(POLICIES, index):
+                    before = await batches_when_idle(http, url)
                     started = time.perf_counter()
                     wave = await asyncio.gather(
                         *(
@@ -162,6 +175,7 @@ async def load(url: str, args: argparse.Namespace, lines: list[str], per_line: f
                         )
                     )
                     seconds = time.perf_counter() - started
+                    batches[policy].append(await batches_when_idle(http, url) - before)
                     request += concurrency
                     replies[policy].extend(wave)
                     throughput[policy].append(sum(r.completion_tokens for r in wave) / seconds)
@@ -180,6 +194,7 @@ async def load(url: str, args: argparse.Namespace, lines: list[str], per_line: f
                         "prompt_tokens": round(statistics.mean(r.prompt_tokens for r in done), 1),
                         "completion_tokens": round(statistics.mean(r.completion_tokens for r in done), 1),
                         "cached_tokens": sum(r.cached_tokens for r in done),
+                        "batches_per_wave": round(statistics.mean(batches[policy]), 2),
                         "tokens_per_s": round(statistics.median(throughput[policy]), 2),
                         "ttft_ms": round(statistics.median(r.ttft for r in done) * 1000, 1),
                         "p50_ms": round(percentile(latencies, 0.5) * 1000, 1),
@@ -279,7 +294,7 @@ class Server:
 def print_tables(load_records: list[dict], cache_records: list[dict]) -> None:
     header = (
         f"{'conc':>4} {'policy':6} {'reqs':>4} {'prompt':>6} {'out':>5} {'tok/s':>7} {'x causal':>8} {'IQR':>11} "
-        f"{'TTFT ms':>8} {'x causal':>8} {'p50 ms':>8} {'p99 ms':>8}"
+        f"{'TTFT ms':>8} {'x causal':>8} {'p50 ms':>8} {'p99 ms':>8} {'batches':>7}"
     )
     print(header)
     print("-" * len(header))
@@ -289,7 +304,7 @@ def print_tables(load_records: list[dict], cache_records: list[dict]) -> None:
             f"{r['concurrency']:>4} {r['policy']:6} {r['requests']:>4} {r['prompt_tokens']:>6.0f} "
             f"{r['completion_tokens']:>5.1f} {r['tokens_per_s']:>7.2f} {t['median']:>8.3f} "
             f"{'{:.3f}-{:.3f}'.format(*t['iqr']):>11} {r['ttft_ms']:>8.0f} {f['median']:>8.3f} "
-            f"{r['p50_ms']:>8.0f} {r['p99_ms']:>8.0f}"
+            f"{r['p50_ms']:>8.0f} {r['p99_ms']:>8.0f} {r['batches_per_wave']:>7.1f}"
         )
     if cache_records:
         header = (

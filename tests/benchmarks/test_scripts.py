@@ -175,6 +175,7 @@ def test_serve_benchmark_against_a_started_server(tmp_path):
     }
     for r in written["load"]:
         assert r["requests"] == r["concurrency"] and r["tokens_per_s"] > 0 and 0 < r["ttft_ms"] <= r["p99_ms"]
+        assert 1 <= r["batches_per_wave"] <= r["concurrency"]
         # every load prompt differs from its first words: the cache holds at most the template's opening
         assert r["cached_tokens"] <= 8 * r["requests"]
     [cache] = written["prefix_cache"]

@@ -78,11 +78,12 @@ class Reply:
 
 
 async def chat(
-    http: httpx.AsyncClient, url: str, messages: list[dict], policy: str, max_tokens: int
+    http: httpx.AsyncClient, url: str, messages: list[dict], policy: str, max_tokens: int, name: str = NAME
 ) -> Reply:
-    """One streamed greedy chat completion; raises ``RuntimeError`` on anything but a whole answer."""
+    """One streamed greedy chat completion of model ``name``; raises ``RuntimeError`` on anything but a whole
+    answer."""
     body = {
-        "model": NAME,
+        "model": name,
         "messages": messages,
         "max_tokens": max_tokens,
         "temperature": 0,
@@ -137,10 +138,10 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, int(round(q * len(ordered) + 0.5)) - 1))]
 
 
-async def tokens_per_line(http: httpx.AsyncClient, url: str, lines: list[str]) -> float:
+async def tokens_per_line(http: httpx.AsyncClient, url: str, lines: list[str], name: str) -> float:
     """Prompt tokens per story line, from two warm-up requests (the server counts): prompts are sized in lines."""
-    small = await chat(http, url, cache_messages("Warm-up.", story(lines, 10, 0)), "causal", 1)
-    large = await chat(http, url, cache_messages("Warm-up.", story(lines, 110, 0)), "causal", 1)
+    small = await chat(http, url, cache_messages("Warm-up.", story(lines, 10, 0)), "causal", 1, name)
+    large = await chat(http, url, cache_messages("Warm-up.", story(lines, 110, 0)), "causal", 1, name)
     return (large.prompt_tokens - small.prompt_tokens) / 100
 
 
@@ -170,7 +171,14 @@ async def load(url: str, args: argparse.Namespace, lines: list[str], per_line: f
                     started = time.perf_counter()
                     wave = await asyncio.gather(
                         *(
-                            chat(http, url, load_messages(lines, count, request + i), policy, args.max_tokens)
+                            chat(
+                                http,
+                                url,
+                                load_messages(lines, count, request + i),
+                                policy,
+                                args.max_tokens,
+                                args.name,
+                            )
                             for i in range(concurrency)
                         )
                     )
@@ -217,9 +225,11 @@ async def prefix_cache(url: str, args: argparse.Namespace, lines: list[str], per
             for index in range(args.cache_rounds):
                 nonce = f"{policy}-{index}-{time.time_ns()}"
                 system = f"Story {nonce}. Answer questions about it in one word. {story(lines, count, index * 101)}"
-                first = await chat(http, url, cache_messages(system, QUESTIONS[0]), policy, args.cache_tokens)
+                first = await chat(
+                    http, url, cache_messages(system, QUESTIONS[0]), policy, args.cache_tokens, args.name
+                )
                 second = await chat(
-                    http, url, cache_messages(system, QUESTIONS[1]), policy, args.cache_tokens
+                    http, url, cache_messages(system, QUESTIONS[1]), policy, args.cache_tokens, args.name
                 )
                 cold.append(first.ttft)
                 warm.append(second.ttft)
@@ -255,11 +265,11 @@ def free_port() -> int:
 class Server:
     """``segmask serve`` as a subprocess on a free loopback port, stopped on exit."""
 
-    def __init__(self, model: Path, threads: int, max_batch: int, log: Path) -> None:
+    def __init__(self, model: Path, name: str, threads: int, max_batch: int, log: Path) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         command = [sys.executable, "-m", "segmask", "serve", "--model", str(model), "--host", "127.0.0.1"]
-        command += ["--port", str(self.port), "--name", NAME, "--max-batch", str(max_batch)]
+        command += ["--port", str(self.port), "--name", name, "--max-batch", str(max_batch)]
         self.command, self.log = command, log
         self.env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
@@ -328,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         "--url", default=None, help="a running segmask serve (default: start one on loopback)"
     )
     parser.add_argument("--model", type=Path, default=None, help="model to serve (default: SmolLM2-135M)")
+    parser.add_argument("--name", default=NAME, help=f"the served model's name (default {NAME!r})")
     parser.add_argument("--threads", type=int, default=1, help="the started server's OMP_NUM_THREADS")
     parser.add_argument("--max-batch", type=int, default=16, help="the started server's --max-batch")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
@@ -355,20 +366,24 @@ def main(argv: list[str] | None = None) -> int:
 
     async def measure(url: str) -> tuple[list[dict], list[dict]]:
         async with httpx.AsyncClient(timeout=args.timeout) as http:
-            per_line = await tokens_per_line(http, url, lines)
+            per_line = await tokens_per_line(http, url, lines, args.name)
         load_records = await load(url, args, lines, per_line)
         cache_records = await prefix_cache(url, args, lines, per_line) if args.cache_rounds else []
         return load_records, cache_records
 
     if args.url:
         where = args.url
-        load_records, cache_records = asyncio.run(measure(args.url.rstrip("/")))
+        try:
+            load_records, cache_records = asyncio.run(measure(args.url.rstrip("/")))
+        except (httpx.HTTPError, RuntimeError) as error:
+            print(f"{args.url}: {type(error).__name__}: {error}", file=sys.stderr)
+            return 2
     else:
         from model import default_model  # benchmarks/model.py, next to this script
 
         path = args.model or default_model()
         log = Path(os.environ.get("TMPDIR", "/tmp")) / f"segmask-serve-{os.getpid()}.log"
-        with Server(path, args.threads, args.max_batch, log) as server:
+        with Server(path, args.name, args.threads, args.max_batch, log) as server:
             where = f"{path.name} served on {server.url} (--max-batch {args.max_batch}, log {log})"
             print(rounds.describe(info))
             print(where, flush=True)

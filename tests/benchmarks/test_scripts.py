@@ -4,6 +4,7 @@ speed is measured by the scripts themselves, never by tests)."""
 from __future__ import annotations
 
 import json
+import socket
 import statistics
 import subprocess
 import sys
@@ -220,3 +221,17 @@ def test_calls_benchmark_accounts_for_every_kernel_call(tmp_path):
         assert record["fast_cpu_ms"] == pytest.approx(
             record["kernel_ms"] + record["outside_kernel_ms"], abs=0.05
         )
+
+
+def test_serve_benchmark_names_an_unreachable_url_in_one_line():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "serve.py"), "--url", f"http://127.0.0.1:{port}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert f"127.0.0.1:{port}" in done.stderr and "ConnectError" in done.stderr

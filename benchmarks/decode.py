@@ -34,6 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 BABI = ROOT.parent / "shared" / "data" / "babi" / "en" / "qa1_single-supporting-fact_train.txt"
 POLICIES = ("causal", "mas")
+WARMUP = 1  # untimed rounds before the timed ones
 SYSTEM = {"role": "system", "content": "Answer each question about the story in one word."}
 
 
@@ -92,10 +93,9 @@ class PrefillClock:
 def measure(model, tokenizer, args: argparse.Namespace, prompt_len: int, batch: int, turns) -> list[dict]:
     """One cell: ``--rounds`` interleaved rounds of ``generate`` per policy; per-round ratios to causal."""
     import segmask
-
-    prompts = [conversation(tokenizer, prompt_len, row, turns) for row in range(batch)]
     from segmask.generation import encode_prompt
 
+    prompts = [conversation(tokenizer, prompt_len, row, turns) for row in range(batch)]
     padded = max(len(encode_prompt(tokenizer, p, "causal").input_ids) for p in prompts)
     kwargs = {"max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens, "do_sample": False}
     prefill: dict[str, list[float]] = {p: [] for p in POLICIES}
@@ -107,13 +107,14 @@ def measure(model, tokenizer, args: argparse.Namespace, prompt_len: int, batch: 
             prefill[policy].append(clock.seconds)
             counted[policy].append(sum(len(c.token_ids) for c in completions))
 
-        times = rounds.interleaved({p: (lambda p=p: run(p)) for p in POLICIES}, args.rounds, warmup=1)
+        times = rounds.interleaved({p: (lambda p=p: run(p)) for p in POLICIES}, args.rounds, warmup=WARMUP)
     new = batch * args.new_tokens
     records = []
     total = {p: times[p].wall for p in POLICIES}
-    decode = {p: [t - s for t, s in zip(times[p].wall, prefill[p][1:], strict=True)] for p in POLICIES}
+    prefilled = {p: seconds[WARMUP:] for p, seconds in prefill.items()}  # the timed rounds' only
+    decode = {p: [t - s for t, s in zip(times[p].wall, prefilled[p], strict=True)] for p in POLICIES}
     ratio = {"generate": rounds.ratios(total, "causal"), "decode": rounds.ratios(decode, "causal")}
-    prefill_ratio = rounds.ratios({p: prefill[p][1:] for p in POLICIES}, "causal")
+    prefill_ratio = rounds.ratios(prefilled, "causal")
     for policy in POLICIES:
         if any(n != new for n in counted[policy]):
             raise SystemExit(f"{policy}: generated {counted[policy]} tokens, not {new} per call")
@@ -127,7 +128,7 @@ def measure(model, tokenizer, args: argparse.Namespace, prompt_len: int, batch: 
                 "new_tokens": args.new_tokens,
                 "rounds": args.rounds,
                 "generate_ms": round(generate_s * 1000, 1),
-                "prefill_ms": round(statistics.median(prefill[policy][1:]) * 1000, 1),
+                "prefill_ms": round(statistics.median(prefilled[policy]) * 1000, 1),
                 "decode_ms": round(decode_s * 1000, 1),
                 "generate_tokens_per_s": round(new / generate_s, 2),
                 "decode_tokens_per_s": round(new / decode_s, 2),

@@ -32,7 +32,7 @@ def _demo_status():
 # the demo study's reader of one unit: done (accuracy, cross-mask, CPU-h) / training step, loss, running
 unit_line = _demo_status().unit_line
 
-RESUME = "OMP_NUM_THREADS=1 nohup .venv/bin/python experiments/mas_study/run.py --threads 1 --commit{extra} > {log} 2>&1 &"
+RESUME = "OMP_NUM_THREADS=1 nohup .venv/bin/python experiments/mas_study/run.py --threads 1 --commit{extra} >> {log} 2>&1 &"
 
 
 def status(out: Path, seeds: list[int], steps: int) -> str:

@@ -20,8 +20,6 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
-import torch
-
 GUARDED = ("sdpa", "flex_attention")
 
 
@@ -33,7 +31,11 @@ def asks_for_mas(segment_ids, document_ids=None) -> bool:
     """Whether ids ask for more than the causal mask: a segment id ``>= 0``, or documents."""
     if document_ids is not None:
         return True
-    return segment_ids is not None and bool((torch.as_tensor(segment_ids) >= 0).any())
+    if segment_ids is None:
+        return False
+    import torch  # noqa: PLC0415  (here: segments imports this module, and must stay light)
+
+    return bool((torch.as_tensor(segment_ids) >= 0).any())
 
 
 def check(kwargs: dict, where: str) -> None:

@@ -35,10 +35,8 @@ On CUDA (``--device cuda``) times are wall clock after a synchronize and the pea
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
-import sys
 import warnings
 from collections.abc import Callable
 
@@ -375,9 +373,7 @@ def main(argv: list[str] | None = None) -> int:
                 records.extend(measure(args, layout, seq_len, backward))
     print_table(records)
     print(rounds.finish(info))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": info, "command": sys.argv, "records": records}, f, indent=1)
+    rounds.write_json(args.json, info, records)
     return 0
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import sys
 import time
@@ -188,9 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                 records.append(measure(args, layout, seq_len, backward))
                 print_cell(records[-1])
     print(rounds.finish(info))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": info, "command": sys.argv, "records": records}, f, indent=1)
+    rounds.write_json(args.json, info, records)
     return 0
 
 

@@ -21,7 +21,6 @@ policies take turns in interleaved rounds (benchmarks/rounds.py). Goal (issue 35
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -208,14 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     for prompt_len in args.prompts:
         for batch in args.batches:
             records.extend(measure(model, tokenizer, args, prompt_len, batch, turns))
-            if args.json:  # as it goes: a long run that is stopped keeps what it measured
-                with open(args.json, "w") as f:
-                    json.dump({"machine": info, "command": sys.argv, "records": records}, f, indent=1)
+            rounds.write_json(args.json, info, records)
     print_table(records)
     print(rounds.finish(info))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": info, "command": sys.argv, "records": records}, f, indent=1)
+    rounds.write_json(args.json, info, records)
     return 0
 
 

@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import statistics
-import sys
 import warnings
 from pathlib import Path
 
@@ -210,14 +208,10 @@ def main(argv: list[str] | None = None) -> int:
                 records.extend(measured)
                 for r in measured:  # as it goes: a long run that is stopped keeps what it measured
                     print(f"  {task} {layout} L={seq_len} {r['variant']:10} {r['ms']:9.1f} ms", flush=True)
-                if args.json:
-                    with open(args.json, "w") as f:
-                        json.dump({"machine": info, "command": sys.argv, "records": records}, f, indent=1)
+                rounds.write_json(args.json, info, records)
     print_table(records, args.memory)
     print(rounds.finish(info))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": info, "command": sys.argv, "records": records}, f, indent=1)
+    rounds.write_json(args.json, info, records)
     return 0
 
 

@@ -18,10 +18,12 @@ start and end, since a ratio is only as good as the machine was quiet.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -184,6 +186,14 @@ def finish(info: dict) -> str:
     )
 
 
+def write_json(path: str | None, info: dict, records: list) -> None:
+    """Write a run's ``{"machine", "command", "records"}`` to ``path`` (nothing when ``path`` is None); the
+    scripts call it as they go, so a long run that is stopped keeps what it measured."""
+    if path:
+        with open(path, "w") as f:
+            json.dump({"machine": info, "command": sys.argv, "records": records}, f, indent=1)
+
+
 # --------------------------------------------------------------------------------------------- two runs
 
 CELL_FIELDS = ("task", "layout", "seq_len", "batch", "pass", "impl", "variant")
@@ -218,8 +228,6 @@ def agreement(
 def main(argv: list[str] | None = None) -> int:
     """``python benchmarks/rounds.py A.json B.json``: how well two runs of one command agree, cell by cell."""
     import argparse
-    import json
-    import sys
 
     parser = argparse.ArgumentParser(description="How well two --json runs agree per cell (x causal).")
     parser.add_argument("first")

@@ -8,8 +8,8 @@ plan of kernel calls: causal blocks on the diagonal, full (unmasked) blocks over
 band tiles where a segment crosses a tile's end. Here its kernel is the device's default wrapped so that
 each call's process CPU time is recorded with its shape; ``--rounds`` rounds alternate the fast path with
 causal SDPA (rotating order), and per call the median over the rounds is kept. Reported per kind of call:
-count, CPU ms per step, ns per computed query-key pair (per head; a causal call computes ``Q (Q + 1) / 2``
-pairs, the others ``Q K``), and the step's time outside the kernel (merges, copies, masks: the step's CPU
+count, CPU ms per step, ns per computed query-key pair (per head and per batch entry, a band call's tiles
+being its batch entries; a causal call computes ``Q (Q + 1) / 2`` pairs, the others ``Q K``), and the step's time outside the kernel (merges, copies, masks: the step's CPU
 time less its calls'), beside causal SDPA's whole step and its ns per allowed pair (``L (L + 1) / 2``).
 CPU time, not wall clock, so that a shared machine's preemption does not count (cache effects of other
 processes still do).
@@ -40,7 +40,7 @@ class Recorder:
 
     def __init__(self, device: torch.device) -> None:
         base = kernels.select(device)
-        self.calls: list[tuple[str, str, int, int, float]] = []
+        self.calls: list[tuple[str, str, int, int, int, float]] = []
 
         def forward(q, k, v, causal, scale, mask=None):
             start = time.process_time()
@@ -60,11 +60,14 @@ class Recorder:
         self, direction: str, causal: bool, mask, q: torch.Tensor, k: torch.Tensor, seconds: float
     ) -> None:
         kind = "causal" if causal else ("band" if mask is not None else "full")
-        self.calls.append((direction, kind, q.shape[2], k.shape[2], seconds))
+        # a call's batch dimension is the batch's rows, or for a band call its tiles: count them all
+        self.calls.append((direction, kind, q.shape[0] * q.shape[1], q.shape[2], k.shape[2], seconds))
 
 
-def computed_pairs(kind: str, q_rows: int, keys: int) -> int:
-    return q_rows * (q_rows + 1) // 2 if kind == "causal" else q_rows * keys
+def computed_pairs(kind: str, heads: int, q_rows: int, keys: int) -> int:
+    """Query-key pairs a call computes over its ``heads`` (batch entries x heads: a band call's tiles are its
+    batch entries)."""
+    return heads * (q_rows * (q_rows + 1) // 2 if kind == "causal" else q_rows * keys)
 
 
 def measure(args: argparse.Namespace, layout: str, seq_len: int, backward: bool) -> dict:
@@ -97,22 +100,21 @@ def measure(args: argparse.Namespace, layout: str, seq_len: int, backward: bool)
 
     times = rounds.interleaved({"causal-sdpa": causal, "mas-fast": fast}, args.rounds)
     timed = per_round[1:]  # the warm-up round's calls left out
-    if len({tuple(c[:4] for c in calls) for calls in timed}) != 1:
+    if len({tuple(c[:5] for c in calls) for calls in timed}) != 1:
         raise SystemExit("the fast path's calls differ between rounds: per-call medians would mix them")
     calls = [
-        (*shape_, statistics.median(r[i][4] for r in timed))
-        for i, shape_ in enumerate(c[:4] for c in timed[0])
+        (*shape_, statistics.median(r[i][5] for r in timed))
+        for i, shape_ in enumerate(c[:5] for c in timed[0])
     ]
-    heads = args.batch * args.heads
     kinds: dict[tuple[str, str], dict] = defaultdict(lambda: {"count": 0, "seconds": 0.0, "pairs": 0})
-    for direction, kind, q_rows, keys, seconds in calls:
+    for direction, kind, heads, q_rows, keys, seconds in calls:
         entry = kinds[(direction, kind)]
         entry["count"] += 1
         entry["seconds"] += seconds
-        entry["pairs"] += heads * computed_pairs(kind, q_rows, keys)
+        entry["pairs"] += computed_pairs(kind, heads, q_rows, keys)
     step_s = statistics.median(times["mas-fast"].cpu)
     causal_s = statistics.median(times["causal-sdpa"].cpu)
-    causal_pairs = heads * seq_len * (seq_len + 1) // 2
+    causal_pairs = args.batch * args.heads * seq_len * (seq_len + 1) // 2
     return {
         "layout": layout,
         "seq_len": seq_len,
@@ -121,8 +123,8 @@ def measure(args: argparse.Namespace, layout: str, seq_len: int, backward: bool)
         "causal_cpu_ms": round(causal_s * 1000, 2),
         "causal_ns_per_pair": round(causal_s * 1e9 / causal_pairs, 3),  # the whole pass, fwd and bwd together
         "fast_cpu_ms": round(step_s * 1000, 2),
-        "kernel_ms": round(sum(c[4] for c in calls) * 1000, 2),
-        "outside_kernel_ms": round((step_s - sum(c[4] for c in calls)) * 1000, 2),
+        "kernel_ms": round(sum(c[5] for c in calls) * 1000, 2),
+        "outside_kernel_ms": round((step_s - sum(c[5] for c in calls)) * 1000, 2),
         "kinds": [
             {
                 "direction": direction,
@@ -134,8 +136,8 @@ def measure(args: argparse.Namespace, layout: str, seq_len: int, backward: bool)
             for (direction, kind), e in sorted(kinds.items())
         ],
         "calls": [
-            {"direction": d, "kind": k, "q_rows": q, "keys": n, "us": round(s * 1e6, 1)}
-            for d, k, q, n, s in calls
+            {"direction": d, "kind": k, "heads": h, "q_rows": q, "keys": n, "us": round(s * 1e6, 1)}
+            for d, k, h, q, n, s in calls
         ],
     }
 

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
@@ -221,6 +222,32 @@ def test_calls_benchmark_accounts_for_every_kernel_call(tmp_path):
         assert record["fast_cpu_ms"] == pytest.approx(
             record["kernel_ms"] + record["outside_kernel_ms"], abs=0.05
         )
+
+
+def test_calls_benchmark_counts_every_pair_a_band_call_computes():
+    """A band call's tiles are its batch entries: counting only one of them (the old accounting) put the
+    pairs computed below the pairs allowed, which no exact plan can do, and made a masked tile look twice as
+    costly per pair as an unmasked one (issue 35)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    import calls
+    from attention import layout_ids
+
+    from segmask.attention_plan import Layout
+    from segmask.fast_attention import layout_attention
+    from segmask.masks import sdpa_mask
+
+    segment_ids = layout_ids("chat", 2048, 1)
+    recorder = calls.Recorder(torch.device("cpu"))
+    q, k, v = (torch.randn(1, 2, 2048, 16) for _ in range(3))
+    with torch.no_grad():
+        layout_attention(q, k, v, Layout(segment_ids), kernel=recorder.kernel)
+    bands = [c for c in recorder.calls if c[1] == "band"]
+    assert bands and all(heads == 2 * 2 for _, _, heads, *_ in bands)  # two tiles of two heads per call
+    computed = sum(
+        calls.computed_pairs(kind, heads, rows, keys) for _, kind, heads, rows, keys, _ in recorder.calls
+    )
+    allowed = 2 * int(sdpa_mask(segment_ids).sum())
+    assert allowed <= computed < 1.2 * allowed
 
 
 def test_serve_benchmark_names_an_unreachable_url_in_one_line():

@@ -205,6 +205,30 @@ def test_decode_refuses_a_cache_holding_the_whole_prompt(stories_model):
         generation.decode(stories_model, ids, torch.ones_like(ids), cache, max_new_tokens=2)
 
 
+def test_decoding_runs_the_same_operators_under_mas_as_under_causal(stories_model, stories_tokenizer):
+    """Generated tokens are causal under every policy, so the decode loop after a MAS prefill must be the
+    causal loop, operator for operator: no hook, mask or plan work per step (issue 35's decode goal is
+    overhead only). Counted with torch's profiler over the same prompt's decoding under both policies."""
+    from collections import Counter
+
+    from torch.profiler import ProfilerActivity, profile
+
+    def decode_ops(policy: str) -> Counter:
+        encoded = encode_prompt(stories_tokenizer, CHAT, policy)
+        ids, segments = torch.tensor([encoded.input_ids]), torch.tensor([encoded.segment_ids])
+        mask = torch.ones_like(ids)
+        cache = generation.prefill_for_decoding(stories_model, ids, segments, mask)
+        with profile(activities=[ProfilerActivity.CPU]) as run:
+            generation.decode(
+                stories_model, ids, mask, cache, do_sample=False, max_new_tokens=6, min_new_tokens=6
+            )
+        return Counter({e.key: e.count for e in run.key_averages() if e.key.startswith("aten::")})
+
+    causal, mas = decode_ops("causal"), decode_ops("mas")
+    assert causal["aten::scaled_dot_product_attention"] > 0
+    assert mas == causal
+
+
 def test_prefill_logits_to_keep_returns_the_last_logits(stories_model, stories_tokenizer):
     (logits, _), encoded = full_prefill(stories_model, stories_tokenizer, CHAT, "mas")
     ids, segments = torch.tensor([encoded.input_ids]), torch.tensor([encoded.segment_ids])

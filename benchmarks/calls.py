@@ -2,17 +2,20 @@
 
     python benchmarks/calls.py --threads 1 --lengths 2048 --layouts chat fewshot
     python benchmarks/calls.py --threads 1 --lengths 4096 --passes fwd --rounds 9
+    python benchmarks/calls.py --threads 2 --clock wall --lengths 2048 --passes fwd    # idle machine only
 
 The fast path (``segmask.fast_attention.layout_attention``, as ``benchmarks/attention.py`` times it) runs a
 plan of kernel calls: causal blocks on the diagonal, full (unmasked) blocks over earlier keys, and masked
 band tiles where a segment crosses a tile's end. Here its kernel is the device's default wrapped so that
 each call's process CPU time is recorded with its shape; ``--rounds`` rounds alternate the fast path with
 causal SDPA (rotating order), and per call the median over the rounds is kept. Reported per kind of call:
-count, CPU ms per step, ns per computed query-key pair (per head and per batch entry, a band call's tiles
-being its batch entries; a causal call computes ``Q (Q + 1) / 2`` pairs, the others ``Q K``), and the step's time outside the kernel (merges, copies, masks: the step's CPU
-time less its calls'), beside causal SDPA's whole step and its ns per allowed pair (``L (L + 1) / 2``).
-CPU time, not wall clock, so that a shared machine's preemption does not count (cache effects of other
-processes still do).
+count, ms per step, ns per computed query-key pair (per head and per batch entry, a band call's tiles
+being its batch entries; a causal call computes ``Q (Q + 1) / 2`` pairs, the others ``Q K``), and the
+step's time outside the kernel (merges, copies, masks: the step's time less its calls'), beside causal
+SDPA's whole step and its ns per allowed pair (``L (L + 1) / 2``). By default CPU time, not wall clock, so
+that a shared machine's preemption does not count (cache effects of other processes still do); CPU time
+sums the threads, so with several threads on an idle machine ``--clock wall`` shows where the step's
+wall time goes (threads waiting at a call's end included).
 """
 
 from __future__ import annotations
@@ -38,20 +41,20 @@ from segmask.fast_attention import layout_attention
 class Recorder:
     """The default kernel, each call's CPU time and shape recorded in ``calls`` (cleared per step)."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, clock=time.process_time) -> None:
         base = kernels.select(device)
         self.calls: list[tuple[str, str, int, int, int, float]] = []
 
         def forward(q, k, v, causal, scale, mask=None):
-            start = time.process_time()
+            start = clock()
             result = base.forward(q, k, v, causal, scale, mask)
-            self.record("fwd", causal, mask, q, k, time.process_time() - start)
+            self.record("fwd", causal, mask, q, k, clock() - start)
             return result
 
         def backward(grad_out, q, k, v, out, lse, causal, scale, mask=None):
-            start = time.process_time()
+            start = clock()
             result = base.backward(grad_out, q, k, v, out, lse, causal, scale, mask)
-            self.record("bwd", causal, mask, q, k, time.process_time() - start)
+            self.record("bwd", causal, mask, q, k, clock() - start)
             return result
 
         self.kernel = dataclasses.replace(base, forward=forward, backward=backward)
@@ -73,7 +76,8 @@ def computed_pairs(kind: str, heads: int, q_rows: int, keys: int) -> int:
 def measure(args: argparse.Namespace, layout: str, seq_len: int, backward: bool) -> dict:
     segment_ids = layout_ids(layout, seq_len, args.batch)
     plan = Layout(segment_ids)
-    recorder = Recorder(torch.device("cpu"))
+    wall = args.clock == "wall"
+    recorder = Recorder(torch.device("cpu"), time.perf_counter if wall else time.process_time)
     torch.manual_seed(0)
     shape = (args.batch, args.heads, seq_len, args.head_dim)
     inputs = [torch.randn(shape, requires_grad=backward) for _ in range(3)]
@@ -112,17 +116,18 @@ def measure(args: argparse.Namespace, layout: str, seq_len: int, backward: bool)
         entry["count"] += 1
         entry["seconds"] += seconds
         entry["pairs"] += computed_pairs(kind, heads, q_rows, keys)
-    step_s = statistics.median(times["mas-fast"].cpu)
-    causal_s = statistics.median(times["causal-sdpa"].cpu)
+    step_s = statistics.median(times["mas-fast"].wall if wall else times["mas-fast"].cpu)
+    causal_s = statistics.median(times["causal-sdpa"].wall if wall else times["causal-sdpa"].cpu)
     causal_pairs = args.batch * args.heads * seq_len * (seq_len + 1) // 2
     return {
         "layout": layout,
         "seq_len": seq_len,
         "pass": "fwd+bwd" if backward else "fwd",
+        "clock": args.clock,
         "pair_ratio": round(pair_ratio(segment_ids), 4),
-        "causal_cpu_ms": round(causal_s * 1000, 2),
+        "causal_ms": round(causal_s * 1000, 2),
         "causal_ns_per_pair": round(causal_s * 1e9 / causal_pairs, 3),  # the whole pass, fwd and bwd together
-        "fast_cpu_ms": round(step_s * 1000, 2),
+        "fast_ms": round(step_s * 1000, 2),
         "kernel_ms": round(sum(c[5] for c in calls) * 1000, 2),
         "outside_kernel_ms": round((step_s - sum(c[5] for c in calls)) * 1000, 2),
         "kinds": [
@@ -144,8 +149,8 @@ def measure(args: argparse.Namespace, layout: str, seq_len: int, backward: bool)
 
 def print_cell(r: dict) -> None:
     print(
-        f"{r['layout']} L={r['seq_len']} {r['pass']}: causal SDPA {r['causal_cpu_ms']:.1f} ms CPU; fast path "
-        f"{r['fast_cpu_ms']:.1f} ms ({r['fast_cpu_ms'] / r['causal_cpu_ms']:.3f} x causal, pair ratio "
+        f"{r['layout']} L={r['seq_len']} {r['pass']}: causal SDPA {r['causal_ms']:.1f} ms {r['clock']}; fast path "
+        f"{r['fast_ms']:.1f} ms ({r['fast_ms'] / r['causal_ms']:.3f} x causal, pair ratio "
         f"{r['pair_ratio']:.2f}) = kernel calls {r['kernel_ms']:.1f} ms + outside the kernel "
         f"{r['outside_kernel_ms']:.1f} ms"
     )
@@ -167,6 +172,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument(
+        "--clock",
+        choices=("cpu", "wall"),
+        default="cpu",
+        help="time calls and steps by the process's CPU time (default; preemption on a shared machine does "
+        "not count, but with several threads it sums them) or by wall clock (for several threads, idle "
+        "machine)",
+    )
+    parser.add_argument(
         "--json", metavar="FILE", help='write {"machine", "command", "records"} with every call'
     )
     args = parser.parse_args(argv)
@@ -179,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     info = rounds.machine(torch.get_num_threads())
     print(rounds.describe(info))
     print(
-        f"batch {args.batch}, {args.heads} heads, head dim {args.head_dim}, float32, CPU time, "
+        f"batch {args.batch}, {args.heads} heads, head dim {args.head_dim}, float32, "
+        f"{'wall clock' if args.clock == 'wall' else 'CPU time'}, "
         f"per-call medians over {args.rounds} rounds"
     )
     records = []

@@ -308,14 +308,16 @@ def test_many_short_segments_match_dense(monkeypatch, name, kernel, band, blhd):
 
 
 @pytest.mark.parametrize("blhd", [False, True], ids=["BHLD", "BLHD"])
-@pytest.mark.parametrize("name", ["chat", "few-shot"])
+@pytest.mark.parametrize("name", ["chat", "few-shot", "prompt"])
 def test_long_calls_from_2048_keys_match_dense(monkeypatch, name, blhd):
     """At 2,048 keys (real piece and band: 256) the blocks over the keys before a group of tiles have 768
-    rows (groups of three tiles, the first taking the remainder) while band calls keep two tiles: still the
-    dense mask's result, forward and backward, also for the last 1,000 queries against a cache."""
+    rows (groups of three tiles, the first taking the remainder) while band calls keep two tiles, and a
+    long segment's rows go as 768 and a remainder: still the dense mask's result, forward and backward,
+    also for the last 1,000 queries against a cache."""
     monkeypatch.setattr(fast_attention, "PIECE", 256)
     monkeypatch.setattr(fast_attention, "BAND", 256)
-    ids = chat(2048, 3) if name == "chat" else few_shot(2048, 3)
+    prompt = [0] * 204 + [1] * 1228 + [-1] * 616
+    ids = {"chat": chat(2048, 3), "few-shot": few_shot(2048, 3), "prompt": prompt}[name]
     for q_len in (None, 1000):
         assert_matches_dense(torch.tensor([ids]), q_len=q_len, blhd=blhd, q_heads=2, kv_heads=1, head_dim=8)
 

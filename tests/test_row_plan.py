@@ -6,7 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from segmask.row_plan import LONG_CALL, Band, Block, Plan, Upper, block_rows, plan_row, quarter_rows
+from segmask.row_plan import (
+    LONG_CALL,
+    Band,
+    Block,
+    Plan,
+    Upper,
+    block_pieces,
+    block_rows,
+    plan_row,
+    quarter_rows,
+)
 
 pytestmark = pytest.mark.exactness
 
@@ -111,4 +121,30 @@ def test_literal_plan_with_long_calls_at_2048_keys():
             Band(1024, 256, 2, ((1270, 1290),)),
             Band(1536, 256, 2, ()),
         ),
+    )
+
+
+def test_block_pieces_keep_long_calls_long():
+    """Balanced pieces, unless they would fall below LONG_CALL rows where a block may have that many: then
+    LONG_CALL rows each and one shorter remainder (issue 35: 615-row calls cost about 35 % more per pair
+    than 768-row ones on 2 threads)."""
+    assert block_pieces(0, 1229, 768) == [(0, 768), (768, 1229)]  # balanced would be 615 + 614
+    assert block_pieces(0, 1600, 768) == [(0, 768), (768, 1536), (1536, 1600)]
+    assert block_pieces(10, 710, 768) == [(10, 710)]  # one call: nothing to split
+    assert block_pieces(0, 2458, 1024) == [(0, 819), (819, 1638), (1638, 2458)]  # balanced stay long
+    assert block_pieces(0, 1000, 512) == [(0, 500), (500, 1000)]  # below 2,048 keys: balanced, as before
+
+
+def test_literal_plan_of_a_long_user_segment_at_2048_keys():
+    """The benchmarks' ``prompt`` layout: the user segment's 1,228 rows go as 768 + 460, the causal answer
+    (616 rows, one call) as a block over the prompt and its causal square."""
+    ids = torch.tensor([0] * 204 + [1] * 1228 + [-1] * 616)
+    assert plan_row(ids, None, None, 2048, 256, False, 256) == Plan(
+        (
+            Block(0, 204, 0, 204),
+            Block(204, 972, 0, 1432),
+            Block(972, 1432, 0, 1432),
+            Block(1432, 2048, 0, 1432),
+            Block(1432, 2048, 1432, 2048, causal=True, merge=True),
+        )
     )

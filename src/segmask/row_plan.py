@@ -190,6 +190,19 @@ def split_range(start: int, end: int, size: int) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
+def block_pieces(start: int, end: int, size: int) -> list[tuple[int, int]]:
+    """Query rows ``[start, end)`` cut into the rows of block calls of at most ``size`` rows: balanced
+    pieces, unless those would fall below :data:`LONG_CALL` rows where ``size`` allows that many; then
+    pieces of ``LONG_CALL`` rows and one shorter remainder (1,229 rows: 768 + 461, not 615 + 614), as
+    calls of ``LONG_CALL`` rows or more run faster per pair (about 25 % faster than 615 rows on 2 threads,
+    ``benchmarks/RESULTS.md``)."""
+    pieces = split_range(start, end, size)
+    if size < LONG_CALL or end - start <= size or pieces[0][1] - pieces[0][0] >= LONG_CALL:
+        return pieces
+    bounds = [*range(start, end, LONG_CALL), end]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
 def _padded_size(n: int) -> int:
     """``n`` rounded up to a multiple of 8 (of 16 from 128 on, ...): the side of its batched square."""
     step = 1 << max(3, n.bit_length() - 4)
@@ -264,7 +277,7 @@ class _Pieces:
 
     def full(self, start: int, end: int, k_start: int, k_end: int) -> None:
         """Queries ``[start, end)`` that each see every key of ``[k_start, k_end)``."""
-        self.blocks.extend(Block(a, b, k_start, k_end) for a, b in split_range(start, end, self.size))
+        self.blocks.extend(Block(a, b, k_start, k_end) for a, b in block_pieces(start, end, self.size))
 
     def open(self, start: int, doc_start: int) -> None:
         """Open a causal stretch at query ``start`` of the document from ``doc_start``, unless one is open."""
@@ -293,7 +306,7 @@ class _Pieces:
         if self.whole and first == doc_start == 0 and end == self.kv_len == self.q_len:
             self.blocks.append(Block(0, self.kv_len, 0, self.kv_len, causal=True))
             return
-        for a, b in split_range(first, end, self.size):
+        for a, b in block_pieces(first, end, self.size):
             if a > doc_start:
                 self.blocks.append(Block(a, b, doc_start, a))
             self.blocks.append(Block(a, b, a, b, causal=True, merge=a > doc_start))

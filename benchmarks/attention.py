@@ -14,7 +14,10 @@ For each sequence length and segment layout, forward ("fwd") and forward + backw
 Each cell is timed in interleaved rounds (benchmarks/rounds.py): every round runs each implementation once,
 in an order that rotates from round to round, so that drift and load from other processes hit all of them
 alike. ``x causal`` is the median over the rounds of each round's ratio to causal-sdpa, with its spread
-(``IQR``, ``min-max``); ``ms`` and ``cpu ms`` are the medians of wall-clock and process CPU time. The head
+(``IQR``, ``min-max``); ``ms`` and ``cpu ms`` are the medians of wall-clock and process CPU time. With
+``--sweeps N`` the whole grid is timed N times over (fresh inputs and plans each time) and each cell's
+rounds are pooled, so that its median spans the run: on this project's 2-core VM, idle, the ratio of one
+cell moved from 1.06 to 1.12 within five minutes, which rounds taken together cannot cancel. The head
 names the CPU model, threads and the load average; the end, the load average again. ``--json`` keeps the
 per-round ratios. Peak memory is that of tensors during one step: q, k, v and the mask plus the largest
 total of tensors allocated and not yet freed (torch profiler memory events: outputs, temporaries, saved
@@ -221,7 +224,10 @@ def check(args: argparse.Namespace, layout: str, seq_len: int) -> bool:
     return ok
 
 
-def measure(args: argparse.Namespace, layout: str, seq_len: int, backward: bool) -> list[dict]:
+def time_cell(args: argparse.Namespace, layout: str, seq_len: int, backward: bool, memory: bool) -> dict:
+    """One sweep of one cell: fresh inputs and plans, a warm-up step each, ``args.repeats`` interleaved
+    rounds; with ``memory`` also each implementation's peak. Returns the cell's description, its
+    :class:`rounds.Times` per implementation and the peaks (empty without ``memory``)."""
     segment_ids = layout_ids(layout, seq_len, args.batch)
     ratio, calls = pair_ratio(segment_ids), fast_calls(segment_ids.to(args.device), args.kernel)
     torch.manual_seed(0)
@@ -245,25 +251,45 @@ def measure(args: argparse.Namespace, layout: str, seq_len: int, backward: bool)
             )
             del fns[name]
     times = rounds.interleaved(fns_steps(fns, inputs, backward), args.repeats, warmup=0)
+    peaks = {name: peak_mib(fns[name], inputs, backward, built[name][1]) for name in fns} if memory else {}
+    cell = {"layout": layout, "seq_len": seq_len, "pass": "fwd+bwd" if backward else "fwd"}
+    return {"cell": cell, "pair_ratio": ratio, "calls": calls, "times": times, "peaks": peaks}
+
+
+def pool(sweeps: list[dict]) -> dict:
+    """One cell's sweeps as one: the rounds of every sweep, in order; the implementations all sweeps ran."""
+    names = [n for n in sweeps[0]["times"] if all(n in s["times"] for s in sweeps)]
+    times = {
+        n: rounds.Times(
+            [x for s in sweeps for x in s["times"][n].wall], [x for s in sweeps for x in s["times"][n].cpu]
+        )
+        for n in names
+    }
+    return {**sweeps[0], "times": times}
+
+
+def cell_records(args: argparse.Namespace, timed: dict) -> list[dict]:
+    """The records of one cell (pooled over its sweeps): per implementation the median of the per-round
+    ratios to causal with their spread, the median times, the peak memory."""
+    cell, ratio, times, peaks = timed["cell"], timed["pair_ratio"], timed["times"], timed["peaks"]
     wall = {name: t.wall for name, t in times.items()}
     cpu = {name: t.cpu for name, t in times.items()}
-    base = "causal-sdpa" if "causal-sdpa" in fns else None
+    base = "causal-sdpa" if "causal-sdpa" in times else None
     wall_ratios = rounds.ratios(wall, base) if base else {}
     cpu_ratios = rounds.ratios(cpu, base) if base else {}
     records = []
-    for name in fns:
+    for name in times:
         spread = rounds.Spread.of(wall_ratios[name]) if base else None
         records.append(
             {
                 "impl": name,
-                "layout": layout,
-                "seq_len": seq_len,
+                **cell,
                 "batch": args.batch,
-                "pass": "fwd+bwd" if backward else "fwd",
-                "rounds": args.repeats,
+                "rounds": len(wall[name]),
+                "sweeps": getattr(args, "sweeps", 1),
                 "ms": round(statistics.median(wall[name]) * 1000, 3),
                 "cpu_ms": round(statistics.median(cpu[name]) * 1000, 3),
-                "peak_mib": round(peak_mib(fns[name], inputs, backward, built[name][1]), 2),
+                "peak_mib": round(peaks[name], 2),
                 # the median of the per-round ratios (rounds.py), with its spread over the rounds
                 "ratio_to_causal": round(spread.median, 4) if spread else None,
                 "ratio_spread": spread.as_dict() if spread else None,
@@ -273,12 +299,39 @@ def measure(args: argparse.Namespace, layout: str, seq_len: int, backward: bool)
                 "round_ratios": [round(x, 4) for x in wall_ratios[name]] if base else None,
                 "round_cpu_ratios": [round(x, 4) for x in cpu_ratios[name]] if base else None,
                 "pair_ratio": round(ratio, 4),
-                "calls": calls if name == "mas-fast" else None,
+                "calls": timed["calls"] if name == "mas-fast" else None,
             }
         )
-    for r in records:  # progress
-        print(f"  {layout} L={seq_len} {r['pass']:7} {r['impl']:12} {r['ms']:9.1f} ms", flush=True)
     return records
+
+
+def measure(args: argparse.Namespace, layout: str, seq_len: int, backward: bool) -> list[dict]:
+    """One cell, one sweep, with peak memory: its records (``benchmarks/gpu/speed.py`` times cells so)."""
+    return cell_records(args, time_cell(args, layout, seq_len, backward, memory=True))
+
+
+def measure_grid(args: argparse.Namespace) -> list[dict]:
+    """Every cell, ``args.sweeps`` times over: each sweep times every cell (``args.repeats`` rounds) before
+    the next sweep begins, so that a cell's rounds sample the whole run, not one stretch of it (a host's
+    state can change over minutes: its ratios with it). Peak memory in the first sweep."""
+    cells = [
+        (layout, seq_len, p == "fwd+bwd")
+        for layout in args.layouts
+        for seq_len in args.lengths
+        for p in args.passes
+    ]
+    sweeps: dict[tuple, list[dict]] = {cell: [] for cell in cells}
+    for sweep in range(args.sweeps):
+        for layout, seq_len, backward in cells:
+            timed = time_cell(args, layout, seq_len, backward, memory=sweep == 0)
+            sweeps[(layout, seq_len, backward)].append(timed)
+            for name, t in timed["times"].items():  # progress
+                print(
+                    f"  sweep {sweep + 1}/{args.sweeps} {layout} L={seq_len} {timed['cell']['pass']:7} {name:12} "
+                    f"{statistics.median(t.wall) * 1000:9.1f} ms",
+                    flush=True,
+                )
+    return [record for cell in cells for record in cell_records(args, pool(sweeps[cell]))]
 
 
 def print_table(records: list[dict]) -> None:
@@ -337,12 +390,21 @@ def main(argv: list[str] | None = None) -> int:
         default=15,
         help="timed rounds per cell, each running every implementation once (default 15)",
     )
+    parser.add_argument(
+        "--sweeps",
+        type=int,
+        default=1,
+        help="time the whole grid this many times over, --rounds rounds per cell each time, and pool each "
+        "cell's rounds (a cell's median then spans the run, not one stretch of it)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--quick", action="store_true", help="512-2048 tokens")
     parser.add_argument(
         "--json", metavar="FILE", help='write {"machine", "command", "records"} (with the per-round ratios)'
     )
     args = parser.parse_args(argv)
+    if args.repeats < 1 or args.sweeps < 1:
+        parser.exit(2, "--rounds and --sweeps must be >= 1\n")
     if args.quick:
         args.lengths = [512, 1024, 2048]
     args.dtype = getattr(torch, args.dtype)
@@ -358,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"batch {args.batch}, {args.heads} heads, head dim {args.head_dim}, {args.dtype}, {args.device}, "
         f"fast kernel {args.kernel or 'default'}, median of the per-round ratios over {args.repeats} rounds"
+        + (f" in each of {args.sweeps} sweeps of the grid" if args.sweeps > 1 else "")
     )
     if args.check or args.check_only:
         results = [check(args, layout, seq_len) for layout in args.layouts for seq_len in args.lengths]
@@ -366,11 +429,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         if args.check_only:
             return 0
-    records = []
-    for layout in args.layouts:
-        for seq_len in args.lengths:
-            for backward in (p == "fwd+bwd" for p in args.passes):
-                records.extend(measure(args, layout, seq_len, backward))
+    records = measure_grid(args)
     print_table(records)
     print(rounds.finish(info))
     rounds.write_json(args.json, info, records)

@@ -24,6 +24,15 @@ def run_script(name: str, *args: str) -> str:
     return done.stdout
 
 
+def run_script_fails(name: str, *args: str) -> str:
+    """Run a script that must refuse its arguments: exit code 2, and its one-line message."""
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / name), *args], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr[-3000:]
+    return done.stderr.strip()
+
+
 def test_attention_benchmark_checks_and_times_every_layout(tmp_path):
     out = tmp_path / "attention.json"
     stdout = run_script(
@@ -68,6 +77,34 @@ def test_attention_benchmark_reports_the_median_of_per_round_ratios_and_the_mach
     assert fast["cpu_ratio_to_causal"] == pytest.approx(statistics.median(fast["round_cpu_ratios"]), abs=1e-3)
     per_pair = fast["per_pair_spread"]["median"]
     assert per_pair == pytest.approx(fast["ratio_to_causal"] / fast["pair_ratio"], rel=1e-3)
+
+
+def test_attention_benchmark_pools_each_cells_rounds_over_its_sweeps(tmp_path):
+    """``--sweeps 2``: the grid is timed twice over (each cell twice, the cells in turn) and each cell's
+    rounds are pooled, so a cell's median spans the run; a cell appears once in the records."""
+    out = tmp_path / "attention.json"
+    stdout = run_script(
+        "attention.py",
+        *("--lengths", "64", "96", "--layouts", "chat", "--rounds", "3", "--sweeps", "2", "--threads", "1"),
+        *("--passes", "fwd", "--impls", "causal-sdpa", "mas-fast", "--json", str(out)),
+    )
+    progress = [line.split()[:4] for line in stdout.splitlines() if line.strip().startswith("sweep ")]
+    assert [p[:2] + p[3:] for p in progress[::2]] == [
+        ["sweep", "1/2", "L=64"],
+        ["sweep", "1/2", "L=96"],
+        ["sweep", "2/2", "L=64"],
+        ["sweep", "2/2", "L=96"],
+    ]
+    records = json.loads(out.read_text())["records"]
+    assert [(r["seq_len"], r["impl"]) for r in records] == [
+        (64, "causal-sdpa"),
+        (64, "mas-fast"),
+        (96, "causal-sdpa"),
+        (96, "mas-fast"),
+    ]
+    for r in records:
+        assert r["rounds"] == 6 and r["sweeps"] == 2 and len(r["round_ratios"]) == 6
+    assert run_script_fails("attention.py", "--sweeps", "0") == "--rounds and --sweeps must be >= 1"
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -219,9 +256,7 @@ def test_calls_benchmark_accounts_for_every_kernel_call(tmp_path):
         for direction in directions:
             assert sum(k["count"] for k in record["kinds"] if k["direction"] == direction) == planned
         assert record["kernel_ms"] == pytest.approx(sum(k["ms"] for k in record["kinds"]), abs=0.05)
-        assert record["fast_ms"] == pytest.approx(
-            record["kernel_ms"] + record["outside_kernel_ms"], abs=0.05
-        )
+        assert record["fast_ms"] == pytest.approx(record["kernel_ms"] + record["outside_kernel_ms"], abs=0.05)
 
 
 def test_calls_benchmark_counts_every_pair_a_band_call_computes():

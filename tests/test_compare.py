@@ -174,3 +174,16 @@ def test_interval_text_in_percent():
     assert interval_text(paired_t([0.01, 0.02, 0.03]), signed=True) == "+2.0 [-0.5, +4.5]"
     assert interval_text(over_seeds([0.5])) == "50.0"  # one seed: no interval
     assert interval_text(over_seeds([])) == "–"
+
+
+def test_compare_runs_refuses_to_write_over_an_input(tmp_path):
+    """The library checks its outputs as the CLI does: a table written over a results file (or its
+    predictions) would destroy a run."""
+    base = write_scored_run(tmp_path / "causal.json", {"boolq": [True, False]})
+    other = write_scored_run(tmp_path / "mas.json", {"boolq": [True, True]})
+    before = base.read_text()
+    with pytest.raises(ValueError, match="out_md .* is also an input"):
+        compare_runs([base, other], out_md=base)
+    with pytest.raises(ValueError, match="out_md and out_png are the same file"):
+        compare_runs([base, other], out_md=tmp_path / "x", out_png=tmp_path / "x")
+    assert base.read_text() == before

@@ -32,8 +32,8 @@ from pathlib import Path
 from scipy import stats
 from scipy.stats import binomtest
 
-from segmask.files import read_json
-from segmask.results import wilson_interval
+from segmask.files import check_outputs, read_json
+from segmask.results import predictions_path, wilson_interval
 
 SIGNIFICANCE = 0.05
 
@@ -399,9 +399,14 @@ def bar_chart(runs: Sequence[Run], out: str | Path) -> Path:
 def compare_runs(
     paths: Sequence[str | Path], out_md: str | Path | None = None, out_png: str | Path | None = None
 ) -> str:
-    """Load the runs at ``paths`` and return the markdown table; also write it and the bar chart when asked."""
+    """Load the runs at ``paths`` and return the markdown table; also write it and the bar chart when asked.
+
+    Raises ``ValueError`` before reading anything when an output would overwrite an input (a results file
+    or its predictions) or both outputs are one file."""
     if not paths:
         raise ValueError("compare needs at least one results file")
+    inputs = [*paths, *(predictions_path(path) for path in paths)]
+    check_outputs([("out_md", out_md), ("out_png", out_png)], inputs)
     runs = [load_run(path) for path in paths]
     names = [run.name for run in runs]
     if len(set(names)) < len(names):  # same stem in different folders: name runs by their paths

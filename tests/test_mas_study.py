@@ -100,6 +100,7 @@ def test_a_unit_runs_end_to_end_resumes_and_refuses_other_settings(
     text = status.status(out, [0], 2)
     assert "tiny     question-after mas       seed 0: done: own-mask accuracy" in text
     assert "1 of 6 units done, 5 left" in text and f"--out {out}" in text
+    assert f"--tasks tiny --out {out} --seeds 0 >> {out / 'study.log'}" in text  # the per-task runner
 
 
 def test_commit_unit_commits_only_the_units_files(tmp_path):

@@ -51,6 +51,10 @@ def status(out: Path, seeds: list[int], steps: int) -> str:
         extra += "" if seeds == list(SEEDS) else " --seeds " + " ".join(map(str, seeds))
         lines.append("resume (finished units are skipped, a stopped one continues from its last checkpoint):")
         lines.append("  " + RESUME.format(extra=extra, log=out / "study.log"))
+        lines.append("or, on 2 cores, one runner per task (each keeps the seed-major order):")
+        for task in TASKS:
+            log = out / ("study.log" if task == next(iter(TASKS)) else f"study-{task}.log")
+            lines.append("  " + RESUME.format(extra=f" --tasks {task}{extra}", log=log))
     return "\n".join(lines) + "\n"
 
 

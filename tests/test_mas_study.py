@@ -165,6 +165,32 @@ def test_summary_computes_the_pre_registered_endpoint(tmp_path):
     assert interaction["mean"] == pytest.approx(0.4 / 3) and interaction["n_seeds"] == 3
     assert result["interaction"]["mas_sink"]["per_seed"] == pytest.approx({0: 0.05, 1: 0.0, 2: 0.05})
     assert result["mcnemar"]["mas/after/0"] == {"only_causal": 0, "only_variant": 4, "p_value": 0.125}
+    # the pre-registered reading: three seeds of +20, +5, +20 points give a t interval of about [-6, +36]
+    # (t = 4.30 at 2 df), not above 0, so mas is null here; mas_sink's gain after (0, 0, +5) too
+    assert after["ci_low"] < 0 and result["reading"] == {"mas": "null", "mas_sink": "null"}
+    assert result["mas_vs_sink_after"]["per_seed"] == pytest.approx({0: 0.20, 1: 0.05, 2: 0.15})
+    assert result["mas_vs_sink_after"]["ci_low"] < 0 < result["mas_vs_sink_after"]["ci_high"]
     text = (tmp_path / "summary.md").read_text()
     assert "| mas | after − first | 0: +20.0, 1: +0.0, 2: +20.0 | +13.3 [" in text
+    # one task only: the default cannot be decided, and stays
+    assert "not yet decidable" in text and "the default stays" in text
     assert (tmp_path / "interaction.png").stat().st_size > 0 and (tmp_path / "curves.png").exists()
+
+
+def test_the_pre_registered_reading_and_default_rule():
+    """The rules of results/mas_study/README.md, on intervals given directly."""
+    import summarize
+
+    def test(low, high):
+        return {"ci_low": low, "ci_high": high, "mean": None if low is None else (low + high) / 2}
+
+    up, around, down = test(0.02, 0.10), test(-0.03, 0.05), test(-0.10, -0.01)
+    assert summarize.reading_of(up, around, up) == "MAS helps through the mechanism"
+    assert summarize.reading_of(up, up, around) == "MAS helps, but not through this mechanism"
+    assert summarize.reading_of(up, around, around) == "null"
+    assert summarize.reading_of(down, up, down) == "null"
+    assert summarize.reading_of(up, test(None, None), up).startswith("not yet computable")
+    both = {"tasks": {"family": {"mas_vs_sink_after": up}, "reading": {"mas_vs_sink_after": up}}}
+    assert summarize.default_decision(both).endswith("make it the default")
+    one = {"tasks": {"family": {"mas_vs_sink_after": up}, "reading": {"mas_vs_sink_after": around}}}
+    assert summarize.default_decision(one).endswith("the default (the sink) stays")

@@ -68,6 +68,42 @@ def gains(finished: dict, task: str, layout: str, variant: str) -> dict[int, flo
     }
 
 
+def above_zero(test: dict) -> bool | None:
+    """Whether a 95 % t interval lies above 0; None without one (under 2 seeds)."""
+    return None if test["ci_low"] is None else test["ci_low"] > 0
+
+
+def reading_of(after: dict, first: dict, interaction: dict) -> str:
+    """The pre-registered reading (``results/mas_study/README.md``) of one variant on one task."""
+    if any(test["ci_low"] is None for test in (after, first, interaction)):
+        return "not yet computable (needs 2 or more seeds in every cell)"
+    if above_zero(after) and above_zero(interaction):
+        return "MAS helps through the mechanism"
+    if above_zero(after) and above_zero(first) and interaction["ci_low"] <= 0 <= interaction["ci_high"]:
+        return "MAS helps, but not through this mechanism"
+    return "null"
+
+
+def variant_difference(finished: dict, task: str, layout: str = "after") -> dict[int, float]:
+    """{seed: acc(mas) - acc(mas_sink)} with the question ``layout``: the paper's mask against the sink."""
+    return {
+        seed: own(unit) - own(finished[task, layout, "mas_sink", seed])
+        for (t, lay, condition, seed), unit in finished.items()
+        if (t, lay, condition) == (task, layout, "mas") and (task, layout, "mas_sink", seed) in finished
+    }
+
+
+def default_decision(result: dict) -> str:
+    """The pre-registered rule for the default of ``mas``: the paper's mask replaces the sink only if
+    ``acc(mas) - acc(mas_sink)`` with the question after has a 95 % t interval above 0 on both tasks."""
+    tests = [result["tasks"].get(task, {}).get("mas_vs_sink_after") for task in ("family", "reading")]
+    if any(test is None or test["ci_low"] is None for test in tests):
+        return "not yet decidable (needs 2 or more seeds of both variants on both tasks); the default stays"
+    if all(above_zero(test) for test in tests):
+        return "the paper's mask beats the sink on both tasks: make it the default"
+    return "the paper's mask does not beat the sink on both tasks: the default (the sink) stays"
+
+
 def summarize(out: Path) -> dict:
     finished, curves = load_units(out)
     tasks = sorted({key[0] for key in curves})
@@ -110,6 +146,21 @@ def summarize(out: Path) -> dict:
             lines.append(
                 f"| {variant} | after − first | {seeds_text} | {interval(test, True)} | {p_text(test, len(inter))} |"
             )
+        lines += ["", "Pre-registered reading, per variant:", ""]
+        entry["reading"] = {}
+        for variant in VARIANTS:
+            gain = entry["gain"][variant]
+            entry["reading"][variant] = reading_of(
+                gain["after"], gain["first"], entry["interaction"][variant]
+            )
+            lines.append(f"- `{variant}`: {entry['reading'][variant]}")
+        diffs = variant_difference(finished, task)
+        entry["mas_vs_sink_after"] = paired_t(list(diffs.values())) | {"per_seed": diffs}
+        seeds_text = ", ".join(f"{s}: {100 * d:+.1f}" for s, d in sorted(diffs.items())) or "–"
+        lines.append(
+            f"- the paper's mask against the sink, question after (`mas` − `mas_sink`): {seeds_text}; "
+            f"{interval(entry['mas_vs_sink_after'], True)}; p {p_text(entry['mas_vs_sink_after'], len(diffs))}"
+        )
         lines += ["", "### Per seed: McNemar against causal on the same held-out items", ""]
         lines += [
             "| variant | question | seed | right only in it / only in causal | p |",
@@ -161,6 +212,8 @@ def summarize(out: Path) -> dict:
         lines.append("")
         result["tasks"][task] = entry
 
+    result["default_of_mas"] = default_decision(result)
+    lines += ["## The default of `mas` (pre-registered rule)", "", result["default_of_mas"] + ".", ""]
     (out / "summary.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     (out / "summary.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     plot_interaction(result, out / "interaction.png")

@@ -164,9 +164,10 @@ def _runs(
 
 LONG_CALL = 768
 """Query rows from which torch's CPU flash kernel splits a call's queries into blocks of 256 rather than 64
-(``q_seq_len >= 768`` in ATen's ``FlashAttentionKernel.cpp``): such calls run 7-11 % faster per query-key
-pair (2 threads, 8 heads, 512-1,024 keys: 14.8-15.0 ns a pair at 768-1,024 rows against 15.9-16.7 at 256-512;
-``benchmarks/RESULTS.md``, "Long calls"). Where that is at most 3/8 of the keys (from 2,048 keys on),
+(``q_seq_len >= 768`` in ATen's ``FlashAttentionKernel.cpp``): such calls run faster per query-key pair,
+by 7-11 % in one call timed alone and by about 25 % inside the fast path on 2 threads (1.60 ns a pair at
+768 rows against 1.96-2.18 at 256-616 rows; ``benchmarks/RESULTS.md``, "Long calls" and "Drift-proof
+rounds, idle cores"). Where that is at most 3/8 of the keys (from 2,048 keys on),
 blocks may have this many rows: their temporary output is then at most 9.4 % of the memory of q, k, v and
 the output."""
 

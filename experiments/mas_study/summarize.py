@@ -59,12 +59,12 @@ def interval(summary: dict, signed: bool = False) -> str:
     return interval_text(summary, signed) + f" (n={n} seed{'s' if n != 1 else ''})"
 
 
-def gains(finished: dict, task: str, layout: str, variant: str) -> dict[int, float]:
-    """{seed: acc(variant) - acc(causal)} over the seeds where both units are finished."""
+def gains(finished: dict, task: str, layout: str, variant: str, base: str = "causal") -> dict[int, float]:
+    """{seed: acc(variant) - acc(base)} over the seeds where both units are finished."""
     return {
-        seed: own(unit) - own(finished[task, layout, "causal", seed])
+        seed: own(unit) - own(finished[task, layout, base, seed])
         for (t, lay, condition, seed), unit in finished.items()
-        if (t, lay, condition) == (task, layout, variant) and (task, layout, "causal", seed) in finished
+        if (t, lay, condition) == (task, layout, variant) and (task, layout, base, seed) in finished
     }
 
 
@@ -82,15 +82,6 @@ def reading_of(after: dict, first: dict, interaction: dict) -> str:
     if above_zero(after) and above_zero(first) and interaction["ci_low"] <= 0 <= interaction["ci_high"]:
         return "MAS helps, but not through this mechanism"
     return "null"
-
-
-def variant_difference(finished: dict, task: str, layout: str = "after") -> dict[int, float]:
-    """{seed: acc(mas) - acc(mas_sink)} with the question ``layout``: the paper's mask against the sink."""
-    return {
-        seed: own(unit) - own(finished[task, layout, "mas_sink", seed])
-        for (t, lay, condition, seed), unit in finished.items()
-        if (t, lay, condition) == (task, layout, "mas") and (task, layout, "mas_sink", seed) in finished
-    }
 
 
 def default_decision(result: dict) -> str:
@@ -154,7 +145,7 @@ def summarize(out: Path) -> dict:
                 gain["after"], gain["first"], entry["interaction"][variant]
             )
             lines.append(f"- `{variant}`: {entry['reading'][variant]}")
-        diffs = variant_difference(finished, task)
+        diffs = gains(finished, task, "after", "mas", base="mas_sink")  # the paper's mask against the sink
         entry["mas_vs_sink_after"] = paired_t(list(diffs.values())) | {"per_seed": diffs}
         seeds_text = ", ".join(f"{s}: {100 * d:+.1f}" for s, d in sorted(diffs.items())) or "–"
         lines.append(

@@ -9,6 +9,8 @@ from __future__ import annotations
 import gc
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 from conftest import STORIES, require_shared
@@ -157,3 +159,31 @@ def test_a_moved_vllm_internal_is_named(monkeypatch):
     monkeypatch.setattr(SchedulerConfig, "__dataclass_fields__", {})
     with pytest.raises(VllmChangedError, match=r"vllm 0\.32.*SchedulerConfig has no enable_chunked_prefill"):
         check_internals()
+
+
+def test_the_way_out_that_a_moved_vllm_error_names_leaves_segmask_unloaded(monkeypatch):
+    # VllmChangedError tells a user who must serve other models meanwhile to set VLLM_PLUGINS; check that
+    # vLLM then skips the segmask plugin (its config hook not installed), and loads it otherwise
+    from vllm.config import SchedulerConfig
+
+    from segmask.integrations.vllm.plugin import VllmChangedError, check_internals
+
+    monkeypatch.delattr(SchedulerConfig, "enable_chunked_prefill", raising=False)
+    monkeypatch.setattr(SchedulerConfig, "__dataclass_fields__", {})
+    with pytest.raises(VllmChangedError, match="VLLM_PLUGINS=''"):
+        check_internals()
+    probe = (
+        "from vllm.plugins import load_general_plugins; load_general_plugins(); "
+        "from vllm.model_executor.models import config; print(type(config.MODELS_CONFIG_MAP).__name__)"
+    )
+    loaded = {}
+    for allowlist in (None, ""):
+        env = {k: v for k, v in os.environ.items() if k != "VLLM_PLUGINS"}
+        if allowlist is not None:
+            env["VLLM_PLUGINS"] = allowlist
+        done = subprocess.run(
+            [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        loaded[allowlist] = done.stdout.split()[-1]
+    assert loaded == {None: "CheckedConfigs", "": "dict"}

@@ -55,7 +55,9 @@ class VllmChangedError(RuntimeError):
 
         super().__init__(
             f"vllm {vllm.__version__}: {what}. The segmask plugin was tested with vllm "
-            f"{TESTED_VLLM[0]}.{TESTED_VLLM[1]}; please report this with the vllm version"
+            f"{TESTED_VLLM[0]}.{TESTED_VLLM[1]}; please report this with the vllm version. To serve models "
+            f"without segmask meanwhile (a MAS model would then run causally), leave it out of vLLM's plugin "
+            f"allowlist: VLLM_PLUGINS='' (or a comma-separated list of the plugins you use)"
         )
 
 

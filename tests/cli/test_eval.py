@@ -21,20 +21,17 @@ from segmask.tasks.commonsense import available_tasks, extract_answer, load_task
 ANSWERS = ("answer1", "answer2", "answer3", "answer4", "answer5")
 
 
+def eval_argv(model, data_dir, tasks: str, *flags: str) -> list[str]:
+    """``segmask eval`` over ``tasks`` of ``data_dir`` with ``model``, then ``flags``."""
+    return ["eval", "--model", str(model), "--data-dir", str(data_dir), "--tasks", tasks, *flags]
+
+
 def test_eval_cli_loglik_every_shared_task(stories_path, commonsense_dir, tmp_path, capsys):
     tasks = available_tasks(commonsense_dir)
     assert {"boolq", "ARC-Easy", "ARC-Challenge", "openbookqa", "social_i_qa"} <= set(tasks)
     out = tmp_path / "run" / "mas.json"
-    argv = [
-        "eval",
-        "--model",
-        str(stories_path),
-        "--data-dir",
-        str(commonsense_dir),
-        "--tasks",
-        ",".join(tasks),
-    ]
-    argv += ["--limit", "20", "--scoring", "loglik", "--mask", "mas", "--out", str(out), "--no-progress"]
+    argv = eval_argv(stories_path, commonsense_dir, ",".join(tasks), "--limit", "20", "--scoring", "loglik")
+    argv += ["--mask", "mas", "--out", str(out), "--no-progress"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "| **average** |" in printed
@@ -63,26 +60,8 @@ def test_eval_cli_loglik_every_shared_task(stories_path, commonsense_dir, tmp_pa
 
 def test_eval_cli_generate(stories, stories_path, commonsense_dir, tmp_path):
     out = tmp_path / "gen.json"
-    argv = [
-        "eval",
-        "--model",
-        str(stories_path),
-        "--data-dir",
-        str(commonsense_dir),
-        "--tasks",
-        "boolq,ARC-Easy",
-    ]
-    argv += [
-        "--limit",
-        "2",
-        "--scoring",
-        "generate",
-        "--max-new-tokens",
-        "12",
-        "--out",
-        str(out),
-        "--no-progress",
-    ]
+    argv = eval_argv(stories_path, commonsense_dir, "boolq,ARC-Easy", "--limit", "2", "--scoring", "generate")
+    argv += ["--max-new-tokens", "12", "--out", str(out), "--no-progress"]
     assert main(argv) == 0
     results = json.loads(out.read_text())
     assert results["generation"] == {"num_beams": 4, "max_new_tokens": 12}
@@ -102,7 +81,7 @@ def test_eval_cli_generate(stories, stories_path, commonsense_dir, tmp_path):
 
 
 def test_eval_cli_names_a_missing_task(stories_path, commonsense_dir, tmp_path, capsys):
-    argv = ["eval", "--model", str(stories_path), "--data-dir", str(commonsense_dir), "--tasks", "boolq,piqa"]
+    argv = eval_argv(stories_path, commonsense_dir, "boolq,piqa")
     assert main([*argv, "--scoring", "loglik", "--out", str(tmp_path / "r.json")]) == 2
     assert "no test file for task 'piqa'" in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()
@@ -124,7 +103,7 @@ def test_eval_cli_causal_sink_flag_and_the_runs_saved_value(stories_path, sky, t
         (run, ["--no-causal-sink"], False),
     ]:
         out = tmp_path / f"{model.name}{''.join(flags)}.json"
-        argv = ["eval", "--model", str(model), "--data-dir", str(sky), "--tasks", "boolq", "--scoring"]
+        argv = eval_argv(model, sky, "boolq", "--scoring")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # overriding a saved value warns
             assert main([*argv, "loglik", "--no-progress", "--out", str(out), *flags]) == 0
@@ -136,8 +115,8 @@ def test_eval_cli_causal_sink_flag_and_the_runs_saved_value(stories_path, sky, t
 
 
 def _eval_argv(stories_path, commonsense_dir, out) -> list[str]:
-    return ["eval", "--model", str(stories_path), "--data-dir", str(commonsense_dir), "--tasks", "boolq",
-            "--limit", "1", "--scoring", "loglik", "--no-progress", "--out", str(out)]  # fmt: skip
+    flags = ("--limit", "1", "--scoring", "loglik", "--no-progress", "--out", str(out))
+    return eval_argv(stories_path, commonsense_dir, "boolq", *flags)
 
 
 def test_eval_out_that_cannot_be_written_exits_2_with_one_line(
@@ -219,7 +198,7 @@ def test_eval_cli_template_and_extract_flags(stories_path, sky, tmp_path, capsys
 
 def test_eval_refuses_a_bad_template_in_one_line(stories_path, commonsense_dir, tmp_path, capsys):
     out = tmp_path / "results.json"
-    argv = ["eval", "--model", str(stories_path), "--data-dir", str(commonsense_dir), "--tasks", "boolq"]
+    argv = eval_argv(stories_path, commonsense_dir, "boolq")
     argv += ["--out", str(out), "--no-progress", "--chat-template", "{% if %}"]
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -236,7 +215,7 @@ def test_eval_loads_the_model_with_the_chat_template(stories_path, commonsense_d
         return loaded
 
     monkeypatch.setattr(segmask.loading, "load", spy)
-    argv = ["eval", "--model", str(stories_path), "--data-dir", str(commonsense_dir), "--tasks", "boolq"]
+    argv = eval_argv(stories_path, commonsense_dir, "boolq")
     argv += ["--limit", "1", "--scoring", "loglik", "--out", str(tmp_path / "r.json"), "--no-progress"]
     assert main([*argv, "--chat-template", str(PLAIN_ROLES)]) == 0
     assert seen == [PLAIN_ROLES.read_text()]

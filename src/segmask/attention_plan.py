@@ -6,7 +6,7 @@ sharing a plan grouped; where every row has the same blocks, planned for the who
 stretch over every query and key is one call); :func:`batch_calls` turns the batch's plans into as few
 kernel calls as it can (a block shared by neighbouring rows runs once over them; the reversed squares of
 every row go in a few padded batches); :class:`Layout` carries one forward call's ids and computes its
-plan, calls and masks once for every layer. :mod:`segmask.fast_attention` runs the calls on a kernel.
+plan, calls and masks once for every layer. :mod:`segmask.planned_attention` runs the calls on a kernel.
 """
 
 from __future__ import annotations

@@ -194,3 +194,56 @@ def test_the_pre_registered_reading_and_default_rule():
     assert summarize.default_decision(both).endswith("make it the default")
     one = {"tasks": {"family": {"mas_vs_sink_after": up}, "reading": {"mas_vs_sink_after": around}}}
     assert summarize.default_decision(one).endswith("the default (the sink) stays")
+
+
+def test_summary_secondary_analyses(tmp_path):
+    """The pre-registration's secondary analyses from synthetic units: each condition's after minus first,
+    the checkpoint accuracies, and the reading task's gains on one-hop and two-hop items apart (the items
+    drawn again as the runner draws them, and checked against the units' data hash)."""
+    import argparse
+
+    import summarize
+
+    sizes = argparse.Namespace(train_size=4, test_size=12, data_seed=0)
+    folder, digest = run.prepare_data(sizes, tmp_path, "reading")
+    records = json.loads((folder / "after" / "reading_test.json").read_text())
+    two_hop = ["Where is the " in r["instruction"] for r in records]
+    assert 0 < sum(two_hop) < len(two_hop)
+    settings = vars(sizes) | {"task": "reading", "task_spec": run.TASKS["reading"], "data_sha256": digest}
+    settings |= {"steps": 100, "acc_size": 6}
+    for layout, shift in (("after", 0.0), ("first", 0.1)):
+        for condition in run.CONDITIONS:
+            for seed in (0, 1):
+                # causal gets the one-hop items right and the two-hop ones wrong; mas and mas_sink all right
+                right = [not hop for hop in two_hop] if condition == "causal" else [True] * len(two_hop)
+                bits = "".join("1" if r else "0" for r in right)
+                value = bits.count("1") / len(bits)
+                unit = run.unit_dir(tmp_path, "reading", layout, condition, seed)
+                unit.mkdir(parents=True)
+                (unit / "curve.jsonl").write_text(json.dumps({"kind": "loss", "step": 0, "loss": 1.0}) + "\n")
+                curve = [
+                    {"kind": "accuracy", "step": 50, "mask": condition, "accuracy": 0.2 + shift + seed / 10}
+                ]
+                summary = {
+                    "settings": settings | {"layout": layout, "condition": condition, "seed": seed},
+                    "final": {m: {"accuracy": value, "correct_bits": bits} for m in run.CONDITIONS},
+                    "own_mask": condition,
+                    "curve": curve,
+                    "leak_check_final": {condition: 0.0},
+                    "cpu_time_s": {"total": 600.0},
+                }
+                (unit / "unit.json").write_text(json.dumps(summary))
+    found = summarize.summarize(tmp_path)["tasks"]["reading"]["secondary"]
+    assert found["order"]["causal"]["per_seed"] == {0: 0.0, 1: 0.0}
+    assert found["checkpoints"]["first"]["mas"][50]["mean"] == pytest.approx(0.35)
+    assert found["checkpoints"]["after"]["causal"][100]["mean"] == pytest.approx(
+        1 - sum(two_hop) / len(two_hop)
+    )
+    for layout in run.LAYOUTS:
+        kinds = found["by_question_kind"]["mas"][layout]
+        assert kinds["two-hop"]["per_seed"] == pytest.approx({0: 1.0, 1: 1.0})
+        assert kinds["one-hop"]["per_seed"] == pytest.approx({0: 0.0, 1: 0.0})
+    text = (tmp_path / "summary.md").read_text()
+    assert f"| mas | after | two-hop ({sum(two_hop)}) | 0: +100.0, 1: +100.0 | +100.0" in text
+    with pytest.raises(ValueError, match="does not hold the items"):
+        summarize.question_kinds(tmp_path, settings | {"layout": "after", "data_sha256": "0" * 64})

@@ -12,7 +12,9 @@ pre-registered endpoint (``results/mas_study/README.md``), per task:
   training seed, the same items), mean with its 95 % t interval and the one-sample t-test.
 
 Per seed, McNemar's exact test of each variant against causal on the same held-out items is the detail.
-Every number says how many seeds it rests on.
+The secondary analyses (described, not tested for a decision) follow: each condition's accuracy with the
+question after minus first, the accuracy at the checkpoints, and for the reading task the gains on one-hop
+and two-hop questions apart. Every number says how many seeds it rests on.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import run  # noqa: E402
 from run import CONDITIONS, DEFAULT_OUT, LAYOUTS, demo_study  # noqa: E402
 
 from segmask.compare import interval_text, mcnemar, over_seeds, p_text, paired_t, percent_text  # noqa: E402
@@ -93,6 +96,116 @@ def default_decision(result: dict) -> str:
     if all(above_zero(test) for test in tests):
         return "the paper's mask beats the sink on both tasks: make it the default"
     return "the paper's mask does not beat the sink on both tasks: the default (the sink) stays"
+
+
+def checkpoint_accuracy(unit: dict) -> dict[int, float]:
+    """{step: accuracy under the unit's own mask} at the checkpoints (the first ``acc_size`` held-out items),
+    and at the last step the final accuracy (all held-out items)."""
+    points = {
+        row["step"]: row["accuracy"]
+        for row in unit.get("curve", [])
+        if row.get("kind") == "accuracy" and row.get("mask") == unit["own_mask"]
+    }
+    steps = unit.get("settings", {}).get("steps")
+    if steps is not None:
+        points[steps] = own(unit)
+    return points
+
+
+def question_kinds(out: Path, settings: dict) -> list[str] | None:
+    """For the reading task, ``"two-hop"`` or ``"one-hop"`` per held-out item of ``settings["layout"]``,
+    in the order of a unit's correct bits; None for another task or a unit without its settings.
+
+    The items are drawn again as the runner draws them (:func:`run.prepare_data`), and must hash to the
+    unit's ``data_sha256``."""
+    if settings.get("task_spec", {}).get("source") != "segmask.tasks.reading":
+        return None
+    sizes = argparse.Namespace(**{k: settings[k] for k in ("train_size", "test_size", "data_seed")})
+    folder, digest = run.prepare_data(sizes, out, settings["task"])
+    if digest != settings["data_sha256"]:
+        raise ValueError(f"{folder} does not hold the items the units were trained and tested on")
+    records = json.loads((folder / settings["layout"] / f"{settings['task']}_test.json").read_text())
+    return ["two-hop" if "Question: Where is the " in r["instruction"] else "one-hop" for r in records]
+
+
+def kind_gains(finished: dict, task: str, layout: str, variant: str, kinds: list[str], kind: str) -> dict:
+    """{seed: acc(variant) - acc(causal)} on the held-out items of one ``kind`` only (own masks)."""
+    picked = [i for i, k in enumerate(kinds) if k == kind]
+
+    def on_kind(unit: dict) -> float:
+        bits = unit["final"][unit["own_mask"]]["correct_bits"]
+        return sum(bits[i] == "1" for i in picked) / len(picked)
+
+    return {
+        seed: on_kind(unit) - on_kind(finished[task, layout, "causal", seed])
+        for (t, lay, condition, seed), unit in finished.items()
+        if (t, lay, condition) == (task, layout, variant) and (task, layout, "causal", seed) in finished
+    }
+
+
+def secondary(out: Path, finished: dict, task: str, entry: dict) -> list[str]:
+    """The secondary analyses of the pre-registration (described, not tested for a decision): each
+    condition's accuracy with the question after minus first, the checkpoint accuracies, and for the
+    reading task the gains on one-hop and two-hop items apart. Fills ``entry["secondary"]``."""
+    found = entry["secondary"] = {"order": {}, "checkpoints": {}, "by_question_kind": {}}
+    lines = ["", "### Secondary (described, not tested for a decision)", ""]
+    lines += ["Question after minus question first, per condition (paired by seed, points):", ""]
+    lines += ["| condition | per seed | mean [95 % t] |", "|---|---|---|"]
+    for condition in CONDITIONS:
+        diffs = {
+            seed: own(unit) - own(finished[task, "first", condition, seed])
+            for (t, lay, c, seed), unit in finished.items()
+            if (t, lay, c) == (task, "after", condition) and (task, "first", condition, seed) in finished
+        }
+        found["order"][condition] = over_seeds(list(diffs.values())) | {"per_seed": diffs}
+        seeds_text = ", ".join(f"{s}: {100 * d:+.1f}" for s, d in sorted(diffs.items())) or "–"
+        lines.append(f"| {condition} | {seeds_text} | {interval(found['order'][condition], True)} |")
+    steps = sorted({step for k, u in finished.items() if k[0] == task for step in checkpoint_accuracy(u)})
+    if steps:
+        sizes = {u["settings"]["acc_size"] for k, u in finished.items() if k[0] == task and "settings" in u}
+        lines += [
+            "",
+            "Accuracy at the checkpoints, own mask, mean over seeds (the last step: the final accuracy on every "
+            f"held-out item; the others: on the first {' or '.join(map(str, sorted(sizes))) or 'few'} of them):",
+            "",
+        ]
+        lines += ["| question | condition | " + " | ".join(f"step {s}" for s in steps) + " |"]
+        lines.append("|---|---|" + "---|" * len(steps))
+        for layout in LAYOUTS:
+            for condition in CONDITIONS:
+                points = [
+                    checkpoint_accuracy(u) for k, u in finished.items() if k[:3] == (task, layout, condition)
+                ]
+                cells = []
+                for step in steps:
+                    summary = over_seeds([p[step] for p in points if step in p])
+                    found["checkpoints"].setdefault(layout, {}).setdefault(condition, {})[step] = summary
+                    cells.append(percent_text(summary["mean"]) + f" (n={summary['n_seeds']})")
+                lines.append(f"| {layout} | {condition} | " + " | ".join(cells) + " |")
+    units = [u for k, u in sorted(finished.items()) if k[0] == task]
+    kinds = {layout: None for layout in LAYOUTS}
+    for layout in LAYOUTS:
+        settings = next(
+            (u.get("settings") for u in units if u.get("settings", {}).get("layout") == layout), None
+        )
+        kinds[layout] = None if settings is None else question_kinds(out, settings)
+    if any(kinds.values()):
+        lines += ["", "Gain over causal on one-hop and two-hop questions apart (points, paired by seed):", ""]
+        lines += ["| variant | question | items | per seed | mean [95 % t] |", "|---|---|---|---|---|"]
+        for variant in VARIANTS:
+            for layout in LAYOUTS:
+                if kinds[layout] is None:
+                    continue
+                for kind in ("one-hop", "two-hop"):
+                    diffs = kind_gains(finished, task, layout, variant, kinds[layout], kind)
+                    summary = over_seeds(list(diffs.values())) | {"per_seed": diffs}
+                    found["by_question_kind"].setdefault(variant, {}).setdefault(layout, {})[kind] = summary
+                    seeds_text = ", ".join(f"{s}: {100 * d:+.1f}" for s, d in sorted(diffs.items())) or "–"
+                    count = kinds[layout].count(kind)
+                    lines.append(
+                        f"| {variant} | {layout} | {kind} ({count}) | {seeds_text} | {interval(summary, True)} |"
+                    )
+    return [*lines, ""]
 
 
 def summarize(out: Path) -> dict:
@@ -192,13 +305,15 @@ def summarize(out: Path) -> dict:
                     entry["cross_mask"].setdefault(layout, {}).setdefault(condition, {})[mask] = summary
                     cells.append(percent_text(summary["mean"]) + f" (n={summary['n_seeds']})")
                 lines.append(f"| {layout} | {condition} | " + " | ".join(cells) + " |")
+        lines += secondary(out, finished, task, entry)
         leaks = [max(u["leak_check_final"].values()) for k, u in finished.items() if k[0] == task]
         cpu = [u["cpu_time_s"]["total"] for k, u in finished.items() if k[0] == task]
         if cpu:
             lines += [
                 "",
                 f"Leak check: every finished unit passed (largest change {max(leaks):.2g}). CPU time per unit: "
-                f"{min(cpu) / 60:.1f}-{max(cpu) / 60:.1f} min, {sum(cpu) / 3600:.2f} CPU-h in all.",
+                f"{min(cpu) / 60:.1f}-{max(cpu) / 60:.1f} min, {sum(cpu) / 3600:.2f} CPU-h in all (a unit resumed "
+                f"from its checkpoint counts only the time after the resume).",
             ]
         lines.append("")
         result["tasks"][task] = entry

@@ -77,6 +77,7 @@ def test_demo_end_to_end_on_stories260k(stories_path, tmp_path, capsys):
         sample["prompt"].startswith("Read the story and answer the question.") and "[system]" not in printed
     )
     assert "What the multi-seed study found" in printed
+    assert "Whether MAS helps is the question of results/mas_study/" in printed
 
 
 def test_the_study_note_reads_the_committed_summary(tmp_path):
@@ -100,3 +101,19 @@ def test_the_study_note_reads_the_committed_summary(tmp_path):
     ]
     assert "missing" in demo.study_note(tmp_path / "none.json")
     assert demo.STUDY_SUMMARY.is_file()  # the committed one the demo prints
+
+
+def test_the_demo_points_to_the_mas_study_and_its_pre_registered_reading(tmp_path):
+    reading = {"mas": "null", "mas_sink": "not yet computable (needs 2 or more seeds in every cell)"}
+    summary = {"units_finished": 30, "tasks": {"reading": {"reading": reading}}, "default_of_mas": "stays"}
+    path = tmp_path / "summary.json"
+    path.write_text(json.dumps(summary))
+    lines = demo.mas_study_note(path).splitlines()
+    assert lines[0].startswith("Whether MAS helps is the question of results/mas_study/")
+    assert lines[1:] == [
+        "  30 of 36 units finished (results/mas_study/summary.md)",
+        "  reading, mas: null",
+        "  reading, mas_sink: not yet computable (needs 2 or more seeds in every cell)",
+    ]
+    assert "missing" in demo.mas_study_note(tmp_path / "none.json")
+    assert demo.MAS_STUDY_SUMMARY.is_file()  # the committed one the demo prints

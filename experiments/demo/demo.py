@@ -16,7 +16,8 @@ What it does, with the same data, steps, seed and hyperparameters for both polic
    Wilson intervals and McNemar's exact paired test (``segmask compare``);
 5. prints a sample MAS answer (in the training format) and draws the two masks of one record (``mask.png``);
 6. prints what the multi-seed study (``results/demo_study/``: 400 steps, 3 seeds, with and without the
-   sink) found: 48 steps are a demo's budget, not an answer to whether MAS helps.
+   sink) found: 48 steps are a demo's budget, not an answer to whether MAS helps; and where that question
+   is studied (``results/mas_study/``: tasks where causal lands mid-range, with a control for the mechanism).
 
 Everything lands in ``--out`` (default ``runs/demo``): data, adapters, results JSON and predictions,
 ``compare.md``, ``compare.png``, ``mask.png`` and ``summary.json`` with the timings and the machine.
@@ -55,6 +56,8 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 POLICIES = ("causal", "mas")
 TASK = "reading"  # the held-out file is <out>/data/reading_test.json, the task name in the results
 STUDY_SUMMARY = Path(__file__).resolve().parents[2] / "results" / "demo_study" / "summary.json"
+MAS_STUDY_SUMMARY = Path(__file__).resolve().parents[2] / "results" / "mas_study" / "summary.json"
+MAS_STUDY_UNITS = 36
 STUDY_CONDITIONS = {
     "causal": "causal",
     "mas": "mas, the paper's mask",
@@ -213,6 +216,25 @@ def study_note(path: Path = STUDY_SUMMARY) -> str:
     return "\n".join(lines)
 
 
+def mas_study_note(path: Path = MAS_STUDY_SUMMARY) -> str:
+    """Where to look for whether MAS helps: the study built to tell the masks apart (``results/mas_study``),
+    with its pre-registered reading per task and variant as far as its committed ``summary.json`` has it."""
+    lines = [
+        "Whether MAS helps is the question of results/mas_study/ (two tasks calibrated mid-range, the question "
+        "after and before the passage, 3 seeds; endpoint registered before any MAS run):"
+    ]
+    if not path.is_file():
+        return "\n".join([*lines, f"  its summary ({path}) is missing."])
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    lines.append(
+        f"  {summary['units_finished']} of {MAS_STUDY_UNITS} units finished (results/mas_study/summary.md)"
+    )
+    for task, entry in sorted(summary["tasks"].items()):
+        for variant, reading in sorted(entry.get("reading", {}).items()):
+            lines.append(f"  {task}, {variant}: {reading}")
+    return "\n".join(lines)
+
+
 class Clock:
     """Wall time and process CPU time (all threads) per named phase.
 
@@ -311,6 +333,7 @@ def run_demo(config: DemoConfig) -> dict:
     wall, cpu = summary["wall_time_s"]["total"], summary["cpu_time_s"]["total"]
     print(f"Mask picture: {mask_png}")
     print(study_note())
+    print(mas_study_note())
     print(
         f"Total: {wall:.0f} s wall, {cpu:.0f} s CPU on {torch.get_num_threads()} threads (summary: {out / 'summary.json'})"
     )

@@ -247,3 +247,23 @@ def test_summary_secondary_analyses(tmp_path):
     assert f"| mas | after | two-hop ({sum(two_hop)}) | 0: +100.0, 1: +100.0 | +100.0" in text
     with pytest.raises(ValueError, match="does not hold the items"):
         summarize.question_kinds(tmp_path, settings | {"layout": "after", "data_sha256": "0" * 64})
+
+
+def test_the_long_arms_registered_reading():
+    """The exploratory arm's rule (results/mas_study/README.md): catches up if mas >= causal in both seeds,
+    still trails if below with McNemar p < 0.05 in both, else unresolved."""
+    import summarize
+
+    def entry(d0, p0, d1, p1):
+        gain = {"mas": {"after": {"per_seed": {0: d0, 1: d1}}}}
+        return {"gain": gain, "mcnemar": {"mas/after/0": {"p_value": p0}, "mas/after/1": {"p_value": p1}}}
+
+    assert summarize.long_arm_reading(entry(0.0, 1.0, 0.02, 0.5)) == "MAS catches up"
+    assert summarize.long_arm_reading(entry(-0.1, 0.01, -0.08, 0.04)) == "MAS still trails"
+    assert summarize.long_arm_reading(entry(-0.1, 0.01, -0.02, 0.40)) == "unresolved"
+    assert summarize.long_arm_reading(entry(-0.1, 0.01, 0.05, 0.20)) == "unresolved"
+    one_seed = {
+        "gain": {"mas": {"after": {"per_seed": {0: 0.1}}}},
+        "mcnemar": {"mas/after/0": {"p_value": 0.3}},
+    }
+    assert summarize.long_arm_reading(one_seed).startswith("not yet readable")

@@ -1,6 +1,7 @@
 """Tables and figures of the MAS study, from whatever units are finished (partial results are fine).
 
     python experiments/mas_study/summarize.py [--out results/mas_study]
+    python experiments/mas_study/summarize.py --out results/mas_study_long --long-arm
 
 Writes ``summary.md``, ``summary.json``, ``interaction.png`` and ``curves.png`` into ``--out``. The
 pre-registered endpoint (``results/mas_study/README.md``), per task:
@@ -208,7 +209,22 @@ def secondary(out: Path, finished: dict, task: str, entry: dict) -> list[str]:
     return [*lines, ""]
 
 
-def summarize(out: Path) -> dict:
+def long_arm_reading(entry: dict, seeds: tuple[int, ...] = (0, 1)) -> str:
+    """The registered reading of the exploratory longer-budget arm (``results/mas_study/README.md``): with
+    ``d(s) = acc(mas) - acc(causal)`` (question after, own masks) and McNemar's p per seed, MAS catches up if
+    ``d(s) >= 0`` in both seeds, still trails if ``d(s) < 0`` with p < 0.05 in both, else unresolved."""
+    gains_after = entry["gain"]["mas"]["after"]["per_seed"]
+    tests = {seed: entry["mcnemar"].get(f"mas/after/{seed}") for seed in seeds}
+    if any(seed not in gains_after or tests[seed] is None for seed in seeds):
+        return "not yet readable (needs both seeds of causal and mas)"
+    if all(gains_after[seed] >= 0 for seed in seeds):
+        return "MAS catches up"
+    if all(gains_after[seed] < 0 and tests[seed]["p_value"] < 0.05 for seed in seeds):
+        return "MAS still trails"
+    return "unresolved"
+
+
+def summarize(out: Path, long_arm: bool = False) -> dict:
     finished, curves = load_units(out)
     tasks = sorted({key[0] for key in curves})
     lines = ["# MAS study: summary", "", f"{len(finished)} units finished.", ""]
@@ -306,6 +322,13 @@ def summarize(out: Path) -> dict:
                     cells.append(percent_text(summary["mean"]) + f" (n={summary['n_seeds']})")
                 lines.append(f"| {layout} | {condition} | " + " | ".join(cells) + " |")
         lines += secondary(out, finished, task, entry)
+        if long_arm:
+            entry["long_arm_reading"] = long_arm_reading(entry)
+            lines += [
+                "",
+                f"Registered reading of the longer-budget arm: **{entry['long_arm_reading']}**.",
+                "",
+            ]
         leaks = [max(u["leak_check_final"].values()) for k, u in finished.items() if k[0] == task]
         cpu = [u["cpu_time_s"]["total"] for k, u in finished.items() if k[0] == task]
         if cpu:
@@ -385,8 +408,13 @@ def plot_curves(curves: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=DEFAULT_OUT)
+    parser.add_argument(
+        "--long-arm",
+        action="store_true",
+        help="also give the registered reading of the exploratory longer-budget arm (results/mas_study_long)",
+    )
     args = parser.parse_args(argv)
-    summarize(Path(args.out))
+    summarize(Path(args.out), args.long_arm)
     print((Path(args.out) / "summary.md").read_text(), end="")
     return 0
 

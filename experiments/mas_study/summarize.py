@@ -346,7 +346,7 @@ def summarize(out: Path, long_arm: bool = False) -> dict:
     (out / "summary.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     (out / "summary.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     plot_interaction(result, out / "interaction.png")
-    plot_curves(curves, out / "curves.png")
+    plot_curves(curves, out / "curves.png", finished)
     return result
 
 
@@ -376,8 +376,10 @@ def plot_interaction(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_curves(curves: dict, path: Path) -> None:
-    """Held-out loss (top) and accuracy at the checkpoints (bottom) per (task, layout), a line per unit."""
+def plot_curves(curves: dict, path: Path, finished: dict | None = None) -> None:
+    """Held-out loss (top) and accuracy at the checkpoints (bottom) per (task, layout), a line per unit; a
+    finished unit's line ends at its final accuracy (own mask, every held-out item)."""
+    finished = finished or {}
     panels = sorted({key[:2] for key in curves})
     if not panels:
         return
@@ -390,6 +392,9 @@ def plot_curves(curves: dict, path: Path) -> None:
             label = condition if seed == min(k[3] for k in curves if k[:3] == (t, lay, condition)) else None
             loss = [r for r in rows if r["kind"] == "loss"]
             acc = [r for r in rows if r["kind"] == "accuracy"]
+            unit = finished.get((t, lay, condition, seed))
+            if unit is not None and "settings" in unit:
+                acc = [*acc, {"step": unit["settings"]["steps"], "accuracy": own(unit)}]
             axes[0][column].plot([r["step"] for r in loss], [r["loss"] for r in loss], color=colours[condition],
                                  alpha=0.7, label=label)  # fmt: skip
             axes[1][column].plot([r["step"] for r in acc], [100 * r["accuracy"] for r in acc],
@@ -397,7 +402,7 @@ def plot_curves(curves: dict, path: Path) -> None:
         axes[0][column].set_yscale("log")
         axes[0][column].set_title(f"{task}, question {layout}")
         axes[0][column].set_ylabel("held-out loss per answer token")
-        axes[1][column].set_ylabel("held-out accuracy at checkpoints (%)")
+        axes[1][column].set_ylabel("held-out accuracy (%; last point: final, all items)")
         axes[1][column].set_xlabel("step")
         axes[0][column].legend()
     fig.tight_layout()

@@ -321,11 +321,13 @@ def run_calls(
     kernel: Kernel,
     band_mask: Callable[[Band], Tensor],
 ) -> Tensor:
-    """Attention of ``query [B, H, Q, D]`` over ``key, value [B, Hkv, K, D]`` as ``calls`` on ``kernel``.
+    """Attention of ``query [B, H, Q, D]`` over ``key, value [B, Hkv, K, D]`` as ``calls`` on ``kernel``
+    (``Hkv < H`` only for a ``grouped`` kernel; the caller repeats the heads for another).
 
     ``size``: a backward call of a full block takes at most ``2 * size`` keys (which bounds its temporary key
-    gradients); ``band_mask(band)``: a band's additive mask. Differentiable in q, k and v; without a graph to record (inference mode, no_grad, frozen inputs)
-    the forward runs without autograd, which also keeps inference tensors out of ``save_for_backward``."""
+    gradients); ``band_mask(band)``: a band's additive mask. Differentiable in q, k and v; with no graph to
+    record (inference mode, no_grad, frozen inputs) the forward runs without autograd, which also keeps
+    inference tensors out of ``save_for_backward``."""
     arguments = (query, key, value, calls, scale, size, kernel, band_mask)
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))):
         return _PlannedAttention.forward(_NoGraph(), *arguments)

@@ -63,13 +63,20 @@ def interval(summary: dict, signed: bool = False) -> str:
     return interval_text(summary, signed) + f" (n={n} seed{'s' if n != 1 else ''})"
 
 
+def paired(finished: dict, cell: tuple, base_cell: tuple, score=None) -> dict[int, float]:
+    """{seed: score(cell's unit) - score(base_cell's unit)} over the seeds where both units are finished;
+    a cell is ``(task, layout, condition)``, ``score`` a unit's number (default: own-mask accuracy)."""
+    score = score or own
+    return {
+        seed: score(unit) - score(finished[(*base_cell, seed)])
+        for (*key, seed), unit in finished.items()
+        if tuple(key) == cell and (*base_cell, seed) in finished
+    }
+
+
 def gains(finished: dict, task: str, layout: str, variant: str, base: str = "causal") -> dict[int, float]:
     """{seed: acc(variant) - acc(base)} over the seeds where both units are finished."""
-    return {
-        seed: own(unit) - own(finished[task, layout, base, seed])
-        for (t, lay, condition, seed), unit in finished.items()
-        if (t, lay, condition) == (task, layout, variant) and (task, layout, base, seed) in finished
-    }
+    return paired(finished, (task, layout, variant), (task, layout, base))
 
 
 def above_zero(test: dict) -> bool | None:
@@ -137,11 +144,7 @@ def kind_gains(finished: dict, task: str, layout: str, variant: str, kinds: list
         bits = unit["final"][unit["own_mask"]]["correct_bits"]
         return sum(bits[i] == "1" for i in picked) / len(picked)
 
-    return {
-        seed: on_kind(unit) - on_kind(finished[task, layout, "causal", seed])
-        for (t, lay, condition, seed), unit in finished.items()
-        if (t, lay, condition) == (task, layout, variant) and (task, layout, "causal", seed) in finished
-    }
+    return paired(finished, (task, layout, variant), (task, layout, "causal"), on_kind)
 
 
 def secondary(out: Path, finished: dict, task: str, entry: dict) -> list[str]:
@@ -153,11 +156,7 @@ def secondary(out: Path, finished: dict, task: str, entry: dict) -> list[str]:
     lines += ["Question after minus question first, per condition (paired by seed, points):", ""]
     lines += ["| condition | per seed | mean [95 % t] |", "|---|---|---|"]
     for condition in CONDITIONS:
-        diffs = {
-            seed: own(unit) - own(finished[task, "first", condition, seed])
-            for (t, lay, c, seed), unit in finished.items()
-            if (t, lay, c) == (task, "after", condition) and (task, "first", condition, seed) in finished
-        }
+        diffs = paired(finished, (task, "after", condition), (task, "first", condition))
         found["order"][condition] = over_seeds(list(diffs.values())) | {"per_seed": diffs}
         seeds_text = ", ".join(f"{s}: {100 * d:+.1f}" for s, d in sorted(diffs.items())) or "–"
         lines.append(f"| {condition} | {seeds_text} | {interval(found['order'][condition], True)} |")
@@ -391,10 +390,13 @@ def plot_curves(curves: dict, path: Path, finished: dict | None = None) -> None:
                 continue
             label = condition if seed == min(k[3] for k in curves if k[:3] == (t, lay, condition)) else None
             loss = [r for r in rows if r["kind"] == "loss"]
-            acc = [r for r in rows if r["kind"] == "accuracy"]
             unit = finished.get((t, lay, condition, seed))
-            if unit is not None and "settings" in unit:
-                acc = [*acc, {"step": unit["settings"]["steps"], "accuracy": own(unit)}]
+            points = (
+                checkpoint_accuracy(unit)
+                if unit is not None
+                else {r["step"]: r["accuracy"] for r in rows if r["kind"] == "accuracy"}
+            )
+            acc = [{"step": step, "accuracy": value} for step, value in sorted(points.items())]
             axes[0][column].plot([r["step"] for r in loss], [r["loss"] for r in loss], color=colours[condition],
                                  alpha=0.7, label=label)  # fmt: skip
             axes[1][column].plot([r["step"] for r in acc], [100 * r["accuracy"] for r in acc],

@@ -267,3 +267,19 @@ def test_the_long_arms_registered_reading():
         "mcnemar": {"mas/after/0": {"p_value": 0.3}},
     }
     assert summarize.long_arm_reading(one_seed).startswith("not yet readable")
+
+
+def test_the_readme_answer_quotes_the_committed_summary():
+    """The top-level README's "When does MAS help?" carries the endpoint table of the committed
+    results/mas_study/summary.json, line for line, and its unit count: a rerun summary that changes a number
+    fails here until the README says the same."""
+    import summarize
+
+    summary = json.loads((ROOT / "results" / "mas_study" / "summary.json").read_text(encoding="utf-8"))
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### When does MAS help?", 1)[1].split("\n## ", 1)[0]
+    for line in summarize.answer_table(summary):
+        assert line in section, f"README's 'When does MAS help?' lacks: {line}"
+    units = len(run.TASKS) * len(run.LAYOUTS) * len(run.CONDITIONS) * len(run.SEEDS)
+    assert f"{summary['units_finished']} of {units} units" in section
+    assert summary["default_of_mas"] in section

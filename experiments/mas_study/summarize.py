@@ -106,6 +106,31 @@ def default_decision(result: dict) -> str:
     return "the paper's mask does not beat the sink on both tasks: the default (the sink) stays"
 
 
+def answer_table(result: dict) -> list[str]:
+    """The endpoint in one table per task and variant, as the top-level README quotes it (a test checks
+    that the README carries these lines for the committed ``summary.json``)."""
+    lines = [
+        "| task | variant | seeds | gain, question after | gain, question first | interaction (after − first) "
+        "| pre-registered reading |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def cell(test: dict) -> str:
+        p = "–" if test.get("p_value") is None else f"{test['p_value']:.2g}"
+        return f"{interval_text(test, True)}, p {p}"
+
+    for task, entry in sorted(result["tasks"].items()):
+        for variant in VARIANTS:
+            tests = [entry["gain"][variant]["after"], entry["gain"][variant]["first"]]
+            tests.append(entry["interaction"][variant])
+            seeds = "/".join(str(n) for n in sorted({test["n_seeds"] for test in tests}))
+            lines.append(
+                f"| {task} | `{variant}` | {seeds} | " + " | ".join(cell(test) for test in tests)
+                + f" | {entry['reading'][variant]} |"
+            )
+    return lines
+
+
 def checkpoint_accuracy(unit: dict) -> dict[int, float]:
     """{step: accuracy under the unit's own mask} at the checkpoints (the first ``acc_size`` held-out items),
     and at the last step the final accuracy (all held-out items)."""
@@ -341,6 +366,8 @@ def summarize(out: Path, long_arm: bool = False) -> dict:
         result["tasks"][task] = entry
 
     result["default_of_mas"] = default_decision(result)
+    lines += ["## The endpoint in one table (points: mean over seeds [95 % t], two-sided paired t p)", ""]
+    lines += [*answer_table(result), ""]
     lines += ["## The default of `mas` (pre-registered rule)", "", result["default_of_mas"] + ".", ""]
     (out / "summary.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     (out / "summary.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")

@@ -125,7 +125,8 @@ def answer_table(result: dict) -> list[str]:
             tests.append(entry["interaction"][variant])
             seeds = "/".join(str(n) for n in sorted({test["n_seeds"] for test in tests}))
             lines.append(
-                f"| {task} | `{variant}` | {seeds} | " + " | ".join(cell(test) for test in tests)
+                f"| {task} | `{variant}` | {seeds} | "
+                + " | ".join(cell(test) for test in tests)
                 + f" | {entry['reading'][variant]} |"
             )
     return lines

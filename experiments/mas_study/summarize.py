@@ -367,8 +367,9 @@ def summarize(out: Path, long_arm: bool = False) -> dict:
         result["tasks"][task] = entry
 
     result["default_of_mas"] = default_decision(result)
-    lines += ["## The endpoint in one table (points: mean over seeds [95 % t], two-sided paired t p)", ""]
-    lines += [*answer_table(result), ""]
+    if not long_arm:  # the long arm has one layout and one variant: no endpoint table
+        lines += ["## The endpoint in one table (points: mean over seeds [95 % t], two-sided paired t p)", ""]
+        lines += [*answer_table(result), ""]
     lines += ["## The default of `mas` (pre-registered rule)", "", result["default_of_mas"] + ".", ""]
     (out / "summary.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     (out / "summary.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
